@@ -1,0 +1,94 @@
+"""The model client: OpenAI chat completions under a concurrency cap, errors turned into one type."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any
+
+import openai
+from loguru import logger
+
+
+class AIError(Exception):
+    """The model could not answer (timeout, HTTP error, empty answer). The text is log-safe."""
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    if not samples:
+        return 0.0
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))
+    return ordered[index]
+
+
+class ChatModel:
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        model: str,
+        *,
+        max_concurrency: int = 8,
+        max_tokens: int = 600,
+    ) -> None:
+        self.client = client
+        self.model = model
+        self.max_tokens = max_tokens
+        self._limit = asyncio.Semaphore(max_concurrency)
+        self.max_concurrency = max_concurrency
+        self.requests = 0
+        self.errors = 0
+        self.in_flight = 0
+        self._latencies: deque[float] = deque(maxlen=1000)
+
+    async def complete(self, messages: list[dict[str, Any]]) -> str:
+        async with self._limit:
+            self.requests += 1
+            self.in_flight += 1
+            started = time.perf_counter()
+            try:
+                response = await self.client.chat.completions.create(
+                    model=self.model,
+                    messages=messages,
+                    max_tokens=self.max_tokens,  # type: ignore[arg-type]
+                )
+            except openai.APITimeoutError as error:
+                self.errors += 1
+                raise AIError("model timed out") from error
+            except openai.APIStatusError as error:
+                self.errors += 1
+                raise AIError(f"model answered HTTP {error.status_code}") from error
+            except openai.OpenAIError as error:
+                self.errors += 1
+                raise AIError(f"model call failed: {type(error).__name__}") from error
+            finally:
+                self.in_flight -= 1
+                self._latencies.append(time.perf_counter() - started)
+        text = (response.choices[0].message.content or "").strip() if response.choices else ""
+        if not text:
+            self.errors += 1
+            raise AIError("model returned an empty answer")
+        logger.debug("model answered in {:.0f} ms", (time.perf_counter() - started) * 1000)
+        return text
+
+    def stats(self) -> dict[str, Any]:
+        samples = list(self._latencies)
+        return {
+            "enabled": True,
+            "model": self.model,
+            "requests": self.requests,
+            "errors": self.errors,
+            "in_flight": self.in_flight,
+            "max_concurrency": self.max_concurrency,
+            "latency_ms": {
+                "p50": round(percentile(samples, 0.5) * 1000, 1),
+                "p95": round(percentile(samples, 0.95) * 1000, 1),
+            },
+            "circuit": "closed",
+        }
+
+
+def make_client(api_key: str, base_url: str | None, timeout_s: float) -> openai.AsyncOpenAI:
+    # One SDK retry covers a transient 429/5xx; more would keep a customer waiting.
+    return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=1)

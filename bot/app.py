@@ -1,0 +1,254 @@
+"""Builds the bot from the settings and runs it: `run` on WhatsApp, `chat` on the console."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loguru import logger
+
+from bot.ai import ChatModel, make_client
+from bot.config import Settings
+from bot.flows import FlowMatcher, FlowsFileError, load_flows_file
+from bot.http import build_app, start_http
+from bot.pipeline import Pipeline
+from bot.responder import Responder
+from connection.types import (
+    ChatId,
+    ConnectionState,
+    Inbound,
+    MessageId,
+    MessageKind,
+    Transport,
+)
+from memory.cache import TTLCache
+from memory.history import ChatHistory
+from memory.manager import MemoryManager, MemoryState
+from memory.sqlite_store import SQLiteStore
+from memory.store import MessageStatus, Store
+
+
+def load_flows(settings: Settings) -> FlowMatcher:
+    if settings.flows_file is None:
+        return FlowMatcher()
+    if not settings.flows_file.exists():
+        logger.warning("flows file {} not found: no keyword flows", settings.flows_file)
+        return FlowMatcher()
+    try:
+        flows = load_flows_file(settings.flows_file)
+    except FlowsFileError as error:
+        raise SystemExit(f"invalid configuration: FLOWS_FILE: {error}") from None
+    logger.info("{} keyword flows loaded from {}", len(flows), settings.flows_file)
+    return FlowMatcher(flows)
+
+
+@dataclass
+class Bot:
+    """Every part of a running bot, wired together; `start` and `stop` in that order."""
+
+    settings: Settings
+    transport: Transport
+    store: Store
+    pipeline: Pipeline
+    cache: TTLCache[str, str]
+    history: ChatHistory
+    model: ChatModel | None
+    memory: MemoryManager
+    connection_stats: Callable[[], dict[str, Any]] | None = None
+    started_at: float = field(default_factory=time.time)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @classmethod
+    def build(cls, settings: Settings, transport: Transport, *, store: Store | None = None) -> Bot:
+        store = store or SQLiteStore(settings.store_path)
+        model = None
+        if settings.openai_api_key:
+            client = make_client(
+                settings.openai_api_key,
+                settings.openai_base_url,
+                settings.openai_timeout,
+            )
+            model = ChatModel(
+                client,
+                settings.openai_model,
+                max_concurrency=settings.openai_max_concurrency,
+            )
+        cache: TTLCache[str, str] = TTLCache(settings.cache_max_entries, settings.cache_ttl_s)
+        history = ChatHistory(store, depth=settings.max_chat_history)
+        responder = Responder(
+            flows=load_flows(settings),
+            cache=cache,
+            model=model,
+            system_prompt=settings.system_prompt,
+            language=settings.bot_language,
+        )
+        pipeline = Pipeline(
+            store=store,
+            history=history,
+            responder=responder,
+            transport=transport,
+            language=settings.bot_language,
+            group_policy=settings.reply_to_groups,
+            max_reply_chars=settings.max_reply_chars,
+            max_inbound_chars=settings.max_inbound_chars,
+        )
+        memory = MemoryManager(settings.memory_limit)
+        bot = cls(settings, transport, store, pipeline, cache, history, model, memory)
+        memory.on_change(bot._on_memory_state)
+        return bot
+
+    def _on_memory_state(self, old: MemoryState, new: MemoryState) -> None:
+        if new is MemoryState.NORMAL:
+            return
+        fraction = 1.0 if new is MemoryState.CRITICAL else 0.5
+        dropped = self.cache.shrink(fraction) + self.history.shrink(fraction)
+        logger.warning("memory {}: dropped {} cached entries", new.value, dropped)
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self.pipeline.start()
+        await self.recover()
+        self._tasks.append(asyncio.create_task(self.memory.run(self._stop), name="memory-manager"))
+
+    async def recover(self) -> None:
+        """Answer what a crash left unanswered, if it is still fresh; mark the rest skipped."""
+        window = self.settings.recovery_window_minutes * 60
+        fresh_since = time.time() - window
+        stale = await self.store.mark_stale(fresh_since)
+        pending = await self.store.unanswered_inbound(fresh_since)
+        resumed = 0
+        for stored in pending:
+            if stored.kind != MessageKind.TEXT.value:
+                await self.store.set_status(stored.wa_message_id, MessageStatus.SKIPPED)
+                continue
+            inbound = Inbound(
+                id=MessageId(stored.wa_message_id),
+                chat=ChatId(stored.chat_id),
+                sender=stored.chat_id,
+                kind=MessageKind.TEXT,
+                text=stored.body,
+                timestamp=stored.created_at,
+            )
+            resumed += self.pipeline.resume(inbound)
+        if stale or resumed:
+            logger.warning(
+                "recovered after a stop: {} message(s) answered now, {} too old, skipped",
+                resumed,
+                stale,
+            )
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        await self.pipeline.stop(timeout)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.store.close()
+        if self.model is not None:
+            await self.model.client.close()
+
+    def metrics(self) -> dict[str, Any]:
+        self.memory.check()
+        connection = (
+            self.connection_stats()
+            if self.connection_stats
+            else {
+                "state": self.transport.state.value,
+                "connected": self.transport.state is ConnectionState.CONNECTED,
+            }
+        )
+        ai = (
+            self.model.stats()
+            if self.model
+            else {"enabled": False, "requests": 0, "errors": 0, "circuit": "off"}
+        )
+        return {
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "memory": self.memory.stats(),
+            "connection": connection,
+            "messages": self.pipeline.stats(),
+            "cache": self.cache.stats(),
+            "history": self.history.stats(),
+            "ai": ai,
+            "responses": dict(self.pipeline.responder.by_source),
+        }
+
+
+async def run_chat(settings: Settings, *, jsonl: bool) -> int:
+    """The console: the same pipeline, stdin in and stdout out."""
+    from connection.console import ConsoleTransport
+
+    transport = ConsoleTransport(jsonl=jsonl)
+    bot = Bot.build(settings, transport)
+    await bot.start()
+    if not jsonl:
+        mode = "AI on" if bot.model else "AI off (no OPENAI_API_KEY): keyword flows only"
+        print(
+            f"Chatting with the bot ({mode}). Type a message; Ctrl-D to quit.",
+            file=sys.stderr,
+        )
+    try:
+        bad = await transport.read_stdin(bot.pipeline.submit)
+        await bot.pipeline.drain()
+    finally:
+        await bot.stop()
+    if bad:
+        print(f"{bad} line(s) could not be read (see the errors above)", file=sys.stderr)
+    return 0
+
+
+async def run_whatsapp(settings: Settings) -> int:
+    """Serve HTTP and keep the WhatsApp connection up until SIGTERM or SIGINT."""
+    from connection.neonize_adapter import NeonizeTransport
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    qr_state: dict[str, Any] = {"qr": None, "pair_code": None}
+    bot_ref: list[Bot] = []
+
+    def submit(message: Inbound) -> None:
+        bot_ref[0].pipeline.submit(message)
+
+    transport = NeonizeTransport(
+        settings.session_database,
+        on_inbound=submit,
+        name=settings.wa_session_name,
+        pair_phone=settings.wa_pair_phone,
+        on_qr=lambda code: qr_state.update(qr=code),
+        on_pair_code=lambda code: qr_state.update(pair_code=code),
+        log_level=settings.effective_log_level,
+    )
+    bot = Bot.build(settings, transport)
+    bot.connection_stats = transport.stats
+    bot_ref.append(bot)
+
+    def qr_snapshot() -> dict[str, Any]:
+        return {**qr_state, "state": transport.state.value}
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await bot.start()
+    runner = await start_http(
+        build_app(bot.metrics, qr_snapshot, admin_token=settings.admin_token),
+        settings.port,
+    )
+    logger.info("HTTP on port {}: /health, /v1/metrics, /qr", settings.port)
+    await transport.start()
+    try:
+        await stop.wait()
+        logger.info("stopping: finishing replies in flight")
+    finally:
+        await bot.pipeline.stop(timeout=8.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(transport.stop(), 5.0)
+        await bot.stop(timeout=1.0)
+        await runner.cleanup()
+    logger.info("stopped")
+    return 0

@@ -1,0 +1,175 @@
+"""Settings: one typed object built once at start-up from the environment and `.env`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDERS = {"changeme", "your-key-here", "sk-...", "xxx", "<your key>"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # OpenAI (or any OpenAI-compatible server)
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+    openai_model: str = "gpt-4o-mini"
+    openai_transcribe_model: str = "whisper-1"
+    openai_timeout: float = Field(30.0, gt=0, le=600)
+    openai_max_concurrency: int = Field(8, ge=1, le=256)
+    bot_system_prompt: str = (
+        "You are the friendly WhatsApp assistant of a small business. "
+        "Answer briefly and clearly, in the customer's language."
+    )
+    bot_system_prompt_file: Path | None = None
+    bot_language: Literal["es", "en"] = "es"
+    flows_file: Path | None = Path("flows.yaml")
+
+    # Database
+    supabase_url: str | None = None
+    supabase_key: str | None = None
+    supabase_db_url: str | None = None
+    data_dir: Path = Path("data")
+
+    # Process
+    port: int = Field(8080, ge=1, le=65535)
+    app_env: Literal["development", "production"] = "development"
+    log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] | None = None
+    log_json: bool = False
+    memory_limit: int | None = Field(None, ge=64, description="MB")
+
+    # Conversation
+    max_chat_history: int = Field(5, ge=0, le=100)
+    max_reply_chars: int = Field(1500, ge=200, le=60000)
+    max_inbound_chars: int = Field(4000, ge=100, le=100000)
+    recovery_window_minutes: float = Field(10.0, ge=0)
+    reply_to_groups: Literal["never", "mentioned", "always"] = "mentioned"
+    cache_ttl_s: float = Field(3600.0, ge=0)
+    cache_max_entries: int = Field(1000, ge=0)
+    rate_limit_max_messages: int = Field(30, ge=1)
+    rate_limit_cooldown: int = Field(60000, ge=1000, description="ms")
+
+    # Media
+    audio_max_mb: float = Field(25.0, gt=0, le=100)
+    audio_max_minutes: float = Field(10.0, gt=0, le=120)
+
+    # WhatsApp
+    wa_pair_phone: str | None = None
+    wa_session_name: str = "bot"
+    admin_token: str | None = None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) and value else value or None
+
+    @field_validator(
+        "openai_api_key",
+        "openai_base_url",
+        "supabase_url",
+        "supabase_key",
+        "supabase_db_url",
+        "wa_pair_phone",
+        "admin_token",
+        "bot_system_prompt_file",
+        "flows_file",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip()
+            if not value:
+                return None
+            if value.lower() in PLACEHOLDERS:
+                raise ValueError("is a placeholder: set the real value or leave it empty")
+        return value
+
+    @field_validator("wa_pair_phone")
+    @classmethod
+    def _digits_only(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        digits = value.lstrip("+").replace(" ", "")
+        if not digits.isdigit() or not 8 <= len(digits) <= 15:
+            raise ValueError(
+                "must be the phone number in international format, digits only (e.g. 34600111222)"
+            )
+        return digits
+
+    @field_validator("admin_token")
+    @classmethod
+    def _long_token(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < 16:
+            raise ValueError("must be at least 16 characters (use `openssl rand -hex 24`)")
+        return value
+
+    @field_validator("supabase_db_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgres://", "postgresql://")):
+            raise ValueError("must be a Postgres URL starting with postgresql://")
+        return value
+
+    @model_validator(mode="after")
+    def _supabase_pair(self) -> Settings:
+        if bool(self.supabase_url) != bool(self.supabase_key):
+            raise ValueError("SUPABASE_URL and SUPABASE_KEY must be set together")
+        return self
+
+    @property
+    def effective_log_level(self) -> str:
+        if self.log_level:
+            return self.log_level
+        return "WARNING" if self.app_env == "production" else "INFO"
+
+    @property
+    def ai_enabled(self) -> bool:
+        return self.openai_api_key is not None
+
+    @property
+    def system_prompt(self) -> str:
+        if self.bot_system_prompt_file is not None:
+            return self.bot_system_prompt_file.read_text(encoding="utf-8").strip()
+        return self.bot_system_prompt
+
+    @property
+    def session_database(self) -> str:
+        """What neonize gets as its database: a Postgres URL, or the sqlite session file."""
+        return self.supabase_db_url or str(self.data_dir / "whatsapp-session.sqlite3")
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_dir / "bot.sqlite3"
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line naming the first bad variable and what it accepts."""
+    first = error.errors()[0]
+    name = "_".join(str(part) for part in first["loc"]).upper()
+    message = first["msg"].removeprefix("Value error, ")
+    if not name:
+        return f"invalid configuration: {message}"
+    value = first.get("input")
+    shown = "" if name.endswith(("KEY", "TOKEN", "URL")) or isinstance(value, dict) else f"={value!r}"
+    return f"invalid configuration: {name}{shown}: {message}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings, or exit with one clear line if a value is bad."""
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+        if settings.bot_system_prompt_file is not None and not settings.bot_system_prompt_file.is_file():
+            raise SystemExit(
+                f"invalid configuration: BOT_SYSTEM_PROMPT_FILE: {settings.bot_system_prompt_file}"
+                " is not a file"
+            )
+        return settings
+    except ValidationError as error:
+        print(describe_error(error), file=sys.stderr)
+        raise SystemExit(2) from None

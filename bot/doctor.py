@@ -1,0 +1,150 @@
+"""`doctor` checks what the bot needs and says how to fix what is missing; `logout` unlinks the device."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from pathlib import Path
+
+from bot.config import Settings
+
+
+def _line(ok: bool, what: str, fix: str = "") -> bool:
+    mark = "ok  " if ok else "FAIL"
+    print(f"[{mark}] {what}" + (f"\n       fix: {fix}" if fix and not ok else ""))
+    return ok
+
+
+async def _check_openai(settings: Settings) -> bool:
+    if not settings.openai_api_key:
+        return _line(
+            True,
+            "OpenAI: no OPENAI_API_KEY, AI answers are off (keyword flows still work)",
+        )
+    import openai
+
+    client = openai.AsyncOpenAI(
+        api_key=settings.openai_api_key,
+        base_url=settings.openai_base_url,
+        timeout=10,
+        max_retries=0,
+    )
+    try:
+        await client.models.list()
+    except openai.AuthenticationError:
+        return _line(False, "OpenAI: the API key was refused", "check OPENAI_API_KEY")
+    except openai.OpenAIError as error:
+        where = settings.openai_base_url or "api.openai.com"
+        return _line(
+            False,
+            f"OpenAI: cannot reach {where} ({type(error).__name__})",
+            "check the network",
+        )
+    return _line(True, f"OpenAI: reachable, model {settings.openai_model}")
+
+
+async def _check_supabase(settings: Settings) -> bool:
+    if not settings.supabase_url:
+        return _line(True, f"database: SQLite at {settings.store_path} (Supabase not configured)")
+    import aiohttp
+
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+            session.get(
+                f"{settings.supabase_url.rstrip('/')}/rest/v1/chats?select=chat_id&limit=1",
+                headers={
+                    "apikey": settings.supabase_key or "",
+                    "Authorization": f"Bearer {settings.supabase_key}",
+                },
+            ) as response,
+        ):
+            ok = response.status == 200
+            return _line(
+                ok,
+                f"Supabase: HTTP {response.status} reading table chats",
+                "apply supabase/migrations and use the service_role key",
+            )
+    except (aiohttp.ClientError, TimeoutError) as error:
+        return _line(
+            False,
+            f"Supabase: cannot reach it ({type(error).__name__})",
+            "check SUPABASE_URL",
+        )
+
+
+def _check_data_dir(settings: Settings) -> bool:
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=settings.data_dir):
+            pass
+    except OSError as error:
+        return _line(
+            False,
+            f"data dir {settings.data_dir}: {error.strerror}",
+            "set DATA_DIR to a writable folder",
+        )
+    return _line(True, f"data dir {settings.data_dir.resolve()} is writable")
+
+
+def _check_session(settings: Settings) -> bool:
+    if settings.supabase_db_url:
+        return _line(True, "WhatsApp session: kept in Postgres (SUPABASE_DB_URL)")
+    path = Path(settings.session_database)
+    if path.exists():
+        return _line(True, f"WhatsApp session: {path} exists (paired before)")
+    return _line(True, f"WhatsApp session: none yet; `python -m bot` shows a QR to pair ({path})")
+
+
+async def run_doctor(settings: Settings) -> int:
+    results = [
+        _line(
+            shutil.which("ffmpeg") is not None,
+            "ffmpeg installed",
+            "apt-get install ffmpeg",
+        ),
+        _line(
+            shutil.which("ffprobe") is not None,
+            "ffprobe installed",
+            "apt-get install ffmpeg",
+        ),
+        _check_data_dir(settings),
+        await _check_openai(settings),
+        await _check_supabase(settings),
+        _check_session(settings),
+        _line(
+            bool(settings.admin_token) or settings.app_env != "production",
+            "ADMIN_TOKEN set (needed for /qr)",
+            "set ADMIN_TOKEN to a long random string",
+        ),
+    ]
+    failed = results.count(False)
+    print("all good" if not failed else f"{failed} problem(s) found")
+    return 0 if not failed else 1
+
+
+async def run_logout(settings: Settings) -> int:
+    from connection.neonize_adapter import NeonizeTransport
+
+    path = Path(settings.session_database)
+    if not settings.supabase_db_url and not path.exists():
+        print("no local session: nothing to log out")
+        return 0
+    transport = NeonizeTransport(
+        settings.session_database,
+        on_inbound=lambda _: None,
+        name=settings.wa_session_name,
+    )
+    try:
+        await asyncio.wait_for(transport.logout(), 30)
+        print("device unlinked from WhatsApp")
+    except Exception as error:
+        print(
+            f"could not unlink on WhatsApp's side ({type(error).__name__}); deleting the local session anyway"
+        )
+    if not settings.supabase_db_url:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        print(f"local session {path} deleted")
+    return 0

@@ -1,0 +1,106 @@
+"""The HTTP side: /health for the platform, /v1/metrics for the owner, /qr for pairing."""
+
+from __future__ import annotations
+
+import hmac
+import html
+from collections.abc import Callable
+from typing import Any
+
+import segno
+from aiohttp import web
+
+MetricsSource = Callable[[], dict[str, Any]]
+QrSource = Callable[[], dict[str, Any]]
+
+
+def prometheus_text(metrics: dict[str, Any], prefix: str = "whatsapp_bot") -> str:
+    """Flatten the metrics JSON into Prometheus text: numbers and booleans only, strings as labels."""
+    lines: list[str] = []
+
+    def walk(value: Any, name: str) -> None:
+        if isinstance(value, bool):
+            lines.append(f"{name} {int(value)}")
+        elif isinstance(value, int | float):
+            lines.append(f"{name} {value}")
+        elif isinstance(value, str):
+            lines.append(f'{name}_info{{value="{value}"}} 1')
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{name}_{key}")
+
+    walk(metrics, prefix)
+    return "\n".join(lines) + "\n"
+
+
+def token_ok(request: web.Request, expected: str | None) -> bool:
+    if not expected:
+        return False
+    given = (
+        request.query.get("token") or request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    )
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+_QR_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>WhatsApp pairing</title>
+<meta http-equiv="refresh" content="{refresh}">
+<style>body{{font-family:sans-serif;text-align:center;margin:2em}} svg{{width:320px;height:320px}}</style>
+</head><body><h1>{title}</h1>{body}</body></html>"""
+
+
+def qr_page(qr: dict[str, Any]) -> str:
+    code, pair_code, state = (
+        qr.get("qr"),
+        qr.get("pair_code"),
+        qr.get("state", "unknown"),
+    )
+    if state == "connected":
+        return _QR_PAGE.format(refresh=30, title="Paired", body="<p>The bot is connected to WhatsApp.</p>")
+    parts = []
+    if pair_code:
+        parts.append(f"<p>Pairing code: <b style='font-size:2em'>{html.escape(pair_code)}</b></p>")
+    if code:
+        parts.append(segno.make(code, error="l").svg_inline(scale=6))
+        parts.append(
+            "<p>WhatsApp &gt; Linked devices &gt; Link a device, then scan. The page follows new codes.</p>"
+        )
+    if not parts:
+        parts.append(
+            f"<p>No code yet (connection state: {html.escape(state)}). This page refreshes itself.</p>"
+        )
+    return _QR_PAGE.format(refresh=5, title="Link this bot to WhatsApp", body="".join(parts))
+
+
+def build_app(metrics: MetricsSource, qr: QrSource, *, admin_token: str | None) -> web.Application:
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def metrics_view(request: web.Request) -> web.Response:
+        snapshot = metrics()
+        if request.query.get("format") == "prometheus":
+            return web.Response(text=prometheus_text(snapshot), content_type="text/plain")
+        return web.json_response(snapshot)
+
+    async def qr_view(request: web.Request) -> web.Response:
+        if not admin_token:
+            return web.Response(status=403, text="set ADMIN_TOKEN to use /qr\n")
+        if not token_ok(request, admin_token):
+            return web.Response(status=401, text="missing or wrong token\n")
+        return web.Response(
+            text=qr_page(qr()),
+            content_type="text/html",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/metrics", metrics_view)
+    app.router.add_get("/qr", qr_view)
+    return app
+
+
+async def start_http(app: web.Application, port: int, host: str = "0.0.0.0") -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

@@ -1,0 +1,54 @@
+"""Logging with loguru: one sink, phone numbers masked, stdlib logging routed in."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+if TYPE_CHECKING:
+    from loguru import Record
+
+# Digit runs that look like phone numbers, bare or inside a JID (34600111222@s.whatsapp.net).
+_PHONE = re.compile(r"(?<![\w.])\+?(\d{2})\d{4,11}(\d{2})(?=@|\b)")
+
+
+def mask_phone(text: str) -> str:
+    """`34600111222@s.whatsapp.net` -> `34*******22@s.whatsapp.net`."""
+    return _PHONE.sub(lambda m: m.group(1) + "*" * (len(m.group(0)) - 4) + m.group(2), text)
+
+
+def _patch(record: Record) -> None:
+    record["message"] = mask_phone(record["message"])
+
+
+class _InterceptHandler(logging.Handler):
+    """Sends stdlib records (aiohttp, neonize, whatsmeow) to loguru."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
+
+
+def setup_logging(level: str = "INFO", *, json: bool = False) -> None:
+    logger.remove()
+    logger.configure(patcher=_patch)
+    fmt = "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> <cyan>{name}</cyan> {message}"
+    logger.add(
+        sys.stderr,
+        level=level,
+        format=fmt,
+        serialize=json,
+        backtrace=False,
+        diagnose=False,
+    )
+    # neonize calls logging.basicConfig at import; replace its handlers with ours.
+    logging.basicConfig(handlers=[_InterceptHandler()], level=level, force=True)
+    for noisy in ("aiohttp.access", "httpx", "httpcore", "openai", "hpack"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

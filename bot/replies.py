@@ -1,0 +1,64 @@
+"""The bot's canned replies, in Spanish by default and English by setting (BOT_LANGUAGE)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Language = Literal["es", "en"]
+
+_REPLIES: dict[str, dict[Language, str]] = {
+    "ai_off": {
+        "es": "Gracias por tu mensaje. Ahora mismo las respuestas automáticas con IA están desactivadas; "
+        "te responderemos lo antes posible.",
+        "en": "Thanks for your message. Automatic AI answers are turned off right now; "
+        "we will get back to you as soon as we can.",
+    },
+    "ai_error": {
+        "es": "Lo siento, no he podido procesar tu mensaje en este momento. "
+        "Por favor, inténtalo de nuevo en unos minutos.",
+        "en": "Sorry, I couldn't process your message right now. Please try again in a few minutes.",
+    },
+    "empty": {
+        "es": "No he recibido texto en tu mensaje. ¿En qué puedo ayudarte?",
+        "en": "Your message had no text. How can I help you?",
+    },
+    "too_long_note": {
+        "es": "(Tu mensaje era muy largo; he leído solo el principio.)",
+        "en": "(Your message was very long; I only read the beginning.)",
+    },
+    "media_unsupported": {
+        "es": "Por ahora solo puedo leer mensajes de texto y notas de voz. ¿Me lo escribes, por favor?",
+        "en": "For now I can only read text messages and voice notes. Could you type it, please?",
+    },
+    "audio_too_large": {
+        "es": "La nota de voz es demasiado grande (el máximo es {limit:g} MB). ¿Puedes enviar una más corta?",
+        "en": "That voice note is too large (the limit is {limit:g} MB). Could you send a shorter one?",
+    },
+    "audio_too_long": {
+        "es": "La nota de voz es demasiado larga (el máximo es {limit:g} minutos). "
+        "¿Puedes enviar una más corta?",
+        "en": "That voice note is too long (the limit is {limit:g} minutes). Could you send a shorter one?",
+    },
+    "audio_unreadable": {
+        "es": "No he podido escuchar tu nota de voz. ¿Puedes enviarla de nuevo o escribirme el mensaje?",
+        "en": "I couldn't listen to your voice note. Could you send it again or type your message?",
+    },
+    "audio_empty": {
+        "es": "Tu nota de voz parece estar vacía o en silencio. ¿Puedes repetirla?",
+        "en": "Your voice note seems to be empty or silent. Could you record it again?",
+    },
+    "audio_ai_off": {
+        "es": "Ahora mismo no puedo escuchar notas de voz. ¿Me escribes tu mensaje, por favor?",
+        "en": "I can't listen to voice notes right now. Could you type your message, please?",
+    },
+}
+
+
+def reply(key: str, language: Language, **values: object) -> str:
+    text = _REPLIES[key][language]
+    return text.format(**values) if values else text
+
+
+def all_canned_texts() -> set[str]:
+    """Every canned text in every language (the ban-risk guard lets these repeat)."""
+    return {text for by_language in _REPLIES.values() for text in by_language.values()}

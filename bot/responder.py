@@ -1,0 +1,152 @@
+"""Turns a customer's text into the bot's answer: keyword flows, then the cache, then the model."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from loguru import logger
+
+from bot.ai import AIError, ChatModel
+from bot.flows import FlowMatcher
+from bot.replies import Language, reply
+from memory.cache import TTLCache
+from memory.store import Direction, StoredMessage
+
+
+class Source(enum.StrEnum):
+    FLOW = "flow"
+    CACHE = "cache"
+    MODEL = "model"
+    AI_OFF = "ai_off"
+    AI_ERROR = "ai_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    text: str
+    source: Source
+
+    @property
+    def canned(self) -> bool:
+        return self.source is not Source.MODEL and self.source is not Source.CACHE
+
+
+def build_messages(system_prompt: str, history: Sequence[StoredMessage], text: str) -> list[dict[str, str]]:
+    """System prompt, the chat's recent turns (user and bot alike), then the new message."""
+    messages = [{"role": "system", "content": system_prompt}]
+    for turn in history:
+        role = "user" if turn.direction is Direction.IN else "assistant"
+        if turn.body:
+            messages.append({"role": role, "content": turn.body})
+    messages.append({"role": "user", "content": text})
+    return messages
+
+
+def cache_key(model: str, messages: list[dict[str, str]]) -> str:
+    """The whole context is the key, so an answer is only reused for an identical conversation.
+
+    Two chats share a cached answer only when their system prompt, history and new
+    message are all the same (typically a first question like "¿horario?"), never
+    when the answer depended on anything one of them said before.
+    """
+    blob = json.dumps([model, messages], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+
+
+class Responder:
+    def __init__(
+        self,
+        *,
+        flows: FlowMatcher,
+        cache: TTLCache[str, str],
+        model: ChatModel | None,
+        system_prompt: str,
+        language: Language,
+    ) -> None:
+        self.flows = flows
+        self.cache = cache
+        self.model = model
+        self.system_prompt = system_prompt
+        self.language = language
+        self.by_source: dict[str, int] = {source.value: 0 for source in Source}
+
+    def quick_answer(self, text: str) -> Answer | None:
+        """A flow answer, or None when the text needs the history and the model."""
+        answer = self.flows.match(text)
+        return Answer(answer, Source.FLOW) if answer is not None else None
+
+    async def answer(self, text: str, history: Sequence[StoredMessage]) -> Answer:
+        result = self.quick_answer(text) or await self._from_model(text, history)
+        self.by_source[result.source.value] += 1
+        return result
+
+    async def _from_model(self, text: str, history: Sequence[StoredMessage]) -> Answer:
+        if self.model is None:
+            return Answer(reply("ai_off", self.language), Source.AI_OFF)
+        messages = build_messages(self.system_prompt, history, text)
+        key = cache_key(self.model.model, messages)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return Answer(cached, Source.CACHE)
+        try:
+            answer = await self.model.complete(messages)
+        except AIError as error:
+            logger.error("model failed, sending an apology: {}", error)
+            return Answer(reply("ai_error", self.language), Source.AI_ERROR)
+        self.cache.set(key, answer)
+        return Answer(answer, Source.MODEL)
+
+
+_SENTENCE_BOUNDARY = re.compile(r"(?<=[.!?…])(?=\s)|(?<=\n)")
+
+
+def split_message(text: str, limit: int) -> list[str]:
+    """Split a long answer into chunks of at most `limit` characters at sentence boundaries.
+
+    Line breaks inside a chunk are kept (lists stay lists); a sentence longer than
+    the limit is cut at word boundaries, and a word longer than it is cut hard.
+    """
+    text = text.strip()
+    if len(text) <= limit:
+        return [text] if text else []
+    chunks: list[str] = []
+    current = ""
+    for segment in _SENTENCE_BOUNDARY.split(text):
+        for piece in _fit(segment, limit):
+            if len((current + piece).strip()) <= limit:
+                current += piece
+            else:
+                if current.strip():
+                    chunks.append(current.strip())
+                current = piece.lstrip()
+    if current.strip():
+        chunks.append(current.strip())
+    return chunks
+
+
+def _fit(segment: str, limit: int) -> list[str]:
+    if len(segment.strip()) <= limit:
+        return [segment]
+    pieces: list[str] = []
+    current = ""
+    for word in segment.split():
+        while len(word) > limit:
+            if current:
+                pieces.append(current)
+                current = ""
+            pieces.append(word[:limit])
+            word = word[limit:]
+        candidate = f"{current} {word}" if current else word
+        if len(candidate) <= limit:
+            current = candidate
+        else:
+            pieces.append(current)
+            current = word
+    if current:
+        pieces.append(current)
+    return [f" {piece}" for piece in pieces]

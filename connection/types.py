@@ -1,0 +1,96 @@
+"""The types every other package sees instead of neonize's.
+
+The WhatsApp adapter turns neonize's protobuf events into `Inbound` values and
+implements `Transport`; the console and the test transports implement the same
+protocol, so bot/ never knows which one it talks to.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, NewType, Protocol, runtime_checkable
+
+ChatId = NewType("ChatId", str)
+"""A chat key: `<user>@s.whatsapp.net` for people, `<id>@g.us` for groups."""
+
+MessageId = NewType("MessageId", str)
+"""WhatsApp's message id (unique per sender; we treat it as globally unique)."""
+
+
+class MessageKind(enum.StrEnum):
+    TEXT = "text"
+    AUDIO = "audio"
+    IMAGE = "image"
+    VIDEO = "video"
+    STICKER = "sticker"
+    DOCUMENT = "document"
+    REACTION = "reaction"
+    OTHER = "other"
+
+
+class ConnectionState(enum.StrEnum):
+    STARTING = "starting"
+    PAIRING = "pairing"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    LOGGED_OUT = "logged_out"
+    REPLACED = "replaced"
+    BANNED = "banned"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class MediaRef:
+    """What is known about an attachment before it is downloaded.
+
+    `handle` is opaque to everyone but the transport that made it (for neonize,
+    the protobuf Message to download from; for the console, a file path).
+    """
+
+    mimetype: str = ""
+    size_bytes: int | None = None
+    duration_s: int | None = None
+    voice_note: bool = False
+    handle: Any = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One incoming message, normalised."""
+
+    id: MessageId
+    chat: ChatId
+    sender: str
+    kind: MessageKind
+    text: str = ""
+    timestamp: float = 0.0
+    from_me: bool = False
+    is_group: bool = False
+    is_status: bool = False
+    mentions_me: bool = False
+    push_name: str = ""
+    media: MediaRef | None = None
+
+
+class TransportError(Exception):
+    """A send or download failed at the transport; the message may be retried."""
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """What the bot needs from a messaging connection."""
+
+    async def send_text(self, chat: ChatId, text: str) -> MessageId:
+        """Send `text` to `chat`; return the id of the sent message."""
+        ...
+
+    async def set_typing(self, chat: ChatId, typing: bool) -> None: ...
+
+    async def mark_read(self, message: Inbound) -> None: ...
+
+    async def download_media(self, message: Inbound) -> bytes: ...
+
+    @property
+    def state(self) -> ConnectionState: ...

@@ -1,0 +1,76 @@
+"""The last messages of each chat: bounded deques in memory in front of the store.
+
+Only a bounded number of chats is kept (least recently used out); a chat that is
+not in memory is read back from the store, so history survives restarts.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from memory.store import Store, StoredMessage
+
+
+class ChatHistory:
+    def __init__(self, store: Store, *, depth: int, max_chats: int = 5000) -> None:
+        self.store = store
+        self.depth = depth
+        self.max_chats = max_chats
+        self._chats: OrderedDict[str, deque[StoredMessage]] = OrderedDict()
+        self.memory_hits = 0
+        self.store_reads = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._chats)
+
+    async def recent(self, chat_id: str, *, before: str | None = None) -> list[StoredMessage]:
+        """The last `depth` messages of the chat, oldest first, leaving out message `before`.
+
+        `before` is the message being answered: it is already persisted, but the
+        model must see it once, as the new message, not also as history.
+        """
+        if self.depth <= 0:
+            return []
+        cached = self._chats.get(chat_id)
+        if cached is not None:
+            self._chats.move_to_end(chat_id)
+            self.memory_hits += 1
+        else:
+            self.store_reads += 1
+            # One extra row: the message being answered may be among the latest.
+            cached = deque(
+                await self.store.recent_messages(chat_id, self.depth + 1),
+                maxlen=self.depth + 1,
+            )
+            self._remember(chat_id, cached)
+        return [m for m in cached if m.wa_message_id != before][-self.depth :]
+
+    def append(self, message: StoredMessage) -> None:
+        """Record a message that was just persisted (only chats already in memory are updated)."""
+        cached = self._chats.get(message.chat_id)
+        if cached is not None:
+            cached.append(message)
+            self._chats.move_to_end(message.chat_id)
+
+    def _remember(self, chat_id: str, messages: deque[StoredMessage]) -> None:
+        self._chats[chat_id] = messages
+        while len(self._chats) > self.max_chats:
+            self._chats.popitem(last=False)
+            self.evictions += 1
+
+    def shrink(self, fraction: float) -> int:
+        drop = int(len(self._chats) * fraction)
+        for _ in range(drop):
+            self._chats.popitem(last=False)
+        self.evictions += drop
+        return drop
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "chats": len(self._chats),
+            "max_chats": self.max_chats,
+            "memory_hits": self.memory_hits,
+            "store_reads": self.store_reads,
+            "evictions": self.evictions,
+        }

@@ -1,0 +1,136 @@
+"""Watches the process's memory against the plan's limit and tells the bot when to shed load.
+
+The limit is MEMORY_LIMIT (MB), else the container's cgroup limit, else 512 MB.
+States: normal, warning (>= 80 %), critical (>= 90 %). On a change of state the
+registered callbacks run, so caches can shrink and intake can slow down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import gc
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+from loguru import logger
+
+DEFAULT_LIMIT_MB = 512
+_CGROUP_FILES = (
+    Path("/sys/fs/cgroup/memory.max"),
+    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+)
+# cgroup v1 reports "no limit" as a huge number; anything above 1 TiB means unlimited.
+_UNLIMITED = 1 << 40
+
+
+class MemoryState(enum.StrEnum):
+    NORMAL = "normal"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+def cgroup_limit_mb(files: tuple[Path, ...] = _CGROUP_FILES) -> int | None:
+    for path in files:
+        try:
+            raw = path.read_text().strip()
+        except OSError:
+            continue
+        if raw == "max" or not raw.isdigit():
+            return None
+        limit = int(raw)
+        return None if limit >= _UNLIMITED else limit // (1024 * 1024)
+    return None
+
+
+def resolve_limit_mb(configured: int | None) -> tuple[int, str]:
+    if configured:
+        return configured, "MEMORY_LIMIT"
+    from_cgroup = cgroup_limit_mb()
+    if from_cgroup:
+        return from_cgroup, "cgroup"
+    return DEFAULT_LIMIT_MB, "default"
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / (1024 * 1024)
+
+
+class MemoryManager:
+    def __init__(
+        self,
+        limit_mb: int | None = None,
+        *,
+        warning: float = 0.8,
+        critical: float = 0.9,
+        interval_s: float = 5.0,
+        read_rss_mb: Callable[[], float] = rss_mb,
+    ) -> None:
+        self.limit_mb, self.limit_source = resolve_limit_mb(limit_mb)
+        self.warning = warning
+        self.critical = critical
+        self.interval_s = interval_s
+        self._read = read_rss_mb
+        self.state = MemoryState.NORMAL
+        self.rss_mb = 0.0
+        self.peak_rss_mb = 0.0
+        self.since = time.time()
+        self.transitions = 0
+        self._listeners: list[Callable[[MemoryState, MemoryState], None]] = []
+
+    def on_change(self, listener: Callable[[MemoryState, MemoryState], None]) -> None:
+        self._listeners.append(listener)
+
+    def check(self) -> MemoryState:
+        """Read RSS once and move to the matching state."""
+        self.rss_mb = self._read()
+        self.peak_rss_mb = max(self.peak_rss_mb, self.rss_mb)
+        ratio = self.rss_mb / self.limit_mb
+        new = (
+            MemoryState.CRITICAL
+            if ratio >= self.critical
+            else MemoryState.WARNING
+            if ratio >= self.warning
+            else MemoryState.NORMAL
+        )
+        if new is not self.state:
+            old, self.state, self.since = self.state, new, time.time()
+            self.transitions += 1
+            log = logger.warning if new is not MemoryState.NORMAL else logger.info
+            log(
+                "memory {} -> {}: {:.0f} of {} MB",
+                old.value,
+                new.value,
+                self.rss_mb,
+                self.limit_mb,
+            )
+            if new is not MemoryState.NORMAL:
+                gc.collect()
+            for listener in self._listeners:
+                try:
+                    listener(old, new)
+                except Exception:
+                    logger.exception("memory listener failed")
+        return new
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.check()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "rss_mb": round(self.rss_mb, 1),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "limit_mb": self.limit_mb,
+            "limit_source": self.limit_source,
+            "percent": round(100 * self.rss_mb / self.limit_mb, 1),
+            "state": self.state.value,
+            "since": round(self.since, 3),
+            "transitions": self.transitions,
+        }

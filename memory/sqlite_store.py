@@ -1,0 +1,261 @@
+"""The embedded store: one SQLite file under DATA_DIR, WAL mode, group commit.
+
+Every call runs on one dedicated thread that owns the connection. Writes are
+queued and committed in batches: whoever awaits a write waits for the commit of
+the batch that holds it, so durability is per call while the cost of a commit is
+shared by everything that arrived in the meantime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from loguru import logger
+
+from memory.store import Direction, Flow, MessageStatus, StoredMessage, StoreUnavailable
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS chats (
+    chat_id TEXT PRIMARY KEY,
+    first_seen_at REAL NOT NULL,
+    last_message_at REAL
+);
+CREATE TABLE IF NOT EXISTS chat_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    wa_message_id TEXT NOT NULL UNIQUE,
+    chat_id TEXT NOT NULL,
+    direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+    kind TEXT NOT NULL DEFAULT 'text',
+    body TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL CHECK (status IN ('received', 'answered', 'skipped', 'failed', 'sent')),
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chat_history_chat_created ON chat_history (chat_id, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS chat_history_created ON chat_history (created_at);
+CREATE INDEX IF NOT EXISTS chat_history_unanswered ON chat_history (created_at)
+    WHERE direction = 'in' AND status = 'received';
+CREATE TABLE IF NOT EXISTS bot_flows (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    keywords TEXT NOT NULL,  -- JSON array of strings (text[] in Postgres)
+    answer TEXT NOT NULL,
+    enabled INTEGER NOT NULL DEFAULT 1,
+    priority INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+_INSERT_MESSAGE = """
+INSERT INTO chat_history (wa_message_id, chat_id, direction, kind, body, status, created_at, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (wa_message_id) DO NOTHING
+"""
+_UPSERT_CHAT = """
+INSERT INTO chats (chat_id, first_seen_at, last_message_at) VALUES (?, ?, ?)
+ON CONFLICT (chat_id) DO UPDATE
+SET last_message_at = max(coalesce(last_message_at, 0), excluded.last_message_at)
+"""
+_SET_STATUS = (
+    "UPDATE chat_history SET status = ?, body = coalesce(?, body), updated_at = ? WHERE wa_message_id = ?"
+)
+_COLUMNS = "wa_message_id, chat_id, direction, kind, body, status, created_at"
+
+
+def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
+    return StoredMessage(
+        wa_message_id=row[0],
+        chat_id=row[1],
+        direction=Direction(row[2]),
+        kind=row[3],
+        body=row[4],
+        status=MessageStatus(row[5]),
+        created_at=row[6],
+    )
+
+
+class SQLiteStore:
+    def __init__(self, path: Path, *, max_batch: int = 2000) -> None:
+        self.path = path
+        self.max_batch = max_batch
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._pending: list[tuple[str, tuple[Any, ...], asyncio.Future[None]]] = []
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self.commits = 0
+        self.rows_written = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        await self._run(self._connect)
+        self._writer = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+
+    def _connect(self) -> None:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a process crash; only an OS crash can lose the last commits.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(SCHEMA)
+        self._conn = conn
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self.flush()
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+            self._writer = None
+        if self._conn is not None:
+            await self._run(self._conn.close)
+            self._conn = None
+        self._executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"sqlite: {error}") from error
+
+    # -- writes (group commit) -----------------------------------------------------------------
+
+    def _enqueue(self, op: str, params: tuple[Any, ...]) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, params, future))
+        self._wakeup.set()
+        return future
+
+    async def add_message(self, message: StoredMessage) -> None:
+        await self._enqueue("message", _message_params(message))
+
+    def add_message_nowait(self, message: StoredMessage) -> asyncio.Future[None]:
+        """Queue a write without waiting for its commit (the future resolves on commit)."""
+        return self._enqueue("message", _message_params(message))
+
+    async def set_status(self, wa_message_id: str, status: MessageStatus, body: str | None = None) -> None:
+        await self._enqueue("status", (status.value, body, time.time(), wa_message_id))
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed."""
+        if self._pending:
+            await self._enqueue("noop", ())
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                try:
+                    await self._run(self._write_batch, [(op, params) for op, params, _ in batch])
+                except Exception as error:  # a failed batch fails its callers, never the loop
+                    logger.error("sqlite write of {} operations failed: {}", len(batch), error)
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(StoreUnavailable(str(error)))
+                    continue
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+
+    def _write_batch(self, ops: list[tuple[str, tuple[Any, ...]]]) -> None:
+        assert self._conn is not None
+        messages = [params for op, params in ops if op == "message"]
+        statuses = [params for op, params in ops if op == "status"]
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            if messages:
+                conn.executemany(_INSERT_MESSAGE, messages)
+                conn.executemany(_UPSERT_CHAT, [(m[1], m[6], m[6]) for m in messages])
+            if statuses:
+                conn.executemany(_SET_STATUS, statuses)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        self.rows_written += len(messages) + len(statuses)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        await self.flush()  # read your own writes
+        assert self._conn is not None
+        conn = self._conn
+        return await self._run(lambda: conn.execute(sql, params).fetchall())
+
+    async def recent_messages(self, chat_id: str, limit: int) -> list[StoredMessage]:
+        if limit <= 0:
+            return []
+        rows = await self._query(
+            f"SELECT {_COLUMNS} FROM chat_history WHERE chat_id = ?"
+            " ORDER BY created_at DESC, id DESC LIMIT ?",
+            (chat_id, limit),
+        )
+        return [_row_to_message(row) for row in reversed(rows)]
+
+    async def recent_message_ids(self, since: float, limit: int) -> list[str]:
+        rows = await self._query(
+            "SELECT wa_message_id FROM chat_history WHERE created_at >= ? ORDER BY created_at DESC LIMIT ?",
+            (since, limit),
+        )
+        return [row[0] for row in rows]
+
+    async def unanswered_inbound(self, since: float) -> list[StoredMessage]:
+        rows = await self._query(
+            f"SELECT {_COLUMNS} FROM chat_history WHERE direction = 'in' AND status = 'received'"
+            " AND created_at >= ? ORDER BY created_at, id",
+            (since,),
+        )
+        return [_row_to_message(row) for row in rows]
+
+    async def mark_stale(self, before: float) -> int:
+        """Mark inbound messages still unanswered and older than `before` as skipped; returns how many."""
+        await self.flush()
+        assert self._conn is not None
+        conn = self._conn
+        sql = (
+            "UPDATE chat_history SET status = 'skipped', updated_at = ?"
+            " WHERE direction = 'in' AND status = 'received' AND created_at < ?"
+        )
+        return await self._run(lambda: conn.execute(sql, (time.time(), before)).rowcount)
+
+    async def flows(self) -> Sequence[Flow]:
+        rows = await self._query(
+            "SELECT keywords, answer, enabled FROM bot_flows WHERE enabled = 1 ORDER BY priority DESC, id",
+            (),
+        )
+        return [Flow(tuple(json.loads(row[0])), row[1], bool(row[2])) for row in rows]
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "commits": self.commits,
+            "rows_written": self.rows_written,
+            "pending": len(self._pending),
+        }
+
+
+def _message_params(m: StoredMessage) -> tuple[Any, ...]:
+    return (
+        m.wa_message_id,
+        m.chat_id,
+        m.direction.value,
+        m.kind,
+        m.body,
+        m.status.value,
+        m.created_at,
+        m.created_at,
+    )

@@ -1,0 +1,80 @@
+"""The store interface: one async API, SQLite (embedded default) and Supabase behind it.
+
+Rows mirror the tables in supabase/migrations: chats, chat_history, bot_flows.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Direction(enum.StrEnum):
+    IN = "in"
+    OUT = "out"
+
+
+class MessageStatus(enum.StrEnum):
+    RECEIVED = "received"  # inbound, persisted, not answered yet
+    ANSWERED = "answered"  # inbound that got its reply
+    SKIPPED = "skipped"  # inbound deliberately not answered (filtered, stale after a crash)
+    FAILED = "failed"  # inbound whose handling failed
+    SENT = "sent"  # outbound, delivered to the transport
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    wa_message_id: str
+    chat_id: str
+    direction: Direction
+    kind: str
+    body: str
+    status: MessageStatus
+    created_at: float  # unix seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    keywords: tuple[str, ...]
+    answer: str
+    enabled: bool = True
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached; callers fall back or retry."""
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None:
+        """Flush pending writes and release the connection."""
+        ...
+
+    async def add_message(self, message: StoredMessage) -> None:
+        """Persist a message (idempotent on wa_message_id); durable when this returns."""
+        ...
+
+    async def set_status(self, wa_message_id: str, status: MessageStatus, body: str | None = None) -> None:
+        """Change a message's status (and its body, e.g. a voice note's transcript)."""
+        ...
+
+    async def mark_stale(self, before: float) -> int:
+        """Mark inbound messages still RECEIVED and older than `before` as SKIPPED; returns how many."""
+        ...
+
+    async def recent_messages(self, chat_id: str, limit: int) -> list[StoredMessage]:
+        """The last `limit` messages of a chat, oldest first."""
+        ...
+
+    async def recent_message_ids(self, since: float, limit: int) -> list[str]:
+        """Ids of messages created at or after `since` (seeds de-duplication after a restart)."""
+        ...
+
+    async def unanswered_inbound(self, since: float) -> list[StoredMessage]:
+        """Inbound messages still RECEIVED, created at or after `since`, oldest first."""
+        ...
+
+    async def flows(self) -> Sequence[Flow]: ...

@@ -1,0 +1,259 @@
+"""The real pipeline and responder on a loopback transport, the real SDK against a fake OpenAI server."""
+
+from __future__ import annotations
+
+import asyncio
+
+from connection.types import MessageKind
+from memory.store import Direction, MessageStatus
+from tests.conftest import inbound
+from tests.fake_openai import FakeOpenAI
+
+CHAT = "34600111222@s.whatsapp.net"
+
+
+def ai(fake: FakeOpenAI, **extra: object) -> dict[str, object]:
+    return {"openai_api_key": "test-key", "openai_base_url": fake.base_url, **extra}
+
+
+async def test_answers_with_the_model(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        assert await h.say("¿tienen envío a domicilio?") == ["echo: ¿tienen envío a domicilio?"]
+    payload = fake_openai.chat_requests[0]
+    assert payload["messages"][0]["role"] == "system"
+    assert payload["messages"][-1] == {"role": "user", "content": "¿tienen envío a domicilio?"}
+
+
+async def test_redelivered_message_is_answered_once(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        first = inbound("hola", id="WAID-1")
+        assert await h.say(first, first) == ["echo: hola"]
+        assert h.bot.pipeline.counters.duplicates == 1
+
+
+async def test_redelivery_after_a_restart_is_still_caught(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        await h.say(inbound("hola", id="WAID-2"))
+    async with harness(**ai(fake_openai)) as h:
+        assert await h.say(inbound("hola", id="WAID-2")) == []
+        assert h.bot.pipeline.counters.duplicates == 1
+    assert fake_openai.chat_count == 1
+
+
+async def test_messages_of_one_chat_are_answered_in_order(harness, fake_openai: FakeOpenAI) -> None:
+    fake_openai.delay_s = 0.05
+    other = "5491122334455@s.whatsapp.net"
+    async with harness(**ai(fake_openai)) as h:
+        messages = [inbound(f"m{i}", chat=CHAT if i % 2 else other) for i in range(10)]
+        await h.say(*messages)
+        assert h.transport.texts_to(CHAT) == [f"echo: m{i}" for i in range(1, 10, 2)]
+        assert h.transport.texts_to(other) == [f"echo: m{i}" for i in range(0, 10, 2)]
+
+
+async def test_chats_run_concurrently_under_the_model_cap(harness, fake_openai: FakeOpenAI) -> None:
+    fake_openai.delay_s = 0.3
+    async with harness(**ai(fake_openai, openai_max_concurrency=4)) as h:
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, h.bot.model.in_flight)
+                await asyncio.sleep(0.01)
+
+        watcher = asyncio.create_task(watch())
+        started = asyncio.get_running_loop().time()
+        await h.say(*[inbound("hola", chat=f"3460000{i:04d}@s.whatsapp.net") for i in range(8)])
+        elapsed = asyncio.get_running_loop().time() - started
+        watcher.cancel()
+    assert peak == 4  # never more than the cap, and the cap was used
+    assert elapsed < 8 * 0.3  # not one after the other
+
+
+async def test_model_sees_exactly_the_last_five_messages(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        for i in range(1, 5):
+            await h.say(f"pregunta {i}")
+        await h.say("pregunta 5")
+    sent = fake_openai.chat_requests[-1]["messages"]
+    # system + 5 history turns (user 3, bot 3, user 4, bot 4 ... trimmed to five) + the new message
+    assert [m["role"] for m in sent] == [
+        "system",
+        "assistant",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+        "user",
+    ]
+    assert [m["content"] for m in sent[1:]] == [
+        "echo: pregunta 2",
+        "pregunta 3",
+        "echo: pregunta 3",
+        "pregunta 4",
+        "echo: pregunta 4",
+        "pregunta 5",
+    ]
+
+
+async def test_history_survives_a_restart(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        await h.say("me llamo Ana")
+    async with harness(**ai(fake_openai)) as h:
+        await h.say("¿cómo me llamo?")
+    sent = fake_openai.chat_requests[-1]["messages"]
+    assert [m["content"] for m in sent[1:]] == ["me llamo Ana", "echo: me llamo Ana", "¿cómo me llamo?"]
+
+
+async def test_history_depth_follows_the_setting(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai, max_chat_history=2)) as h:
+        await h.say("a", "b", "c")
+    assert len(fake_openai.chat_requests[-1]["messages"]) == 1 + 2 + 1
+
+
+async def test_a_cache_hit_avoids_a_model_call(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        first = await h.say(inbound("¿hacen envíos?", chat="34600000001@s.whatsapp.net"))
+        second = await h.say(inbound("¿hacen envíos?", chat="34600000002@s.whatsapp.net"))
+        assert first == second == ["echo: ¿hacen envíos?"]
+        assert fake_openai.chat_count == 1
+        assert h.bot.cache.stats()["hits"] == 1
+
+
+async def test_cache_never_hands_a_context_dependent_answer_to_another_chat(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    answers = iter(["Hola Ana", "Tu pedido 17 sale hoy", "Hola Luis", "Tu pedido 99 sale mañana"])
+    fake_openai.reply = lambda messages: next(answers)
+    ana, luis = "34600000011@s.whatsapp.net", "34600000022@s.whatsapp.net"
+    async with harness(**ai(fake_openai)) as h:
+        await h.say(inbound("soy Ana, pedido 17", chat=ana))
+        await h.say(inbound("¿cuándo sale mi pedido?", chat=ana))
+        await h.say(inbound("soy Luis, pedido 99", chat=luis))
+        assert await h.say(inbound("¿cuándo sale mi pedido?", chat=luis)) == ["Tu pedido 99 sale mañana"]
+    assert fake_openai.chat_count == 4
+
+
+async def test_flows_win_over_the_model(harness, fake_openai: FakeOpenAI, tmp_path) -> None:
+    flows = tmp_path / "flows.yaml"
+    flows.write_text("- keywords: [horario]\n  answer: Abrimos a las 9.\n", encoding="utf-8")
+    async with harness(**ai(fake_openai, flows_file=flows)) as h:
+        assert await h.say("¿Cuál es el HORARIO?") == ["Abrimos a las 9."]
+        assert h.transport.typing == []  # no typing indicator without a model call
+    assert fake_openai.chat_count == 0
+
+
+async def test_without_a_key_flows_still_answer_and_the_rest_gets_a_polite_reply(harness, tmp_path) -> None:
+    flows = tmp_path / "flows.json"
+    flows.write_text('[{"keywords": ["precio"], "answer": "Cuesta 10 euros."}]', encoding="utf-8")
+    async with harness(flows_file=flows) as h:
+        assert await h.say("precio?") == ["Cuesta 10 euros."]
+        [polite] = await h.say("¿me ayudas con otra cosa?")
+    assert "desactivadas" in polite
+
+
+async def test_polite_replies_follow_the_language_setting(harness) -> None:
+    async with harness(bot_language="en") as h:
+        [polite] = await h.say("hello?")
+    assert "turned off" in polite
+
+
+async def test_model_errors_get_an_apology(harness, fake_openai: FakeOpenAI) -> None:
+    fake_openai.fail_next.extend([500, 500, 429, 429])  # the SDK retries once: two failures per message
+    async with harness(**ai(fake_openai)) as h:
+        replies = await h.say("uno")
+        replies += await h.say("dos")
+        assert all("Lo siento" in r for r in replies) and len(replies) == 2
+        assert await h.say("tres") == ["echo: tres"]  # and the chat keeps working
+        assert h.bot.model.errors == 2
+
+
+async def test_a_model_timeout_gets_an_apology(harness, fake_openai: FakeOpenAI) -> None:
+    fake_openai.delay_s = 3
+    async with harness(**ai(fake_openai, openai_timeout=0.3)) as h:
+        [apology] = await h.say("hola")
+    assert "Lo siento" in apology
+
+
+async def test_typing_is_on_while_the_model_works(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        await h.say("hola")
+        assert h.transport.typing == [(CHAT, True), (CHAT, False)]
+
+
+async def test_long_answers_are_split_at_sentence_boundaries(harness, fake_openai: FakeOpenAI) -> None:
+    sentence = "Esta es una frase de ejemplo con bastante texto."
+    fake_openai.reply = lambda messages: " ".join([sentence] * 60)
+    async with harness(**ai(fake_openai, max_reply_chars=500)) as h:
+        parts = await h.say("cuéntame todo")
+        rows = await h.bot.store.recent_messages(CHAT, 5)
+    assert len(parts) > 1
+    assert all(len(p) <= 500 and p.endswith(".") for p in parts)
+    assert " ".join(parts) == " ".join([sentence] * 60)
+    assert rows[-1].body == " ".join([sentence] * 60)  # stored once, whole
+
+
+async def test_inbound_and_outbound_are_persisted(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        await h.say(inbound("hola", id="WAID-9"))
+        rows = await h.bot.store.recent_messages(CHAT, 10)
+    assert [(r.direction, r.status, r.body) for r in rows] == [
+        (Direction.IN, MessageStatus.ANSWERED, "hola"),
+        (Direction.OUT, MessageStatus.SENT, "echo: hola"),
+    ]
+    assert rows[0].wa_message_id == "WAID-9"
+
+
+async def test_own_status_and_group_messages_are_skipped(harness, fake_openai: FakeOpenAI) -> None:
+    group = "120363025246125486@g.us"
+    async with harness(**ai(fake_openai)) as h:
+        replies = await h.say(
+            inbound("mine", from_me=True),
+            inbound("status", chat="status@broadcast", is_status=True),
+            inbound("group chatter", chat=group, is_group=True),
+            inbound("👍", kind=MessageKind.REACTION),
+            inbound("", kind=MessageKind.OTHER),
+        )
+        assert replies == []
+        assert await h.say(inbound("@bot hola", chat=group, is_group=True, mentions_me=True)) == [
+            "echo: @bot hola"
+        ]
+    assert fake_openai.chat_count == 1
+
+
+async def test_groups_can_be_turned_off_entirely(harness, fake_openai: FakeOpenAI) -> None:
+    group = "120363025246125486@g.us"
+    async with harness(**ai(fake_openai, reply_to_groups="never")) as h:
+        assert await h.say(inbound("@bot hola", chat=group, is_group=True, mentions_me=True)) == []
+
+
+async def test_media_gets_a_polite_reply(harness) -> None:
+    async with harness() as h:
+        [answer] = await h.say(inbound("", kind=MessageKind.IMAGE))
+    assert "texto" in answer
+
+
+async def test_empty_and_control_character_messages(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        [empty] = await h.say("   \n\t ")
+        [clean] = await h.say("ho\x00la\x1b[31m")
+    assert "No he recibido texto" in empty
+    assert clean == "echo: hola[31m"
+
+
+async def test_a_huge_message_is_trimmed_before_the_model(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai, max_inbound_chars=1000)) as h:
+        await h.say("a" * 100_000)
+    content = fake_openai.chat_requests[0]["messages"][-1]["content"]
+    assert content.startswith("a" * 1000) and len(content) < 1200
+    assert "muy largo" in content
+
+
+async def test_a_failed_send_fails_one_message_not_the_chat(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        h.transport.fail_sends = 1
+        assert await h.say("uno") == []
+        assert await h.say("dos") == ["echo: dos"]
+        assert h.bot.pipeline.counters.failed == 1
+        rows = await h.bot.store.recent_messages(CHAT, 10)
+    assert rows[0].status is MessageStatus.FAILED

@@ -72,6 +72,9 @@ class ChatModel:
         logger.debug("model answered in {:.0f} ms", (time.perf_counter() - started) * 1000)
         return text
 
+    async def close(self) -> None:
+        await self.client.close()
+
     def stats(self) -> dict[str, Any]:
         samples = list(self._latencies)
         return {

@@ -27,6 +27,7 @@ from connection.types import (
     MessageKind,
     Transport,
 )
+from media.audio import AudioSettings, VoiceTranscriber
 from memory.cache import TTLCache
 from memory.history import ChatHistory
 from memory.manager import MemoryManager, MemoryState
@@ -60,6 +61,7 @@ class Bot:
     history: ChatHistory
     model: ChatModel | None
     memory: MemoryManager
+    transcriber: VoiceTranscriber
     connection_stats: Callable[[], dict[str, Any]] | None = None
     started_at: float = field(default_factory=time.time)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -69,17 +71,21 @@ class Bot:
     def build(cls, settings: Settings, transport: Transport, *, store: Store | None = None) -> Bot:
         store = store or SQLiteStore(settings.store_path)
         model = None
+        client = None
         if settings.openai_api_key:
-            client = make_client(
-                settings.openai_api_key,
-                settings.openai_base_url,
-                settings.openai_timeout,
-            )
-            model = ChatModel(
-                client,
-                settings.openai_model,
-                max_concurrency=settings.openai_max_concurrency,
-            )
+            client = make_client(settings.openai_api_key, settings.openai_base_url, settings.openai_timeout)
+            model = ChatModel(client, settings.openai_model, max_concurrency=settings.openai_max_concurrency)
+        transcriber = VoiceTranscriber(
+            AudioSettings(
+                max_mb=settings.audio_max_mb,
+                max_duration_s=settings.audio_max_minutes * 60,
+                transcribe_model=settings.openai_transcribe_model,
+                language=settings.bot_language,
+                timeout_s=max(60.0, settings.openai_timeout * 2),
+                temp_dir=settings.data_dir / "tmp" / "audio",
+            ),
+            client,
+        )
         cache: TTLCache[str, str] = TTLCache(settings.cache_max_entries, settings.cache_ttl_s)
         history = ChatHistory(store, depth=settings.max_chat_history)
         responder = Responder(
@@ -98,9 +104,10 @@ class Bot:
             group_policy=settings.reply_to_groups,
             max_reply_chars=settings.max_reply_chars,
             max_inbound_chars=settings.max_inbound_chars,
+            transcriber=transcriber,
         )
         memory = MemoryManager(settings.memory_limit)
-        bot = cls(settings, transport, store, pipeline, cache, history, model, memory)
+        bot = cls(settings, transport, store, pipeline, cache, history, model, memory, transcriber)
         memory.on_change(bot._on_memory_state)
         return bot
 
@@ -116,6 +123,16 @@ class Bot:
         await self.pipeline.start()
         await self.recover()
         self._tasks.append(asyncio.create_task(self.memory.run(self._stop), name="memory-manager"))
+        self._tasks.append(asyncio.create_task(self._sweep_temp_files(), name="temp-sweeper"))
+
+    async def _sweep_temp_files(self, every_s: float = 600) -> None:
+        """Leftover temp files (from a crash mid-transcode) go at start and every ten minutes."""
+        while not self._stop.is_set():
+            removed = await asyncio.to_thread(self.transcriber.sweep)
+            if removed:
+                logger.info("removed {} leftover temp file(s)", removed)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), every_s)
 
     async def recover(self) -> None:
         """Answer what a crash left unanswered, if it is still fresh; mark the rest skipped."""
@@ -150,7 +167,7 @@ class Bot:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.store.close()
         if self.model is not None:
-            await self.model.client.close()
+            await self.model.close()
 
     def metrics(self) -> dict[str, Any]:
         self.memory.check()
@@ -176,6 +193,7 @@ class Bot:
             "history": self.history.stats(),
             "ai": ai,
             "responses": dict(self.pipeline.responder.by_source),
+            "media": self.transcriber.stats(),
         }
 
 

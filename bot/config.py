@@ -13,7 +13,9 @@ PLACEHOLDERS = {"changeme", "your-key-here", "sk-...", "xxx", "<your key>"}
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", env_ignore_empty=True, extra="ignore"
+    )
 
     # OpenAI (or any OpenAI-compatible server)
     openai_api_key: str | None = None

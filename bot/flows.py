@@ -23,11 +23,17 @@ class FlowsFileError(ValueError):
     """The flows file is missing, unreadable or malformed; the message names the file and entry."""
 
 
+_NON_WORD = re.compile(r"[^\w]+")
+_COMBINING = re.compile(r"[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]")
+
+
 def normalize(text: str) -> str:
     """Lower case, accents removed, punctuation to spaces: '¿Horário?' -> 'horario'."""
-    decomposed = unicodedata.normalize("NFKD", text.casefold())
-    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
-    return " ".join(re.sub(r"[^\w]+", " ", stripped).split())
+    folded = text.casefold()
+    if not folded.isascii():
+        decomposed = unicodedata.normalize("NFKD", folded)
+        folded = _COMBINING.sub("", decomposed)
+    return " ".join(_NON_WORD.sub(" ", folded).split())
 
 
 def load_flows_file(path: Path) -> list[Flow]:

@@ -9,10 +9,10 @@ concurrently; the worker ends (and its state is dropped) when the queue is empty
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-import unicodedata
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
@@ -21,7 +21,7 @@ from loguru import logger
 from bot.ai import percentile
 from bot.replies import Language, reply
 from bot.responder import Answer, Responder, split_message
-from connection.types import ChatId, Inbound, MessageKind, Transport, TransportError
+from connection.types import ChatId, Inbound, MessageId, MessageKind, Transport, TransportError
 from memory.history import ChatHistory
 from memory.store import Direction, MessageStatus, Store, StoredMessage
 
@@ -36,6 +36,9 @@ _MEDIA_KINDS = {
 
 class VoiceTranscriber(Protocol):
     """What the pipeline needs from media/ (see media.audio.VoiceTranscriber)."""
+
+    @property
+    def enabled(self) -> bool: ...
 
     def check_declared_size(self, size_bytes: int | None) -> None: ...
 
@@ -83,9 +86,15 @@ class DedupWindow:
             self.seen(message_id)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def clean_text(text: str, max_chars: int) -> tuple[str, bool]:
-    """Drop control characters (keeping line breaks and tabs) and trim; returns (text, trimmed)."""
-    cleaned = "".join(c for c in text if c in "\n\t" or unicodedata.category(c)[0] != "C").strip()
+    """Drop control characters (keeping line breaks and tabs) and trim; returns (text, trimmed).
+
+    Only C0/C1 controls go: format characters such as the zero-width joiner hold emoji together.
+    """
+    cleaned = _CONTROL.sub("", text).strip()
     if len(cleaned) > max_chars:
         return cleaned[:max_chars], True
     return cleaned, False
@@ -242,28 +251,35 @@ class Pipeline:
             status=MessageStatus.RECEIVED,
             created_at=message.timestamp or self.clock(),
         )
-        await self.store.add_message(inbound)  # durable before anything is answered
+        # The write starts now and runs while the answer is worked out; it is awaited before
+        # anything is sent, so a message is always durable before it is answered.
+        persisted = self.store.add_message(inbound)
         self.history.append(inbound)
-        await self._mark_read(message)
-
-        model_time = 0.0
-        text, canned = await self._understand(message)
-        if canned is not None:
-            answer_text, via_model = canned, False
-        else:
-            answer = self.responder.quick_answer(text)
-            via_model = answer is None
-            if answer is None:
-                model_started = time.perf_counter()
-                answer = await self._ask_model(message, text)
-                model_time = time.perf_counter() - model_started
-            answer_text = answer.text
-        await self._send(message, inbound, answer_text, via_model=via_model)
+        try:
+            await self._mark_read(message)
+            model_time = 0.0
+            text, canned = await self._understand(message, persisted)
+            if canned is not None:
+                answer_text, via_model = canned, False
+            else:
+                answer = self.responder.quick_answer(text)
+                via_model = answer is None
+                if answer is None:
+                    model_started = time.perf_counter()
+                    answer = await self._ask_model(message, text)
+                    model_time = time.perf_counter() - model_started
+                answer_text = answer.text
+        finally:
+            await persisted
+        sent_ids = await self._send(message, answer_text)
+        # Overhead as the customer meets it: until the answer is handed to the transport.
         self._overhead.append(time.perf_counter() - started - model_time)
+        await self._record_reply(message, sent_ids, answer_text, via_model=via_model)
 
-    async def _understand(self, message: Inbound) -> tuple[str, str | None]:
+    async def _understand(self, message: Inbound, persisted: Awaitable[None]) -> tuple[str, str | None]:
         """The text to answer, or a canned reply when there is nothing to hand to the responder."""
         if message.kind is MessageKind.AUDIO:
+            await persisted  # the transcript updates the stored row
             return await self._transcribe(message)
         if message.kind in _MEDIA_KINDS:
             return "", reply("media_unsupported", self.language)
@@ -281,7 +297,7 @@ class Pipeline:
         return text, None
 
     async def _transcribe(self, message: Inbound) -> tuple[str, str | None]:
-        if self.transcriber is None:
+        if self.transcriber is None or not self.transcriber.enabled:
             return "", reply("audio_ai_off", self.language)
         try:
             size = message.media.size_bytes if message.media else None
@@ -306,7 +322,7 @@ class Pipeline:
         if reason == "too_large":
             return reply("audio_too_large", self.language, limit=limit or 0)
         if reason == "too_long":
-            return reply("audio_too_long", self.language, limit=(limit or 0) / 60 if limit else 0)
+            return reply("audio_too_long", self.language, limit=limit or 0)
         if reason == "empty":
             return reply("audio_empty", self.language)
         if reason == "ai_off":
@@ -319,15 +335,19 @@ class Pipeline:
         history = await self.history.recent(message.chat, before=message.id)
         await self._typing(message.chat, True)
         try:
-            return await self.responder.answer(text, history)
+            return await self.responder.model_answer(text, history)
         finally:
             await self._typing(message.chat, False)
 
-    async def _send(self, message: Inbound, inbound: StoredMessage, text: str, *, via_model: bool) -> None:
-        sent_ids = [
-            await self.transport.send_text(message.chat, chunk)
-            for chunk in split_message(text, self.max_reply_chars)
+    async def _send(self, message: Inbound, text: str) -> list[MessageId]:
+        return [
+            await self.transport.send_text(message.chat, part)
+            for part in split_message(text, self.max_reply_chars)
         ]
+
+    async def _record_reply(
+        self, message: Inbound, sent_ids: list[MessageId], text: str, *, via_model: bool
+    ) -> None:
         outbound = StoredMessage(
             wa_message_id=sent_ids[0] if sent_ids else f"{message.id}:reply",
             chat_id=message.chat,
@@ -337,18 +357,16 @@ class Pipeline:
             status=MessageStatus.SENT,
             created_at=self.clock(),
         )
-        await asyncio.gather(
-            self.store.add_message(outbound),
-            self.store.set_status(message.id, MessageStatus.ANSWERED),
-        )
+        # Awaited before the chat's next message, so a crash cannot leave it looking unanswered.
+        await self.store.add_reply(outbound, message.id)
         self.history.append(outbound)
         self.counters.answered += 1
         logger.info(
-            "answered {} in {} ({} part(s){})",
+            "answered {} in {} ({} part(s), {})",
             message.id,
             message.chat,
             len(sent_ids),
-            ", model" if via_model else "",
+            "model" if via_model else "canned",
         )
 
     async def _typing(self, chat: ChatId, on: bool) -> None:

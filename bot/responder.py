@@ -78,10 +78,18 @@ class Responder:
     def quick_answer(self, text: str) -> Answer | None:
         """A flow answer, or None when the text needs the history and the model."""
         answer = self.flows.match(text)
-        return Answer(answer, Source.FLOW) if answer is not None else None
+        if answer is None:
+            return None
+        self.by_source[Source.FLOW.value] += 1
+        return Answer(answer, Source.FLOW)
 
     async def answer(self, text: str, history: Sequence[StoredMessage]) -> Answer:
-        result = self.quick_answer(text) or await self._from_model(text, history)
+        """The whole chain: flows, then the cache, then the model."""
+        return self.quick_answer(text) or await self.model_answer(text, history)
+
+    async def model_answer(self, text: str, history: Sequence[StoredMessage]) -> Answer:
+        """The cache, then the model (or the polite reply when AI is off, or an apology on failure)."""
+        result = await self._from_model(text, history)
         self.by_source[result.source.value] += 1
         return result
 

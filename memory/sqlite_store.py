@@ -83,12 +83,12 @@ def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
 
 
 class SQLiteStore:
-    def __init__(self, path: Path, *, max_batch: int = 2000) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.max_batch = max_batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
-        self._pending: list[tuple[str, tuple[Any, ...], asyncio.Future[None]]] = []
+        self._pending: list[tuple[str, tuple[Any, ...]]] = []
+        self._batch_done: asyncio.Future[None] | None = None
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self.commits = 0
@@ -107,6 +107,7 @@ class SQLiteStore:
         # NORMAL in WAL mode survives a process crash; only an OS crash can lose the last commits.
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.executescript(SCHEMA)
         self._conn = conn
 
@@ -131,17 +132,21 @@ class SQLiteStore:
     # -- writes (group commit) -----------------------------------------------------------------
 
     def _enqueue(self, op: str, params: tuple[Any, ...]) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, params, future))
+        """Queue one write; the returned future (shared by the whole batch) resolves on its commit."""
+        if self._batch_done is None:
+            self._batch_done = asyncio.get_running_loop().create_future()
+        self._pending.append((op, params))
         self._wakeup.set()
-        return future
+        return self._batch_done
 
-    async def add_message(self, message: StoredMessage) -> None:
-        await self._enqueue("message", _message_params(message))
-
-    def add_message_nowait(self, message: StoredMessage) -> asyncio.Future[None]:
-        """Queue a write without waiting for its commit (the future resolves on commit)."""
+    def add_message(self, message: StoredMessage) -> asyncio.Future[None]:
         return self._enqueue("message", _message_params(message))
+
+    async def add_reply(self, reply: StoredMessage, answered_id: str) -> None:
+        # Both land in the same batch, so in the same transaction: a reply is never recorded
+        # without its question being marked answered, or the other way round.
+        self._enqueue("message", _message_params(reply))
+        await self._enqueue("status", (MessageStatus.ANSWERED.value, None, reply.created_at, answered_id))
 
     async def set_status(self, wa_message_id: str, status: MessageStatus, body: str | None = None) -> None:
         await self._enqueue("status", (status.value, body, time.time(), wa_message_id))
@@ -155,31 +160,36 @@ class SQLiteStore:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._pending:
-                batch = self._pending[: self.max_batch]
-                del self._pending[: self.max_batch]
-                try:
-                    await self._run(self._write_batch, [(op, params) for op, params, _ in batch])
-                except Exception as error:  # a failed batch fails its callers, never the loop
-                    logger.error("sqlite write of {} operations failed: {}", len(batch), error)
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_exception(StoreUnavailable(str(error)))
-                    continue
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
+            if not self._pending:
+                continue
+            # Whatever queued up while the previous batch was being written is the next batch.
+            batch, self._pending = self._pending, []
+            done, self._batch_done = self._batch_done, None
+            assert done is not None
+            try:
+                await self._run(self._write_batch, batch)
+            except Exception as error:  # a failed batch fails its callers, never the loop
+                logger.error("sqlite write of {} operations failed: {}", len(batch), error)
+                if not done.done():
+                    done.set_exception(StoreUnavailable(str(error)))
+                    done.exception()  # retrieved here too, so nobody awaiting it is not an error
+                continue
+            if not done.done():
+                done.set_result(None)
 
     def _write_batch(self, ops: list[tuple[str, tuple[Any, ...]]]) -> None:
         assert self._conn is not None
         messages = [params for op, params in ops if op == "message"]
         statuses = [params for op, params in ops if op == "status"]
+        last_seen: dict[str, float] = {}
+        for m in messages:
+            last_seen[m[1]] = max(m[6], last_seen.get(m[1], 0.0))
         conn = self._conn
         conn.execute("BEGIN")
         try:
             if messages:
                 conn.executemany(_INSERT_MESSAGE, messages)
-                conn.executemany(_UPSERT_CHAT, [(m[1], m[6], m[6]) for m in messages])
+                conn.executemany(_UPSERT_CHAT, [(chat, ts, ts) for chat, ts in last_seen.items()])
             if statuses:
                 conn.executemany(_SET_STATUS, statuses)
             conn.execute("COMMIT")

@@ -6,7 +6,7 @@ Rows mirror the tables in supabase/migrations: chats, chat_history, bot_flows.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,8 +53,16 @@ class Store(Protocol):
         """Flush pending writes and release the connection."""
         ...
 
-    async def add_message(self, message: StoredMessage) -> None:
-        """Persist a message (idempotent on wa_message_id); durable when this returns."""
+    def add_message(self, message: StoredMessage) -> Awaitable[None]:
+        """Persist a message (idempotent on wa_message_id); durable once the result is awaited.
+
+        The write is queued when this is called, so a caller can start it, do other work,
+        and await it later.
+        """
+        ...
+
+    async def add_reply(self, reply: StoredMessage, answered_id: str) -> None:
+        """Persist an outbound reply and mark the inbound message it answers ANSWERED, atomically."""
         ...
 
     async def set_status(self, wa_message_id: str, status: MessageStatus, body: str | None = None) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import connection.neonize_adapter  # noqa: F401  first import of neonize, where its import-time leak is handled
 from bot.app import Bot
 from bot.config import Settings
 from connection.loopback import LoopbackTransport

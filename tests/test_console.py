@@ -1,0 +1,89 @@
+"""`python -m bot chat` as a user runs it: a real process, stdin in, stdout out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+from tests.fake_openai import FakeOpenAI
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def run_chat(tmp_path: Path, stdin: str, *args: str, **env: str) -> tuple[int, str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_"))}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        "chat",
+        *args,
+        cwd=tmp_path,
+        env={**base, "PYTHONPATH": str(REPO), "DATA_DIR": str(tmp_path / "data"), **env},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(stdin.encode()), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def lines(text: str) -> list[dict[str, str]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+async def test_jsonl_answers_a_scripted_conversation(tmp_path: Path, fake_openai: FakeOpenAI) -> None:
+    (tmp_path / "flows.yaml").write_text("- keywords: [horario]\n  answer: De 9 a 18.\n", encoding="utf-8")
+    script = "\n".join(
+        json.dumps(m)
+        for m in [
+            {"from": "34600111222", "text": "hola, soy Ana"},
+            {"from": "5491122334455", "text": "¿horario?"},
+            {"from": "34600111222", "text": "¿qué te dije?"},
+        ]
+    )
+    code, out, err = await run_chat(
+        tmp_path, script + "\n", "--jsonl", OPENAI_API_KEY="test-key", OPENAI_BASE_URL=fake_openai.base_url
+    )
+    assert code == 0, err
+    replies = lines(out)
+    assert {"to": "5491122334455", "text": "De 9 a 18."} in replies
+    ana = [r["text"] for r in replies if r["to"] == "34600111222"]
+    assert ana == ["echo: hola, soy Ana", "echo: ¿qué te dije?"]
+    # The second turn saw the first one: the same pipeline, history included.
+    assert [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]] == [
+        "hola, soy Ana",
+        "echo: hola, soy Ana",
+        "¿qué te dije?",
+    ]
+
+
+async def test_jsonl_reports_bad_lines_and_keeps_going(tmp_path: Path) -> None:
+    script = (
+        'not json\n{"text": "no sender"}\n{"from": "34600111222", "text": 5}\n'
+        '{"from": "34600111222", "text": "hola"}\n'
+    )
+    code, out, err = await run_chat(tmp_path, script, "--jsonl", FLOWS_FILE="")
+    assert code == 0
+    assert len(lines(out)) == 1 and "desactivadas" in lines(out)[0]["text"]
+    assert "not JSON" in err and '"from" must be a phone number' in err and '"text"' in err
+
+
+async def test_jsonl_voice_note_without_ai_gets_a_clear_reply(tmp_path: Path) -> None:
+    code, out, _ = await run_chat(
+        tmp_path, '{"from": "34600111222", "audio": "/nonexistent.ogg"}\n', "--jsonl"
+    )
+    assert code == 0
+    [reply] = lines(out)
+    assert reply["to"] == "34600111222" and "notas de voz" in reply["text"]
+
+
+async def test_interactive_chat(tmp_path: Path) -> None:
+    code, out, err = await run_chat(tmp_path, "hola\n", BOT_LANGUAGE="en", FLOWS_FILE="")
+    assert code == 0
+    assert out.startswith("bot> ") and "turned off" in out
+    assert "Ctrl-D" in err

@@ -1,0 +1,145 @@
+"""The HTTP side, over real requests on loopback: /health, /v1/metrics, /qr; and `python -m bot` itself."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from bot.http import build_app, prometheus_text
+from tests.conftest import inbound
+from tests.fake_openai import FakeOpenAI
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "test-admin-token-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def get(url: str, **kwargs: Any) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(url, **kwargs) as response:
+        return response.status, await response.text()
+
+
+async def test_health_and_metrics_after_a_conversation(harness, fake_openai: FakeOpenAI) -> None:
+    number = "34600111222"
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        await h.say(inbound("mi pedido es el 4521", chat=f"{number}@s.whatsapp.net"))
+        qr = {"qr": None, "pair_code": None, "state": "connected"}
+        runner, base = await serve(build_app(h.bot.metrics, lambda: qr, admin_token=None))
+        try:
+            assert await get(f"{base}/health") == (200, '{"status": "ok"}')
+            status, body = await get(f"{base}/v1/metrics")
+            status_p, prom = await get(f"{base}/v1/metrics?format=prometheus")
+        finally:
+            await runner.cleanup()
+    assert status == 200 and status_p == 200
+    metrics = json.loads(body)
+    assert {"memory", "connection", "messages", "cache", "ai", "uptime_s"} <= set(metrics)
+    assert {"rss_mb", "limit_mb", "percent", "state"} <= set(metrics["memory"])
+    assert metrics["memory"]["state"] == "normal" and metrics["memory"]["rss_mb"] > 10
+    assert metrics["messages"]["received"] == 1 and metrics["messages"]["answered"] == 1
+    assert metrics["ai"]["requests"] == 1 and "p95" in metrics["ai"]["latency_ms"]
+    assert {"hits", "misses", "size", "hit_rate"} <= set(metrics["cache"])
+    assert metrics["connection"]["state"] == "connected"
+    for text in (body, prom):  # no numbers, no message text
+        assert number not in text and "4521" not in text and "pedido" not in text
+    assert "whatsapp_bot_messages_answered 1" in prom
+
+
+def test_prometheus_text_flattens_numbers_and_labels_strings() -> None:
+    text = prometheus_text({"memory": {"rss_mb": 50.5, "state": "normal"}, "connection": {"connected": True}})
+    assert text.splitlines() == [
+        "whatsapp_bot_memory_rss_mb 50.5",
+        'whatsapp_bot_memory_state_info{value="normal"} 1',
+        "whatsapp_bot_connection_connected 1",
+    ]
+
+
+async def test_qr_page_needs_the_admin_token() -> None:
+    qr = {"qr": "2@abcdefghijklmnop,ref,key", "pair_code": "ABCD-EFGH", "state": "pairing"}
+    runner, base = await serve(build_app(dict, lambda: qr, admin_token=TOKEN))
+    off_runner, off_base = await serve(build_app(dict, lambda: qr, admin_token=None))
+    try:
+        assert (await get(f"{base}/qr"))[0] == 401
+        assert (await get(f"{base}/qr?token=wrong-token-wrong-token"))[0] == 401
+        assert (await get(f"{off_base}/qr?token={TOKEN}"))[0] == 403  # no token configured: off
+        status, page = await get(f"{base}/qr?token={TOKEN}")
+        status_h, page_h = await get(f"{base}/qr", headers={"Authorization": f"Bearer {TOKEN}"})
+    finally:
+        await runner.cleanup()
+        await off_runner.cleanup()
+    assert status == status_h == 200 and page == page_h
+    assert "<svg" in page and "ABCD-EFGH" in page
+
+
+async def wait_for(url: str, deadline_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            status, body = await get(url)
+            if status == 200:
+                return json.loads(body)
+        except aiohttp.ClientError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} did not answer in {deadline_s} s")
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.timeout(90)
+async def test_the_bot_serves_http_and_keeps_retrying_without_network(tmp_path: Path) -> None:
+    """`python -m bot` as a platform runs it: no network here, so WhatsApp never connects."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_", "WA_"))}
+    env.update(PYTHONPATH=str(REPO), PORT=str(port), DATA_DIR=str(tmp_path / "data"), APP_ENV="production")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        cwd=tmp_path,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_for(f"http://127.0.0.1:{port}/health", 30)
+        deadline = time.monotonic() + 40
+        while True:
+            metrics = await wait_for(f"http://127.0.0.1:{port}/v1/metrics", 5)
+            if metrics["connection"]["connect_attempts"] >= 2 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        assert metrics["connection"]["connect_attempts"] >= 2
+        assert metrics["connection"]["connected"] is False
+        assert process.returncode is None, "the process is still alive"
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(process.wait(), 15)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert code == 0

@@ -1,0 +1,147 @@
+"""Voice notes end to end: real ffmpeg and espeak-ng audio, the real SDK against the fake server,
+through the pipeline and through `python -m bot chat --jsonl`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from connection.types import MediaRef, MessageKind
+from memory.store import Direction
+from tests.conftest import inbound
+from tests.fake_openai import FakeOpenAI
+from tests.test_console import run_chat
+
+MISSING = [tool for tool in ("ffmpeg", "ffprobe", "espeak-ng") if shutil.which(tool) is None]
+if MISSING and os.environ.get("CI"):
+    raise RuntimeError(f"CI is set but {', '.join(MISSING)} missing: scripts/setup --dev installs them")
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"missing {', '.join(MISSING)}")
+
+CHAT = "34600111222@s.whatsapp.net"
+
+
+@pytest.fixture(scope="module")
+def voice_note(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("voice")
+    wav, ogg = folder / "speech.wav", folder / "note.ogg"
+    subprocess.run(
+        ["espeak-ng", "-v", "es", "-w", str(wav), "Hola, ¿a qué hora abren el sábado?"], check=True
+    )
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-v",
+            "error",
+            "-i",
+            str(wav),
+            "-ac",
+            "1",
+            "-c:a",
+            "libopus",
+            "-b:a",
+            "32k",
+            str(ogg),
+        ],
+        check=True,
+    )
+    return ogg
+
+
+def note(path: Path, **media: object) -> object:
+    ref = MediaRef(mimetype="audio/ogg; codecs=opus", voice_note=True, handle=path.read_bytes(), **media)  # type: ignore[arg-type]
+    return inbound("", kind=MessageKind.AUDIO, media=ref)
+
+
+async def test_a_voice_note_is_transcribed_answered_and_stored(
+    harness, fake_openai: FakeOpenAI, voice_note: Path
+) -> None:
+    fake_openai.transcript = "¿A qué hora abren el sábado?"
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        assert await h.say(note(voice_note)) == ["echo: ¿A qué hora abren el sábado?"]
+        [row, _] = await h.bot.store.recent_messages(CHAT, 5)
+        leftovers = list((h.settings.data_dir / "tmp" / "audio").iterdir())
+    [upload] = fake_openai.transcriptions
+    assert upload.filename.endswith(".ogg") and upload.head.startswith(b"OggS") and upload.language == "es"
+    assert (
+        row.direction is Direction.IN and row.kind == "audio" and row.body == "¿A qué hora abren el sábado?"
+    )
+    assert leftovers == []
+
+
+async def test_an_oversize_note_gets_the_limit_and_nothing_else(
+    harness, fake_openai: FakeOpenAI, voice_note: Path
+) -> None:
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url, audio_max_mb=1) as h:
+        [answer] = await h.say(note(voice_note, size_bytes=5 * 1024 * 1024))
+    assert "1 MB" in answer
+    assert fake_openai.transcriptions == [] and fake_openai.chat_requests == []
+
+
+async def test_corrupt_audio_gets_a_clear_reply_and_the_chat_keeps_working(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    garbage = inbound(
+        "", kind=MessageKind.AUDIO, media=MediaRef(mimetype="audio/ogg", handle=os.urandom(20000))
+    )
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        [answer] = await h.say(garbage)
+        assert "No he podido escuchar" in answer
+        assert await h.say("hola") == ["echo: hola"]
+
+
+async def test_a_transcription_failure_gets_an_apology(
+    harness, fake_openai: FakeOpenAI, voice_note: Path
+) -> None:
+    fake_openai.transcribe_fail_next.extend([500, 500])
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        [answer] = await h.say(note(voice_note))
+    assert "Lo siento" in answer
+
+
+async def test_console_jsonl_accepts_audio(tmp_path: Path, fake_openai: FakeOpenAI, voice_note: Path) -> None:
+    fake_openai.transcript = "quiero reservar una mesa"
+    line = json.dumps({"from": "34600111222", "audio": str(voice_note)})
+    code, out, err = await run_chat(
+        tmp_path, line + "\n", "--jsonl", OPENAI_API_KEY="k", OPENAI_BASE_URL=fake_openai.base_url
+    )
+    assert code == 0, err
+    assert json.loads(out) == {"to": "34600111222", "text": "echo: quiero reservar una mesa"}
+
+
+async def test_console_jsonl_too_long_note(tmp_path: Path, fake_openai: FakeOpenAI) -> None:
+    tone = tmp_path / "tone.ogg"
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440:duration=90",
+            "-c:a",
+            "libopus",
+            str(tone),
+        ],
+        check=True,
+    )
+    line = json.dumps({"from": "34600111222", "audio": str(tone)})
+    code, out, _ = await run_chat(
+        tmp_path,
+        line + "\n",
+        "--jsonl",
+        OPENAI_API_KEY="k",
+        OPENAI_BASE_URL=fake_openai.base_url,
+        AUDIO_MAX_MINUTES="1",
+        BOT_LANGUAGE="en",
+    )
+    assert code == 0
+    assert "too long (the limit is 1 minutes)" in json.loads(out)["text"]
+    assert fake_openai.transcriptions == []

@@ -41,7 +41,7 @@ class InstantModel(ChatModel):
     def __init__(self) -> None:
         super().__init__(client=None, model="instant")  # type: ignore[arg-type]
 
-    async def complete(self, messages: list[dict[str, Any]]) -> str:
+    async def _call(self, messages: list[dict[str, Any]]) -> str:
         self.requests += 1
         return f"ok: {messages[-1]['content']}"
 

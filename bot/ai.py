@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
 from typing import Any
 
 import openai
 from loguru import logger
+
+from bot.limits import CircuitBreaker, ResizableLimit
 
 
 class AIError(Exception):
@@ -31,40 +32,53 @@ class ChatModel:
         *,
         max_concurrency: int = 8,
         max_tokens: int = 600,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.client = client
         self.model = model
         self.max_tokens = max_tokens
-        self._limit = asyncio.Semaphore(max_concurrency)
+        self.limit = ResizableLimit(max_concurrency)
         self.max_concurrency = max_concurrency
+        self.breaker = breaker or CircuitBreaker()
         self.requests = 0
         self.errors = 0
         self.in_flight = 0
         self._latencies: deque[float] = deque(maxlen=1000)
 
     async def complete(self, messages: list[dict[str, Any]]) -> str:
-        async with self._limit:
-            self.requests += 1
-            self.in_flight += 1
-            started = time.perf_counter()
+        async with self.limit:
+            if not self.breaker.allow():
+                raise AIError("circuit open: the model failed repeatedly, not calling it for now")
             try:
-                response = await self.client.chat.completions.create(
-                    model=self.model,
-                    messages=messages,
-                    max_tokens=self.max_tokens,  # type: ignore[arg-type]
-                )
-            except openai.APITimeoutError as error:
-                self.errors += 1
-                raise AIError("model timed out") from error
-            except openai.APIStatusError as error:
-                self.errors += 1
-                raise AIError(f"model answered HTTP {error.status_code}") from error
-            except openai.OpenAIError as error:
-                self.errors += 1
-                raise AIError(f"model call failed: {type(error).__name__}") from error
-            finally:
-                self.in_flight -= 1
-                self._latencies.append(time.perf_counter() - started)
+                text = await self._call(messages)
+            except AIError:
+                self.breaker.failure()
+                raise
+            self.breaker.success()
+            return text
+
+    async def _call(self, messages: list[dict[str, Any]]) -> str:
+        self.requests += 1
+        self.in_flight += 1
+        started = time.perf_counter()
+        try:
+            response = await self.client.chat.completions.create(
+                model=self.model,
+                messages=messages,  # type: ignore[arg-type]
+                max_tokens=self.max_tokens,
+            )
+        except openai.APITimeoutError as error:
+            self.errors += 1
+            raise AIError("model timed out") from error
+        except openai.APIStatusError as error:
+            self.errors += 1
+            raise AIError(f"model answered HTTP {error.status_code}") from error
+        except openai.OpenAIError as error:
+            self.errors += 1
+            raise AIError(f"model call failed: {type(error).__name__}") from error
+        finally:
+            self.in_flight -= 1
+            self._latencies.append(time.perf_counter() - started)
         text = (response.choices[0].message.content or "").strip() if response.choices else ""
         if not text:
             self.errors += 1
@@ -83,12 +97,13 @@ class ChatModel:
             "requests": self.requests,
             "errors": self.errors,
             "in_flight": self.in_flight,
-            "max_concurrency": self.max_concurrency,
+            "max_concurrency": self.limit.capacity,
             "latency_ms": {
                 "p50": round(percentile(samples, 0.5) * 1000, 1),
                 "p95": round(percentile(samples, 0.95) * 1000, 1),
             },
-            "circuit": "closed",
+            "circuit": self.breaker.state.value,
+            "breaker": self.breaker.stats(),
         }
 
 

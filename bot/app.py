@@ -17,8 +17,10 @@ from bot.ai import ChatModel, make_client
 from bot.config import Settings
 from bot.flows import FlowMatcher, FlowsFileError, load_flows_file
 from bot.http import build_app, start_http
+from bot.limits import CircuitBreaker, SlidingWindowLimiter
 from bot.pipeline import Pipeline
 from bot.responder import Responder
+from bot.takeover import Takeover
 from connection.types import (
     ChatId,
     ConnectionState,
@@ -65,6 +67,7 @@ class Bot:
     connection_stats: Callable[[], dict[str, Any]] | None = None
     started_at: float = field(default_factory=time.time)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _resizes: set[asyncio.Task[None]] = field(default_factory=set)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
@@ -74,7 +77,12 @@ class Bot:
         client = None
         if settings.openai_api_key:
             client = make_client(settings.openai_api_key, settings.openai_base_url, settings.openai_timeout)
-            model = ChatModel(client, settings.openai_model, max_concurrency=settings.openai_max_concurrency)
+            model = ChatModel(
+                client,
+                settings.openai_model,
+                max_concurrency=settings.openai_max_concurrency,
+                breaker=CircuitBreaker(settings.ai_circuit_failures, settings.ai_circuit_cooldown_s),
+            )
         transcriber = VoiceTranscriber(
             AudioSettings(
                 max_mb=settings.audio_max_mb,
@@ -105,18 +113,41 @@ class Bot:
             max_reply_chars=settings.max_reply_chars,
             max_inbound_chars=settings.max_inbound_chars,
             transcriber=transcriber,
+            rate_limiter=SlidingWindowLimiter(
+                settings.rate_limit_max_messages, settings.rate_limit_cooldown / 1000
+            ),
+            takeover=Takeover(pause_s=settings.human_takeover_minutes * 60),
+            allowed_numbers=settings.allowed,
+            blocked_numbers=settings.blocked,
+            busy_after_s=settings.busy_reply_after_s,
         )
-        memory = MemoryManager(settings.memory_limit)
+        memory = MemoryManager(
+            settings.memory_limit, warning=settings.memory_warning, critical=settings.memory_critical
+        )
         bot = cls(settings, transport, store, pipeline, cache, history, model, memory, transcriber)
         memory.on_change(bot._on_memory_state)
         return bot
 
     def _on_memory_state(self, old: MemoryState, new: MemoryState) -> None:
+        """Shed load before the platform kills the process; restore it when memory is back."""
+        full = self.settings.openai_max_concurrency
         if new is MemoryState.NORMAL:
+            self.pipeline.model_gate.set()
+            self._resize_model_limit(full)
+            logger.info("memory normal: caps restored, waiting messages go to the model")
             return
-        fraction = 1.0 if new is MemoryState.CRITICAL else 0.5
+        fraction = 1.0 if new is MemoryState.CRITICAL else self.settings.memory_shrink_fraction
         dropped = self.cache.shrink(fraction) + self.history.shrink(fraction)
-        logger.warning("memory {}: dropped {} cached entries", new.value, dropped)
+        self._resize_model_limit(max(1, full // 2))
+        if new is MemoryState.CRITICAL:
+            self.pipeline.model_gate.clear()
+        logger.warning("memory {}: dropped {} cached entries, model calls capped", new.value, dropped)
+
+    def _resize_model_limit(self, capacity: int) -> None:
+        if self.model is not None:
+            task = asyncio.get_running_loop().create_task(self.model.limit.resize(capacity))
+            self._resizes.add(task)
+            task.add_done_callback(self._resizes.discard)
 
     async def start(self) -> None:
         await self.store.open()
@@ -194,6 +225,8 @@ class Bot:
             "ai": ai,
             "responses": dict(self.pipeline.responder.by_source),
             "media": self.transcriber.stats(),
+            "rate_limit": self.pipeline.rate_limiter.stats() if self.pipeline.rate_limiter else {},
+            "takeover": self.pipeline.takeover.stats(),
         }
 
 

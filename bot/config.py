@@ -50,11 +50,22 @@ class Settings(BaseSettings):
     max_reply_chars: int = Field(1500, ge=200, le=60000)
     max_inbound_chars: int = Field(4000, ge=100, le=100000)
     recovery_window_minutes: float = Field(10.0, ge=0)
-    reply_to_groups: Literal["never", "mentioned", "always"] = "mentioned"
+    reply_to_groups: Literal["never", "mentioned", "always"] = "never"
     cache_ttl_s: float = Field(3600.0, ge=0)
     cache_max_entries: int = Field(1000, ge=0)
     rate_limit_max_messages: int = Field(30, ge=1)
     rate_limit_cooldown: int = Field(60000, ge=1000, description="ms")
+    human_takeover_minutes: float = Field(30.0, ge=0)
+    allowed_numbers: str = ""
+    blocked_numbers: str = ""
+    ai_circuit_failures: int = Field(5, ge=1)
+    ai_circuit_cooldown_s: float = Field(30.0, gt=0)
+
+    # Memory
+    memory_warning: float = Field(0.8, gt=0, lt=1)
+    memory_critical: float = Field(0.9, gt=0, lt=1)
+    memory_shrink_fraction: float = Field(0.5, gt=0, le=1)
+    busy_reply_after_s: float = Field(30.0, gt=0)
 
     # Media
     audio_max_mb: float = Field(25.0, gt=0, le=100)
@@ -104,6 +115,14 @@ class Settings(BaseSettings):
             )
         return digits
 
+    @field_validator("allowed_numbers", "blocked_numbers")
+    @classmethod
+    def _number_list(cls, value: str) -> str:
+        for number in _split_numbers(value):
+            if not number.isdigit() or not 6 <= len(number) <= 15:
+                raise ValueError(f"{number!r} is not a phone number: use digits, comma-separated")
+        return value
+
     @field_validator("admin_token")
     @classmethod
     def _long_token(cls, value: str | None) -> str | None:
@@ -119,10 +138,20 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _supabase_pair(self) -> Settings:
+    def _consistent(self) -> Settings:
         if bool(self.supabase_url) != bool(self.supabase_key):
             raise ValueError("SUPABASE_URL and SUPABASE_KEY must be set together")
+        if self.memory_warning >= self.memory_critical:
+            raise ValueError("MEMORY_WARNING must be lower than MEMORY_CRITICAL")
         return self
+
+    @property
+    def allowed(self) -> frozenset[str]:
+        return frozenset(_split_numbers(self.allowed_numbers))
+
+    @property
+    def blocked(self) -> frozenset[str]:
+        return frozenset(_split_numbers(self.blocked_numbers))
 
     @property
     def effective_log_level(self) -> str:
@@ -148,6 +177,10 @@ class Settings(BaseSettings):
     @property
     def store_path(self) -> Path:
         return self.data_dir / "bot.sqlite3"
+
+
+def _split_numbers(value: str) -> list[str]:
+    return [n.strip().lstrip("+").replace(" ", "") for n in value.split(",") if n.strip()]
 
 
 def describe_error(error: ValidationError) -> str:

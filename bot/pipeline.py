@@ -13,14 +13,16 @@ import re
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, Protocol
 
 from loguru import logger
 
 from bot.ai import percentile
+from bot.limits import SlidingWindowLimiter
 from bot.replies import Language, reply
 from bot.responder import Answer, Responder, split_message
+from bot.takeover import Takeover, parse_command
 from connection.types import ChatId, Inbound, MessageId, MessageKind, Transport, TransportError
 from memory.history import ChatHistory
 from memory.store import Direction, MessageStatus, Store, StoredMessage
@@ -45,9 +47,11 @@ class VoiceTranscriber(Protocol):
     async def transcribe(self, data: bytes, mimetype: str = ...) -> str: ...
 
 
-class AudioFailure(Protocol):
-    reason: str
-    limit: float | None
+_HANDED_OVER = "chat handed to a human"
+
+
+async def _done() -> None:
+    return None
 
 
 @dataclass
@@ -110,11 +114,16 @@ class Pipeline:
         transport: Transport,
         language: Language = "es",
         transcriber: VoiceTranscriber | None = None,
-        group_policy: GroupPolicy = "mentioned",
+        group_policy: GroupPolicy = "never",
         max_reply_chars: int = 1500,
         max_inbound_chars: int = 4000,
         max_active_chats: int = 256,
         dedup_window: int = 20000,
+        rate_limiter: SlidingWindowLimiter | None = None,
+        takeover: Takeover | None = None,
+        allowed_numbers: frozenset[str] = frozenset(),
+        blocked_numbers: frozenset[str] = frozenset(),
+        busy_after_s: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -126,11 +135,21 @@ class Pipeline:
         self.group_policy = group_policy
         self.max_reply_chars = max_reply_chars
         self.max_inbound_chars = max_inbound_chars
+        self.rate_limiter = rate_limiter
+        self.takeover = takeover or Takeover(pause_s=1800)
+        self.allowed_numbers = allowed_numbers
+        self.blocked_numbers = blocked_numbers
+        self.busy_after_s = busy_after_s
         self.clock = clock
         self.counters = MessageCounters()
         self.dedup = DedupWindow(dedup_window)
-        self._queues: dict[ChatId, deque[Inbound]] = {}
+        # Set while the model may take new work; the memory manager clears it under pressure.
+        self.model_gate = asyncio.Event()
+        self.model_gate.set()
+        self._queues: dict[ChatId, deque[tuple[Inbound, Awaitable[None] | None]]] = {}
         self._workers: dict[ChatId, asyncio.Task[None]] = {}
+        self._notice_only: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._active = asyncio.Semaphore(max_active_chats)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -157,45 +176,87 @@ class Pipeline:
             self.counters.duplicates += 1
             logger.debug("duplicate message {} ignored", message.id)
             return False
+        if message.from_me:
+            self._from_owner(message)
+            return False
         reason = self._filter(message)
         if reason is not None:
             self._skip(message, reason)
+            if reason == _HANDED_OVER:
+                self._spawn(self._remember(replace(self._inbound_row(message), status=MessageStatus.SKIPPED)))
             return False
-        queue = self._queues.get(message.chat)
-        if queue is None:
-            queue = self._queues[message.chat] = deque()
-        queue.append(message)
-        self.counters.queued += 1
-        if message.chat not in self._workers:
-            self._idle.clear()
-            self._workers[message.chat] = asyncio.create_task(
-                self._chat_worker(message.chat),
-                name=f"chat-worker-{len(self._workers)}",
-            )
-        return True
+        if self.rate_limiter is not None:
+            verdict = self.rate_limiter.check(message.chat)
+            if verdict != "ok":
+                self.counters.rate_limited += 1
+                if verdict == "silent":
+                    logger.debug("rate limited: message {} in {} not answered", message.id, message.chat)
+                    return False
+                logger.info("rate limit reached in {}: one notice, then silence", message.chat)
+                self._notice_only.add(message.id)
+                return self._enqueue(message, None)
+        # Persisted at intake (the write is queued now and committed with its batch), so a
+        # message waiting behind others in its chat is already safe from a crash.
+        return self._enqueue(message, self.store.add_message(self._inbound_row(message)))
 
     def resume(self, message: Inbound) -> bool:
         """Queue a message persisted before a restart but never answered (bypasses de-duplication)."""
         self.dedup.seen(message.id)
-        return self._enqueue(message)
+        return self._enqueue(message, None)
 
-    def _enqueue(self, message: Inbound) -> bool:
+    def _inbound_row(self, message: Inbound) -> StoredMessage:
+        return StoredMessage(
+            wa_message_id=message.id,
+            chat_id=message.chat,
+            direction=Direction.IN,
+            kind=message.kind.value,
+            body=message.text[: self.max_inbound_chars],
+            status=MessageStatus.RECEIVED,
+            created_at=message.timestamp or self.clock(),
+        )
+
+    def _enqueue(self, message: Inbound, persisted: Awaitable[None] | None) -> bool:
         queue = self._queues.get(message.chat)
         if queue is None:
             queue = self._queues[message.chat] = deque()
-        queue.append(message)
+        queue.append((message, persisted))
         self.counters.queued += 1
         if message.chat not in self._workers:
             self._idle.clear()
             self._workers[message.chat] = asyncio.create_task(
-                self._chat_worker(message.chat),
-                name=f"chat-worker-{len(self._workers)}",
+                self._chat_worker(message.chat), name="chat-worker"
             )
         return True
 
+    def _from_owner(self, message: Inbound) -> None:
+        """A from-me message: our own echo, an owner command, or the owner taking over a chat."""
+        if self.takeover.sent_by_bot(message.id):
+            self._skip(message, "own message")
+            return
+        command = parse_command(message.text) if message.kind is MessageKind.TEXT else None
+        if command is not None:
+            summary = self.takeover.apply(command, message.chat)
+            logger.warning("owner command: {}", summary)
+            if message.is_self_chat:
+                self._spawn(self._send_notice(message.chat, summary))
+            return
+        if not message.is_self_chat:
+            self.takeover.owner_wrote(message.chat)
+            logger.info("owner wrote in {}: the bot stays silent there for a while", message.chat)
+            # Kept in the chat's history, so the model knows what the human said when it takes over again.
+            row = replace(self._inbound_row(message), direction=Direction.OUT, status=MessageStatus.SENT)
+            self._spawn(self._remember(row))
+        self._skip(message, "own message")
+
+    async def _remember(self, row: StoredMessage) -> None:
+        try:
+            await self.store.add_message(row)
+        except Exception as error:
+            logger.warning("could not store message {}: {}", row.wa_message_id, error)
+            return
+        self.history.append(row)
+
     def _filter(self, message: Inbound) -> str | None:
-        if message.from_me:
-            return "own message"
         if message.is_status:
             return "status broadcast"
         if message.is_group and not (
@@ -204,11 +265,27 @@ class Pipeline:
             return "group message"
         if message.kind in (MessageKind.REACTION, MessageKind.OTHER):
             return f"{message.kind.value} message"
+        number = message.sender.split("@", 1)[0].split(":", 1)[0]
+        if number in self.blocked_numbers or (self.allowed_numbers and number not in self.allowed_numbers):
+            return "number not allowed"
+        if self.takeover.is_paused(message.chat):
+            return _HANDED_OVER
         return None
 
     def _skip(self, message: Inbound, reason: str) -> None:
         self.counters.skipped += 1
         logger.debug("skipped message {} in {}: {}", message.id, message.chat, reason)
+
+    def _spawn(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_notice(self, chat: ChatId, text: str) -> None:
+        try:
+            self.takeover.note_sent(await self.transport.send_text(chat, text))
+        except Exception as error:
+            logger.warning("could not send a notice: {}", error)
 
     # -- per-chat workers -------------------------------------------------------------------------
 
@@ -216,9 +293,9 @@ class Pipeline:
         queue = self._queues[chat]
         try:
             while queue:
-                message = queue.popleft()
+                message, persisted = queue.popleft()
                 async with self._active:
-                    await self._handle_safely(message)
+                    await self._handle_safely(message, persisted)
         finally:
             # No await between the emptiness check above and this cleanup, so nothing is lost.
             del self._queues[chat]
@@ -226,9 +303,9 @@ class Pipeline:
             if not self._workers:
                 self._idle.set()
 
-    async def _handle_safely(self, message: Inbound) -> None:
+    async def _handle_safely(self, message: Inbound, persisted: Awaitable[None] | None) -> None:
         try:
-            await self.handle(message)
+            await self.handle(message, persisted)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -239,21 +316,25 @@ class Pipeline:
             except Exception as error:
                 logger.error("could not mark message {} failed: {}", message.id, error)
 
-    async def handle(self, message: Inbound) -> None:
-        """Persist, understand, answer, send and record one message."""
+    async def handle(self, message: Inbound, persisted: Awaitable[None] | None = None) -> None:
+        """Understand, answer, send and record one message.
+
+        `persisted` is the pending write of the inbound row started at intake (None when
+        the row is already in the store); it is awaited before anything is sent.
+        """
+        if message.id in self._notice_only:
+            self._notice_only.discard(message.id)
+            await self._send_notice(message.chat, reply("rate_limited", self.language))
+            return
         started = time.perf_counter()
-        inbound = StoredMessage(
-            wa_message_id=message.id,
-            chat_id=message.chat,
-            direction=Direction.IN,
-            kind=message.kind.value,
-            body=message.text[: self.max_inbound_chars],
-            status=MessageStatus.RECEIVED,
-            created_at=message.timestamp or self.clock(),
-        )
-        # The write starts now and runs while the answer is worked out; it is awaited before
-        # anything is sent, so a message is always durable before it is answered.
-        persisted = self.store.add_message(inbound)
+        inbound = self._inbound_row(message)
+        if persisted is None:
+            persisted = _done()
+        if self.takeover.is_paused(message.chat):  # the owner took over while it waited
+            await persisted
+            await self.store.set_status(message.id, MessageStatus.SKIPPED)
+            self.counters.skipped += 1
+            return
         self.history.append(inbound)
         try:
             await self._mark_read(message)
@@ -332,6 +413,13 @@ class Pipeline:
         return reply("audio_unreadable", self.language)
 
     async def _ask_model(self, message: Inbound, text: str) -> Answer:
+        if not self.model_gate.is_set():
+            # Memory is critical: the message is persisted and waits, in order; say so once.
+            try:
+                await asyncio.wait_for(self.model_gate.wait(), self.busy_after_s)
+            except TimeoutError:
+                await self._send_notice(message.chat, reply("busy", self.language))
+                await self.model_gate.wait()
         history = await self.history.recent(message.chat, before=message.id)
         await self._typing(message.chat, True)
         try:
@@ -340,10 +428,12 @@ class Pipeline:
             await self._typing(message.chat, False)
 
     async def _send(self, message: Inbound, text: str) -> list[MessageId]:
-        return [
-            await self.transport.send_text(message.chat, part)
-            for part in split_message(text, self.max_reply_chars)
-        ]
+        sent = []
+        for part in split_message(text, self.max_reply_chars):
+            sent_id = await self.transport.send_text(message.chat, part)
+            self.takeover.note_sent(sent_id)
+            sent.append(sent_id)
+        return sent
 
     async def _record_reply(
         self, message: Inbound, sent_ids: list[MessageId], text: str, *, via_model: bool
@@ -415,6 +505,7 @@ class Pipeline:
             **asdict(self.counters),
             "active_chats": len(self._workers),
             "waiting": sum(len(q) for q in self._queues.values()),
+            "waiting_for_memory": not self.model_gate.is_set(),
             "dedup_window": len(self.dedup),
             "overhead_ms": {
                 "p50": round(percentile(samples, 0.5) * 1000, 3),

@@ -26,6 +26,14 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "es": "(Tu mensaje era muy largo; he leído solo el principio.)",
         "en": "(Your message was very long; I only read the beginning.)",
     },
+    "rate_limited": {
+        "es": "Estás enviando muchos mensajes seguidos. Dame un momento y te respondo.",
+        "en": "You're sending a lot of messages in a row. Give me a moment and I'll answer.",
+    },
+    "busy": {
+        "es": "Estoy atendiendo muchas consultas ahora mismo; te respondo en breve.",
+        "en": "I'm handling a lot of questions right now; I'll answer you shortly.",
+    },
     "media_unsupported": {
         "es": "Por ahora solo puedo leer mensajes de texto y notas de voz. ¿Me lo escribes, por favor?",
         "en": "For now I can only read text messages and voice notes. Could you type it, please?",

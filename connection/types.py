@@ -70,6 +70,7 @@ class Inbound:
     is_group: bool = False
     is_status: bool = False
     mentions_me: bool = False
+    is_self_chat: bool = False  # the owner's "message yourself" chat
     push_name: str = ""
     media: MediaRef | None = None
 

@@ -206,7 +206,7 @@ async def test_inbound_and_outbound_are_persisted(harness, fake_openai: FakeOpen
 
 async def test_own_status_and_group_messages_are_skipped(harness, fake_openai: FakeOpenAI) -> None:
     group = "120363025246125486@g.us"
-    async with harness(**ai(fake_openai)) as h:
+    async with harness(**ai(fake_openai, reply_to_groups="mentioned")) as h:
         replies = await h.say(
             inbound("mine", from_me=True),
             inbound("status", chat="status@broadcast", is_status=True),
@@ -221,10 +221,12 @@ async def test_own_status_and_group_messages_are_skipped(harness, fake_openai: F
     assert fake_openai.chat_count == 1
 
 
-async def test_groups_can_be_turned_off_entirely(harness, fake_openai: FakeOpenAI) -> None:
+async def test_groups_are_off_by_default(harness, fake_openai: FakeOpenAI) -> None:
     group = "120363025246125486@g.us"
-    async with harness(**ai(fake_openai, reply_to_groups="never")) as h:
+    async with harness(**ai(fake_openai)) as h:
         assert await h.say(inbound("@bot hola", chat=group, is_group=True, mentions_me=True)) == []
+    async with harness(**ai(fake_openai, reply_to_groups="always")) as h:
+        assert await h.say(inbound("hola a todos", chat=group, is_group=True)) == ["echo: hola a todos"]
 
 
 async def test_media_gets_a_polite_reply(harness) -> None:

@@ -1,0 +1,188 @@
+"""Protection: rate limits, human takeover and owner commands, allow/block lists, the circuit
+breaker, memory throttling, and a fuzz of malformed input; through the real pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import string
+
+from bot.limits import CircuitBreaker, SlidingWindowLimiter
+from bot.takeover import Takeover
+from connection.types import ChatId, Inbound, MessageId, MessageKind
+from memory.manager import MemoryManager, MemoryState
+from memory.store import MessageStatus
+from tests.conftest import inbound
+from tests.fake_openai import FakeOpenAI
+
+CHAT = "34600111222@s.whatsapp.net"
+OTHER = "5491122334455@s.whatsapp.net"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ai(fake: FakeOpenAI, **extra: object) -> dict[str, object]:
+    return {"openai_api_key": "k", "openai_base_url": fake.base_url, **extra}
+
+
+async def test_rate_limit_gives_one_notice_then_silence_until_the_window_frees(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    clock = Clock()
+    async with harness(**ai(fake_openai)) as h:
+        h.bot.pipeline.rate_limiter = SlidingWindowLimiter(3, 60, clock=clock)
+        replies = await h.say(*[f"m{i}" for i in range(6)])
+        assert replies[:3] == ["echo: m0", "echo: m1", "echo: m2"]
+        assert len(replies) == 4 and "muchos mensajes" in replies[3]
+        assert await h.say(inbound("hola", chat=OTHER)) == ["echo: hola"]  # other chats are not limited
+        clock.now += 61
+        assert await h.say("ya puedo?") == ["echo: ya puedo?"]
+        assert h.bot.metrics()["messages"]["rate_limited"] == 3
+
+
+async def test_the_owner_writing_from_the_phone_silences_the_bot_in_that_chat(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    clock = Clock()
+    async with harness(**ai(fake_openai)) as h:
+        h.bot.pipeline.takeover = Takeover(pause_s=600, clock=clock)
+        [first] = await h.say("hola")
+        own_echo = inbound(first, id=h.transport.sent[-1].id, from_me=True)
+        assert await h.say(own_echo, "sigo aquí") == ["echo: sigo aquí"]  # our own echo is not the owner
+        await h.say(inbound("Hola, soy Marta, te atiendo yo", from_me=True))
+        assert await h.say("gracias Marta") == []
+        assert await h.say(inbound("hola", chat=OTHER)) == ["echo: hola"]
+        clock.now += 601
+        assert await h.say("¿sigues ahí?") == ["echo: ¿sigues ahí?"]
+        rows = await h.bot.store.recent_messages(CHAT, 10)
+    # What the human and the customer said meanwhile stays in the history the model sees next.
+    assert [(r.direction.value, r.status.value, r.body) for r in rows if "Marta" in r.body] == [
+        ("out", "sent", "Hola, soy Marta, te atiendo yo"),
+        ("in", "skipped", "gracias Marta"),
+    ]
+    assert "gracias Marta" in str(fake_openai.chat_requests[-1]["messages"])
+
+
+async def test_owner_commands_pause_resume_and_status(harness, fake_openai: FakeOpenAI) -> None:
+    me = "34699999999@s.whatsapp.net"
+    async with harness(**ai(fake_openai)) as h:
+        await h.say(inbound("!bot pause all", chat=me, from_me=True, is_self_chat=True))
+        assert h.transport.texts_to(me) == ["paused all chats"]
+        assert await h.say("hola", inbound("hola", chat=OTHER)) == []
+        await h.say(inbound("!bot status", chat=me, from_me=True, is_self_chat=True))
+        assert "paused everywhere" in h.transport.texts_to(me)[-1]
+        await h.say(inbound("!bot resume all", chat=me, from_me=True, is_self_chat=True))
+        assert await h.say("otra vez") == ["echo: otra vez"]
+        await h.say(inbound("!bot pause", from_me=True))  # typed inside the customer's chat
+        assert await h.say("¿hola?") == []
+        assert await h.say(inbound("hola", chat=OTHER)) == ["echo: hola"]
+
+
+async def test_allow_and_block_lists(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai, blocked_numbers="34600111222")) as h:
+        assert await h.say("hola") == []
+        assert await h.say(inbound("hola", chat=OTHER)) == ["echo: hola"]
+    async with harness(**ai(fake_openai, allowed_numbers="+34600111222, 34600000000")) as h:
+        assert await h.say("hola") == ["echo: hola"]
+        assert await h.say(inbound("hola", chat=OTHER)) == []
+
+
+async def test_the_circuit_opens_after_repeated_failures_and_closes_after_a_cool_down(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    clock = Clock()
+    async with harness(**ai(fake_openai)) as h:
+        h.bot.model.breaker = CircuitBreaker(threshold=3, cooldown_s=30, clock=clock)
+        fake_openai.fail_next.extend([500] * 6)  # the SDK tries twice per message
+        for i in range(3):
+            [apology] = await h.say(f"m{i}")
+            assert "Lo siento" in apology
+        assert h.bot.metrics()["ai"]["circuit"] == "open"
+        calls = fake_openai.chat_count
+        [fallback] = await h.say("m3")
+        assert "Lo siento" in fallback and fake_openai.chat_count == calls  # no call while open
+        clock.now += 31
+        assert await h.say("m4") == ["echo: m4"]  # the trial call succeeds and closes it
+        assert h.bot.metrics()["ai"]["circuit"] == "closed"
+
+
+async def test_memory_pressure_throttles_and_recovers_without_losing_or_repeating(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    rss = [100.0]
+    async with harness(**ai(fake_openai, busy_reply_after_s=0.2)) as h:
+        manager = MemoryManager(500, read_rss_mb=lambda: rss[0])
+        manager.on_change(h.bot._on_memory_state)
+        h.bot.memory = manager
+        await h.say("antes")
+        h.bot.cache.set("x", "y")
+        rss[0] = 420  # 84 %: warning
+        assert manager.check() is MemoryState.WARNING
+        await asyncio.sleep(0)
+        assert h.bot.model.limit.capacity == 4 and len(h.bot.cache) <= 1
+        rss[0] = 460  # 92 %: critical
+        assert manager.check() is MemoryState.CRITICAL
+        assert len(h.bot.cache) == 0
+        for text in ("uno", "dos", "tres"):
+            h.bot.pipeline.submit(inbound(text))
+        await asyncio.sleep(0.6)
+        waiting = h.transport.texts_to(CHAT)[1:]
+        assert len(waiting) == 1 and "en breve" in waiting[0]  # one busy notice, nothing else
+        rows = await h.bot.store.recent_messages(CHAT, 10)
+        # All three wait already persisted, so a crash now would lose none of them.
+        assert [r.body for r in rows if r.status is MessageStatus.RECEIVED] == ["uno", "dos", "tres"]
+        assert h.bot.metrics()["messages"]["waiting_for_memory"] is True
+        rss[0] = 200
+        assert manager.check() is MemoryState.NORMAL
+        assert await h.bot.pipeline.drain(5)
+        answers = [t for t in h.transport.texts_to(CHAT) if t.startswith("echo")]
+        assert answers == ["echo: antes", "echo: uno", "echo: dos", "echo: tres"]
+        assert h.bot.model.limit.capacity == 8
+
+
+def random_inbound(rng: random.Random, index: int) -> tuple[Inbound, bool]:
+    """A random event; returns it and whether it is a well-formed customer text to answer."""
+    kind = rng.choice(list(MessageKind))
+    text = "".join(rng.choice(string.printable + "ñ€😀\x00\x07") for _ in range(rng.randint(0, 300)))
+    if rng.random() < 0.05:
+        text = "x" * 100_000
+    malformed = rng.random() < 0.1
+    message = Inbound(
+        id=MessageId("" if malformed and rng.random() < 0.5 else f"FZ{index}"),
+        chat=ChatId("" if malformed else f"3460{rng.randint(0, 40):07d}@s.whatsapp.net"),
+        sender="3460@s.whatsapp.net",
+        kind=kind,
+        text=text,
+        timestamp=rng.random() * 2e9,
+        from_me=rng.random() < 0.05,
+    )
+    answerable = (
+        not malformed and not message.from_me and kind not in (MessageKind.REACTION, MessageKind.OTHER)
+    )
+    return message, answerable
+
+
+async def test_fuzz_every_well_formed_message_is_answered_exactly_once(harness) -> None:
+    rng = random.Random(7)
+    async with harness(rate_limit_max_messages=1_000_000, human_takeover_minutes=0) as h:
+        expected: set[str] = set()
+        events = [random_inbound(rng, i) for i in range(3000)]
+        for message, answerable in events:
+            h.bot.pipeline.submit(message)
+            if answerable:
+                expected.add(message.id)
+            if rng.random() < 0.1:  # redeliveries
+                h.bot.pipeline.submit(message)
+        assert await h.bot.pipeline.drain(60)
+        answered: list[str] = []
+        for chat in {m.chat for m, ok in events if ok}:
+            rows = await h.bot.store.recent_messages(chat, 10_000)
+            answered += [r.wa_message_id for r in rows if r.status is MessageStatus.ANSWERED]
+    assert sorted(answered) == sorted(expected)
+    assert h.bot.pipeline.counters.failed == 0

@@ -34,21 +34,35 @@ from memory.cache import TTLCache
 from memory.history import ChatHistory
 from memory.manager import MemoryManager, MemoryState
 from memory.sqlite_store import SQLiteStore
-from memory.store import MessageStatus, Store
+from memory.store import Flow, MessageStatus, Store
 
 
-def load_flows(settings: Settings) -> FlowMatcher:
+def read_flows_file(settings: Settings) -> list[Flow]:
     if settings.flows_file is None:
-        return FlowMatcher()
+        return []
     if not settings.flows_file.exists():
         logger.warning("flows file {} not found: no keyword flows", settings.flows_file)
-        return FlowMatcher()
+        return []
     try:
         flows = load_flows_file(settings.flows_file)
     except FlowsFileError as error:
         raise SystemExit(f"invalid configuration: FLOWS_FILE: {error}") from None
     logger.info("{} keyword flows loaded from {}", len(flows), settings.flows_file)
-    return FlowMatcher(flows)
+    return flows
+
+
+def make_store(settings: Settings) -> Store:
+    """Supabase when SUPABASE_URL is set (writes journaled locally first), SQLite otherwise."""
+    if settings.supabase_url and settings.supabase_key:
+        from memory.supabase_store import SupabaseStore  # imported only when used: supabase is heavy
+
+        return SupabaseStore(
+            settings.supabase_url,
+            settings.supabase_key,
+            settings.data_dir,
+            retention_days=settings.retention_days,
+        )
+    return SQLiteStore(settings.store_path, retention_days=settings.retention_days)
 
 
 @dataclass
@@ -72,7 +86,7 @@ class Bot:
 
     @classmethod
     def build(cls, settings: Settings, transport: Transport, *, store: Store | None = None) -> Bot:
-        store = store or SQLiteStore(settings.store_path)
+        store = store or make_store(settings)
         model = None
         client = None
         if settings.openai_api_key:
@@ -97,7 +111,7 @@ class Bot:
         cache: TTLCache[str, str] = TTLCache(settings.cache_max_entries, settings.cache_ttl_s)
         history = ChatHistory(store, depth=settings.max_chat_history)
         responder = Responder(
-            flows=load_flows(settings),
+            flows=FlowMatcher(read_flows_file(settings)),
             cache=cache,
             model=model,
             system_prompt=settings.system_prompt,
@@ -155,6 +169,21 @@ class Bot:
         await self.recover()
         self._tasks.append(asyncio.create_task(self.memory.run(self._stop), name="memory-manager"))
         self._tasks.append(asyncio.create_task(self._sweep_temp_files(), name="temp-sweeper"))
+        if self.settings.supabase_url:
+            self._tasks.append(asyncio.create_task(self._refresh_flows(), name="flows-refresher"))
+
+    async def _refresh_flows(self, every_s: float = 60) -> None:
+        """With Supabase, bot_flows is the source of keyword flows (the file only while it is empty)."""
+        file_flows = read_flows_file(self.settings)
+        while not self._stop.is_set():
+            try:
+                flows = list(await self.store.flows())
+            except Exception as error:
+                logger.warning("could not read bot_flows: {}", error)
+            else:
+                self.pipeline.responder.flows.replace(flows or file_flows)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), every_s)
 
     async def _sweep_temp_files(self, every_s: float = 600) -> None:
         """Leftover temp files (from a crash mid-transcode) go at start and every ten minutes."""
@@ -224,6 +253,7 @@ class Bot:
             "history": self.history.stats(),
             "ai": ai,
             "responses": dict(self.pipeline.responder.by_source),
+            "store": self.store.stats(),
             "media": self.transcriber.stats(),
             "rate_limit": self.pipeline.rate_limiter.stats() if self.pipeline.rate_limiter else {},
             "takeover": self.pipeline.takeover.stats(),

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     supabase_key: str | None = None
     supabase_db_url: str | None = None
     data_dir: Path = Path("data")
+    retention_days: int = Field(30, ge=1)
 
     # Process
     port: int = Field(8080, ge=1, le=65535)

@@ -83,8 +83,13 @@ def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
 
 
 class SQLiteStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, *, retention_days: float | None = 30.0, retention_every_s: float = 6 * 3600
+    ):
         self.path = path
+        self.retention_days = retention_days
+        self.retention_every_s = retention_every_s
+        self._retention: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
         self._pending: list[tuple[str, tuple[Any, ...]]] = []
@@ -100,6 +105,31 @@ class SQLiteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         await self._run(self._connect)
         self._writer = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+        if self.retention_days:
+            self._retention = asyncio.create_task(self._retention_loop(), name="sqlite-retention")
+
+    async def _retention_loop(self) -> None:
+        assert self.retention_days
+        while True:
+            try:
+                removed = await self.purge_older_than(self.retention_days)
+                if removed:
+                    logger.info(
+                        "retention: removed {} message(s) older than {:g} days", removed, self.retention_days
+                    )
+            except StoreUnavailable as error:
+                logger.warning("retention job failed: {}", error)
+            await asyncio.sleep(self.retention_every_s)
+
+    async def purge_older_than(self, days: float) -> int:
+        """Delete messages created more than `days` days ago; returns how many."""
+        await self.flush()
+        assert self._conn is not None
+        conn = self._conn
+        cutoff = time.time() - days * 86400
+        return await self._run(
+            lambda: conn.execute("DELETE FROM chat_history WHERE created_at < ?", (cutoff,)).rowcount
+        )
 
     def _connect(self) -> None:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -112,6 +142,10 @@ class SQLiteStore:
         self._conn = conn
 
     async def close(self) -> None:
+        if self._retention is not None:
+            self._retention.cancel()
+            await asyncio.gather(self._retention, return_exceptions=True)
+            self._retention = None
         if self._writer is not None:
             await self.flush()
             self._writer.cancel()

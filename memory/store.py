@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Direction(enum.StrEnum):
@@ -86,3 +86,14 @@ class Store(Protocol):
         ...
 
     async def flows(self) -> Sequence[Flow]: ...
+
+    async def purge_older_than(self, days: float) -> int:
+        """Retention: delete messages older than `days` days; returns how many.
+
+        Each store also runs it periodically with its configured retention.
+        """
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for /v1/metrics (no message text, no numbers)."""
+        ...

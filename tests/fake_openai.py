@@ -7,7 +7,6 @@ status, or never answer before the client's timeout.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import deque
 from collections.abc import Callable
@@ -59,7 +58,7 @@ class FakeOpenAI:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/audio/transcriptions", self._transcribe)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -106,6 +105,7 @@ class FakeOpenAI:
         if not isinstance(upload, web.FileField):
             return web.json_response({"error": {"message": "file is required"}}, status=400)
         data = upload.file.read()
+        upload.file.close()
         language = form.get("language")
         self.transcriptions.append(
             Transcription(
@@ -130,10 +130,3 @@ class FakeOpenAI:
             )
         return web.json_response({"text": self.transcript})
 
-
-def last_user_text(payload: dict[str, Any]) -> str:
-    return str(payload["messages"][-1]["content"])
-
-
-def dumps(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, ensure_ascii=False)

@@ -1,0 +1,102 @@
+"""Crash recovery with a real process: kill -9 in the middle of replies, restart, and every
+persisted message that is still fresh is answered exactly once; stale ones are skipped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fake_openai import FakeOpenAI
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def rows(db: Path) -> list[tuple[str, str, str, str]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(
+            "SELECT wa_message_id, direction, status, body FROM chat_history ORDER BY id"
+        ).fetchall()
+
+
+async def start_chat(tmp_path: Path, fake: FakeOpenAI) -> asyncio.subprocess.Process:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_"))}
+    env.update(
+        PYTHONPATH=str(REPO),
+        DATA_DIR=str(tmp_path / "data"),
+        OPENAI_API_KEY="test-key",
+        OPENAI_BASE_URL=fake.base_url,
+        OPENAI_TIMEOUT="60",
+        FLOWS_FILE="",
+    )
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        "chat",
+        "--jsonl",
+        cwd=tmp_path,
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+@pytest.mark.timeout(90)
+async def test_kill_9_mid_reply_then_restart_answers_each_message_once(
+    tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    db = tmp_path / "data" / "bot.sqlite3"
+    fake_openai.delay_s = 60  # the model never answers before the kill
+    first = await start_chat(tmp_path, fake_openai)
+    assert first.stdin is not None
+    lines = [
+        {"id": "A1", "from": "34600000001", "text": "hola, soy Ana"},
+        {"id": "A2", "from": "34600000001", "text": "¿tenéis talla M?"},
+        {"id": "B1", "from": "34600000002", "text": "buenas"},
+    ]
+    first.stdin.write("".join(json.dumps(line) + "\n" for line in lines).encode())
+    await first.stdin.drain()
+    deadline = time.monotonic() + 30
+    while not (db.exists() and len(rows(db)) == 3 and fake_openai.chat_count >= 2):
+        assert time.monotonic() < deadline, "messages were not persisted in time"
+        await asyncio.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    await first.wait()
+    assert {r[2] for r in rows(db)} == {"received"}
+
+    # A message from long ago, left unanswered: too old to answer now.
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO chat_history (wa_message_id, chat_id, direction, kind, body, status, created_at,"
+            " updated_at) VALUES ('OLD', '34600000003@s.whatsapp.net', 'in', 'text', 'hola?', 'received',"
+            " ?, ?)",
+            (time.time() - 3600, time.time() - 3600),
+        )
+
+    fake_openai.delay_s = 0
+    second = await start_chat(tmp_path, fake_openai)
+    out, err = await asyncio.wait_for(second.communicate(b""), 60)
+    assert second.returncode == 0, err.decode()
+    replies = [json.loads(line) for line in out.decode().splitlines()]
+    assert sorted((r["to"], r["text"]) for r in replies) == [
+        ("34600000001", "echo: hola, soy Ana"),
+        ("34600000001", "echo: ¿tenéis talla M?"),
+        ("34600000002", "echo: buenas"),
+    ]
+    status = {r[0]: r[2] for r in rows(db)}
+    assert status == {"A1": "answered", "A2": "answered", "B1": "answered", "OLD": "skipped"} | {
+        r[0]: "sent" for r in rows(db) if r[1] == "out"
+    }
+
+    third = await start_chat(tmp_path, fake_openai)
+    out, _ = await asyncio.wait_for(third.communicate(b""), 60)
+    assert third.returncode == 0 and out == b""  # nothing is answered twice

@@ -1,0 +1,344 @@
+"""One contract for every Store: the same tests against SQLiteStore and SupabaseStore (real local stack).
+
+The Supabase stack starts once per session, only when a Supabase case runs; without its binaries those cases
+skip locally and fail in CI (tests/supabase_stack.py: start_or_skip). Every Supabase case starts from empty
+tables, and every check of what was persisted also reads the database itself (sqlite3 / psql), not only
+the store.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+
+from memory.sqlite_store import SQLiteStore
+from memory.store import Direction, Flow, MessageStatus, Store, StoredMessage
+from memory.supabase_store import SupabaseStore
+from tests.supabase_stack import SupabaseStack, start_or_skip
+
+CHAT = "34600111222@s.whatsapp.net"
+OTHER = "34600333444@s.whatsapp.net"
+T0 = 1_795_000_000.0
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[SupabaseStack]:
+    s = start_or_skip()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def msg(
+    n: int,
+    *,
+    chat: str = CHAT,
+    direction: Direction = Direction.IN,
+    status: MessageStatus | None = None,
+    at: float | None = None,
+    body: str | None = None,
+) -> StoredMessage:
+    default = MessageStatus.RECEIVED if direction is Direction.IN else MessageStatus.SENT
+    return StoredMessage(
+        wa_message_id=f"WA{n}",
+        chat_id=chat,
+        direction=direction,
+        kind="text",
+        body=f"message {n}" if body is None else body,
+        status=status or default,
+        created_at=T0 + n if at is None else at,
+    )
+
+
+class Backend(Protocol):
+    name: str
+
+    def make(self) -> Store: ...
+    async def rows(self, store: Store) -> dict[str, tuple[str, str]]:
+        """wa_message_id -> (status, body), read from the database itself once the store flushed."""
+        ...
+
+    def seed_flows(self, flows: list[tuple[list[str], str, bool, int]]) -> None: ...
+
+
+class SQLiteBackend:
+    name = "sqlite"
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "bot.sqlite3"
+
+    def make(self) -> Store:
+        return SQLiteStore(self.path)
+
+    async def rows(self, store: Store) -> dict[str, tuple[str, str]]:
+        assert isinstance(store, SQLiteStore)
+        await store.flush()
+        with sqlite3.connect(self.path) as conn:
+            found = conn.execute("SELECT wa_message_id, status, body FROM chat_history").fetchall()
+        return {r[0]: (r[1], r[2]) for r in found}
+
+    def seed_flows(self, flows: list[tuple[list[str], str, bool, int]]) -> None:
+        with sqlite3.connect(self.path) as conn:
+            conn.executemany(
+                "INSERT INTO bot_flows (keywords, answer, enabled, priority, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, 0, 0)",
+                [(json.dumps(k), a, int(e), p) for k, a, e, p in flows],
+            )
+
+
+class SupabaseBackend:
+    name = "supabase"
+
+    def __init__(self, stack: SupabaseStack, tmp_path: Path) -> None:
+        self.stack = stack
+        self.data_dir = tmp_path / "data"
+        stack.psql("truncate chat_history, chats, bot_flows restart identity;")
+
+    def make(self) -> Store:
+        return SupabaseStore(
+            self.stack.url,
+            self.stack.key,
+            self.data_dir,
+            flush_interval_s=0.01,
+            flows_ttl_s=0,
+            retention_days=None,
+        )
+
+    async def rows(self, store: Store) -> dict[str, tuple[str, str]]:
+        assert isinstance(store, SupabaseStore)
+        assert await store.flush(10), "journal not flushed"
+        found = self.stack.query("select wa_message_id, status, body from chat_history")
+        return {r[0]: (r[1], r[2]) for r in found}
+
+    def seed_flows(self, flows: list[tuple[list[str], str, bool, int]]) -> None:
+        values = ", ".join(
+            "(array[{}]::text[], '{}', {}, {})".format(
+                ", ".join(f"'{k}'" for k in keywords), answer, str(enabled).lower(), priority
+            )
+            for keywords, answer, enabled, priority in flows
+        )
+        self.stack.psql(f"insert into bot_flows (keywords, answer, enabled, priority) values {values};")
+
+
+@pytest.fixture(params=["sqlite", "supabase"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite":
+        return SQLiteBackend(tmp_path)
+    return SupabaseBackend(request.getfixturevalue("stack"), tmp_path)
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[Store]:
+    s = backend.make()
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_add_message_is_idempotent(backend: Backend, store: Store) -> None:
+    await store.add_message(msg(1))
+    # A redelivery, even one that differs, changes nothing: the first write of an id wins.
+    await store.add_message(msg(1, body="other", status=MessageStatus.FAILED))
+    await store.add_message(msg(1))
+
+    recent = await store.recent_messages(CHAT, 10)
+    assert [(m.wa_message_id, m.body, m.status) for m in recent] == [
+        ("WA1", "message 1", MessageStatus.RECEIVED)
+    ]
+    assert await backend.rows(store) == {"WA1": ("received", "message 1")}
+
+
+async def test_add_message_is_queued_at_call_time(store: Store) -> None:
+    pending = [store.add_message(msg(n)) for n in range(1, 4)]  # started, not awaited yet
+    for write in pending:
+        await write
+    assert [m.wa_message_id for m in await store.recent_messages(CHAT, 5)] == ["WA1", "WA2", "WA3"]
+
+
+async def test_add_reply_records_reply_and_answers_inbound(backend: Backend, store: Store) -> None:
+    await store.add_message(msg(1))
+    await store.add_message(msg(2))
+
+    await store.add_reply(msg(3, direction=Direction.OUT, body="hello!"), answered_id="WA1")
+
+    recent = await store.recent_messages(CHAT, 5)
+    assert [(m.wa_message_id, m.direction, m.status) for m in recent] == [
+        ("WA1", Direction.IN, MessageStatus.ANSWERED),
+        ("WA2", Direction.IN, MessageStatus.RECEIVED),
+        ("WA3", Direction.OUT, MessageStatus.SENT),
+    ]
+    assert [m.wa_message_id for m in await store.unanswered_inbound(0)] == ["WA2"]
+    assert await backend.rows(store) == {
+        "WA1": ("answered", "message 1"),
+        "WA2": ("received", "message 2"),
+        "WA3": ("sent", "hello!"),
+    }
+
+
+async def test_add_reply_is_atomic_across_a_restart(backend: Backend) -> None:
+    """Both halves of a reply are durable together: right after it returns, a new store sees both."""
+    first = backend.make()
+    await first.open()
+    await first.add_message(msg(1))
+    await first.add_reply(msg(2, direction=Direction.OUT), answered_id="WA1")
+    await first.close()
+
+    second = backend.make()
+    await second.open()
+    try:
+        assert await second.unanswered_inbound(0) == []
+        assert [m.status for m in await second.recent_messages(CHAT, 5)] == [
+            MessageStatus.ANSWERED,
+            MessageStatus.SENT,
+        ]
+        assert await backend.rows(second) == {"WA1": ("answered", "message 1"), "WA2": ("sent", "message 2")}
+    finally:
+        await second.close()
+
+
+async def test_recent_messages_order_and_limit(store: Store) -> None:
+    # Written out of time order, across two chats, with a tie on created_at (insertion order breaks it).
+    for n in (3, 1, 2, 5, 4):
+        direction = Direction.OUT if n % 2 == 0 else Direction.IN
+        await store.add_message(msg(n, direction=direction))
+    await store.add_message(msg(6, at=T0 + 5))  # same time as WA5, written after it
+    await store.add_message(msg(7, chat=OTHER))
+
+    assert [m.wa_message_id for m in await store.recent_messages(CHAT, 3)] == ["WA4", "WA5", "WA6"]
+    assert [m.wa_message_id for m in await store.recent_messages(CHAT, 100)] == [
+        "WA1",
+        "WA2",
+        "WA3",
+        "WA4",
+        "WA5",
+        "WA6",
+    ]
+    assert await store.recent_messages(CHAT, 0) == []
+    assert [m.wa_message_id for m in await store.recent_messages(OTHER, 5)] == ["WA7"]
+    assert await store.recent_messages("nobody@s.whatsapp.net", 5) == []
+    # A message written after a read shows up in the next one (read your writes through every layer).
+    await store.add_message(msg(8))
+    assert [m.wa_message_id for m in await store.recent_messages(CHAT, 2)] == ["WA6", "WA8"]
+    full = (await store.recent_messages(CHAT, 1))[0]
+    assert full == msg(8)
+
+
+async def test_recent_message_ids(store: Store) -> None:
+    for n in range(1, 6):
+        await store.add_message(msg(n, chat=CHAT if n % 2 else OTHER))
+
+    assert await store.recent_message_ids(T0 + 2, 10) == ["WA5", "WA4", "WA3", "WA2"]
+    assert await store.recent_message_ids(T0 + 2, 2) == ["WA5", "WA4"]
+    assert await store.recent_message_ids(T0 + 100, 10) == []
+
+
+async def test_unanswered_inbound(store: Store) -> None:
+    for n in range(1, 6):
+        await store.add_message(msg(n))
+    await store.add_message(msg(6, direction=Direction.OUT))
+    await store.add_reply(msg(7, direction=Direction.OUT), answered_id="WA2")
+    await store.set_status("WA3", MessageStatus.FAILED)
+    await store.set_status("WA4", MessageStatus.SKIPPED)
+
+    assert [m.wa_message_id for m in await store.unanswered_inbound(0)] == ["WA1", "WA5"]
+    assert [m.wa_message_id for m in await store.unanswered_inbound(T0 + 2)] == ["WA5"]
+    assert (await store.unanswered_inbound(T0 + 5))[0] == msg(5)
+
+
+async def test_mark_stale(backend: Backend, store: Store) -> None:
+    for n in range(1, 5):
+        await store.add_message(msg(n))
+    await store.add_reply(msg(5, direction=Direction.OUT), answered_id="WA1")
+
+    # WA2 and WA3 are unanswered and older than the cut; WA1 was answered, WA4 is recent.
+    assert await store.mark_stale(T0 + 4) == 2
+
+    assert [m.wa_message_id for m in await store.unanswered_inbound(0)] == ["WA4"]
+    statuses = {m.wa_message_id: m.status for m in await store.recent_messages(CHAT, 10)}
+    assert statuses == {
+        "WA1": MessageStatus.ANSWERED,
+        "WA2": MessageStatus.SKIPPED,
+        "WA3": MessageStatus.SKIPPED,
+        "WA4": MessageStatus.RECEIVED,
+        "WA5": MessageStatus.SENT,
+    }
+    assert await store.mark_stale(T0 + 4) == 0
+    rows = await backend.rows(store)
+    assert {k: v[0] for k, v in rows.items()} == {s: v.value for s, v in statuses.items()}
+
+
+async def test_set_status_with_and_without_body(backend: Backend, store: Store) -> None:
+    await store.add_message(msg(1, body=""))  # a voice note: no text until it is transcribed
+    await store.add_message(msg(2))
+
+    await store.set_status("WA1", MessageStatus.RECEIVED, body="the transcript")
+    await store.set_status("WA2", MessageStatus.FAILED)
+    await store.set_status("WA-unknown", MessageStatus.FAILED)  # nothing to change, no error
+
+    recent = {m.wa_message_id: (m.status, m.body) for m in await store.recent_messages(CHAT, 5)}
+    assert recent == {
+        "WA1": (MessageStatus.RECEIVED, "the transcript"),
+        "WA2": (MessageStatus.FAILED, "message 2"),
+    }
+    assert [m.body for m in await store.unanswered_inbound(0)] == ["the transcript"]
+    assert await backend.rows(store) == {
+        "WA1": ("received", "the transcript"),
+        "WA2": ("failed", "message 2"),
+    }
+
+
+async def test_flows_enabled_by_priority(backend: Backend, store: Store) -> None:
+    assert list(await store.flows()) == []
+    backend.seed_flows(
+        [
+            (["horario", "hora"], "Abrimos de 9 a 18.", True, 1),
+            (["precio"], "Desde 10 €.", True, 5),
+            (["viejo"], "ya no", False, 9),
+        ]
+    )
+    assert list(await store.flows()) == [
+        Flow(("precio",), "Desde 10 €."),
+        Flow(("horario", "hora"), "Abrimos de 9 a 18."),
+    ]
+
+
+async def test_data_survives_close_and_reopen(backend: Backend) -> None:
+    first = backend.make()
+    await first.open()
+    now = time.time()
+    await first.add_message(msg(1, at=now - 3))
+    await first.add_reply(msg(2, direction=Direction.OUT, at=now - 2), answered_id="WA1")
+    await first.add_message(msg(3, at=now - 1, chat=OTHER))
+    await first.set_status("WA3", MessageStatus.RECEIVED, body="transcribed")
+    before = (
+        await first.recent_messages(CHAT, 5),
+        await first.recent_messages(OTHER, 5),
+        await first.unanswered_inbound(now - 60),
+        await first.recent_message_ids(now - 60, 10),
+    )
+    await first.close()
+
+    second = backend.make()
+    await second.open()
+    try:
+        after = (
+            await second.recent_messages(CHAT, 5),
+            await second.recent_messages(OTHER, 5),
+            await second.unanswered_inbound(now - 60),
+            await second.recent_message_ids(now - 60, 10),
+        )
+        assert after == before
+        assert [m.wa_message_id for m in after[2]] == ["WA3"]
+        assert after[3] == ["WA3", "WA2", "WA1"]
+        assert set(await backend.rows(second)) == {"WA1", "WA2", "WA3"}
+    finally:
+        await second.close()

@@ -1,0 +1,463 @@
+"""The Supabase store when Supabase goes away: PostgREST stopped mid-conversation, PostgreSQL restarted,
+responses slower than the client's timeout, a journal at its bound; plus layered reads, retention and a
+row Postgres refuses. Everything runs against the real local stack (tests/supabase_stack.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+
+from bot.app import Bot
+from bot.config import Settings
+from connection.loopback import LoopbackTransport
+from connection.types import ChatId, Inbound, MessageId, MessageKind
+from memory.journal import Journal, JournalFull, Op
+from memory.store import Direction, MessageStatus, StoredMessage
+from memory.supabase_store import SupabaseStore
+from tests.supabase_stack import SupabaseStack, start_or_skip
+
+CHATS = [f"3460011122{i}@s.whatsapp.net" for i in range(3)]
+_ids = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[SupabaseStack]:
+    s = start_or_skip()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def db(stack: SupabaseStack) -> SupabaseStack:
+    """The stack with empty tables."""
+    stack.psql("truncate chat_history, chats, bot_flows restart identity;")
+    return stack
+
+
+def make_store(url: str, key: str, data_dir: Path, **overrides: Any) -> SupabaseStore:
+    options: dict[str, Any] = {
+        "flush_interval_s": 0.02,
+        "request_timeout_s": 1.0,
+        "max_backoff_s": 0.3,
+        "retention_days": None,
+        "close_timeout_s": 1.0,
+    }
+    options.update(overrides)
+    return SupabaseStore(url, key, data_dir, **options)
+
+
+def inbound_row(n: int, chat: str = CHATS[0], at: float | None = None) -> StoredMessage:
+    return StoredMessage(
+        f"IN{n}", chat, Direction.IN, "text", f"question {n}", MessageStatus.RECEIVED, at or time.time()
+    )
+
+
+def reply_row(n: int, chat: str = CHATS[0]) -> StoredMessage:
+    return StoredMessage(
+        f"OUT{n}", chat, Direction.OUT, "text", f"answer {n}", MessageStatus.SENT, time.time()
+    )
+
+
+def rows_in_db(stack: SupabaseStack) -> dict[str, tuple[int, str, str]]:
+    """wa_message_id -> (how many rows, direction, status), straight from PostgreSQL."""
+    found = stack.query(
+        "select wa_message_id, count(*), max(direction), max(status) from chat_history group by wa_message_id"
+    )
+    return {r[0]: (int(r[1]), r[2], r[3]) for r in found}
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def timed(call: Awaitable[Any]) -> float:
+    started = time.perf_counter()
+    await call
+    return time.perf_counter() - started
+
+
+# -- a bot conversation across a PostgREST outage (and a bot restart in the middle of it) --------------
+
+
+async def test_postgrest_outage_mid_conversation(db: SupabaseStack, tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data", flows_file=None)  # type: ignore[call-arg]
+    transport = LoopbackTransport()
+    submitted: list[str] = []
+
+    async def start_bot() -> Bot:
+        bot = Bot.build(settings, transport, store=make_store(db.url, db.key, tmp_path / "data"))
+        await bot.start()
+        return bot
+
+    async def converse(bot: Bot, count: int) -> None:
+        for _ in range(count):
+            n = next(_ids)
+            chat = CHATS[n % len(CHATS)]
+            message = Inbound(
+                MessageId(f"IN{n}"), ChatId(chat), chat, MessageKind.TEXT, f"hola {n}", time.time()
+            )
+            assert bot.pipeline.submit(message)
+            submitted.append(message.id)
+        assert await bot.pipeline.drain(10), "messages not answered"
+
+    bot = await start_bot()
+    await converse(bot, 9)
+    await asyncio.to_thread(db.stop_postgrest)
+    try:
+        started = time.perf_counter()
+        await converse(bot, 12)  # answered while Supabase is away
+        assert time.perf_counter() - started < 5
+        await wait_for(lambda: bot.store.stats()["state"] == "degraded")  # type: ignore[attr-defined]
+        assert bot.store.stats()["journal_rows"] > 0  # type: ignore[attr-defined]
+        # A restart during the outage: the journal file carries the writes over.
+        await bot.stop()
+        bot = await start_bot()
+        await converse(bot, 6)
+    finally:
+        await asyncio.to_thread(db.start_postgrest)
+    await converse(bot, 6)
+    store = bot.store
+    assert isinstance(store, SupabaseStore)
+    assert await store.flush(15), "journal not drained after PostgREST came back"
+    assert store.stats()["state"] == "ok"
+    await bot.stop()
+
+    # Every message answered once, every row in PostgreSQL once.
+    assert len(transport.sent) == len(submitted) == 33
+    rows = rows_in_db(db)
+    assert {wa_id: rows[wa_id] for wa_id in submitted} == {
+        wa_id: (1, "in", "answered") for wa_id in submitted
+    }
+    replies = {wa_id: row for wa_id, row in rows.items() if row[1] == "out"}
+    assert replies == {s.id: (1, "out", "sent") for s in transport.sent}
+    assert len(rows) == 2 * len(submitted)
+    chats = db.query("select count(*) from chats")[0][0]
+    assert int(chats) == len(CHATS)
+
+
+# -- PostgreSQL restarted under a steady stream of writes -------------------------------------------------
+
+
+async def test_postgres_restart_under_writes(db: SupabaseStack, tmp_path: Path) -> None:
+    store = make_store(db.url, db.key, tmp_path / "data")
+    await store.open()
+    written: list[str] = []
+    stop = asyncio.Event()
+    slowest = 0.0
+
+    async def writer() -> None:
+        nonlocal slowest
+        while not stop.is_set():
+            n = next(_ids)
+            chat = CHATS[n % len(CHATS)]
+            slowest = max(slowest, await timed(store.add_message(inbound_row(n, chat))))
+            slowest = max(slowest, await timed(store.add_reply(reply_row(n, chat), f"IN{n}")))
+            written.append(f"IN{n}")
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(writer())
+    try:
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(db.restart_postgres)
+        await asyncio.sleep(0.3)
+    finally:
+        stop.set()
+        await task
+    assert await store.flush(15)
+    history = await store.recent_messages(CHATS[0], 4)
+    stats = store.stats()
+    await store.close()
+
+    assert stats["flush_failures"] + stats["read_failures"] >= 1, "the restart went unnoticed"
+
+    assert slowest < 0.5, f"a write waited {slowest:.2f} s"
+    rows = rows_in_db(db)
+    assert len(written) > 20
+    assert {f"IN{i[2:]}" for i in written} <= set(rows)
+    assert all(rows[wa_id] == (1, "in", "answered") for wa_id in written)
+    assert all(rows[f"OUT{wa_id[2:]}"] == (1, "out", "sent") for wa_id in written)
+    assert len(rows) == 2 * len(written)
+    assert [m.direction for m in history] == [Direction.IN, Direction.OUT] * 2
+
+
+# -- responses slower than the client's timeout ----------------------------------------------------------
+
+
+class SlowProxy:
+    """An HTTP proxy on loopback that forwards each request at once and holds the response for `delay` s:
+    the write lands in PostgreSQL, but the client times out and has to send it again."""
+
+    _HOP = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive"})
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.delay = 0.0
+        self.requests = 0
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.url = ""
+
+    async def start(self) -> SlowProxy:
+        self._session = aiohttp.ClientSession(auto_decompress=False, trust_env=False)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _forward(self, request: web.Request) -> web.Response:
+        assert self._session is not None
+        self.requests += 1
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in self._HOP)
+        body = await request.read()
+        async with self._session.request(
+            request.method, self.upstream + request.raw_path, headers=headers, data=body or None
+        ) as upstream:
+            payload = await upstream.read()
+            out = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in self._HOP)
+            status = upstream.status
+        await asyncio.sleep(self.delay)
+        return web.Response(status=status, body=payload, headers=out)
+
+
+async def test_responses_slower_than_the_client_timeout(db: SupabaseStack, tmp_path: Path) -> None:
+    proxy = await SlowProxy(db.url).start()
+    store = make_store(proxy.url, db.key, tmp_path / "data", request_timeout_s=0.4, max_backoff_s=0.2)
+    await store.open()
+    try:
+        await store.add_message(inbound_row(0))
+        assert await store.flush(5)
+        assert [m.wa_message_id for m in await store.recent_messages(CHATS[0], 5)] == ["IN0"]
+
+        proxy.delay = 1.0
+        slowest = 0.0
+        for n in range(1, 11):
+            slowest = max(slowest, await timed(store.add_message(inbound_row(n, CHATS[1]))))
+            slowest = max(slowest, await timed(store.add_reply(reply_row(n, CHATS[1]), f"IN{n}")))
+        assert slowest < 0.2, f"a write waited {slowest:.2f} s on a slow Supabase"
+        await wait_for(lambda: store.stats()["flush_failures"] >= 2)
+        # The timed-out requests did land: what is replayed must not double anything.
+        await wait_for(lambda: "IN10" in rows_in_db(db))
+        assert store.stats()["state"] == "degraded"
+        assert store.stats()["journal_rows"] > 0
+        # Reads do not wait on the slow server: what is local answers.
+        started = time.perf_counter()
+        history = await store.recent_messages(CHATS[1], 4)
+        assert time.perf_counter() - started < 0.2
+        assert [m.wa_message_id for m in history] == ["IN9", "OUT9", "IN10", "OUT10"]
+        assert store.stats()["fallback_hits"] >= 1
+
+        proxy.delay = 0.0
+        assert await store.flush(10)
+    finally:
+        await store.close()
+        await proxy.stop()
+    rows = rows_in_db(db)
+    assert rows == {
+        "IN0": (1, "in", "received"),
+        **{f"IN{n}": (1, "in", "answered") for n in range(1, 11)},
+        **{f"OUT{n}": (1, "out", "sent") for n in range(1, 11)},
+    }
+
+
+# -- the journal's bound ---------------------------------------------------------------------------------
+
+
+async def test_journal_bound(db: SupabaseStack, tmp_path: Path) -> None:
+    """At max rows the bot's replies stay local only; inbound messages and answered marks are still kept;
+    at the hard max writes are refused, loudly. Whatever was journaled reaches Supabase afterwards."""
+    data = tmp_path / "data"
+    unreachable = "http://127.0.0.1:9"  # discard port: connection refused
+    store = make_store(unreachable, db.key, data, max_journal_rows=10, hard_max_journal_rows=16)
+    await store.open()
+    refused: list[str] = []
+    try:
+        for n in range(8):
+            try:
+                await store.add_message(inbound_row(n))
+                await store.add_reply(reply_row(n), f"IN{n}")
+            except JournalFull:
+                refused.append(f"IN{n}")
+        stats = store.stats()
+        assert stats["journal_rows"] == 16 <= stats["journal_hard_max_rows"]
+        assert stats["journal_dropped"] == 3  # OUT3, OUT4, OUT5
+        assert stats["journal_refused"] == 3  # OUT6 with its answered mark, then IN7
+        assert refused == ["IN6", "IN7"]  # the callers were told
+        assert stats["journal_oldest_s"] >= 0
+        # Locally the conversation is whole, dropped replies included.
+        history = await store.recent_messages(CHATS[0], 20)
+        assert [m.wa_message_id for m in history] == [f"{d}{n}" for n in range(6) for d in ("IN", "OUT")] + [
+            "IN6"
+        ]
+    finally:
+        await store.close()
+
+    store = make_store(db.url, db.key, data)  # Supabase is back
+    await store.open()
+    try:
+        assert await store.flush(10)
+    finally:
+        await store.close()
+    rows = rows_in_db(db)
+    assert rows == {
+        **{f"IN{n}": (1, "in", "answered") for n in range(6)},
+        "IN6": (1, "in", "received"),
+        **{f"OUT{n}": (1, "out", "sent") for n in range(3)},
+    }
+
+
+# -- layered reads ---------------------------------------------------------------------------------------
+
+
+async def test_layered_reads_and_outage_fallback(db: SupabaseStack, tmp_path: Path) -> None:
+    store = make_store(db.url, db.key, tmp_path / "a")
+    await store.open()
+    for n in range(1, 4):
+        await store.add_message(inbound_row(n))
+        await store.add_reply(reply_row(n), f"IN{n}")
+    expected = ["IN2", "OUT2", "IN3", "OUT3"]
+    assert [m.wa_message_id for m in await store.recent_messages(CHATS[0], 4)] == expected
+    assert [m.wa_message_id for m in await store.recent_messages(CHATS[0], 4)] == expected
+    stats = store.stats()
+    assert (stats["supabase_hits"], stats["memory_hits"]) == (1, 1)
+    await store.close()
+
+    # Same data dir: the mirror knows the chat is complete, no request to Supabase.
+    store = make_store(db.url, db.key, tmp_path / "a")
+    await store.open()
+    assert [m.wa_message_id for m in await store.recent_messages(CHATS[0], 4)] == expected
+    assert (store.stats()["local_hits"], store.stats()["supabase_hits"]) == (1, 0)
+    await store.close()
+
+    # A new data dir (a redeploy without a volume): Supabase has it all.
+    store = make_store(db.url, db.key, tmp_path / "b")
+    await store.open()
+    try:
+        assert [m.wa_message_id for m in await store.recent_messages(CHATS[0], 4)] == expected
+        assert store.stats()["supabase_hits"] == 1
+        await asyncio.to_thread(db.stop_postgrest)
+        try:
+            # During the outage: new writes and an unread chat are answered from what is local.
+            await store.add_message(inbound_row(4, CHATS[2]))
+            await store.set_status("IN4", MessageStatus.RECEIVED, body="transcript")
+            got = await store.recent_messages(CHATS[2], 5)
+            assert [(m.wa_message_id, m.body) for m in got] == [("IN4", "transcript")]
+            assert [m.wa_message_id for m in await store.unanswered_inbound(0)] == ["IN4"]
+            assert (await store.recent_message_ids(0, 2)) == ["IN4", "OUT3"]
+            assert store.stats()["state"] == "degraded"
+            assert store.stats()["fallback_hits"] >= 3
+        finally:
+            await asyncio.to_thread(db.start_postgrest)
+        assert await store.flush(10)
+        assert rows_in_db(db)["IN4"] == (1, "in", "received")
+        assert db.query("select body from chat_history where wa_message_id = 'IN4'") == [("transcript",)]
+    finally:
+        await store.close()
+
+
+# -- retention -------------------------------------------------------------------------------------------
+
+
+async def test_retention_job_deletes_old_rows(db: SupabaseStack, tmp_path: Path) -> None:
+    old = time.time() - 40 * 86400
+    store = make_store(db.url, db.key, tmp_path / "data", retention_days=30, retention_interval_s=0.3)
+    await store.open()
+    try:
+        await store.add_message(inbound_row(1, at=old))
+        await store.add_message(inbound_row(2, at=old + 1))
+        await store.add_message(inbound_row(3))
+        assert await store.flush(5)
+        await wait_for(lambda: store.stats()["purged"] == 2, timeout=10)
+        assert set(rows_in_db(db)) == {"IN3"}
+        assert [m.wa_message_id for m in await store.recent_messages(CHATS[0], 5)] == ["IN3"]
+        assert await store.purge_older_than(30) == 0
+    finally:
+        await store.close()
+
+
+# -- data PostgreSQL refuses -----------------------------------------------------------------------------
+
+
+async def test_a_refused_row_does_not_block_the_journal(db: SupabaseStack, tmp_path: Path) -> None:
+    store = make_store(db.url, db.key, tmp_path / "data")
+    await store.open()
+    try:
+        # What the store is given is cleaned: NUL and lone surrogates never reach Postgres.
+        await store.add_message(
+            StoredMessage("IN1", CHATS[0], Direction.IN, "text", "a\x00b\ud800c", MessageStatus.RECEIVED, 1.0)
+        )
+        # An operation that skipped the cleaning (say, journaled by an older version): Postgres refuses it.
+        bad = StoredMessage("IN2", CHATS[0], Direction.IN, "text", "nul\x00", MessageStatus.RECEIVED, 2.0)
+        await store._local(store.journal.append, [Op.insert(bad)])
+        await store.add_message(inbound_row(3))
+        assert await store.flush(10)
+        assert store.stats()["poisoned"] == 1
+    finally:
+        await store.close()
+    assert set(rows_in_db(db)) == {"IN1", "IN3"}
+    assert db.query("select body from chat_history where wa_message_id = 'IN1'") == [("ab?c",)]
+
+
+# -- the journal on its own (no stack needed) ------------------------------------------------------------
+
+
+def test_journal_keeps_order_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path, max_rows=100)
+    journal.open()
+    first = inbound_row(1, at=10.0)
+    journal.append([Op.insert(first), Op.set_status("IN1", MessageStatus.RECEIVED, body="transcript")])
+    journal.append([Op.insert(reply_row(1)), Op.set_status("IN1", MessageStatus.ANSWERED), Op.stale(5.0)])
+    assert journal.size == 5
+    assert [op.kind.value for op in journal.peek(10)] == ["message", "status", "message", "status", "stale"]
+    journal.ack(journal.peek(2)[-1].seq)
+    assert journal.size == 3
+    assert journal.stats()["journal_oldest_s"] >= 0
+    journal.close()
+
+    journal = Journal(path, max_rows=100)
+    journal.open()
+    try:
+        ops = journal.peek(10)
+        assert [(op.kind.value, op.wa_message_id) for op in ops] == [
+            ("message", "OUT1"),
+            ("status", "IN1"),
+            ("stale", ""),
+        ]
+        assert ops[1].chat_id == CHATS[0]  # known from the mirror: overlays of that chat find it
+        assert ops[1].status is MessageStatus.ANSWERED
+        journal.append([Op.insert(inbound_row(2))])
+        assert journal.peek(10)[-1].seq > ops[-1].seq  # sequence numbers are never reused
+        # The mirror holds the latest state of every row written, in order.
+        rows, complete = journal.chat_rows(CHATS[0])
+        assert [(m.wa_message_id, m.status, m.body) for m in rows] == [
+            ("IN1", MessageStatus.ANSWERED, "transcript"),
+            ("OUT1", MessageStatus.SENT, "answer 1"),
+            ("IN2", MessageStatus.RECEIVED, "question 2"),
+        ]
+        assert not complete  # never read from Supabase: not known to be the whole chat
+    finally:
+        journal.close()

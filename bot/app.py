@@ -16,9 +16,11 @@ from loguru import logger
 from bot.ai import ChatModel, make_client
 from bot.config import Settings
 from bot.flows import FlowMatcher, FlowsFileError, load_flows_file
+from bot.governor import GovernedTransport, GovernorLimits
 from bot.http import build_app, start_http
 from bot.limits import CircuitBreaker, SlidingWindowLimiter
 from bot.pipeline import Pipeline
+from bot.replies import all_canned_texts
 from bot.responder import Responder
 from bot.takeover import Takeover
 from connection.types import (
@@ -292,6 +294,7 @@ async def run_whatsapp(settings: Settings) -> int:
     bot_ref: list[Bot] = []
 
     def submit(message: Inbound) -> None:
+        governor.note_inbound(message)
         bot_ref[0].pipeline.submit(message)
 
     transport = NeonizeTransport(
@@ -303,8 +306,17 @@ async def run_whatsapp(settings: Settings) -> int:
         on_pair_code=lambda code: qr_state.update(pair_code=code),
         log_level=settings.effective_log_level,
     )
-    bot = Bot.build(settings, transport)
-    bot.connection_stats = transport.stats
+    governor = GovernedTransport(
+        transport,
+        GovernorLimits(
+            per_minute=settings.wa_send_per_minute,
+            typing_chars_per_s=settings.wa_typing_chars_per_s,
+            same_text_max_chats=settings.wa_same_text_max_chats,
+        ),
+        canned=all_canned_texts(),
+    )
+    bot = Bot.build(settings, governor)
+    bot.connection_stats = lambda: {**transport.stats(), "governor": governor.stats()}
     bot_ref.append(bot)
 
     def qr_snapshot() -> dict[str, Any]:

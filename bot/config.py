@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # WhatsApp
     wa_pair_phone: str | None = None
     wa_session_name: str = "bot"
+    wa_send_per_minute: int = Field(40, ge=1, le=1000)
+    wa_typing_chars_per_s: float = Field(25.0, ge=0)
+    wa_same_text_max_chats: int = Field(5, ge=1)
     admin_token: str | None = None
 
     @field_validator("log_level", mode="before")

@@ -1,0 +1,171 @@
+"""Ban-risk governor: what WhatsApp's own ban reasons warn about, enforced on the WhatsApp transport.
+
+- the bot only replies: it never writes to a chat that has not written to it recently;
+- a global budget of messages per minute; beyond it, sends wait their turn;
+- a typing pause proportional to the answer's length, with jitter, before each send;
+- the same text to many chats within a short time is spread out (canned replies excepted).
+
+It wraps any Transport; the console transport is left unwrapped (no pauses, no budgets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from loguru import logger
+
+from connection.types import ChatId, ConnectionState, Inbound, MessageId, Transport, TransportError
+
+
+@dataclass(frozen=True)
+class GovernorLimits:
+    per_minute: int = 40  # messages sent per minute, all chats together
+    typing_chars_per_s: float = 25.0  # a fast human typist
+    typing_max_s: float = 6.0
+    typing_jitter: float = 0.3  # +/- this fraction
+    same_text_max_chats: int = 5  # the same text to more chats than this within the window waits
+    same_text_window_s: float = 60.0
+    reply_window_s: float = 24 * 3600  # a chat may be answered this long after its last message
+    allow_initiate: bool = False
+
+
+class GovernedTransport:
+    """A Transport wrapper; `note_inbound` must see every inbound message (wire it before the pipeline)."""
+
+    def __init__(
+        self,
+        inner: Transport,
+        limits: GovernorLimits,
+        *,
+        canned: set[str] | frozenset[str] = frozenset(),
+        max_chats: int = 50000,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.inner = inner
+        self.limits = limits
+        self.canned = frozenset(canned)
+        self.max_chats = max_chats
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._inbound_at: OrderedDict[str, float] = OrderedDict()
+        self._sent_at: deque[float] = deque()
+        self._same_text: OrderedDict[str, deque[tuple[float, str]]] = OrderedDict()
+        self._budget_lock = asyncio.Lock()
+        self.counters = {"sent": 0, "refused_unsolicited": 0, "budget_waits": 0, "same_text_waits": 0}
+        self.typing_s = 0.0
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+
+    def note_inbound(self, message: Inbound) -> None:
+        """Record that a chat wrote to us (the owner's own chat counts: owner commands get an answer)."""
+        if (message.from_me and not message.is_self_chat) or not message.chat:
+            return
+        self._inbound_at[message.chat] = self._clock()
+        self._inbound_at.move_to_end(message.chat)
+        while len(self._inbound_at) > self.max_chats:
+            self._inbound_at.popitem(last=False)
+
+    def _may_write_to(self, chat: str) -> bool:
+        if self.limits.allow_initiate:
+            return True
+        last = self._inbound_at.get(chat)
+        return last is not None and self._clock() - last <= self.limits.reply_window_s
+
+    # -- the Transport protocol ---------------------------------------------------------------------
+
+    @property
+    def state(self) -> ConnectionState:
+        return self.inner.state
+
+    async def send_text(self, chat: ChatId, text: str) -> MessageId:
+        if not self._may_write_to(chat):
+            self.counters["refused_unsolicited"] += 1
+            raise TransportError("refused: the bot only replies to chats that wrote to it")
+        await self._spread_same_text(chat, text)
+        await self._typing_pause(chat, text)
+        await self._take_budget()
+        sent = await self.inner.send_text(chat, text)
+        self.counters["sent"] += 1
+        return sent
+
+    async def set_typing(self, chat: ChatId, typing: bool) -> None:
+        await self.inner.set_typing(chat, typing)
+
+    async def mark_read(self, message: Inbound) -> None:
+        await self.inner.mark_read(message)
+
+    async def download_media(self, message: Inbound) -> bytes:
+        return await self.inner.download_media(message)
+
+    # -- the limits ---------------------------------------------------------------------------------
+
+    async def _typing_pause(self, chat: ChatId, text: str) -> None:
+        if self.limits.typing_chars_per_s <= 0:  # 0 turns the pause off
+            return
+        base = min(self.limits.typing_max_s, len(text) / self.limits.typing_chars_per_s)
+        jitter = 1 + self._rng.uniform(-self.limits.typing_jitter, self.limits.typing_jitter)
+        pause = max(0.0, base * jitter)
+        if pause <= 0:
+            return
+        self.typing_s += pause
+        try:
+            await self.inner.set_typing(chat, True)
+        except Exception as error:  # typing is cosmetic
+            logger.debug("typing indicator failed: {}", error)
+        await self._sleep(pause)
+
+    async def _take_budget(self) -> None:
+        async with self._budget_lock:  # one waiter at a time keeps the sends in order
+            while True:
+                now = self._clock()
+                while self._sent_at and self._sent_at[0] <= now - 60:
+                    self._sent_at.popleft()
+                if len(self._sent_at) < self.limits.per_minute:
+                    self._sent_at.append(now)
+                    return
+                self.counters["budget_waits"] += 1
+                await self._sleep(self._sent_at[0] + 60 - now)
+
+    async def _spread_same_text(self, chat: str, text: str) -> None:
+        if text in self.canned:
+            return
+        key = hashlib.blake2b(text.strip().casefold().encode(), digest_size=12).hexdigest()
+        window = self.limits.same_text_window_s
+        while True:
+            now = self._clock()
+            sends = self._same_text.get(key)
+            if sends is None:
+                sends = self._same_text[key] = deque()
+            while sends and sends[0][0] <= now - window:
+                sends.popleft()
+            chats = {c for _, c in sends}
+            if chat in chats or len(chats) < self.limits.same_text_max_chats:
+                sends.append((now, chat))
+                self._same_text.move_to_end(key)
+                while len(self._same_text) > self.max_chats:
+                    self._same_text.popitem(last=False)
+                return
+            self.counters["same_text_waits"] += 1
+            logger.warning(
+                "the same answer went to {} chats within {:.0f} s: spreading it out", len(chats), window
+            )
+            await self._sleep(sends[0][0] + window - now)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.counters,
+            "typing_pause_s": round(self.typing_s, 1),
+            "sent_last_minute": len(self._sent_at),
+            "per_minute_budget": self.limits.per_minute,
+            "reply_chats_tracked": len(self._inbound_at),
+        }

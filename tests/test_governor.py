@@ -1,0 +1,93 @@
+"""The ban-risk governor on a fake clock, around the loopback transport."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from bot.governor import GovernedTransport, GovernorLimits
+from connection.loopback import LoopbackTransport
+from connection.types import ChatId, TransportError
+from tests.conftest import inbound
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def governed(**limits: object) -> tuple[GovernedTransport, LoopbackTransport, FakeTime]:
+    inner, time = LoopbackTransport(), FakeTime()
+    options = {"typing_chars_per_s": 0.0001, "typing_max_s": 0.0, **limits}
+    gov = GovernedTransport(
+        inner,
+        GovernorLimits(**options),  # type: ignore[arg-type]
+        canned={"Gracias por tu mensaje."},
+        clock=time.clock,
+        sleep=time.sleep,
+        rng=random.Random(1),
+    )
+    return gov, inner, time
+
+
+def chat(i: int) -> ChatId:
+    return ChatId(f"3460000{i:04d}@s.whatsapp.net")
+
+
+async def test_the_bot_never_starts_a_chat() -> None:
+    gov, inner, _ = governed()
+    with pytest.raises(TransportError, match="only replies"):
+        await gov.send_text(chat(1), "hola, ¿te interesa nuestra oferta?")
+    gov.note_inbound(inbound("hola", chat=chat(1)))
+    await gov.send_text(chat(1), "¡hola!")
+    assert [s.chat for s in inner.sent] == [chat(1)] and gov.counters["refused_unsolicited"] == 1
+
+
+async def test_a_chat_can_only_be_answered_within_the_reply_window() -> None:
+    gov, _, time = governed(reply_window_s=3600)
+    gov.note_inbound(inbound("hola", chat=chat(1)))
+    time.now += 3601
+    with pytest.raises(TransportError):
+        await gov.send_text(chat(1), "perdón por la demora")
+
+
+async def test_the_global_budget_makes_sends_wait_their_turn() -> None:
+    gov, inner, time = governed(per_minute=3)
+    for i in range(5):
+        gov.note_inbound(inbound("hola", chat=chat(i)))
+    for i in range(5):
+        await gov.send_text(chat(i), f"respuesta {i}")
+    assert [s.text for s in inner.sent] == [f"respuesta {i}" for i in range(5)]  # in order, none lost
+    assert time.now == pytest.approx(60) and gov.counters["budget_waits"] == 1
+
+
+async def test_a_typing_pause_proportional_to_length_with_jitter() -> None:
+    gov, inner, time = governed(typing_chars_per_s=20, typing_max_s=5, typing_jitter=0.3)
+    gov.note_inbound(inbound("hola", chat=chat(1)))
+    await gov.send_text(chat(1), "x" * 40)  # 2 s +/- 30 %
+    await gov.send_text(chat(1), "x" * 1000)  # capped at 5 s +/- 30 %
+    short, long = time.slept
+    assert 1.4 <= short <= 2.6 and 3.5 <= long <= 6.5
+    assert inner.typing[:1] == [(chat(1), True)]
+
+
+async def test_the_same_text_to_many_chats_is_spread_out_but_canned_replies_are_not() -> None:
+    gov, inner, time = governed(same_text_max_chats=3, same_text_window_s=60)
+    for i in range(6):
+        gov.note_inbound(inbound("hola", chat=chat(i)))
+    for i in range(4):
+        await gov.send_text(chat(i), "Gracias por tu mensaje.")  # canned: no wait
+    assert time.now == 0
+    for i in range(4):
+        await gov.send_text(chat(i), "Compra ya en www.example.com")
+    assert time.now == pytest.approx(60) and gov.counters["same_text_waits"] == 1
+    assert len(inner.sent) == 8

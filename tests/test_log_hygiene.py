@@ -1,0 +1,94 @@
+"""Logs of full runs at DEBUG never show the secrets they were given or full phone numbers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fake_openai import FakeOpenAI
+from tests.test_console import run_chat
+from tests.test_http import free_port, get
+
+REPO = Path(__file__).resolve().parent.parent
+OPENAI_KEY = "sk-test-Zq8vN3kLw9RtY2pXc7Hs"
+ADMIN_TOKEN = "admin-Pv7Kd2Lq9Wm4Xz8Rt3Ny"
+DB_PASSWORD = "pw-Hq3Lz8Vn2Kc7Tx9"
+PHONES = ["34600111222", "5491122334455"]
+
+
+def assert_clean(text: str) -> None:
+    for secret in (OPENAI_KEY, ADMIN_TOKEN, DB_PASSWORD):
+        assert secret not in text, f"a secret reached the logs: {secret[:6]}..."
+    for phone in PHONES:
+        assert phone not in text, "a full phone number reached the logs"
+
+
+async def test_a_chat_run_at_debug_level_logs_no_secrets_and_masks_numbers(
+    tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    script = "".join(
+        json.dumps({"from": phone, "text": f"hola, mi número es {phone}"}) + "\n" for phone in PHONES
+    )
+    code, out, err = await run_chat(
+        tmp_path,
+        script,
+        "--jsonl",
+        OPENAI_API_KEY=OPENAI_KEY,
+        OPENAI_BASE_URL=fake_openai.base_url,
+        ADMIN_TOKEN=ADMIN_TOKEN,
+        LOG_LEVEL="DEBUG",
+    )
+    assert code == 0 and len(out.splitlines()) == 2
+    assert re.search(r"34\*+22@s\.whatsapp\.net", err), "numbers are logged masked"
+    assert_clean(err)
+
+
+@pytest.mark.timeout(60)
+async def test_a_whatsapp_run_with_a_postgres_session_url_logs_no_password(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_", "WA_"))}
+    env.update(
+        PYTHONPATH=str(REPO),
+        PORT=str(port),
+        DATA_DIR=str(tmp_path / "data"),
+        LOG_LEVEL="DEBUG",
+        OPENAI_API_KEY=OPENAI_KEY,
+        ADMIN_TOKEN=ADMIN_TOKEN,
+        SUPABASE_DB_URL=f"postgresql://bot:{DB_PASSWORD}@127.0.0.1:9/postgres",
+        WA_PAIR_PHONE=PHONES[0],
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        cwd=tmp_path,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        for _ in range(100):
+            try:
+                status, metrics = await get(f"http://127.0.0.1:{port}/v1/metrics")
+                if status == 200:
+                    break
+            except Exception:
+                pass
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(3)  # let a few connection attempts fail and log
+        assert_clean(metrics)
+        process.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(process.communicate(), 20)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert_clean(out.decode(errors="replace") + err.decode(errors="replace"))

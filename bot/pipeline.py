@@ -347,7 +347,7 @@ class Pipeline:
                 via_model = answer is None
                 if answer is None:
                     model_started = time.perf_counter()
-                    answer = await self._ask_model(message, text)
+                    answer = await self._ask_model(message, inbound, text)
                     model_time = time.perf_counter() - model_started
                 answer_text = answer.text
         finally:
@@ -412,7 +412,7 @@ class Pipeline:
             return reply("ai_error", self.language)
         return reply("audio_unreadable", self.language)
 
-    async def _ask_model(self, message: Inbound, text: str) -> Answer:
+    async def _ask_model(self, message: Inbound, inbound: StoredMessage, text: str) -> Answer:
         if not self.model_gate.is_set():
             # Memory is critical: the message is persisted and waits, in order; say so once.
             try:
@@ -420,7 +420,7 @@ class Pipeline:
             except TimeoutError:
                 await self._send_notice(message.chat, reply("busy", self.language))
                 await self.model_gate.wait()
-        history = await self.history.recent(message.chat, before=message.id)
+        history = await self.history.recent(inbound)
         await self._typing(message.chat, True)
         try:
             return await self.responder.model_answer(text, history)

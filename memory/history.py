@@ -24,27 +24,29 @@ class ChatHistory:
     def __len__(self) -> int:
         return len(self._chats)
 
-    async def recent(self, chat_id: str, *, before: str | None = None) -> list[StoredMessage]:
-        """The last `depth` messages of the chat, oldest first, leaving out message `before`.
+    async def recent(self, current: StoredMessage) -> list[StoredMessage]:
+        """The last `depth` messages of the chat before `current` (the message being answered), oldest first.
 
-        `before` is the message being answered: it is already persisted, but the
-        model must see it once, as the new message, not also as history.
+        On a miss the store is read; rows from `current` on are dropped, since later messages of
+        the chat may already be persisted (they are saved at intake) but must not count as history.
         """
         if self.depth <= 0:
             return []
+        chat_id = current.chat_id
         cached = self._chats.get(chat_id)
         if cached is not None:
             self._chats.move_to_end(chat_id)
             self.memory_hits += 1
         else:
             self.store_reads += 1
-            # One extra row: the message being answered may be among the latest.
-            cached = deque(
-                await self.store.recent_messages(chat_id, self.depth + 1),
-                maxlen=self.depth + 1,
-            )
+            rows = await self.store.recent_messages(chat_id, self.depth * 2 + 20)
+            ids = [row.wa_message_id for row in rows]
+            if current.wa_message_id in ids:
+                rows = rows[: ids.index(current.wa_message_id)]
+            rows = [row for row in rows if row.created_at <= current.created_at]
+            cached = deque([*rows, current], maxlen=self.depth + 1)
             self._remember(chat_id, cached)
-        return [m for m in cached if m.wa_message_id != before][-self.depth :]
+        return [m for m in cached if m.wa_message_id != current.wa_message_id][-self.depth :]
 
     def append(self, message: StoredMessage) -> None:
         """Record a message that was just persisted (only chats already in memory are updated)."""

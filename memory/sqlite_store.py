@@ -235,8 +235,9 @@ class SQLiteStore:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    async def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        await self.flush()  # read your own writes
+    async def _query(self, sql: str, params: tuple[Any, ...], *, flush: bool = True) -> list[tuple[Any, ...]]:
+        if flush:
+            await self.flush()  # read your own writes
         assert self._conn is not None
         conn = self._conn
         return await self._run(lambda: conn.execute(sql, params).fetchall())

@@ -20,6 +20,14 @@ from tests.fake_openai import FakeOpenAI
 _ids = itertools.count(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_logs() -> None:
+    """In-process tests log at WARNING: loguru's default sink logs everything at DEBUG."""
+    from bot.logsetup import setup_logging
+
+    setup_logging("WARNING")
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Tests never read the developer's .env or environment."""

@@ -259,3 +259,17 @@ async def test_a_failed_send_fails_one_message_not_the_chat(harness, fake_openai
         assert h.bot.pipeline.counters.failed == 1
         rows = await h.bot.store.recent_messages(CHAT, 10)
     assert rows[0].status is MessageStatus.FAILED
+
+
+async def test_messages_queued_behind_never_leak_into_the_history(harness, fake_openai: FakeOpenAI) -> None:
+    # After a restart the history comes from the store, where later messages of the chat are
+    # already saved at intake; the model must still see only what came before each message.
+    async with harness(**ai(fake_openai)) as h:
+        await h.say("primero")
+    fake_openai.delay_s = 0.05
+    async with harness(**ai(fake_openai)) as h:
+        await h.say("segundo", "tercero", "cuarto")
+    contexts = [[m["content"] for m in r["messages"][1:]] for r in fake_openai.chat_requests[1:]]
+    assert contexts[0] == ["primero", "echo: primero", "segundo"]
+    assert contexts[1] == ["primero", "echo: primero", "segundo", "echo: segundo", "tercero"]
+    assert contexts[2][-3:] == ["tercero", "echo: tercero", "cuarto"]

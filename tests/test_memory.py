@@ -1,0 +1,123 @@
+"""Memory: the limit comes from MEMORY_LIMIT, the cgroup or a default; and a soak of 200,000
+messages from 50,000 chats keeps every in-memory structure bounded."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.ai import ChatModel
+from connection.types import ChatId, Inbound, MessageId, MessageKind
+from memory.manager import MemoryManager, MemoryState, cgroup_limit_mb
+
+
+def test_the_limit_comes_from_the_setting_then_the_cgroup_then_a_default(tmp_path: Path) -> None:
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    assert cgroup_limit_mb((v2, v1)) is None
+    v1.write_text(str(256 * 1024 * 1024))
+    assert cgroup_limit_mb((v2, v1)) == 256
+    v2.write_text("max\n")
+    assert cgroup_limit_mb((v2, v1)) is None  # v2 present and unlimited
+    v2.write_text(str(512 * 1024 * 1024))
+    assert cgroup_limit_mb((v2, v1)) == 512
+    v1.write_text("9223372036854771712")  # cgroup v1's "no limit"
+    assert cgroup_limit_mb((v1,)) is None
+    assert MemoryManager(300).limit_mb == 300 and MemoryManager(300).limit_source == "MEMORY_LIMIT"
+
+
+def test_states_follow_rss_with_configurable_thresholds() -> None:
+    rss = [0.0]
+    seen: list[tuple[str, str]] = []
+    manager = MemoryManager(1000, warning=0.5, critical=0.7, read_rss_mb=lambda: rss[0])
+    manager.on_change(lambda old, new: seen.append((old.value, new.value)))
+    for value, state in [
+        (100, "normal"),
+        (550, "warning"),
+        (710, "critical"),
+        (600, "warning"),
+        (10, "normal"),
+    ]:
+        rss[0] = value
+        assert manager.check() is MemoryState(state)
+    assert seen == [
+        ("normal", "warning"),
+        ("warning", "critical"),
+        ("critical", "warning"),
+        ("warning", "normal"),
+    ]
+    assert manager.stats()["percent"] == 1.0 and manager.stats()["peak_rss_mb"] == 710
+
+
+class InstantModel(ChatModel):
+    def __init__(self) -> None:
+        super().__init__(client=None, model="instant")  # type: ignore[arg-type]
+
+    async def _call(self, messages: list[dict[str, Any]]) -> str:
+        self.requests += 1
+        return "ok"
+
+    async def close(self) -> None:
+        pass
+
+
+def structure_sizes(bot: Any) -> dict[str, int]:
+    pipeline = bot.pipeline
+    return {
+        "queues": len(pipeline._queues),
+        "workers": len(pipeline._workers),
+        "dedup": len(pipeline.dedup),
+        "rate_windows": len(pipeline.rate_limiter),
+        "paused_chats": len(pipeline.takeover._paused),
+        "sent_ids": len(pipeline.takeover._sent),
+        "history_chats": len(bot.history),
+        "cache": len(bot.cache),
+        "notices": len(pipeline._notice_only),
+        "background": len(pipeline._background),
+        "store_pending": len(bot.store._pending),
+    }
+
+
+@pytest.mark.timeout(300)
+async def test_soak_200k_messages_from_50k_chats_keeps_every_structure_bounded(harness) -> None:
+    limits = {
+        "dedup": 20000,
+        "rate_windows": 20000,
+        "paused_chats": 20000,
+        "sent_ids": 5000,
+        "history_chats": 5000,
+        "cache": 1000,
+        "notices": 0,
+        "background": 0,
+    }
+    async with harness(human_takeover_minutes=0, rate_limit_max_messages=2) as h:
+        h.bot.pipeline.responder.model = h.bot.model = InstantModel()
+        h.transport.record = False
+        peak: dict[str, int] = {}
+        now = time.time()
+        total, chats, batch = 200_000, 50_000, 10_000
+        for start in range(0, total, batch):
+            for i in range(start, start + batch):
+                h.bot.pipeline.submit(
+                    Inbound(
+                        id=MessageId(f"soak-{i}"),
+                        chat=ChatId(f"34{i % chats:09d}@s.whatsapp.net"),
+                        sender=f"34{i % chats:09d}@s.whatsapp.net",
+                        kind=MessageKind.TEXT,
+                        text=f"pregunta {i // chats}",
+                        timestamp=now,
+                    )
+                )
+            sizes = structure_sizes(h.bot)
+            peak = {k: max(v, peak.get(k, 0)) for k, v in sizes.items()}
+            assert await h.bot.pipeline.drain(60)
+        final = structure_sizes(h.bot)
+        counters = h.bot.pipeline.counters
+    assert counters.received == total and counters.failed == 0
+    assert counters.answered + counters.rate_limited == total  # every message answered or limited
+    for name, limit in limits.items():
+        assert peak[name] <= limit, f"{name} grew to {peak[name]} (bound {limit})"
+    # Intake queues only hold what is waiting: one batch at most, and nothing once drained.
+    assert peak["queues"] <= batch and final["queues"] == final["workers"] == 0

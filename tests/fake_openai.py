@@ -129,4 +129,3 @@ class FakeOpenAI:
                 {"error": {"message": message, "type": "invalid_request_error"}}, status=400
             )
         return web.json_response({"text": self.transcript})
-

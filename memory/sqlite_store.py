@@ -137,7 +137,6 @@ class SQLiteStore:
         # NORMAL in WAL mode survives a process crash; only an OS crash can lose the last commits.
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
-        conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.executescript(SCHEMA)
         self._conn = conn
 

@@ -1,13 +1,11 @@
 """WhatsApp over neonize (whatsmeow in a shared library): the only module that imports neonize.
 
-Two parts:
-
 - `translate_message`: a pure function from neonize's `MessageEv` protobuf to our `Inbound`.
-- `NeonizeTransport`: the `Transport` implementation. It owns one `NewAClient`, maps neonize's
-  connection events to `ConnectionState`, and retries `connect()` with a capped, jittered
-  exponential backoff when it fails. whatsmeow reconnects by itself after a drop once it was
-  connected, so this loop only runs when `connect()` itself fails or returns; logged-out,
-  replaced and banned stop it for good.
+- `translate_connection_event`: neonize's connection events to the supervisor's small events.
+- `NeonizeDriver`: the supervisor's `ClientDriver` over one `NewAClient`.
+- `NeonizeTransport`: the `Transport`. A `Supervisor` (connection/supervisor.py) owns states, retries and
+  the heartbeat watchdog; an `Outbox` keeps replies while disconnected; `ResendRequests` asks a sender
+  to resend a message that stayed undecryptable.
 
 neonize 0.5.x traps handled here:
 
@@ -16,12 +14,14 @@ neonize 0.5.x traps handled here:
 - handlers of one event run as separate tasks: `on_inbound` is called before any `await`, so
   arrival order holds;
 - `NewAClient.is_connected` is a property that returns a coroutine (it must be awaited);
-- neonize pins the event loop of the first `connect()` in a module global; `start()` re-points it
+- neonize pins the event loop of the first `connect()` in a module global; every connect re-points it
   to the running loop;
 - the whatsmeow log level comes from the level of the stdlib logger `neonize.utils.log` (NOTSET
   ships every debug line through a ctypes callback), so it is set from `log_level`;
 - every `Neonize()` call opens a database handle that is never closed: after a few failures in a
-  row, a cheap TCP probe gates the next real `connect()` so a long outage does not leak handles.
+  row, a cheap TCP probe gates the next real `connect()` so a long outage does not leak handles;
+- while a QR code is showing, neonize's Go call ignores Stop (whatsmeow's QR loop waits for codes that
+  are no longer emitted): the driver abandons that call after a short wait so stop() stays prompt.
 """
 
 from __future__ import annotations
@@ -32,19 +32,38 @@ import inspect
 import io
 import logging
 import os
-import random
-import re
 import subprocess
 import sys
 import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import segno
 from loguru import logger
 
+from connection.outbox import Outbox, ResendRequests, SendDeferred
+from connection.supervisor import (
+    Backoff,
+    ClientOutdated,
+    Connected,
+    ConnectFailure,
+    ConnectionLost,
+    Disconnected,
+    DriverEvent,
+    KeepAliveRestored,
+    KeepAliveTimeout,
+    LoggedOut,
+    Paired,
+    QrShown,
+    StreamReplaced,
+    Supervisor,
+    TemporaryBan,
+)
+from connection.supervisor import mask_phone as _mask
+from connection.supervisor import scrub as _scrub
 from connection.types import (
     ChatId,
     ConnectionState,
@@ -92,21 +111,25 @@ with warnings.catch_warnings(), _closed_popen():
         StreamReplacedEv,
         TemporaryBanEv,
     )
+    from neonize.events import UndecryptableMessageEv
     from neonize.proto import Neonize_pb2 as nz
     from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import Message as WAMessage
-    from neonize.utils.enum import ChatPresence, ChatPresenceMedia, ReceiptType
+    from neonize.utils.enum import ChatPresence, ChatPresenceMedia, Presence, ReceiptType
 
-__all__ = ["NeonizeTransport", "translate_message"]
+__all__ = ["NeonizeDriver", "NeonizeTransport", "translate_connection_event", "translate_message"]
 
 STATUS_BROADCAST = "status@broadcast"
 _PN_SERVER = "s.whatsapp.net"
 _LID_SERVER = "lid"
 _GROUP_SERVER = "g.us"
 
-_TERMINAL = frozenset({ConnectionState.LOGGED_OUT, ConnectionState.REPLACED, ConnectionState.BANNED})
+_STOPPED_FOR_GOOD = frozenset(
+    {ConnectionState.REPLACED, ConnectionState.STOPPED, ConnectionState.LOGGED_OUT, ConnectionState.BANNED}
+)
 # ConnectFailureReason values (Neonize.proto) that mean the session is gone for good.
 _LOGOUT_REASONS = frozenset({2, 4, 5})  # LOGGED_OUT, MAIN_DEVICE_GONE, UNKNOWN_LOGOUT
 _BAN_REASON = 3  # TEMP_BANNED
+_OUTDATED_REASON = 6  # CLIENT_OUTDATED
 
 # Wrappers whose inner `.message` is the real content (whatsmeow usually unwraps them already).
 _WRAPPERS = (
@@ -124,23 +147,7 @@ _MEDIA_KINDS = (
     ("documentMessage", MessageKind.DOCUMENT),
 )
 
-_DIGITS = re.compile(r"\+?\d{6,}")
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def _mask(phone: str) -> str:
-    """`34612345678` -> `+34*******78`; short or empty input -> `***`."""
-    digits = "".join(ch for ch in phone if ch.isdigit())
-    if len(digits) < 6:
-        return "***"
-    return f"+{digits[:2]}{'*' * (len(digits) - 4)}{digits[-2:]}"
-
-
-def _scrub(text: str, limit: int = 300) -> str:
-    """Mask every long digit run (phone numbers, LIDs) and cap the length."""
-    return _DIGITS.sub(lambda m: _mask(m.group(0)), text)[:limit]
 
 
 def _jid_str(jid: nz.JID) -> str:
@@ -217,6 +224,24 @@ def _body(msg: WAMessage, me: frozenset[str]) -> tuple[MessageKind, str, MediaRe
     return MessageKind.OTHER, "", None, False
 
 
+def _source(src: Any) -> tuple[str, str, bool, bool]:
+    """Chat, sender, from_me and is_group of a MessageSource; a LID 1:1 chat is keyed by the phone JID
+    when the event carries it, so one person is always one chat."""
+    chat = _jid_str(src.Chat)
+    from_me = bool(src.IsFromMe)
+    is_group = bool(src.IsGroup) or src.Chat.Server == _GROUP_SERVER
+    sender = _jid_str(src.Sender)
+    if src.Sender.Server == _LID_SERVER and _is_pn(src.SenderAlt):
+        sender = _jid_str(src.SenderAlt)
+    if not is_group and src.Chat.Server == _LID_SERVER:
+        alt = src.RecipientAlt if from_me else src.SenderAlt
+        if _is_pn(alt):
+            chat = _jid_str(alt)
+    if not sender and not is_group:
+        sender = chat
+    return chat, sender, from_me, is_group
+
+
 # --------------------------------------------------------------------------- translation
 
 
@@ -224,29 +249,18 @@ def translate_message(ev: Any, me: set[str] | frozenset[str] | None = None) -> I
     """Turn a neonize `MessageEv` into an `Inbound`; None when it has no id or chat.
 
     `me` holds our own user ids (phone number and LID, bare or as JIDs) so a group mention of
-    the bot sets `mentions_me`. A 1:1 chat addressed by LID is keyed by the phone-number JID
-    when the event carries it (SenderAlt, or RecipientAlt for our own messages), so one person
-    is always one chat. Never raises.
+    the bot sets `mentions_me` and the owner's "message yourself" chat sets `is_self_chat`.
+    A 1:1 chat addressed by LID is keyed by the phone-number JID when the event carries it
+    (SenderAlt, or RecipientAlt for our own messages), so one person is always one chat.
+    Never raises.
     """
     try:
         info = ev.Info
-        src = info.MessageSource
         msg_id = info.ID
-        chat = _jid_str(src.Chat)
+        chat, sender, from_me, is_group = _source(info.MessageSource)
         if not msg_id or not chat:
             logger.debug("skipping message event without id or chat")
             return None
-        from_me = bool(src.IsFromMe)
-        is_group = bool(src.IsGroup) or src.Chat.Server == _GROUP_SERVER
-        sender = _jid_str(src.Sender)
-        if src.Sender.Server == _LID_SERVER and _is_pn(src.SenderAlt):
-            sender = _jid_str(src.SenderAlt)
-        if not is_group and src.Chat.Server == _LID_SERVER:
-            alt = src.RecipientAlt if from_me else src.SenderAlt
-            if _is_pn(alt):
-                chat = _jid_str(alt)
-        if not sender and not is_group:
-            sender = chat
         timestamp = _timestamp(int(info.Timestamp))
         push_name = info.Pushname
     except Exception as exc:
@@ -271,12 +285,62 @@ def translate_message(ev: Any, me: set[str] | frozenset[str] | None = None) -> I
         is_group=is_group,
         is_status=chat == STATUS_BROADCAST,
         mentions_me=mentions_me,
+        is_self_chat=not is_group and bool(own) and _bare_user(chat) in own,
         push_name=push_name,
         media=media,
     )
 
 
-# --------------------------------------------------------------------------- transport
+def _reason_name(enum_type: Any, value: int) -> str:
+    try:
+        return str(enum_type.Name(value)).lower()
+    except ValueError:
+        return str(value)
+
+
+def translate_connection_event(ev: Any, now: float | None = None) -> DriverEvent | None:
+    """neonize's connection events as the supervisor's; None for events it does not act on.
+
+    `now` (unix seconds) turns KeepAliveTimeout's LastSuccess into an age. Never raises.
+    """
+    try:
+        match ev:
+            case ConnectedEv():
+                return Connected()
+            case DisconnectedEv():
+                return Disconnected()
+            case KeepAliveTimeoutEv():
+                last = int(ev.LastSuccess)
+                current = time.time() if now is None else now
+                ago = max(0.0, current - last) if last > 0 else None
+                return KeepAliveTimeout(error_count=int(ev.ErrorCount), last_success_ago_s=ago)
+            case KeepAliveRestoredEv():
+                return KeepAliveRestored()
+            case LoggedOutEv():
+                name = _reason_name(nz.ConnectFailureReason, int(ev.Reason))
+                return LoggedOut(reason=f"logged out: {name}")
+            case StreamReplacedEv():
+                return StreamReplaced()
+            case TemporaryBanEv():
+                reason = _reason_name(nz.TemporaryBan.TempBanReason, int(ev.Code))
+                return TemporaryBan(reason=reason, expire_s=float(max(0, int(ev.Expire))))
+            case ClientOutdatedEv():
+                return ClientOutdated()
+            case ConnectFailureEv():
+                code = int(ev.Reason)
+                name = _reason_name(nz.ConnectFailureReason, code)
+                if code in _LOGOUT_REASONS:
+                    return LoggedOut(reason=f"connect failure: {name}")
+                if code == _BAN_REASON:
+                    return TemporaryBan(reason=name)
+                if code == _OUTDATED_REASON:
+                    return ClientOutdated()
+                return ConnectFailure(reason=_scrub(f"{name} {ev.Message}".strip()))
+            case PairStatusEv() if ev.Status == nz.PairStatus.SUCCESS:
+                return Paired()
+    except Exception as exc:
+        logger.debug("unusable connection event {}: {}", type(ev).__name__, type(exc).__name__)
+    return None
 
 
 def _configure_neonize_logging(level: str) -> None:
@@ -292,15 +356,149 @@ def _configure_neonize_logging(level: str) -> None:
         logging.getLogger(name).setLevel(lvl)
 
 
+# --------------------------------------------------------------------------- driver
+
+
+def _delete_sqlite(path: str) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+class NeonizeDriver:
+    """The supervisor's `ClientDriver` over one `NewAClient` (set as `client` before the first connect).
+
+    `connect()` starts neonize's blocking Go call as a task and returns; when that task ends (the connect
+    failed, or the client stopped) the driver reports `ConnectionLost`.
+    """
+
+    PROBE_AFTER_FAILURES = 3
+
+    def __init__(
+        self,
+        database: str,
+        on_event: Callable[[DriverEvent], None],
+        *,
+        probe_address: tuple[str, int] = ("web.whatsapp.com", 443),
+        release_wait_s: float = 3.0,
+    ) -> None:
+        self.database = database
+        self.client: NewAClient | None = None
+        self._on_event = on_event
+        self._probe_address = probe_address
+        self._release_wait_s = release_wait_s
+        self._task: asyncio.Task[Any] | None = None
+        self._unconnected = 0  # connects since the last Connected
+        self._old_refs: list[Any] = []
+        self.abandoned_calls = 0  # Go calls left blocking a worker thread (see hard_exit_needed)
+
+    def connected(self) -> None:
+        self._unconnected = 0
+
+    async def connect(self) -> None:
+        client = self._require()
+        # neonize keeps the loop of the first connect() in a module global and only sets it once;
+        # point it at ours so events are not sent to a loop that is gone.
+        _nz_events.event_global_loop = asyncio.get_running_loop()
+        if self._unconnected >= self.PROBE_AFTER_FAILURES:
+            await self._probe()
+        self._unconnected += 1
+        task = await client.connect()
+        self._task = task
+        task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
+        if task is not self._task:
+            return
+        if task.cancelled():
+            self._on_event(ConnectionLost("connect task cancelled"))
+            return
+        exc = task.exception()
+        error = None if exc is None else _scrub(f"{type(exc).__name__}: {exc}")
+        self._on_event(ConnectionLost(error))
+
+    async def disconnect(self) -> None:
+        """Stop the Go client (also ends whatsmeow's own reconnect loop) and collect its task."""
+        client = self.client
+        if client is None:
+            return
+        # neonize replaces its ctypes callbacks on every connect(); keep the old ones alive in
+        # case Go still calls them (a ctypes callback freed under Go would crash the process).
+        refs = getattr(client, "_connect_refs", None)
+        if refs is not None and all(refs is not r for r in self._old_refs):
+            self._old_refs = [*self._old_refs[-3:], refs]
+        wait_s = self._release_wait_s
+        try:
+            await asyncio.wait_for(client.stop(), timeout=wait_s)
+        except Exception as exc:
+            logger.debug("neonize stop: {}", type(exc).__name__)
+        task = client.connect_task
+        if task is None:
+            return
+        if not task.done():
+            await asyncio.wait({task}, timeout=wait_s)
+        if not task.done():
+            # Blocked in whatsmeow's QR loop, which ignores Stop; cancelling frees our loop but
+            # its worker thread lives on until the process exits.
+            logger.warning("neonize connect call did not end; abandoning it")
+            self.abandoned_calls += 1
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        elif not task.cancelled():
+            task.exception()  # mark retrieved; the supervisor already has it
+
+    async def is_connected(self) -> bool:
+        if self.client is None:
+            return False
+        try:
+            return bool(await self.client.is_connected)
+        except Exception:
+            return False
+
+    async def ping(self) -> None:
+        await self._require().send_presence(Presence.AVAILABLE)
+
+    async def forget_session(self) -> None:
+        """Delete the sqlite session file (whatsmeow already deleted the device rows on logout).
+
+        With a Postgres URL there is no file: whatsmeow's store delete is all there is to do.
+        """
+        if self.database.startswith("postgres"):
+            return
+        await asyncio.to_thread(_delete_sqlite, self.database)
+        logger.warning("whatsapp: local session {} deleted", Path(self.database).name)
+
+    async def _probe(self) -> None:
+        """TCP reachability check; neonize leaks a DB handle per failed connect()."""
+        host, port = self._probe_address
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=10)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionError(f"{host} unreachable ({type(exc).__name__}: {exc})") from exc
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+    def _require(self) -> NewAClient:
+        if self.client is None:
+            raise TransportError("transport not started")
+        return self.client
+
+
+# --------------------------------------------------------------------------- transport
+
 Handler = Callable[[NewAClient, Any], Awaitable[None]]
 
 
 class NeonizeTransport:
-    """`Transport` over a neonize `NewAClient` with a connect/retry loop."""
+    """`Transport` over a neonize `NewAClient`, kept up by a `Supervisor`.
+
+    Optional parts, all off unless given: `outbox_path` (a SQLite file: replies sent while disconnected wait
+    there and go out in order after the reconnect), `on_undecryptable(chat)` or `resend_text` (one polite
+    request to resend a message that stayed undecryptable after `undecryptable_grace_s`), `on_state`
+    (called on every state change).
+    """
 
     ORIGIN_CACHE = 2048  # message id -> original (chat, sender) JIDs, for read receipts
-    PROBE_AFTER_FAILURES = 3
-    PROBE_ADDRESS = ("web.whatsapp.com", 443)
 
     def __init__(
         self,
@@ -311,10 +509,19 @@ class NeonizeTransport:
         pair_phone: str | None = None,
         on_qr: Callable[[str], None] | None = None,
         on_pair_code: Callable[[str], None] | None = None,
-        retry_delay_s: float = 5.0,
-        max_retry_delay_s: float = 300.0,
+        retry_delay_s: float = 1.0,
+        max_retry_delay_s: float = 60.0,
         qr_timeout_s: float = 90.0,
         log_level: str = "INFO",
+        heartbeat_s: float = 30.0,
+        presence_ping: bool = False,
+        on_state: Callable[[ConnectionState], None] | None = None,
+        outbox_path: str | Path | None = None,
+        outbox_max: int = 500,
+        on_undecryptable: Callable[[ChatId], Awaitable[None] | None] | None = None,
+        resend_text: str | None = None,
+        undecryptable_grace_s: float = 30.0,
+        probe_address: tuple[str, int] = ("web.whatsapp.com", 443),
     ) -> None:
         self._database = database
         self._name = name
@@ -322,114 +529,165 @@ class NeonizeTransport:
         self._pair_phone = "".join(ch for ch in pair_phone or "" if ch.isdigit()) or None
         self._on_qr = on_qr
         self._on_pair_code = on_pair_code
-        self._retry_delay_s = retry_delay_s
-        self._max_retry_delay_s = max(max_retry_delay_s, retry_delay_s)
-        self._qr_timeout_s = qr_timeout_s
         self._log_level = log_level
+        self._on_state = on_state
+        self._on_undecryptable = on_undecryptable
+        self._resend_text = resend_text
 
-        self._client: NewAClient | None = None
-        self._supervisor: asyncio.Task[None] | None = None
-        self._state = ConnectionState.STARTING
-        self._stopping = False
-        self._ever_connected = False
-        self._connect_attempts = 0
-        self._failures_in_row = 0
-        self._reconnects = 0
-        self._last_error: str | None = None
-        self._connected_since: float | None = None
-        self._last_qr_at = 0.0
+        self._driver = NeonizeDriver(database, self._event, probe_address=probe_address)
+        self._supervisor = Supervisor(
+            self._driver,
+            backoff=Backoff(retry_delay_s, max(max_retry_delay_s, retry_delay_s)),
+            heartbeat_s=heartbeat_s,
+            qr_timeout_s=qr_timeout_s,
+            presence_ping=presence_ping,
+            on_state=self._state_changed,
+        )
+        self._outbox = Outbox(outbox_path, max_items=outbox_max) if outbox_path is not None else None
+        self._resend = (
+            ResendRequests(self._ask_resend, grace_s=undecryptable_grace_s)
+            if on_undecryptable is not None or resend_text
+            else None
+        )
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._flushing: asyncio.Task[None] | None = None
+        self._flush_wanted = asyncio.Event()
+        self._quiet_pairing = False  # logout(): connect without showing a QR
         self._qr_announced = False
         self._pair_requested = False
+        self._stopped = False
         self._own_ids: set[str] = set()
         self._origin: OrderedDict[str, tuple[nz.JID, nz.JID]] = OrderedDict()
-        self._old_refs: list[Any] = []
+
+    @property
+    def _client(self) -> NewAClient | None:
+        return self._driver.client
+
+    @property
+    def hard_exit_needed(self) -> bool:
+        """True when a neonize Go call had to be abandoned (stopped while a QR code was showing): its worker
+        thread never ends, and `asyncio.run` would wait for it forever at exit. End with `os._exit(code)`."""
+        return self._driver.abandoned_calls > 0
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Create the client, register handlers and start connecting in the background."""
-        if self._supervisor is not None:
+        if self._driver.client is not None:
             return
         _configure_neonize_logging(self._log_level)
-        # neonize keeps the loop of the first connect() in a module global and only sets it once;
-        # point it at ours so events are not sent to a loop that is gone.
-        _nz_events.event_global_loop = asyncio.get_running_loop()
         # `uuid` explicitly: by default neonize uses the first argument (maybe a Postgres URL
         # with a password) as the session id, which then shows up in Go logs.
         client = NewAClient(self._database, uuid=self._name)
         handlers: dict[type, Callable[[Any], Any]] = {
             MessageEv: self._handle_message,
             ConnectedEv: self._handle_connected,
-            DisconnectedEv: self._handle_disconnected,
-            LoggedOutEv: self._handle_logged_out,
-            StreamReplacedEv: self._handle_replaced,
-            TemporaryBanEv: self._handle_ban,
-            ConnectFailureEv: self._handle_connect_failure,
-            KeepAliveTimeoutEv: self._handle_keepalive_timeout,
-            KeepAliveRestoredEv: self._handle_keepalive_restored,
             PairStatusEv: self._handle_pair_status,
-            ClientOutdatedEv: self._handle_outdated,
             StreamErrorEv: self._handle_stream_error,
+            UndecryptableMessageEv: self._handle_undecryptable,
         }
+        for event_type in (
+            DisconnectedEv,
+            LoggedOutEv,
+            StreamReplacedEv,
+            TemporaryBanEv,
+            ConnectFailureEv,
+            KeepAliveTimeoutEv,
+            KeepAliveRestoredEv,
+            ClientOutdatedEv,
+        ):
+            handlers[event_type] = self._handle_connection_event
         for event_type, fn in handlers.items():
             client.event(event_type)(self._guard(event_type.__name__, fn))
         client.qr(self._guard("QR", self._handle_qr))
-        self._client = client
-        self._supervisor = asyncio.create_task(self._supervise(), name="neonize-supervisor")
-        self._supervisor.add_done_callback(self._supervisor_done)
+        self._driver.client = client
+        await self._supervisor.start()
 
-    async def stop(self) -> None:
-        """Stop retrying, disconnect and wait (briefly) for neonize's connect task to end."""
-        if self._stopping:
+    async def stop(self, final: ConnectionState = ConnectionState.STOPPED) -> None:
+        """Stop retrying, disconnect, end background work; prompt (a few seconds at most)."""
+        if self._stopped:
             return
-        self._stopping = True
-        if self._state not in _TERMINAL:
-            self._state = ConnectionState.STOPPED
-        self._connected_since = None
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            await asyncio.gather(self._supervisor, return_exceptions=True)
-        await self._release(wait_s=5.0)
+        self._stopped = True
+        await self._supervisor.stop(final)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._resend is not None:
+            await self._resend.close()
+        if self._outbox is not None:
+            if len(self._outbox):
+                logger.warning("outbox: {} reply(ies) wait for the next start", len(self._outbox))
+            self._outbox.close()
         logger.info("whatsapp transport stopped")
 
-    async def logout(self) -> None:
-        """Unlink this device from the phone (whatsmeow deletes the session from the store)."""
-        client = self._require_client()
+    async def logout(self, timeout_s: float = 30.0) -> None:
+        """Unlink this device from the phone, then delete the local session and stop.
+
+        Works on a running transport or on one never started (it connects first, without showing a QR).
+        The local session is deleted in every case; TransportError says when WhatsApp's side was not reached.
+        """
+        if self._stopped:
+            await self._driver.forget_session()
+            raise TransportError("transport already stopped; the local session was deleted")
+        if not self._supervisor.running:
+            self._quiet_pairing = True
+            await self.start()
+        error: str | None = None
         try:
-            await client.logout()
+            async with asyncio.timeout(timeout_s):
+                state = await self._supervisor.wait_for(
+                    ConnectionState.CONNECTED, ConnectionState.PAIRING, *_STOPPED_FOR_GOOD
+                )
+            if state is ConnectionState.CONNECTED:
+                await self._driver._require().logout()
+            else:
+                error = f"no linked session to unlink ({state.value})"
+        except TimeoutError:
+            error = f"could not reach WhatsApp within {timeout_s:.0f}s"
         except Exception as exc:
-            raise TransportError(f"logout failed: {_scrub(str(exc))}") from exc
-        self._set_state(ConnectionState.LOGGED_OUT)
-        logger.warning("logged out: the device is unlinked; pairing is needed to connect again")
+            error = f"logout failed: {_scrub(str(exc))}"
+        await self.stop(final=ConnectionState.LOGGED_OUT)
+        await self._driver.forget_session()
+        if error is not None:
+            raise TransportError(f"{error}; the local session was deleted")
+        logger.warning("logged out: the device is unlinked and the local session deleted")
 
     async def wait_connected(self) -> bool:
-        """Wait until connected (True) or a state that will not connect (False).
+        """Wait until connected (True) or a state that will not connect by itself (False).
 
         Bound it with `asyncio.timeout(...)`.
         """
-        while self._state is not ConnectionState.CONNECTED:
-            if self._state in _TERMINAL or self._stopping:
-                return False
-            await asyncio.sleep(0.1)
-        return True
+        state = await self._supervisor.wait_for(ConnectionState.CONNECTED, *_STOPPED_FOR_GOOD)
+        return state is ConnectionState.CONNECTED
 
     # ------------------------------------------------------------------ Transport
 
     @property
     def state(self) -> ConnectionState:
-        return self._state
+        return self._supervisor.state
 
     async def send_text(self, chat: ChatId, text: str) -> MessageId:
-        """Send plain text (no neonize mention/link parsing); return the sent message id."""
-        client = self._require_client()
-        try:
-            resp = await client.send_message(_to_jid(chat), WAMessage(conversation=text))
-        except Exception as exc:
-            raise TransportError(f"send failed: {_scrub(str(exc))}") from exc
-        return MessageId(resp.ID)
+        """Send plain text (no neonize mention/link parsing); return the sent message id.
+
+        While disconnected, with an outbox, the text is queued and a provisional id returned; queued texts
+        go out first so order holds. Raises TransportError when it can be neither sent nor queued.
+        """
+        if self._outbox is None or (self.state is ConnectionState.CONNECTED and not len(self._outbox)):
+            try:
+                return await self._send_now(chat, text)
+            except TransportError:
+                if self._outbox is None or await self.is_connected():
+                    raise
+        if self._outbox is None:  # pragma: no cover - the branch above raised
+            raise TransportError(f"not connected ({self.state.value})")
+        message_id = self._outbox.put(chat, text)
+        self._kick_flush()
+        return message_id
 
     async def set_typing(self, chat: ChatId, typing: bool) -> None:
-        client = self._require_client()
+        if self.state is not ConnectionState.CONNECTED:
+            return  # nobody sees it; not worth an error
+        client = self._driver._require()
         presence = ChatPresence.CHAT_PRESENCE_COMPOSING if typing else ChatPresence.CHAT_PRESENCE_PAUSED
         try:
             await client.send_chat_presence(
@@ -439,7 +697,7 @@ class NeonizeTransport:
             raise TransportError(f"typing failed: {_scrub(str(exc))}") from exc
 
     async def mark_read(self, message: Inbound) -> None:
-        client = self._require_client()
+        client = self._driver._require()
         chat, sender = self._origin.get(message.id) or (
             _to_jid(message.chat),
             _to_jid(message.sender or message.chat),
@@ -450,7 +708,7 @@ class NeonizeTransport:
             raise TransportError(f"mark read failed: {_scrub(str(exc))}") from exc
 
     async def download_media(self, message: Inbound) -> bytes:
-        client = self._require_client()
+        client = self._driver._require()
         handle = message.media.handle if message.media else None
         if not isinstance(handle, WAMessage):
             raise TransportError("message has no downloadable media")
@@ -464,143 +722,92 @@ class NeonizeTransport:
 
     async def is_connected(self) -> bool:
         """Ask whatsmeow directly (neonize's property returns a coroutine)."""
-        if self._client is None:
-            return False
-        try:
-            return bool(await self._client.is_connected)
-        except Exception:
-            return False
+        return await self._driver.is_connected()
 
     def stats(self) -> dict[str, Any]:
         """Connection numbers for /v1/metrics; no phone numbers."""
-        return {
-            "state": self._state.value,
-            "connected": self._state is ConnectionState.CONNECTED,
-            "connect_attempts": self._connect_attempts,
-            "reconnects": self._reconnects,
-            "last_error": self._last_error,
-            "connected_since": self._connected_since,
-        }
+        stats = self._supervisor.stats()
+        if self._outbox is not None:
+            stats.update(self._outbox.stats())
+        if self._resend is not None:
+            stats.update(self._resend.stats())
+        return stats
 
-    # ------------------------------------------------------------------ supervisor
+    # ------------------------------------------------------------------ sending helpers
 
-    async def _supervise(self) -> None:
-        """Connect; when connect() fails or returns, wait (capped exponential + jitter), retry."""
-        client = self._require_client()
-        delay = self._retry_delay_s
-        while not self._stopping and self._state not in _TERMINAL:
-            self._connect_attempts += 1
-            self._set_state(
-                ConnectionState.RECONNECTING if self._connect_attempts > 1 else ConnectionState.CONNECTING
-            )
-            self._qr_announced = self._pair_requested = False
-            started = time.monotonic()
-            try:
-                if self._failures_in_row >= self.PROBE_AFTER_FAILURES:
-                    await self._probe()
-                task = await client.connect()
-                await self._watch(task)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._failures_in_row += 1
-                self._last_error = _scrub(f"{type(exc).__name__}: {exc}")
-                logger.warning(
-                    "whatsapp connect attempt {} failed: {}", self._connect_attempts, self._last_error
-                )
-            await self._release(wait_s=10.0)
-            if self._stopping or self._state in _TERMINAL:
-                break
-            if time.monotonic() - started > 60:
-                delay = self._retry_delay_s  # that connection lived a while: start over
-            pause = random.uniform(delay / 2, delay)
-            logger.info("whatsapp: reconnecting in {:.1f}s", pause)
-            self._set_state(ConnectionState.RECONNECTING)
-            await asyncio.sleep(pause)
-            delay = min(delay * 2, self._max_retry_delay_s)
-
-    async def _watch(self, task: asyncio.Task[Any]) -> None:
-        """Wait for neonize's connect task; end early on a terminal state or an expired QR."""
-        while not task.done():
-            await asyncio.wait({task}, timeout=1.0)
-            if self._state in _TERMINAL:
-                return
-            if (
-                self._state is ConnectionState.PAIRING
-                and time.monotonic() - self._last_qr_at > self._qr_timeout_s
-            ):
-                # whatsmeow's QR codes ran out; neonize then idles forever without a socket.
-                logger.warning("whatsapp: pairing QR expired; starting a new pairing")
-                return
-        task.result()  # raises NeonizeError when connect() failed
-
-    async def _probe(self) -> None:
-        """TCP reachability check; neonize leaks a DB handle per failed connect()."""
-        host, port = self.PROBE_ADDRESS
+    async def _send_now(self, chat: ChatId, text: str) -> MessageId:
+        client = self._driver._require()
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=10)
-        except (OSError, TimeoutError) as exc:
-            raise ConnectionError(f"{host} unreachable ({type(exc).__name__}: {exc})") from exc
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-    async def _release(self, wait_s: float) -> None:
-        """Stop the Go client (cancels neonize's blocking call) and collect its task."""
-        client = self._client
-        if client is None:
-            return
-        # neonize replaces its ctypes callbacks on every connect(); keep the old ones alive in
-        # case Go still calls them (a ctypes callback freed under Go would crash the process).
-        refs = getattr(client, "_connect_refs", None)
-        if refs is not None and all(refs is not r for r in self._old_refs):
-            self._old_refs = [*self._old_refs[-3:], refs]
-        try:
-            await asyncio.wait_for(client.stop(), timeout=wait_s)
+            resp = await client.send_message(_to_jid(chat), WAMessage(conversation=text))
         except Exception as exc:
-            logger.debug("neonize stop: {}", type(exc).__name__)
-        task = client.connect_task
-        if task is None:
-            return
-        if not task.done():
-            await asyncio.wait({task}, timeout=wait_s)
-        if not task.done():
-            # Blocked in whatsmeow's QR loop, which ignores Stop until its codes run out
-            # (about 160 s); cancelling frees our loop but its worker thread lives on.
-            logger.warning("neonize connect call did not end; abandoning it")
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        elif not task.cancelled():
-            task.exception()  # mark retrieved; the supervisor already logged it
+            raise TransportError(f"send failed: {_scrub(str(exc))}") from exc
+        return MessageId(resp.ID)
 
-    def _supervisor_done(self, task: asyncio.Task[None]) -> None:
+    async def _send_queued(self, chat: ChatId, text: str) -> None:
+        if self.state is not ConnectionState.CONNECTED:
+            raise SendDeferred("not connected")
+        try:
+            await self._send_now(chat, text)
+        except TransportError as exc:
+            if not await self.is_connected():
+                raise SendDeferred(str(exc)) from exc
+            raise
+
+    def _kick_flush(self) -> None:
+        """Send what waits in the outbox as soon as connected; one flush loop at a time."""
+        if self._outbox is None or self._stopped:
+            return
+        self._flush_wanted.set()
+        if self._flushing is None or self._flushing.done():
+            self._flushing = self._spawn(self._flush(), "outbox-flush")
+
+    async def _flush(self) -> None:
+        """Runs while something waits: flushes on every kick (connected, new message) and every 10 s."""
+        assert self._outbox is not None
+        while len(self._outbox):
+            self._flush_wanted.clear()
+            if self.state is ConnectionState.CONNECTED:
+                await self._outbox.flush(self._send_queued)
+                if not len(self._outbox):
+                    return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_wanted.wait(), 10.0)
+
+    async def _ask_resend(self, chat: ChatId) -> None:
+        if self._on_undecryptable is not None:
+            result = self._on_undecryptable(chat)
+            if inspect.isawaitable(result):
+                await result
+        elif self._resend_text:
+            await self.send_text(chat, self._resend_text)
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            logger.opt(exception=task.exception()).error("whatsapp supervisor crashed")
+            logger.opt(exception=task.exception()).error("whatsapp task {} crashed", task.get_name())
 
     # ------------------------------------------------------------------ state
 
-    def _set_state(self, state: ConnectionState) -> None:
-        if self._state in _TERMINAL or (self._stopping and state is not ConnectionState.STOPPED):
-            return
-        if state is not self._state:
-            logger.debug("whatsapp state {} -> {}", self._state.value, state.value)
-        self._state = state
-        if state is not ConnectionState.CONNECTED:
-            self._connected_since = None
+    def _event(self, event: DriverEvent) -> None:
+        self._supervisor.handle(event)
 
-    def _terminal(self, state: ConnectionState, why: str) -> None:
-        self._set_state(state)
-        self._last_error = why
-        logger.error("whatsapp: {}; will not reconnect (needs an operator)", why)
-
-    def _require_client(self) -> NewAClient:
-        if self._client is None:
-            raise TransportError("transport not started")
-        return self._client
+    def _state_changed(self, state: ConnectionState) -> None:
+        if state is ConnectionState.CONNECTED:
+            self._kick_flush()
+        if state is ConnectionState.CONNECTING:
+            self._qr_announced = self._pair_requested = False
+        if self._on_state is not None:
+            self._on_state(state)
 
     def _me(self) -> frozenset[str]:
         ids = set(self._own_ids)
-        me = getattr(self._client, "me", None)  # neonize's Device, set from event 0
+        me = getattr(self._driver.client, "me", None)  # neonize's Device, set from event 0
         if me is not None:
             ids.update(u for u in (me.JID.User, me.LID.User) if u)
         return frozenset(ids)
@@ -622,9 +829,12 @@ class NeonizeTransport:
 
     def _handle_message(self, ev: Any) -> None:
         # Synchronous on purpose: nothing awaited before on_inbound, so order holds.
+        self._supervisor.note_inbound()
         inbound = translate_message(ev, self._me())
         if inbound is None:
             return
+        if self._resend is not None:
+            self._resend.arrived(inbound.id)
         src = ev.Info.MessageSource
         chat, sender = nz.JID(), nz.JID()
         chat.CopyFrom(src.Chat)
@@ -634,71 +844,45 @@ class NeonizeTransport:
             self._origin.popitem(last=False)
         self._on_inbound(inbound)
 
-    def _handle_connected(self, _ev: Any) -> None:
-        if self._ever_connected:
-            self._reconnects += 1
-        self._ever_connected = True
-        self._failures_in_row = 0
-        self._set_state(ConnectionState.CONNECTED)
-        if self._state is ConnectionState.CONNECTED:
-            self._connected_since = time.time()
-            logger.info("whatsapp connected")
+    def _handle_connected(self, ev: Any) -> None:
+        self._driver.connected()
+        self._supervisor.handle(Connected())
+        self._kick_flush()  # also when whatsmeow reconnected before anyone noticed the drop
 
-    def _handle_disconnected(self, _ev: Any) -> None:
-        if self._state is ConnectionState.CONNECTED:
-            self._set_state(ConnectionState.RECONNECTING)
-            logger.warning("whatsapp disconnected; whatsmeow is reconnecting")
-
-    def _handle_logged_out(self, ev: Any) -> None:
-        self._terminal(ConnectionState.LOGGED_OUT, f"logged out (reason {int(ev.Reason)})")
-
-    def _handle_replaced(self, _ev: Any) -> None:
-        self._terminal(ConnectionState.REPLACED, "session replaced by another client")
-
-    def _handle_ban(self, ev: Any) -> None:
-        self._terminal(
-            ConnectionState.BANNED, f"temporarily banned (code {int(ev.Code)}, expire {ev.Expire}s)"
-        )
-
-    def _handle_connect_failure(self, ev: Any) -> None:
-        reason = int(ev.Reason)
-        if reason in _LOGOUT_REASONS:
-            self._terminal(ConnectionState.LOGGED_OUT, f"connect failure: logged out ({reason})")
-        elif reason == _BAN_REASON:
-            self._terminal(ConnectionState.BANNED, "connect failure: temporarily banned")
-        else:
-            self._last_error = _scrub(f"connect failure {reason}: {ev.Message}")
-            logger.warning("whatsapp {}", self._last_error)
-
-    def _handle_keepalive_timeout(self, ev: Any) -> None:
-        self._last_error = f"keepalive timeout ({ev.ErrorCount} errors)"
-        logger.warning("whatsapp {}", self._last_error)
-
-    def _handle_keepalive_restored(self, _ev: Any) -> None:
-        logger.info("whatsapp keepalive restored")
-
-    def _handle_outdated(self, _ev: Any) -> None:
-        self._last_error = "client outdated: update neonize"
-        logger.error("whatsapp {}", self._last_error)
+    def _handle_connection_event(self, ev: Any) -> None:
+        event = translate_connection_event(ev)
+        if event is not None:
+            self._supervisor.handle(event)
 
     def _handle_stream_error(self, ev: Any) -> None:
-        self._last_error = _scrub(f"stream error {ev.Code}")
-        logger.warning("whatsapp {}", self._last_error)
+        # whatsmeow closes the socket after an unknown stream error and reconnects by itself.
+        logger.warning("whatsapp stream error {}", _scrub(str(ev.Code)))
 
     def _handle_pair_status(self, ev: Any) -> None:
         if ev.Status == nz.PairStatus.SUCCESS:
             if ev.ID.User:
                 self._own_ids.add(ev.ID.User)
-            self._set_state(ConnectionState.CONNECTING)
             logger.info("whatsapp paired as {}", _mask(ev.ID.User))
+            self._supervisor.handle(Paired())
         else:
-            self._last_error = _scrub(f"pairing failed: {ev.Error}")
-            logger.error("whatsapp {}", self._last_error)
+            logger.error("whatsapp pairing failed: {}", _scrub(str(ev.Error)))
+
+    def _handle_undecryptable(self, ev: Any) -> None:
+        info = ev.Info
+        chat, _sender, from_me, is_group = _source(info.MessageSource)
+        if not info.ID or not chat or from_me or is_group or chat == STATUS_BROADCAST:
+            return
+        if ev.DecryptFailMode == nz.UndecryptableMessage.DECRYPT_FAIL_HIDE:
+            return  # WhatsApp itself would not show a placeholder for it
+        logger.info("a message from {} could not be decrypted; whatsmeow asked for a retry", _scrub(chat))
+        if self._resend is not None:
+            self._resend.undecryptable(info.ID, ChatId(chat))
 
     async def _handle_qr(self, data: bytes) -> None:
         code = data.decode() if isinstance(data, bytes) else str(data)
-        self._last_qr_at = time.monotonic()
-        self._set_state(ConnectionState.PAIRING)
+        self._supervisor.handle(QrShown())
+        if self._quiet_pairing:
+            return
         if self._on_qr is not None:
             self._on_qr(code)
         if self._pair_phone:
@@ -713,13 +897,12 @@ class NeonizeTransport:
         self._qr_announced = True
 
     async def _request_pair_code(self) -> None:
-        client = self._require_client()
+        client = self._driver._require()
         phone = self._pair_phone or ""
         try:
             code = await client.PairPhone(phone, show_push_notification=True)
         except Exception as exc:
-            self._last_error = _scrub(f"pair code failed: {exc}")
-            logger.error("whatsapp {}", self._last_error)
+            logger.error("whatsapp pair code failed: {}", _scrub(str(exc)))
             return
         if self._on_pair_code is not None:
             self._on_pair_code(code)

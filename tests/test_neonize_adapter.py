@@ -3,19 +3,39 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
+import time
 import warnings
-from typing import Any
+from collections import deque
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, ClassVar
 
 import pytest
 from loguru import logger
 
+from connection import supervisor as sv
 from connection.types import ChatId, ConnectionState, Inbound, MessageKind, TransportError
 
 with warnings.catch_warnings():
     # neonize leaves `os.popen("uname -a")` unclosed at import (neonize/utils/platform.py:39).
     warnings.simplefilter("ignore", ResourceWarning)
-    from neonize.proto.Neonize_pb2 import JID, LoggedOut, MessageInfo, MessageSource, StreamReplaced
+    from neonize.proto.Neonize_pb2 import (
+        JID,
+        ClientOutdated,
+        Connected,
+        ConnectFailure,
+        Disconnected,
+        KeepAliveTimeout,
+        LoggedOut,
+        MessageInfo,
+        MessageSource,
+        Node,
+        PairStatus,
+        StreamReplaced,
+        TemporaryBan,
+    )
     from neonize.proto.Neonize_pb2 import Message as MessageEv
     from neonize.proto.waCommon.WACommon_pb2 import MessageKey
     from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import (
@@ -28,7 +48,14 @@ with warnings.catch_warnings():
     )
     from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import Message as WAMessage
 
-    from connection.neonize_adapter import NeonizeTransport, _mask, _scrub, translate_message
+    from connection import neonize_adapter
+    from connection.neonize_adapter import (
+        NeonizeTransport,
+        _mask,
+        _scrub,
+        translate_connection_event,
+        translate_message,
+    )
 
 PHONE = "34600111222"
 ME = "34699888777"
@@ -172,6 +199,18 @@ def test_from_me() -> None:
     assert msg.sender == f"{ME}@s.whatsapp.net"
 
 
+def test_message_yourself_chat_is_marked() -> None:
+    own = event(WAMessage(conversation="!bot status"), chat=jid(ME), sender=jid(ME, device=2), from_me=True)
+    inbound = translate_message(own, {ME, ME_LID})
+    assert inbound is not None and inbound.is_self_chat and inbound.from_me
+    lid = jid(ME_LID, "lid")
+    by_lid = event(WAMessage(conversation="x"), chat=lid, sender=lid, from_me=True)
+    assert translate_message(by_lid, {ME, ME_LID}).is_self_chat  # type: ignore[union-attr]
+    other = translate_message(event(WAMessage(conversation="hola")), {ME})
+    assert other is not None and not other.is_self_chat
+    assert not translate_message(own).is_self_chat  # type: ignore[union-attr]  # own ids unknown
+
+
 def _group_event(mentioned: list[str]) -> MessageEv:
     wa = WAMessage(
         extendedTextMessage=ExtendedTextMessage(
@@ -301,7 +340,148 @@ def test_mask_and_scrub() -> None:
     assert "10.255.255.53:53" in scrubbed
 
 
-# ---------------------------------------------------------------- transport handlers (no network)
+# ---------------------------------------------------------------- connection events
+
+
+def test_connection_events_translate_to_supervisor_events() -> None:
+    now = 1_760_000_000.0
+    t = translate_connection_event
+    assert t(Connected(status=True)) == sv.Connected()
+    assert t(Disconnected(status=True)) == sv.Disconnected()
+    assert t(StreamReplaced()) == sv.StreamReplaced()
+    assert t(ClientOutdated()) == sv.ClientOutdated()
+    assert t(LoggedOut(OnConnect=False, Reason=4)) == sv.LoggedOut("logged out: main_device_gone")
+    assert t(TemporaryBan(Code=1, Expire=3600)) == sv.TemporaryBan("send_to_too_many_people", 3600.0)
+    assert t(KeepAliveTimeout(ErrorCount=2, LastSuccess=int(now) - 40), now=now) == sv.KeepAliveTimeout(
+        2, 40.0
+    )
+    assert t(KeepAliveTimeout(ErrorCount=1, LastSuccess=0), now=now) == sv.KeepAliveTimeout(1, None)
+    assert t(PairStatus(Status=PairStatus.SUCCESS)) == sv.Paired()
+    assert t(PairStatus(Status=PairStatus.ERROR)) is None
+    assert t(event(WAMessage(conversation="hola"))) is None
+    raw = Node(Tag="failure")
+    assert t(ConnectFailure(Reason=2, Message="", Raw=raw)) == sv.LoggedOut("connect failure: logged_out")
+    assert t(ConnectFailure(Reason=3, Message="", Raw=raw)) == sv.TemporaryBan("temp_banned")
+    assert t(ConnectFailure(Reason=6, Message="", Raw=raw)) == sv.ClientOutdated()
+    failure = t(ConnectFailure(Reason=1, Message="bad 34612345678", Raw=raw))
+    assert isinstance(failure, sv.ConnectFailure)
+    assert "34612345678" not in failure.reason and failure.reason.startswith("generic")
+
+
+# ---------------------------------------------------------------- a scripted fake of neonize's NewAClient
+
+
+class FakeNewAClient:
+    """What NeonizeTransport uses of `NewAClient`, scripted: each connect() takes the next outcome.
+
+    "fail": the Go call returns an error at once; "ok": it connects and blocks until stop(); "qr": it shows
+    a QR code and blocks; "qr-stuck": the same, ignoring stop() like the real QR loop.
+    `drop()`/`back()` play whatsmeow's own disconnect and auto-reconnect.
+    """
+
+    script: ClassVar[deque[str]] = deque()
+    instances: ClassVar[list[FakeNewAClient]] = []
+
+    def __init__(self, name: str, uuid: str | None = None) -> None:
+        self.name, self.uuid = name, uuid
+        self.handlers: dict[type, Any] = {}
+        self.qr_handler: Any = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.me = None
+        self.online = False
+        self.connects = 0
+        self.sent: list[tuple[str, str]] = []
+        self.logged_out = False
+        self.presences = 0
+        self._stopped = asyncio.Event()
+        self._ids = itertools.count(1)
+        FakeNewAClient.instances.append(self)
+
+    def event(self, event_type: type) -> Any:
+        def register(fn: Any) -> None:
+            self.handlers[event_type] = fn
+
+        return register
+
+    def qr(self, fn: Any) -> None:
+        self.qr_handler = fn
+
+    async def connect(self) -> asyncio.Task[None]:
+        self.connects += 1
+        self._stopped = asyncio.Event()
+        self._connect_refs = object()
+        self.connect_task = asyncio.get_running_loop().create_task(self._run())
+        return self.connect_task
+
+    async def _run(self) -> None:
+        outcome = self.script.popleft() if self.script else "fail"
+        if outcome == "fail":
+            raise RuntimeError("dial tcp: lookup web.whatsapp.com: no such host")
+        if outcome == "ok":
+            await self.back()
+        elif outcome in ("qr", "qr-stuck"):
+            await self.qr_handler(self, b"2@fake-qr,code")
+        if outcome == "qr-stuck":  # whatsmeow's QR loop ignores Stop
+            await asyncio.Event().wait()
+        await self._stopped.wait()
+
+    async def fire(self, ev: Any) -> None:
+        await self.handlers[type(ev)](self, ev)
+
+    async def drop(self) -> None:
+        self.online = False
+        await self.fire(Disconnected(status=True))
+
+    async def back(self) -> None:
+        self.online = True
+        await self.fire(Connected(status=True))
+
+    async def stop(self) -> None:
+        self.online = False
+        self._stopped.set()
+
+    @property
+    def is_connected(self) -> Any:
+        async def answer() -> bool:
+            return self.online
+
+        return answer()
+
+    async def send_message(self, jid: JID, message: WAMessage) -> Any:
+        if not self.online:
+            raise RuntimeError("websocket not connected")
+        self.sent.append((f"{jid.User}@{jid.Server}", message.conversation))
+        return SimpleNamespace(ID=f"3EB0{next(self._ids):04d}")
+
+    async def send_chat_presence(self, *args: Any) -> None:
+        pass
+
+    async def send_presence(self, presence: Any) -> None:
+        self.presences += 1
+
+    async def logout(self) -> None:
+        self.logged_out = True
+        self.online = False
+
+
+@pytest.fixture
+def fake_neonize(monkeypatch: pytest.MonkeyPatch) -> type[FakeNewAClient]:
+    FakeNewAClient.script = deque()
+    FakeNewAClient.instances = []
+    monkeypatch.setattr(neonize_adapter, "NewAClient", FakeNewAClient)
+    return FakeNewAClient
+
+
+async def wait_state(transport: NeonizeTransport, state: ConnectionState, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while transport.state is not state:
+            await asyncio.sleep(0.005)
+
+
+FAST: dict[str, Any] = {"name": "fake", "retry_delay_s": 0.01, "max_retry_delay_s": 0.05}
+
+
+# ---------------------------------------------------------------- transport handlers
 
 
 def _started_handlers(transport: NeonizeTransport) -> dict[str, Any]:
@@ -332,6 +512,7 @@ async def test_inbound_order_holds_when_neonize_dispatches_from_a_thread() -> No
             break
         await asyncio.sleep(0.01)
     assert [m.text for m in got] == [str(i) for i in range(200)]
+    assert transport.stats()["last_inbound_s_ago"] is not None
 
 
 async def test_handler_exception_is_logged_not_lost() -> None:
@@ -348,39 +529,154 @@ async def test_handler_exception_is_logged_not_lost() -> None:
     assert any("MessageEv handler failed" in r for r in records)
 
 
-async def test_qr_sets_pairing_and_calls_on_qr() -> None:
-    codes: list[str] = []
-    transport = NeonizeTransport("unused.db", on_inbound=lambda _: None, on_qr=codes.append)
-    await _started_handlers(transport)["qr"](None, b"2@abc,def,ghi")
-    assert codes == ["2@abc,def,ghi"]
-    assert transport.state is ConnectionState.PAIRING
-
-
-async def test_terminal_events_stop_for_good() -> None:
-    transport = NeonizeTransport("unused.db", on_inbound=lambda _: None)
-    transport._handle_connected(None)
-    assert transport.stats()["connected"] is True
-    assert transport.stats()["connected_since"] is not None
-    transport._handle_replaced(StreamReplaced())
-    assert transport.state is ConnectionState.REPLACED
-    transport._handle_logged_out(LoggedOut(OnConnect=True, Reason=2))
-    transport._handle_connected(None)  # nothing revives a terminal state
-    assert transport.state is ConnectionState.REPLACED
-    assert transport.stats()["connected"] is False
-
-
-async def test_reconnects_counted() -> None:
-    transport = NeonizeTransport("unused.db", on_inbound=lambda _: None)
-    transport._handle_connected(None)
-    transport._handle_disconnected(None)
-    assert transport.state is ConnectionState.RECONNECTING
-    transport._handle_connected(None)
-    assert transport.stats()["reconnects"] == 1
-
-
 async def test_methods_before_start_raise_transport_error() -> None:
     transport = NeonizeTransport("unused.db", on_inbound=lambda _: None)
     with pytest.raises(TransportError):
         await transport.send_text(ChatId(f"{PHONE}@s.whatsapp.net"), "hola")
     assert await transport.is_connected() is False
     assert transport.state is ConnectionState.STARTING
+    await transport.set_typing(ChatId(f"{PHONE}@s.whatsapp.net"), True)  # not connected: a quiet no-op
+
+
+# ---------------------------------------------------------------- the transport over the scripted fake client
+
+
+async def test_qr_sets_pairing_and_calls_on_qr(fake_neonize: type[FakeNewAClient], tmp_path: Path) -> None:
+    fake_neonize.script.extend(["qr"])
+    codes: list[str] = []
+    transport = NeonizeTransport(str(tmp_path / "s.db"), on_inbound=lambda _: None, on_qr=codes.append)
+    await transport.start()
+    try:
+        await wait_state(transport, ConnectionState.PAIRING)
+        assert codes == ["2@fake-qr,code"]
+    finally:
+        await transport.stop()
+    assert transport.state is ConnectionState.STOPPED
+
+
+async def test_drop_is_healed_by_whatsmeow_without_a_second_loop(
+    fake_neonize: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    fake_neonize.script.extend(["fail", "ok"])
+    states: list[ConnectionState] = []
+    transport = NeonizeTransport(
+        str(tmp_path / "s.db"), on_inbound=lambda _: None, on_state=states.append, **FAST
+    )
+    await transport.start()
+    try:
+        async with asyncio.timeout(5):
+            assert await transport.wait_connected() is True
+        client = fake_neonize.instances[0]
+        assert client.connects == 2
+        await client.drop()
+        assert transport.state is ConnectionState.RECONNECTING
+        assert transport.stats()["retry_owner"] == "whatsmeow"
+        await asyncio.sleep(0.2)
+        assert client.connects == 2  # whatsmeow reconnects; we do not start our own loop
+        await client.back()
+        stats = transport.stats()
+        assert stats["state"] == "connected" and stats["reconnects"] == 1 and stats["uptime_s"] >= 0
+        assert states[:4] == [
+            ConnectionState.CONNECTING,
+            ConnectionState.RECONNECTING,
+            ConnectionState.CONNECTING,
+            ConnectionState.CONNECTED,
+        ]
+    finally:
+        t = time.monotonic()
+        await transport.stop()
+        assert time.monotonic() - t < 2
+
+
+async def test_replaced_stops_for_good(fake_neonize: type[FakeNewAClient], tmp_path: Path) -> None:
+    fake_neonize.script.extend(["ok", "ok"])
+    transport = NeonizeTransport(str(tmp_path / "s.db"), on_inbound=lambda _: None, **FAST)
+    await transport.start()
+    try:
+        await wait_state(transport, ConnectionState.CONNECTED)
+        client = fake_neonize.instances[0]
+        await client.fire(StreamReplaced())
+        assert transport.state is ConnectionState.REPLACED
+        await asyncio.sleep(0.2)
+        assert client.connects == 1
+        assert client.connect_task is not None and client.connect_task.done()  # released
+        async with asyncio.timeout(1):
+            assert await transport.wait_connected() is False
+    finally:
+        await transport.stop()
+    assert transport.state is ConnectionState.REPLACED
+
+
+async def test_logged_out_deletes_the_local_session_and_shows_a_new_qr(
+    fake_neonize: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    session = tmp_path / "s.db"
+    session.write_bytes(b"old session")
+    fake_neonize.script.extend(["ok", "qr"])
+    codes: list[str] = []
+    transport = NeonizeTransport(str(session), on_inbound=lambda _: None, on_qr=codes.append, **FAST)
+    await transport.start()
+    try:
+        await wait_state(transport, ConnectionState.CONNECTED)
+        await fake_neonize.instances[0].fire(LoggedOut(OnConnect=False, Reason=2))
+        await wait_state(transport, ConnectionState.PAIRING)
+        assert not session.exists()
+        assert codes == ["2@fake-qr,code"]
+        assert "logged_out" in transport.stats()["last_error"]
+    finally:
+        await transport.stop()
+
+
+async def test_logout_unlinks_and_deletes_the_session(
+    fake_neonize: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    session = tmp_path / "s.db"
+    session.write_bytes(b"session")
+    fake_neonize.script.extend(["ok"])
+    transport = NeonizeTransport(str(session), on_inbound=lambda _: None, **FAST)
+    await transport.logout(timeout_s=5)  # never started: it connects first
+    assert fake_neonize.instances[0].logged_out
+    assert not session.exists()
+    assert transport.state is ConnectionState.LOGGED_OUT
+
+
+async def test_logout_without_a_linked_session_says_so(
+    fake_neonize: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    fake_neonize.script.extend(["qr"])
+    codes: list[str] = []
+    transport = NeonizeTransport(str(tmp_path / "s.db"), on_inbound=lambda _: None, on_qr=codes.append)
+    with pytest.raises(TransportError, match="no linked session"):
+        await transport.logout(timeout_s=5)
+    assert codes == []  # logout never shows a QR code
+
+
+async def test_presence_ping_sends_presence_when_enabled(
+    fake_neonize: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    fake_neonize.script.extend(["ok"])
+    transport = NeonizeTransport(
+        str(tmp_path / "s.db"), on_inbound=lambda _: None, heartbeat_s=0.05, presence_ping=True
+    )
+    await transport.start()
+    try:
+        await wait_state(transport, ConnectionState.CONNECTED)
+        await asyncio.sleep(0.3)
+        assert fake_neonize.instances[0].presences >= 2
+    finally:
+        await transport.stop()
+
+
+async def test_stop_while_a_qr_shows_is_prompt_and_asks_for_a_hard_exit(
+    fake_neonize: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    fake_neonize.script.extend(["qr-stuck"])
+    transport = NeonizeTransport(str(tmp_path / "s.db"), on_inbound=lambda _: None)
+    transport._driver._release_wait_s = 0.2
+    await transport.start()
+    await wait_state(transport, ConnectionState.PAIRING)
+    assert transport.hard_exit_needed is False
+    started = time.monotonic()
+    await transport.stop()
+    assert time.monotonic() - started < 2
+    assert transport.hard_exit_needed is True

@@ -1,0 +1,293 @@
+"""The outbox (replies kept while disconnected) and the resend requests for undecryptable messages."""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connection.outbox import Outbox, OutboxFull, ResendRequests, SendDeferred
+from connection.types import ChatId, ConnectionState, MessageId, TransportError
+from tests.test_supervisor import FakeClock
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", ResourceWarning)
+    from neonize.proto.Neonize_pb2 import UndecryptableMessage
+    from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import Message as WAMessage
+
+    from connection import neonize_adapter
+    from connection.neonize_adapter import NeonizeTransport
+    from tests.test_neonize_adapter import FAST, PHONE, FakeNewAClient, event, jid, wait_state
+
+CHAT = ChatId(f"{PHONE}@s.whatsapp.net")
+OTHER = ChatId("34600999888@s.whatsapp.net")
+
+
+class Recorder:
+    def __init__(self, fail_on: set[str] | None = None, defer_on: set[str] | None = None) -> None:
+        self.sent: list[tuple[str, str]] = []
+        self.fail_on = fail_on or set()
+        self.defer_on = defer_on or set()
+
+    async def __call__(self, chat: ChatId, text: str) -> MessageId:
+        if text in self.defer_on:
+            raise SendDeferred("not connected")
+        if text in self.fail_on:
+            raise TransportError("send failed: bad request")
+        self.sent.append((chat, text))
+        return MessageId(f"sent-{len(self.sent)}")
+
+
+# ---------------------------------------------------------------- Outbox
+
+
+async def test_queued_texts_survive_a_restart_and_go_out_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "outbox.sqlite3"
+    box = Outbox(path)
+    ids = [box.put(CHAT, f"reply {i}") for i in range(3)]
+    box.put(OTHER, "other chat")
+    assert all(i.startswith("outbox-") for i in ids) and len(set(ids)) == 3
+    box.close()
+
+    box = Outbox(path)
+    assert len(box) == 4
+    send = Recorder()
+    assert await box.flush(send) == 4
+    assert send.sent == [(CHAT, "reply 0"), (CHAT, "reply 1"), (CHAT, "reply 2"), (OTHER, "other chat")]
+    assert len(box) == 0 and box.stats()["outbox_sent"] == 4
+    box.close()
+
+
+async def test_full_outbox_refuses_with_a_transport_error(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", max_items=2)
+    box.put(CHAT, "a")
+    box.put(CHAT, "b")
+    with pytest.raises(OutboxFull) as full:
+        box.put(CHAT, "c")
+    assert isinstance(full.value, TransportError)
+    box.close()
+
+
+async def test_a_failure_stops_the_flush_and_keeps_the_order(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", max_tries=3)
+    for text in ("a", "b", "c"):
+        box.put(CHAT, text)
+    assert await box.flush(Recorder(defer_on={"a"})) == 0  # disconnected again: nothing counted
+    assert [q.tries for q in box.pending()] == [0, 0, 0]
+    send = Recorder(fail_on={"b"})
+    assert await box.flush(send) == 1
+    assert send.sent == [(CHAT, "a")]
+    assert [(q.text, q.tries) for q in box.pending()] == [("b", 1), ("c", 0)]
+    await box.flush(send)
+    await box.flush(send)  # third failure of "b": dropped so it cannot block "c"
+    assert send.sent == [(CHAT, "a"), (CHAT, "c")]
+    assert box.stats() == {"outbox_pending": 0, "outbox_sent": 2, "outbox_dropped": 1}
+    box.close()
+
+
+async def test_replies_too_old_are_dropped(tmp_path: Path) -> None:
+    now = [1000.0]
+    box = Outbox(tmp_path / "o.db", max_age_s=60, clock=lambda: now[0])
+    box.put(CHAT, "stale")
+    now[0] += 61
+    box.put(CHAT, "fresh")
+    send = Recorder()
+    await box.flush(send)
+    assert send.sent == [(CHAT, "fresh")]
+    assert box.dropped == 1
+    box.close()
+
+
+# ---------------------------------------------------------------- ResendRequests (fake clock)
+
+
+async def test_resend_request_waits_for_whatsmeows_retry_and_asks_once() -> None:
+    clock = FakeClock()
+    asked: list[ChatId] = []
+
+    async def ask(chat: ChatId) -> None:
+        asked.append(chat)
+
+    resend = ResendRequests(ask, grace_s=30, per_chat_every_s=600, clock=clock.time, sleep=clock.sleep)
+    resend.undecryptable("A", CHAT)
+    resend.undecryptable("A", CHAT)  # whatsmeow repeats the event
+    await clock.advance(29)
+    assert asked == []
+    await clock.advance(2)
+    assert asked == [CHAT]
+
+    resend.undecryptable("B", OTHER)
+    await clock.advance(10)
+    resend.arrived("B")  # the retry worked
+    await clock.advance(60)
+    assert asked == [CHAT]
+
+    resend.undecryptable("C", CHAT)  # same chat again within ten minutes: not asked twice
+    await clock.advance(60)
+    assert asked == [CHAT]
+    assert resend.stats() == {"undecryptable_pending": 0, "undecryptable_recovered": 1, "resend_requests": 1}
+    await resend.close()
+
+
+# ---------------------------------------------------------------- the transport with an outbox
+
+
+@pytest.fixture
+def fake_client(monkeypatch: pytest.MonkeyPatch) -> type[FakeNewAClient]:
+    FakeNewAClient.script = deque()
+    FakeNewAClient.instances = []
+    monkeypatch.setattr(neonize_adapter, "NewAClient", FakeNewAClient)
+    return FakeNewAClient
+
+
+def transport(tmp_path: Path, **options: Any) -> NeonizeTransport:
+    return NeonizeTransport(
+        str(tmp_path / "s.db"),
+        on_inbound=lambda _: None,
+        outbox_path=tmp_path / "outbox.db",
+        **FAST,
+        **options,
+    )
+
+
+async def test_messages_wait_while_disconnected_and_go_out_in_order(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    fake_client.script.extend(["ok"])
+    t = transport(tmp_path)
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        client = fake_client.instances[0]
+        assert (await t.send_text(CHAT, "first")).startswith("3EB0")
+
+        await client.drop()  # whatsmeow reconnects by itself; meanwhile replies are kept
+        queued = [await t.send_text(CHAT, f"while down {i}") for i in range(3)]
+        assert all(q.startswith("outbox-") for q in queued)
+        assert t.stats()["outbox_pending"] == 3
+
+        await client.back()
+        async with asyncio.timeout(5):
+            while t.stats()["outbox_pending"]:
+                await asyncio.sleep(0.01)
+        assert await t.send_text(CHAT, "after") != ""
+        assert [text for _, text in client.sent] == [
+            "first",
+            "while down 0",
+            "while down 1",
+            "while down 2",
+            "after",
+        ]
+    finally:
+        await t.stop()
+
+
+async def test_a_send_that_dies_with_the_socket_is_kept(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    fake_client.script.extend(["ok", "ok"])
+    t = transport(tmp_path)
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        client = fake_client.instances[0]
+        client.online = False  # no event yet: state still says connected
+        message_id = await t.send_text(CHAT, "kept")
+        assert message_id.startswith("outbox-")
+        await asyncio.sleep(0.05)  # the flush found no socket and waits
+        assert client.sent == []
+        await client.back()  # whatsmeow reconnected: the queue goes out at once
+        async with asyncio.timeout(1):
+            while not client.sent:
+                await asyncio.sleep(0.01)
+        assert client.sent == [(CHAT, "kept")]
+    finally:
+        await t.stop()
+
+
+async def test_queued_replies_survive_a_restart(fake_client: type[FakeNewAClient], tmp_path: Path) -> None:
+    fake_client.script.extend(["qr"])
+    first = transport(tmp_path)
+    await first.start()
+    await wait_state(first, ConnectionState.PAIRING)
+    await first.send_text(CHAT, "queued before the restart")
+    await first.stop()
+
+    fake_client.script.extend(["ok"])
+    second = transport(tmp_path)
+    await second.start()
+    try:
+        await wait_state(second, ConnectionState.CONNECTED)
+        async with asyncio.timeout(5):
+            while not fake_client.instances[-1].sent:
+                await asyncio.sleep(0.01)
+        assert fake_client.instances[-1].sent == [(CHAT, "queued before the restart")]
+    finally:
+        await second.stop()
+
+
+def undecryptable(msg_id: str, *, group: bool = False) -> UndecryptableMessage:
+    info = event(WAMessage(conversation=""), msg_id=msg_id).Info
+    if group:
+        info.MessageSource.Chat.CopyFrom(jid("120363000000000000", "g.us"))
+        info.MessageSource.IsGroup = True
+    return UndecryptableMessage(
+        Info=info, IsUnavailable=False, DecryptFailMode=UndecryptableMessage.DECRYPT_FAIL_SHOW
+    )
+
+
+async def test_undecryptable_message_gets_one_polite_request_unless_it_arrives(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    fake_client.script.extend(["ok"])
+    text = "No pude leer tu último mensaje. ¿Podrías enviarlo de nuevo?"
+    got: list[str] = []
+    t = NeonizeTransport(
+        str(tmp_path / "s.db"),
+        on_inbound=lambda m: got.append(m.id),
+        resend_text=text,
+        undecryptable_grace_s=0.1,
+        **FAST,
+    )
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        client = fake_client.instances[0]
+        await client.fire(undecryptable("LOST"))
+        await client.fire(undecryptable("GROUP", group=True))  # groups are not asked
+        await client.fire(undecryptable("RETRIED"))
+        await client.fire(event(WAMessage(conversation="hola"), msg_id="RETRIED"))  # whatsmeow's retry worked
+        await asyncio.sleep(0.4)
+        assert client.sent == [(CHAT, text)]
+        assert got == ["RETRIED"]
+        stats = t.stats()
+        assert stats["resend_requests"] == 1 and stats["undecryptable_recovered"] == 1
+    finally:
+        await t.stop()
+
+
+async def test_undecryptable_goes_to_the_callback_when_given(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    fake_client.script.extend(["ok"])
+    chats: list[ChatId] = []
+    t = NeonizeTransport(
+        str(tmp_path / "s.db"),
+        on_inbound=lambda _: None,
+        on_undecryptable=chats.append,
+        undecryptable_grace_s=0.05,
+        **FAST,
+    )
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        await fake_client.instances[0].fire(undecryptable("X"))
+        await asyncio.sleep(0.3)
+        assert chats == [CHAT]
+        assert fake_client.instances[0].sent == []
+    finally:
+        await t.stop()

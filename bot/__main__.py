@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+from pathlib import Path
 
 from bot.config import load_settings
 from bot.logsetup import setup_logging
@@ -21,7 +23,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def drop_privileges() -> None:
+    """Railway mounts a volume owned by root, so a service with a volume runs as root (RAILWAY_RUN_UID=0).
+    The image names its unprivileged user in BOT_RUN_AS: give that user DATA_DIR, then become it, before
+    anything else opens a file."""
+    user = os.environ.get("BOT_RUN_AS")
+    if not user or os.geteuid() != 0:
+        return
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    data_dir = Path(os.environ.get("DATA_DIR") or os.environ.get("RAILWAY_VOLUME_MOUNT_PATH") or "data")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for root, dirs, files in os.walk(data_dir):  # never follows symlinks, and lchown does not either
+        for path in (root, *(os.path.join(root, name) for name in dirs + files)):
+            os.lchown(path, entry.pw_uid, entry.pw_gid)
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    os.environ["HOME"] = entry.pw_dir
+
+
 def main(argv: list[str] | None = None) -> int:
+    drop_privileges()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     settings = load_settings()
     setup_logging(settings.effective_log_level, json=settings.log_json)
@@ -38,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         from bot.doctor import run_logout
 
         return asyncio.run(run_logout(settings))
-    from bot.app import run_whatsapp
+    from bot.whatsapp import run_whatsapp
 
     return asyncio.run(run_whatsapp(settings))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -16,13 +15,11 @@ from loguru import logger
 from bot.ai import ChatModel, make_client
 from bot.config import Settings
 from bot.flows import FlowMatcher, FlowsFileError, load_flows_file
-from bot.governor import GovernedTransport, GovernorLimits
-from bot.http import build_app, start_http
 from bot.limits import CircuitBreaker, SlidingWindowLimiter
 from bot.pipeline import Pipeline
-from bot.replies import all_canned_texts
 from bot.responder import Responder
 from bot.takeover import Takeover
+from connection.lease import SessionLease
 from connection.types import (
     ChatId,
     ConnectionState,
@@ -81,6 +78,7 @@ class Bot:
     memory: MemoryManager
     transcriber: VoiceTranscriber
     connection_stats: Callable[[], dict[str, Any]] | None = None
+    lease: SessionLease | None = None
     started_at: float = field(default_factory=time.time)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _resizes: set[asyncio.Task[None]] = field(default_factory=set)
@@ -165,10 +163,13 @@ class Bot:
             self._resizes.add(task)
             task.add_done_callback(self._resizes.discard)
 
-    async def start(self) -> None:
+    async def start(self, *, recover: bool = True) -> None:
+        """Open the store and start the pipeline; `recover=False` leaves answering what a crash left
+        unanswered to the caller (`run_whatsapp` does it once it holds the session lease)."""
         await self.store.open()
         await self.pipeline.start()
-        await self.recover()
+        if recover:
+            await self.recover()
         self._tasks.append(asyncio.create_task(self.memory.run(self._stop), name="memory-manager"))
         self._tasks.append(asyncio.create_task(self._sweep_temp_files(), name="temp-sweeper"))
         if self.settings.supabase_url:
@@ -259,6 +260,7 @@ class Bot:
             "media": self.transcriber.stats(),
             "rate_limit": self.pipeline.rate_limiter.stats() if self.pipeline.rate_limiter else {},
             "takeover": self.pipeline.takeover.stats(),
+            "lease": self.lease.stats() if self.lease is not None else None,
         }
 
 
@@ -282,66 +284,4 @@ async def run_chat(settings: Settings, *, jsonl: bool) -> int:
         await bot.stop()
     if bad:
         print(f"{bad} line(s) could not be read (see the errors above)", file=sys.stderr)
-    return 0
-
-
-async def run_whatsapp(settings: Settings) -> int:
-    """Serve HTTP and keep the WhatsApp connection up until SIGTERM or SIGINT."""
-    from connection.neonize_adapter import NeonizeTransport
-
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    qr_state: dict[str, Any] = {"qr": None, "pair_code": None}
-    bot_ref: list[Bot] = []
-
-    def submit(message: Inbound) -> None:
-        governor.note_inbound(message)
-        bot_ref[0].pipeline.submit(message)
-
-    transport = NeonizeTransport(
-        settings.session_database,
-        on_inbound=submit,
-        name=settings.wa_session_name,
-        pair_phone=settings.wa_pair_phone,
-        on_qr=lambda code: qr_state.update(qr=code),
-        on_pair_code=lambda code: qr_state.update(pair_code=code),
-        log_level=settings.effective_log_level,
-    )
-    governor = GovernedTransport(
-        transport,
-        GovernorLimits(
-            per_minute=settings.wa_send_per_minute,
-            typing_chars_per_s=settings.wa_typing_chars_per_s,
-            same_text_max_chats=settings.wa_same_text_max_chats,
-        ),
-        canned=all_canned_texts(),
-    )
-    bot = Bot.build(settings, governor)
-    bot.connection_stats = lambda: {**transport.stats(), "governor": governor.stats()}
-    bot_ref.append(bot)
-
-    def qr_snapshot() -> dict[str, Any]:
-        return {**qr_state, "state": transport.state.value}
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-    await bot.start()
-    runner = await start_http(
-        build_app(bot.metrics, qr_snapshot, admin_token=settings.admin_token),
-        settings.port,
-    )
-    logger.info("HTTP on port {}: /health, /v1/metrics, /qr", settings.port)
-    await transport.start()
-    try:
-        await stop.wait()
-        logger.info("stopping: finishing replies in flight")
-    finally:
-        await bot.pipeline.stop(timeout=8.0)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(transport.stop(), 5.0)
-        await bot.stop(timeout=1.0)
-        await runner.cleanup()
-    logger.info("stopped")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Literal
@@ -36,7 +37,10 @@ class Settings(BaseSettings):
     supabase_url: str | None = None
     supabase_key: str | None = None
     supabase_db_url: str | None = None
-    data_dir: Path = Path("data")
+    # On Railway with a volume attached, the volume is where data lives unless DATA_DIR says otherwise.
+    data_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("RAILWAY_VOLUME_MOUNT_PATH") or "data")
+    )
     retention_days: int = Field(30, ge=1)
 
     # Process
@@ -75,6 +79,8 @@ class Settings(BaseSettings):
     # WhatsApp
     wa_pair_phone: str | None = None
     wa_session_name: str = "bot"
+    wa_heartbeat_s: float = Field(30.0, ge=5)
+    wa_presence_ping: bool = False
     wa_send_per_minute: int = Field(40, ge=1, le=1000)
     wa_typing_chars_per_s: float = Field(25.0, ge=0)
     wa_same_text_max_chats: int = Field(5, ge=1)
@@ -139,6 +145,10 @@ class Settings(BaseSettings):
     def _postgres_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("postgres://", "postgresql://")):
             raise ValueError("must be a Postgres URL starting with postgresql://")
+        if value is not None and ".pooler.supabase.com:6543" in value:
+            raise ValueError(
+                "is Supabase's transaction pooler (port 6543): use the session pooler (port 5432)"
+            )
         return value
 
     @model_validator(mode="after")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import tempfile
 from pathlib import Path
@@ -91,6 +90,8 @@ def _check_data_dir(settings: Settings) -> bool:
 def _check_session(settings: Settings) -> bool:
     if settings.supabase_db_url:
         return _line(True, "WhatsApp session: kept in Postgres (SUPABASE_DB_URL)")
+    if settings.supabase_url:
+        return _line(True, "WhatsApp session: local file, snapshotted to Supabase (wa_sessions) every 60 s")
     path = Path(settings.session_database)
     if path.exists():
         return _line(True, f"WhatsApp session: {path} exists (paired before)")
@@ -125,8 +126,20 @@ async def run_doctor(settings: Settings) -> int:
 
 
 async def run_logout(settings: Settings) -> int:
+    """Unlink the device on WhatsApp's side, then delete the session (local file, and its Supabase copy)."""
     from connection.neonize_adapter import NeonizeTransport
+    from connection.session_backup import SessionBackup
+    from connection.types import TransportError
 
+    backup = None
+    if settings.supabase_url and settings.supabase_key and not settings.supabase_db_url:
+        backup = SessionBackup(
+            Path(settings.session_database),
+            url=settings.supabase_url,
+            key=settings.supabase_key,
+            session_id=settings.wa_session_name,
+        )
+        await backup.restore_if_missing()  # on an ephemeral disk the session is only in Supabase
     path = Path(settings.session_database)
     if not settings.supabase_db_url and not path.exists():
         print("no local session: nothing to log out")
@@ -135,16 +148,17 @@ async def run_logout(settings: Settings) -> int:
         settings.session_database,
         on_inbound=lambda _: None,
         name=settings.wa_session_name,
+        log_level="WARNING",
     )
+    code = 0
     try:
-        await asyncio.wait_for(transport.logout(), 30)
-        print("device unlinked from WhatsApp")
-    except Exception as error:
-        print(
-            f"could not unlink on WhatsApp's side ({type(error).__name__}); deleting the local session anyway"
-        )
-    if not settings.supabase_db_url:
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        print(f"local session {path} deleted")
-    return 0
+        await transport.logout()
+        print("device unlinked from WhatsApp; local session deleted")
+    except TransportError as error:
+        print(f"could not unlink on WhatsApp's side: {error}")
+        code = 1
+    if backup is not None:
+        await backup.forget()
+        await backup.close()
+        print("the session copy in Supabase (wa_sessions) was deleted")
+    return code

@@ -34,6 +34,10 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "es": "Estoy atendiendo muchas consultas ahora mismo; te respondo en breve.",
         "en": "I'm handling a lot of questions right now; I'll answer you shortly.",
     },
+    "resend": {
+        "es": "No he podido leer tu último mensaje. ¿Podrías enviarlo de nuevo, por favor?",
+        "en": "I couldn't read your last message. Could you send it again, please?",
+    },
     "media_unsupported": {
         "es": "Por ahora solo puedo leer mensajes de texto y notas de voz. ¿Me lo escribes, por favor?",
         "en": "For now I can only read text messages and voice notes. Could you type it, please?",

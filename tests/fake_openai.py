@@ -38,6 +38,7 @@ class FakeOpenAI:
     reply: Reply = echo_reply
     delay_s: float = 0.0
     transcript: str = "hola, quiero saber el horario"
+    api_key: str = "test-key"  # what /v1/models accepts (the other endpoints accept any key)
     chat_requests: list[dict[str, Any]] = field(default_factory=list)
     transcriptions: list[Transcription] = field(default_factory=list)
     # Statuses to answer the next requests with, one per request (e.g. [429, 500]).
@@ -58,6 +59,7 @@ class FakeOpenAI:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/audio/transcriptions", self._transcribe)
+        app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -98,6 +100,11 @@ class FakeOpenAI:
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
             }
         )
+
+    async def _models(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return web.json_response({"error": {"message": "Incorrect API key provided"}}, status=401)
+        return web.json_response({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
 
     async def _transcribe(self, request: web.Request) -> web.Response:
         form = await request.post()

@@ -1,0 +1,179 @@
+"""`python -m bot run`: the bot on WhatsApp, from start to a clean exit.
+
+Order of start: HTTP first (so /health passes while waiting for the session lease or a QR scan), then the
+session lease (one instance per WhatsApp session), the session restored from Supabase if it lives there,
+crash recovery, and the connection. On SIGTERM or SIGINT, the reverse: stop intake and finish replies in
+flight, disconnect, save the session, release the lease, flush the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from bot.app import Bot
+from bot.config import Settings
+from bot.governor import GovernedTransport, GovernorLimits
+from bot.http import build_app, start_http
+from bot.replies import all_canned_texts, reply
+from connection.lease import make_lease
+from connection.types import ChatId, ConnectionState, Inbound, MessageId, MessageKind
+
+EX_TEMPFAIL = 75  # the lease went to another instance: exit so the platform restarts this one as a waiter
+
+
+class _Background:
+    """Fire-and-forget tasks that are kept referenced and whose errors are logged."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coroutine: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("{} failed: {}", task.get_name(), task.exception())
+
+
+async def run_whatsapp(settings: Settings) -> int:
+    """Serve HTTP and keep the WhatsApp connection up until SIGTERM or SIGINT; returns the exit code."""
+    from connection.neonize_adapter import NeonizeTransport
+    from connection.session_backup import SessionBackup
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    background = _Background()
+    pairing: dict[str, Any] = {"qr": None, "pair_code": None}
+    stop = asyncio.Event()
+    exit_code = 0
+
+    backup = None
+    if settings.supabase_url and settings.supabase_key and not settings.supabase_db_url:
+        # The session file is snapshotted to Supabase, so a redeploy on an ephemeral disk keeps the pairing.
+        backup = SessionBackup(
+            Path(settings.session_database),
+            url=settings.supabase_url,
+            key=settings.supabase_key,
+            session_id=settings.wa_session_name,
+        )
+
+    def on_state(state: ConnectionState) -> None:
+        if state is ConnectionState.CONNECTED:
+            pairing.update(qr=None, pair_code=None)
+        elif state is ConnectionState.LOGGED_OUT and backup is not None:
+            background.spawn(backup.forget(), "forget-session-backup")
+
+    async def ask_to_resend(chat: ChatId) -> None:
+        # The governor only lets the bot write to chats that wrote to it: this one did, undecryptably.
+        governor.note_inbound(Inbound(id=MessageId(""), chat=chat, sender=chat, kind=MessageKind.OTHER))
+        await governor.send_text(chat, reply("resend", settings.bot_language))
+
+    def on_inbound(message: Inbound) -> None:
+        governor.note_inbound(message)
+        bot.pipeline.submit(message)
+
+    transport = NeonizeTransport(
+        settings.session_database,
+        on_inbound=on_inbound,
+        name=settings.wa_session_name,
+        pair_phone=settings.wa_pair_phone,
+        on_qr=lambda code: pairing.update(qr=code),
+        on_pair_code=lambda code: pairing.update(pair_code=code),
+        log_level=settings.effective_log_level,
+        heartbeat_s=settings.wa_heartbeat_s,
+        presence_ping=settings.wa_presence_ping,
+        on_state=on_state,
+        outbox_path=settings.data_dir / "outbox.sqlite3",
+        on_undecryptable=ask_to_resend,
+    )
+    governor = GovernedTransport(
+        transport,
+        GovernorLimits(
+            per_minute=settings.wa_send_per_minute,
+            typing_chars_per_s=settings.wa_typing_chars_per_s,
+            same_text_max_chats=settings.wa_same_text_max_chats,
+        ),
+        canned=all_canned_texts(),
+    )
+    bot = Bot.build(settings, governor)
+    bot.connection_stats = lambda: {
+        **transport.stats(),
+        **(backup.stats() if backup else {}),
+        "governor": governor.stats(),
+    }
+
+    def lease_lost(why: str) -> None:
+        nonlocal exit_code
+        logger.error("session lease lost ({}): stopping so that only one instance answers", why)
+        exit_code = EX_TEMPFAIL
+        stop.set()
+
+    # One instance per WhatsApp session: an advisory lock when the session is in Postgres, a lease row
+    # in Supabase without a volume, nothing to guard with a volume.
+    bot.lease = make_lease(
+        settings.wa_session_name,
+        db_url=settings.supabase_db_url,
+        supabase_url=settings.supabase_url,
+        supabase_key=settings.supabase_key,
+        volume_path=os.environ.get("RAILWAY_VOLUME_MOUNT_PATH"),
+        on_lost=lease_lost,
+    )
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await bot.start(recover=False)
+    runner = await start_http(
+        build_app(
+            bot.metrics, lambda: {**pairing, "state": transport.state.value}, admin_token=settings.admin_token
+        ),
+        settings.port,
+    )
+    logger.info("HTTP on port {}: /health, /v1/metrics, /qr", settings.port)
+    # /health answers while this waits: a new deployment must turn healthy for Railway to stop the old
+    # one, and stopping the old one is what frees the lease.
+    acquiring = asyncio.create_task(bot.lease.acquire(), name="session-lease")
+    stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+    try:
+        await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():
+            acquiring.result()
+            if backup is not None:
+                await backup.restore_if_missing()
+            await bot.recover()
+            await transport.start()
+            if backup is not None:
+                await backup.start()
+            await stop.wait()
+        logger.info("stopping: finishing replies in flight")
+    finally:
+        for task in (acquiring, stopping):
+            task.cancel()
+        await asyncio.gather(acquiring, stopping, return_exceptions=True)
+        await bot.pipeline.stop(timeout=8.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(transport.stop(), 5.0)
+        if backup is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(backup.stop(), 10.0)  # the final snapshot, before the lease goes
+        await bot.lease.release()  # disconnected and saved: the next instance may connect now
+        await bot.stop(timeout=1.0)
+        await runner.cleanup()
+    logger.info("stopped")
+    if transport.hard_exit_needed:
+        # neonize's pairing call ignores Stop and keeps a worker thread that asyncio.run would wait for.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    return exit_code

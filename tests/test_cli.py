@@ -1,0 +1,64 @@
+"""`python -m bot doctor` and `python -m bot logout` as a user runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from tests.fake_openai import FakeOpenAI
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def bot(tmp_path: Path, *args: str, **env: str) -> tuple[int, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_", "WA_"))}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        *args,
+        cwd=tmp_path,
+        env={**base, "PYTHONPATH": str(REPO), "DATA_DIR": str(tmp_path / "data"), **env},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+async def test_doctor_on_the_embedded_defaults_is_all_good(tmp_path: Path) -> None:
+    code, out = await bot(tmp_path, "doctor")
+    assert code == 0, out
+    assert "[ok  ] ffmpeg installed" in out and "AI answers are off" in out and "all good" in out
+    assert "SQLite" in out and "none yet" in out
+
+
+async def test_doctor_names_what_is_wrong_and_how_to_fix_it(tmp_path: Path, fake_openai: FakeOpenAI) -> None:
+    code, out = await bot(
+        tmp_path,
+        "doctor",
+        OPENAI_API_KEY="wrong-key",
+        OPENAI_BASE_URL=fake_openai.base_url,
+        SUPABASE_URL="http://127.0.0.1:9",
+        SUPABASE_KEY="service-role-key",
+        APP_ENV="production",
+    )
+    assert code == 1
+    assert "[FAIL] OpenAI: the API key was refused" in out and "fix: check OPENAI_API_KEY" in out
+    assert "[FAIL] Supabase: cannot reach it" in out
+    assert "[FAIL] ADMIN_TOKEN set" in out and "3 problem(s) found" in out
+    assert "service-role-key" not in out and "wrong-key" not in out
+
+
+async def test_doctor_with_a_working_model(tmp_path: Path, fake_openai: FakeOpenAI) -> None:
+    code, out = await bot(tmp_path, "doctor", OPENAI_API_KEY="test-key", OPENAI_BASE_URL=fake_openai.base_url)
+    assert code == 0 and "OpenAI: reachable, model gpt-4o-mini" in out
+
+
+async def test_logout_without_a_session_says_so(tmp_path: Path) -> None:
+    code, out = await bot(tmp_path, "logout")
+    assert code == 0 and "no local session" in out

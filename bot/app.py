@@ -134,6 +134,7 @@ class Bot:
             allowed_numbers=settings.allowed,
             blocked_numbers=settings.blocked,
             busy_after_s=settings.busy_reply_after_s,
+            stale_after_s=settings.recovery_window_minutes * 60 or None,
         )
         memory = MemoryManager(
             settings.memory_limit, warning=settings.memory_warning, critical=settings.memory_critical

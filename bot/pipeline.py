@@ -48,6 +48,7 @@ class VoiceTranscriber(Protocol):
 
 
 _HANDED_OVER = "chat handed to a human"
+_STALE = "too old to answer (offline backlog)"
 
 
 async def _done() -> None:
@@ -124,6 +125,7 @@ class Pipeline:
         allowed_numbers: frozenset[str] = frozenset(),
         blocked_numbers: frozenset[str] = frozenset(),
         busy_after_s: float = 30.0,
+        stale_after_s: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -140,6 +142,7 @@ class Pipeline:
         self.allowed_numbers = allowed_numbers
         self.blocked_numbers = blocked_numbers
         self.busy_after_s = busy_after_s
+        self.stale_after_s = stale_after_s
         self.clock = clock
         self.counters = MessageCounters()
         self.dedup = DedupWindow(dedup_window)
@@ -182,7 +185,7 @@ class Pipeline:
         reason = self._filter(message)
         if reason is not None:
             self._skip(message, reason)
-            if reason == _HANDED_OVER:
+            if reason in (_HANDED_OVER, _STALE):
                 self._spawn(self._remember(replace(self._inbound_row(message), status=MessageStatus.SKIPPED)))
             return False
         if self.rate_limiter is not None:
@@ -259,6 +262,9 @@ class Pipeline:
     def _filter(self, message: Inbound) -> str | None:
         if message.is_status:
             return "status broadcast"
+        if self.stale_after_s and message.timestamp and self.clock() - message.timestamp > self.stale_after_s:
+            # A backlog delivered after a long disconnection: answering hours late does more harm than good.
+            return _STALE
         if message.is_group and not (
             self.group_policy == "always" or (self.group_policy == "mentioned" and message.mentions_me)
         ):

@@ -72,6 +72,7 @@ def inbound(
     chat: str = "34600111222@s.whatsapp.net",
     id: str | None = None,
     kind: MessageKind = MessageKind.TEXT,
+    timestamp: float | None = None,
     **fields: Any,
 ) -> Inbound:
     return Inbound(
@@ -80,7 +81,7 @@ def inbound(
         sender=chat,
         kind=kind,
         text=text,
-        timestamp=time.time(),
+        timestamp=time.time() if timestamp is None else timestamp,
         **fields,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from connection.types import MessageKind
 from memory.store import Direction, MessageStatus
@@ -273,3 +274,12 @@ async def test_messages_queued_behind_never_leak_into_the_history(harness, fake_
     assert contexts[0] == ["primero", "echo: primero", "segundo"]
     assert contexts[1] == ["primero", "echo: primero", "segundo", "echo: segundo", "tercero"]
     assert contexts[2][-3:] == ["tercero", "echo: tercero", "cuarto"]
+
+
+async def test_an_old_backlog_is_stored_but_not_answered(harness, fake_openai: FakeOpenAI) -> None:
+    # Delivered after a long disconnection: older than the freshness window.
+    async with harness(**ai(fake_openai, recovery_window_minutes=10)) as h:
+        assert await h.say(inbound("¿abren hoy?", id="OLD", timestamp=time.time() - 3600)) == []
+        assert await h.say("¿y mañana?") == ["echo: ¿y mañana?"]
+        rows = await h.bot.store.recent_messages(CHAT, 10)
+    assert (rows[0].wa_message_id, rows[0].status) == ("OLD", MessageStatus.SKIPPED)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import string
+import time
 
 from bot.limits import CircuitBreaker, SlidingWindowLimiter
 from bot.takeover import Takeover
@@ -159,7 +160,7 @@ def random_inbound(rng: random.Random, index: int) -> tuple[Inbound, bool]:
         sender="3460@s.whatsapp.net",
         kind=kind,
         text=text,
-        timestamp=rng.random() * 2e9,
+        timestamp=time.time() - rng.random() * 60,
         from_me=rng.random() < 0.05,
     )
     answerable = (

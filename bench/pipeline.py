@@ -11,7 +11,7 @@ from the moment a chat worker takes a message to the moment its reply is sent an
 recorded (inbound and reply durable in SQLite), minus model time. In a burst that time
 is mostly waiting behind the other 255 chats being served at once (Little's law), so
 the overhead is also measured under a steady load at half the measured throughput,
-which is what a customer's message meets on a busy day.
+which is far more than one WhatsApp number ever receives, and at 1,000 messages per second.
 """
 
 from __future__ import annotations
@@ -108,11 +108,13 @@ async def main() -> None:
         logger.add(log_file, level="INFO", enqueue=False)
         folder = Path(tmp)
         burst = [await one_run(args.messages, args.chats, folder / f"burst{run}") for run in range(args.runs)]
-        rate = statistics.median(r["msgs_per_s"] for r in burst) / 2
-        steady = [
-            await one_run(args.messages, args.chats, folder / f"steady{run}", rate)
-            for run in range(args.runs)
-        ]
+        half = statistics.median(r["msgs_per_s"] for r in burst) / 2
+        steady = {}
+        for rate in (1000.0, half):
+            steady[rate] = [
+                await one_run(args.messages, args.chats, folder / f"steady{rate:.0f}-{run}", rate)
+                for run in range(args.runs)
+            ]
         logged = sum(1 for _ in log_file.open())
 
     def median(results: list[dict[str, float]], key: str) -> float:
@@ -122,11 +124,20 @@ async def main() -> None:
         ("burst: messages/s", median(burst, "msgs_per_s"), ">= 10000"),
         ("burst: overhead p50 (ms)", median(burst, "p50_ms"), ""),
         ("burst: overhead p99 (ms)", median(burst, "p99_ms"), ""),
-        (f"steady {rate:.0f}/s: overhead p50 (ms)", median(steady, "p50_ms"), ""),
-        (f"steady {rate:.0f}/s: overhead p99 (ms)", median(steady, "p99_ms"), "<= 2"),
+        *[
+            row
+            for rate, results in steady.items()
+            for row in (
+                (f"steady {rate:.0f}/s: overhead p50 (ms)", median(results, "p50_ms"), ""),
+                (f"steady {rate:.0f}/s: overhead p99 (ms)", median(results, "p99_ms"), "<= 2"),
+            )
+        ],
         ("peak RSS (MiB)", peak_rss_mib(), "<= 110"),
     ]
-    print(f"pipeline: {args.messages} messages from {args.chats} chats, SQLite on, {logged} info log lines")
+    print(
+        f"pipeline: {args.messages} messages from {args.chats} chats, SQLite on, logging at INFO"
+        f" ({logged} lines: per-message lines are DEBUG, INFO has a summary a minute)"
+    )
     print(f"median of {args.runs} runs each")
     print(f"{'metric':<34}{'value':>10}  target")
     for name, value, target in rows:

@@ -118,7 +118,7 @@ class Pipeline:
         group_policy: GroupPolicy = "never",
         max_reply_chars: int = 1500,
         max_inbound_chars: int = 4000,
-        max_active_chats: int = 256,
+        max_active_chats: int = 1024,
         dedup_window: int = 20000,
         rate_limiter: SlidingWindowLimiter | None = None,
         takeover: Takeover | None = None,
@@ -153,6 +153,7 @@ class Pipeline:
         self._workers: dict[ChatId, asyncio.Task[None]] = {}
         self._notice_only: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._summaries: asyncio.Task[None] | None = None
         self._active = asyncio.Semaphore(max_active_chats)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -163,6 +164,23 @@ class Pipeline:
         ids = await self.store.recent_message_ids(self.clock() - dedup_since_s, self.dedup.max_ids)
         self.dedup.seed(ids)
         logger.info("pipeline ready: {} recent message ids loaded for de-duplication", len(ids))
+        self._summaries = asyncio.create_task(self._log_summaries(), name="pipeline-summaries")
+
+    async def _log_summaries(self, every_s: float = 60.0) -> None:
+        """An INFO line a minute while there is traffic: what was received, answered, skipped, failed."""
+        last = asdict(self.counters)
+        while self._accepting:
+            await asyncio.sleep(every_s)
+            now = asdict(self.counters)
+            delta = {key: now[key] - last[key] for key in now}
+            if delta["received"]:
+                logger.info(
+                    "last {:.0f} s: {received} received, {answered} answered, {skipped} skipped,"
+                    " {duplicates} duplicates, {rate_limited} rate limited, {failed} failed",
+                    every_s,
+                    **delta,
+                )
+            last = now
 
     # -- intake (synchronous, cheap first) -------------------------------------------------------
 
@@ -457,7 +475,8 @@ class Pipeline:
         await self.store.add_reply(outbound, message.id)
         self.history.append(outbound)
         self.counters.answered += 1
-        logger.info(
+        # One line per message at DEBUG; INFO gets a summary a minute (Railway drops logs past 500 lines/s).
+        logger.debug(
             "answered {} in {} ({} part(s), {})",
             message.id,
             message.chat,
@@ -490,6 +509,8 @@ class Pipeline:
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop taking messages, let in-flight ones finish within `timeout`, cancel the rest."""
         self._accepting = False
+        if self._summaries is not None:
+            self._summaries.cancel()
         if not await self.drain(timeout):
             logger.warning(
                 "{} chat(s) still busy after {:.0f} s; cancelling",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,8 +53,14 @@ def cache_key(model: str, messages: list[dict[str, str]]) -> str:
     message are all the same (typically a first question like "¿horario?"), never
     when the answer depended on anything one of them said before.
     """
-    blob = json.dumps([model, messages], ensure_ascii=False, separators=(",", ":"))
-    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+    digest = hashlib.blake2b(model.encode(), digest_size=16)
+    for message in messages:
+        # Lengths delimit the parts, so no two different conversations hash the same bytes.
+        for part in (message["role"], message["content"]):
+            encoded = part.encode()
+            digest.update(len(encoded).to_bytes(8, "little"))
+            digest.update(encoded)
+    return digest.hexdigest()
 
 
 class Responder:

@@ -49,7 +49,6 @@ class _Background:
 async def run_whatsapp(settings: Settings) -> int:
     """Serve HTTP and keep the WhatsApp connection up until SIGTERM or SIGINT; returns the exit code."""
     from connection.neonize_adapter import NeonizeTransport
-    from connection.session_backup import SessionBackup
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     background = _Background()
@@ -60,6 +59,8 @@ async def run_whatsapp(settings: Settings) -> int:
     backup = None
     if settings.supabase_url and settings.supabase_key and not settings.supabase_db_url:
         # The session file is snapshotted to Supabase, so a redeploy on an ephemeral disk keeps the pairing.
+        from connection.session_backup import SessionBackup  # supabase is heavy: imported only when used
+
         backup = SessionBackup(
             Path(settings.session_database),
             url=settings.supabase_url,

@@ -46,12 +46,14 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import asyncpg
 from loguru import logger
+
+if TYPE_CHECKING:
+    import asyncpg
 
 LEASE_MIGRATION = "supabase/migrations/20261122010000_lease.sql"
 _APP_NAME_PREFIX = "wa-bot-lease "  # + the holder id: Postgres keeps 63 bytes
@@ -604,7 +606,7 @@ def make_lease(
 class PgError(LeaseError):
     """An error the server answered with; `code` is its SQLSTATE."""
 
-    def __init__(self, error: asyncpg.PostgresError) -> None:
+    def __init__(self, error: asyncpg.PostgresError) -> None:  # only built where asyncpg is imported
         self.code = error.sqlstate or ""
         super().__init__(f"{type(error).__name__} ({self.code}): {error}")
 
@@ -642,6 +644,8 @@ class PgConnection:
 
     @classmethod
     async def connect(cls, params: PgParams, *, application_name: str, timeout: float = 10.0) -> PgConnection:
+        import asyncpg  # only deployments with SUPABASE_DB_URL pay for the driver
+
         try:
             conn = await asyncpg.connect(
                 params.url,
@@ -661,6 +665,8 @@ class PgConnection:
         return self._conn.is_closed()
 
     async def query(self, sql: str, *, timeout: float = 10.0) -> list[tuple[str | None, ...]]:
+        import asyncpg
+
         try:
             records = await self._conn.fetch(sql, timeout=timeout)
         except asyncpg.PostgresError as error:

@@ -17,30 +17,17 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import psutil
 from loguru import logger
 
-from bot.ai import ChatModel
 from bot.app import Bot
 from bot.config import Settings
 from connection.loopback import LoopbackTransport
 from connection.types import ChatId, Inbound, MessageId, MessageKind
+from tests.fake_openai import InstantModel
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-class InstantModel(ChatModel):
-    def __init__(self) -> None:
-        super().__init__(client=None, model="instant")  # type: ignore[arg-type]
-
-    async def _call(self, messages: list[dict[str, Any]]) -> str:
-        self.requests += 1
-        return f"ok: {messages[-1]['content']}"
-
-    async def close(self) -> None:
-        pass
 
 
 def rss_mib(process: psutil.Process | None = None) -> float:

@@ -23,30 +23,16 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from loguru import logger
 
-from bot.ai import ChatModel, percentile
+from bot.ai import percentile
 from bot.app import Bot
 from bot.config import Settings
 from bot.logsetup import setup_logging
 from connection.loopback import LoopbackTransport
 from connection.types import ChatId, Inbound, MessageId, MessageKind
-
-
-class InstantModel(ChatModel):
-    """Answers at once, in process: the benchmark measures everything but the model."""
-
-    def __init__(self) -> None:
-        super().__init__(client=None, model="instant")  # type: ignore[arg-type]
-
-    async def _call(self, messages: list[dict[str, Any]]) -> str:
-        self.requests += 1
-        return f"ok: {messages[-1]['content']}"
-
-    async def close(self) -> None:
-        pass
+from tests.fake_openai import InstantModel
 
 
 async def one_run(messages: int, chats: int, data_dir: Path, rate: float | None = None) -> dict[str, float]:

@@ -19,6 +19,7 @@ from bot.limits import CircuitBreaker, SlidingWindowLimiter
 from bot.pipeline import Pipeline
 from bot.responder import Responder
 from bot.takeover import Takeover
+from connection.background import BackgroundTasks
 from connection.lease import SessionLease
 from connection.types import (
     ChatId,
@@ -81,7 +82,7 @@ class Bot:
     lease: SessionLease | None = None
     started_at: float = field(default_factory=time.time)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _resizes: set[asyncio.Task[None]] = field(default_factory=set)
+    _background: BackgroundTasks = field(default_factory=lambda: BackgroundTasks("bot"))
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
@@ -160,9 +161,7 @@ class Bot:
 
     def _resize_model_limit(self, capacity: int) -> None:
         if self.model is not None:
-            task = asyncio.get_running_loop().create_task(self.model.limit.resize(capacity))
-            self._resizes.add(task)
-            task.add_done_callback(self._resizes.discard)
+            self._background.spawn(self.model.limit.resize(capacity), "resize-model-limit")
 
     async def start(self, *, recover: bool = True) -> None:
         """Open the store and start the pipeline; `recover=False` leaves answering what a crash left

@@ -127,18 +127,12 @@ async def run_doctor(settings: Settings) -> int:
 
 async def run_logout(settings: Settings) -> int:
     """Unlink the device on WhatsApp's side, then delete the session (local file, and its Supabase copy)."""
+    from bot.whatsapp import session_backup_for
     from connection.neonize_adapter import NeonizeTransport
-    from connection.session_backup import SessionBackup
     from connection.types import TransportError
 
-    backup = None
-    if settings.supabase_url and settings.supabase_key and not settings.supabase_db_url:
-        backup = SessionBackup(
-            Path(settings.session_database),
-            url=settings.supabase_url,
-            key=settings.supabase_key,
-            session_id=settings.wa_session_name,
-        )
+    backup = session_backup_for(settings)
+    if backup is not None:
         await backup.restore_if_missing()  # on an ephemeral disk the session is only in Supabase
     path = Path(settings.session_database)
     if not settings.supabase_db_url and not path.exists():

@@ -12,7 +12,7 @@ import asyncio
 import re
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, Protocol
 
@@ -23,6 +23,7 @@ from bot.limits import SlidingWindowLimiter
 from bot.replies import Language, reply
 from bot.responder import Answer, Responder, split_message
 from bot.takeover import Takeover, parse_command
+from connection.background import BackgroundTasks
 from connection.types import ChatId, Inbound, MessageId, MessageKind, Transport, TransportError
 from memory.history import ChatHistory
 from memory.store import Direction, MessageStatus, Store, StoredMessage
@@ -152,7 +153,7 @@ class Pipeline:
         self._queues: dict[ChatId, deque[tuple[Inbound, Awaitable[None] | None]]] = {}
         self._workers: dict[ChatId, asyncio.Task[None]] = {}
         self._notice_only: set[str] = set()
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks("pipeline")
         self._summaries: asyncio.Task[None] | None = None
         self._active = asyncio.Semaphore(max_active_chats)
         self._idle = asyncio.Event()
@@ -300,10 +301,8 @@ class Pipeline:
         self.counters.skipped += 1
         logger.debug("skipped message {} in {}: {}", message.id, message.chat, reason)
 
-    def _spawn(self, coroutine: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        self._background.spawn(coroutine, "pipeline-side-work")
 
     async def _send_notice(self, chat: ChatId, text: str) -> None:
         try:

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -23,27 +23,29 @@ from bot.config import Settings
 from bot.governor import GovernedTransport, GovernorLimits
 from bot.http import build_app, start_http
 from bot.replies import all_canned_texts, reply
+from connection.background import BackgroundTasks
 from connection.lease import make_lease
 from connection.types import ChatId, ConnectionState, Inbound, MessageId, MessageKind
+
+if TYPE_CHECKING:
+    from connection.session_backup import SessionBackup
 
 EX_TEMPFAIL = 75  # the lease went to another instance: exit so the platform restarts this one as a waiter
 
 
-class _Background:
-    """Fire-and-forget tasks that are kept referenced and whose errors are logged."""
+def session_backup_for(settings: Settings) -> SessionBackup | None:
+    """With only SUPABASE_URL/KEY, the session file is snapshotted to Supabase, so a redeploy on an
+    ephemeral disk keeps the pairing (with SUPABASE_DB_URL the session lives in Postgres already)."""
+    if not (settings.supabase_url and settings.supabase_key) or settings.supabase_db_url:
+        return None
+    from connection.session_backup import SessionBackup  # supabase is heavy: imported only when used
 
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    def spawn(self, coroutine: Any, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("{} failed: {}", task.get_name(), task.exception())
+    return SessionBackup(
+        Path(settings.session_database),
+        url=settings.supabase_url,
+        key=settings.supabase_key,
+        session_id=settings.wa_session_name,
+    )
 
 
 async def run_whatsapp(settings: Settings) -> int:
@@ -51,22 +53,12 @@ async def run_whatsapp(settings: Settings) -> int:
     from connection.neonize_adapter import NeonizeTransport
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    background = _Background()
+    background = BackgroundTasks("whatsapp-run")
     pairing: dict[str, Any] = {"qr": None, "pair_code": None}
     stop = asyncio.Event()
     exit_code = 0
 
-    backup = None
-    if settings.supabase_url and settings.supabase_key and not settings.supabase_db_url:
-        # The session file is snapshotted to Supabase, so a redeploy on an ephemeral disk keeps the pairing.
-        from connection.session_backup import SessionBackup  # supabase is heavy: imported only when used
-
-        backup = SessionBackup(
-            Path(settings.session_database),
-            url=settings.supabase_url,
-            key=settings.supabase_key,
-            session_id=settings.wa_session_name,
-        )
+    backup = session_backup_for(settings)
 
     def on_state(state: ConnectionState) -> None:
         if state is ConnectionState.CONNECTED:

@@ -44,6 +44,7 @@ from typing import Any
 import segno
 from loguru import logger
 
+from connection.background import BackgroundTasks
 from connection.outbox import Outbox, ResendRequests, SendDeferred
 from connection.supervisor import (
     Backoff,
@@ -549,7 +550,7 @@ class NeonizeTransport:
             if on_undecryptable is not None or resend_text
             else None
         )
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks("whatsapp")
         self._flushing: asyncio.Task[None] | None = None
         self._flush_wanted = asyncio.Event()
         self._quiet_pairing = False  # logout(): connect without showing a QR
@@ -609,9 +610,7 @@ class NeonizeTransport:
             return
         self._stopped = True
         await self._supervisor.stop(final)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         if self._resend is not None:
             await self._resend.close()
         if self._outbox is not None:
@@ -759,7 +758,7 @@ class NeonizeTransport:
             return
         self._flush_wanted.set()
         if self._flushing is None or self._flushing.done():
-            self._flushing = self._spawn(self._flush(), "outbox-flush")
+            self._flushing = self._tasks.spawn(self._flush(), "outbox-flush")
 
     async def _flush(self) -> None:
         """Runs while something waits: flushes on every kick (connected, new message) and every 10 s."""
@@ -780,17 +779,6 @@ class NeonizeTransport:
                 await result
         elif self._resend_text:
             await self.send_text(chat, self._resend_text)
-
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.opt(exception=task.exception()).error("whatsapp task {} crashed", task.get_name())
 
     # ------------------------------------------------------------------ state
 

@@ -29,12 +29,13 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from loguru import logger
 
+from connection.background import BackgroundTasks
 from connection.types import ConnectionState
 
 __all__ = [
@@ -278,7 +279,7 @@ class Supervisor:
         self._state = ConnectionState.STARTING
         self._since_mono = clock()
         self._since_wall = time.time()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks(name)
         self._runner: asyncio.Task[None] | None = None
         self._end: asyncio.Future[_End] | None = None
         self._stopping = False
@@ -318,9 +319,9 @@ class Supervisor:
         """Start connecting in the background; returns at once."""
         if self._runner is not None:
             return
-        self._runner = self._spawn(self._run(), f"{self._name}-supervisor")
+        self._runner = self._tasks.spawn(self._run(), f"{self._name}-supervisor")
         if self._lag_interval_s:
-            self._spawn(self._measure_lag(self._lag_interval_s), f"{self._name}-loop-lag")
+            self._tasks.spawn(self._measure_lag(self._lag_interval_s), f"{self._name}-loop-lag")
 
     async def stop(self, final: ConnectionState = ConnectionState.STOPPED) -> None:
         """Stop retrying and watching, disconnect; idempotent and prompt.
@@ -330,10 +331,7 @@ class Supervisor:
         if self._stopping:
             return
         self._stopping = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         await self._release()
         self._connected_at = self._connected_wall = None
         self._owner = None
@@ -450,7 +448,7 @@ class Supervisor:
             self._finish(_End(_Why.RETRY, f"{type(exc).__name__}: {exc}"))
         watchdog = None
         if self._heartbeat_s > 0 and not self._end.done():
-            watchdog = self._spawn(self._watchdog(), f"{self._name}-watchdog")
+            watchdog = self._tasks.spawn(self._watchdog(), f"{self._name}-watchdog")
         try:
             return await self._end
         finally:
@@ -632,17 +630,3 @@ class Supervisor:
             "loop_lag_ms": None if self._lag_s is None else round(self._lag_s * 1000, 1),
             "loop_lag_max_ms": round(max(self._lags) * 1000, 1) if self._lags else None,
         }
-
-    # ------------------------------------------------------------------ tasks
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """Every background task is referenced until it ends, and its failure is logged."""
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.opt(exception=task.exception()).error("{}: task {} crashed", self._name, task.get_name())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from bot.config import Settings
 from connection.loopback import LoopbackTransport
 from connection.types import ChatId, Inbound, MessageId, MessageKind
 from tests.fake_openai import FakeOpenAI
+from tests.supabase_stack import SupabaseStack, running_stack
 
 _ids = itertools.count(1)
 
@@ -42,6 +43,12 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         }:
             monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[SupabaseStack]:
+    """The local Supabase stack, started once for the run (modules that break it start their own)."""
+    yield from running_stack()
 
 
 @pytest.fixture

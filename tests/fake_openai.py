@@ -15,6 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
+from bot.ai import ChatModel
+
 Reply = Callable[[list[dict[str, Any]]], str]
 
 
@@ -136,3 +138,17 @@ class FakeOpenAI:
                 {"error": {"message": message, "type": "invalid_request_error"}}, status=400
             )
         return web.json_response({"text": self.transcript})
+
+
+class InstantModel(ChatModel):
+    """A model that answers at once, in process: for measuring everything but the model."""
+
+    def __init__(self) -> None:
+        super().__init__(client=None, model="instant")  # type: ignore[arg-type]
+
+    async def _call(self, messages: list[dict[str, Any]]) -> str:
+        self.requests += 1
+        return f"ok: {messages[-1]['content']}"
+
+    async def close(self) -> None:
+        pass

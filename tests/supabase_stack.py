@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -192,6 +192,15 @@ def start_or_skip() -> SupabaseStack:
             pytest.fail(reason + " (CI is set, so this is not skipped)", pytrace=False)
         pytest.skip(reason)
     return SupabaseStack().start()
+
+
+def running_stack() -> Iterator[SupabaseStack]:
+    """A pytest fixture body: a started stack (or a skip, see start_or_skip), stopped afterwards."""
+    stack = start_or_skip()
+    try:
+        yield stack
+    finally:
+        stack.stop()
 
 
 def _free_port() -> int:

@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.supabase_stack import SupabaseStack, in_ci, start_or_skip
+from tests.supabase_stack import SupabaseStack, in_ci
 
 REPO = Path(__file__).resolve().parents[1]
 RAILWAY_DIR = REPO / ".railway"
@@ -566,15 +566,6 @@ async def test_start_command_as_railway_runs_it(tmp_path: Path, instances: list[
 
 def _app_takes_the_lease() -> bool:
     return "connection.lease" in (REPO / "bot" / "app.py").read_text()
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[SupabaseStack]:
-    s = start_or_skip()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 @pytest.mark.skipif(

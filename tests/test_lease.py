@@ -34,7 +34,7 @@ from connection.lease import (
     advisory_key,
     make_lease,
 )
-from tests.supabase_stack import SupabaseStack, start_or_skip
+from tests.supabase_stack import SupabaseStack, running_stack
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"poll_s": 0.05, "check_s": 0.3, "stale_after_s": 1.0}
@@ -42,11 +42,8 @@ FAST = {"poll_s": 0.05, "check_s": 0.3, "stale_after_s": 1.0}
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[SupabaseStack]:
-    s = start_or_skip()
-    try:
-        yield s
-    finally:
-        s.stop()
+    """A stack of this module's own: these tests stop and restart parts of it."""
+    yield from running_stack()
 
 
 @pytest.fixture

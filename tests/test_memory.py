@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from bot.ai import ChatModel
 from connection.types import ChatId, Inbound, MessageId, MessageKind
 from memory.manager import MemoryManager, MemoryState, cgroup_limit_mb
+from tests.fake_openai import InstantModel
 
 
 def test_the_limit_comes_from_the_setting_then_the_cgroup_then_a_default(tmp_path: Path) -> None:
@@ -49,18 +49,6 @@ def test_states_follow_rss_with_configurable_thresholds() -> None:
         ("warning", "normal"),
     ]
     assert manager.stats()["percent"] == 1.0 and manager.stats()["peak_rss_mb"] == 710
-
-
-class InstantModel(ChatModel):
-    def __init__(self) -> None:
-        super().__init__(client=None, model="instant")  # type: ignore[arg-type]
-
-    async def _call(self, messages: list[dict[str, Any]]) -> str:
-        self.requests += 1
-        return "ok"
-
-    async def close(self) -> None:
-        pass
 
 
 def structure_sizes(bot: Any) -> dict[str, int]:

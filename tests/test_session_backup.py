@@ -7,7 +7,6 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from connection.session_backup import (
     restore_bytes,
     snapshot_bytes,
 )
-from tests.supabase_stack import SupabaseStack, start_or_skip
+from tests.supabase_stack import SupabaseStack
 
 
 def make_session(path: Path, rows: int = 50) -> None:
@@ -139,15 +138,6 @@ async def test_upload_failure_is_counted_and_retried_later(tmp_path: Path) -> No
 
 
 # ---------------------------------------------------------------- against the local Supabase stack
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[SupabaseStack]:
-    s = start_or_skip()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def backup_for(stack: SupabaseStack, path: Path, session_id: str, **options: float) -> SessionBackup:

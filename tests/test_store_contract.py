@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
 
@@ -20,20 +20,11 @@ import pytest
 from memory.sqlite_store import SQLiteStore
 from memory.store import Direction, Flow, MessageStatus, Store, StoredMessage
 from memory.supabase_store import SupabaseStore
-from tests.supabase_stack import SupabaseStack, start_or_skip
+from tests.supabase_stack import SupabaseStack
 
 CHAT = "34600111222@s.whatsapp.net"
 OTHER = "34600333444@s.whatsapp.net"
 T0 = 1_795_000_000.0
-
-
-@pytest.fixture(scope="session")
-def stack() -> Iterator[SupabaseStack]:
-    s = start_or_skip()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def msg(

@@ -23,19 +23,16 @@ from connection.types import ChatId, Inbound, MessageId, MessageKind
 from memory.journal import Journal, JournalFull, Op
 from memory.store import Direction, MessageStatus, StoredMessage
 from memory.supabase_store import SupabaseStore
-from tests.supabase_stack import SupabaseStack, start_or_skip
+from tests.supabase_stack import SupabaseStack, running_stack
 
 CHATS = [f"3460011122{i}@s.whatsapp.net" for i in range(3)]
 _ids = itertools.count(1)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack() -> Iterator[SupabaseStack]:
-    s = start_or_skip()
-    try:
-        yield s
-    finally:
-        s.stop()
+    """A stack of this module's own: these tests stop and restart parts of it."""
+    yield from running_stack()
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import datetime
 
 import aiohttp
@@ -16,15 +16,6 @@ from tests import supabase_stack
 from tests.supabase_stack import SupabaseStack, start_or_skip
 
 TABLES = ("chats", "chat_history", "bot_flows", "wa_sessions")
-
-
-@pytest.fixture(scope="session")
-def stack() -> Iterator[SupabaseStack]:
-    s = start_or_skip()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 async def _client(stack: SupabaseStack, key: str) -> AsyncClient:

@@ -155,6 +155,7 @@ class Pipeline:
         self._notice_only: set[str] = set()
         self._background = BackgroundTasks("pipeline")
         self._summaries: asyncio.Task[None] | None = None
+        self._reply_writes: set[asyncio.Future[None]] = set()
         self._active = asyncio.Semaphore(max_active_chats)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -470,8 +471,12 @@ class Pipeline:
             status=MessageStatus.SENT,
             created_at=self.clock(),
         )
-        # Awaited before the chat's next message, so a crash cannot leave it looking unanswered.
-        await self.store.add_reply(outbound, message.id)
+        # Not awaited: the chat's next message can start while this commits (its history is in memory
+        # already). A crash before the commit looks like a crash just before the send: the message is
+        # answered again after a restart, within the freshness window.
+        write = asyncio.ensure_future(self.store.add_reply(outbound, message.id))
+        self._reply_writes.add(write)
+        write.add_done_callback(self._reply_written)
         self.history.append(outbound)
         self.counters.answered += 1
         # One line per message at DEBUG; INFO gets a summary a minute (Railway drops logs past 500 lines/s).
@@ -482,6 +487,11 @@ class Pipeline:
             len(sent_ids),
             "model" if via_model else "canned",
         )
+
+    def _reply_written(self, write: asyncio.Future[None]) -> None:
+        self._reply_writes.discard(write)
+        if not write.cancelled() and write.exception() is not None:
+            logger.error("a reply was sent but could not be recorded: {}", write.exception())
 
     async def _typing(self, chat: ChatId, on: bool) -> None:
         try:
@@ -498,9 +508,12 @@ class Pipeline:
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def drain(self, timeout: float | None = None) -> bool:
-        """Wait until every queued message is handled; False if `timeout` ran out first."""
+        """Wait until every queued message is handled and recorded; False if `timeout` ran out first."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+                await self._background.wait_all()  # notices and side writes
+                await asyncio.gather(*self._reply_writes, return_exceptions=True)
         except TimeoutError:
             return False
         return True

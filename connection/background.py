@@ -29,6 +29,10 @@ class BackgroundTasks:
         if not task.cancelled() and task.exception() is not None:
             logger.opt(exception=task.exception()).error("{}: task {} crashed", self.owner, task.get_name())
 
+    async def wait_all(self) -> None:
+        """Wait for the tasks running now (errors are logged by `_done`, not raised here)."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def cancel_all(self) -> None:
         tasks = list(self._tasks)
         for task in tasks:

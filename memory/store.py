@@ -61,8 +61,9 @@ class Store(Protocol):
         """
         ...
 
-    async def add_reply(self, reply: StoredMessage, answered_id: str) -> None:
-        """Persist an outbound reply and mark the inbound message it answers ANSWERED, atomically."""
+    def add_reply(self, reply: StoredMessage, answered_id: str) -> Awaitable[None]:
+        """Persist an outbound reply and mark the inbound message it answers ANSWERED, atomically;
+        durable once the result is awaited (a coroutine function satisfies this too)."""
         ...
 
     async def set_status(self, wa_message_id: str, status: MessageStatus, body: str | None = None) -> None:

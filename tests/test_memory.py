@@ -104,7 +104,7 @@ async def test_soak_200k_messages_from_50k_chats_keeps_every_structure_bounded(h
         final = structure_sizes(h.bot)
         counters = h.bot.pipeline.counters
         wal = h.settings.store_path.with_name("bot.sqlite3-wal")
-        assert wal.stat().st_size < 32 * 2**20, "the WAL is checkpointed, not left to grow"
+        assert wal.stat().st_size < 64 * 2**20, "the WAL is checkpointed, not left to grow"
     assert counters.received == total and counters.failed == 0
     assert counters.answered + counters.rate_limited == total  # every message answered or limited
     for name, limit in limits.items():

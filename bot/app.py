@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -277,11 +278,23 @@ async def run_chat(settings: Settings, *, jsonl: bool) -> int:
             f"Chatting with the bot ({mode}). Type a message; Ctrl-D to quit.",
             file=sys.stderr,
         )
+    # SIGTERM or SIGINT: stop reading, finish the replies in flight (bounded), flush, exit 0.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reading = asyncio.create_task(transport.read_stdin(bot.pipeline.submit), name="stdin")
+    stopping = asyncio.create_task(stop.wait(), name="stop-signal")
     try:
-        bad = await transport.read_stdin(bot.pipeline.submit)
-        await bot.pipeline.drain()
+        await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if reading.done():
+            bad = reading.result()
+            if bad:
+                print(f"{bad} line(s) could not be read (see the errors above)", file=sys.stderr)
+            await bot.pipeline.drain()
     finally:
-        await bot.stop()
-    if bad:
-        print(f"{bad} line(s) could not be read (see the errors above)", file=sys.stderr)
+        for task in (reading, stopping):
+            task.cancel()
+        await asyncio.gather(reading, stopping, return_exceptions=True)
+        await bot.stop(timeout=8.0)
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -89,10 +90,25 @@ class ConsoleTransport(LoopbackTransport):
         self.out.flush()
 
     async def read_stdin(self, submit: Callable[[Inbound], object], *, stdin: TextIO = sys.stdin) -> int:
-        """Feed stdin to `submit` until EOF; returns the number of bad lines."""
+        """Feed stdin to `submit` until EOF; returns the number of bad lines.
+
+        Lines are read on a daemon thread: a blocked read must not keep the process alive when it is
+        told to stop (asyncio's default executor would wait for it at exit).
+        """
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue[str] = asyncio.Queue()
+
+        def pump() -> None:
+            while True:
+                line = stdin.readline()
+                loop.call_soon_threadsafe(lines.put_nowait, line)
+                if not line:
+                    return
+
+        threading.Thread(target=pump, name="stdin", daemon=True).start()
         bad = 0
         while True:
-            line = await asyncio.to_thread(stdin.readline)
+            line = await lines.get()
             if not line:
                 return bad
             line = line.strip()

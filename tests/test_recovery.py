@@ -100,3 +100,26 @@ async def test_kill_9_mid_reply_then_restart_answers_each_message_once(
     third = await start_chat(tmp_path, fake_openai)
     out, _ = await asyncio.wait_for(third.communicate(b""), 60)
     assert third.returncode == 0 and out == b""  # nothing is answered twice
+
+
+@pytest.mark.timeout(60)
+async def test_sigterm_during_a_slow_model_reply_delivers_it_and_exits_0(
+    tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.delay_s = 1.5
+    process = await start_chat(tmp_path, fake_openai)
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write(b'{"id": "S1", "from": "34600000001", "text": "hola"}\n')
+    await process.stdin.drain()
+    deadline = time.monotonic() + 30
+    while fake_openai.chat_count == 0:
+        assert time.monotonic() < deadline, "the model was never asked"
+        await asyncio.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # stdin stays open: the stop does not wait for EOF
+    out = await asyncio.wait_for(process.stdout.read(), 20)
+    code = await asyncio.wait_for(process.wait(), 20)
+    assert code == 0
+    assert [json.loads(line) for line in out.decode().splitlines()] == [
+        {"to": "34600000001", "text": "echo: hola"}
+    ]
+    assert {r[0]: r[2] for r in rows(tmp_path / "data" / "bot.sqlite3")}["S1"] == "answered"

@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     wa_session_name: str = "bot"
     wa_heartbeat_s: float = Field(30.0, ge=5)
     wa_presence_ping: bool = False
+    wa_reject_calls: bool = False
     wa_send_per_minute: int = Field(40, ge=1, le=1000)
     wa_typing_chars_per_s: float = Field(25.0, ge=0)
     wa_same_text_max_chats: int = Field(5, ge=1)

@@ -38,6 +38,10 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "es": "No he podido leer tu último mensaje. ¿Podrías enviarlo de nuevo, por favor?",
         "en": "I couldn't read your last message. Could you send it again, please?",
     },
+    "call_rejected": {
+        "es": "No puedo atender llamadas por aquí. Escríbeme tu consulta y te respondo enseguida.",
+        "en": "I can't take calls here. Write me your question and I'll answer right away.",
+    },
     "media_unsupported": {
         "es": "Por ahora solo puedo leer mensajes de texto y notas de voz. ¿Me lo escribes, por favor?",
         "en": "For now I can only read text messages and voice notes. Could you type it, please?",

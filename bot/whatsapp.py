@@ -71,6 +71,10 @@ async def run_whatsapp(settings: Settings) -> int:
         governor.note_inbound(Inbound(id=MessageId(""), chat=chat, sender=chat, kind=MessageKind.OTHER))
         await governor.send_text(chat, reply("resend", settings.bot_language))
 
+    async def tell_caller(chat: ChatId) -> None:
+        governor.note_inbound(Inbound(id=MessageId(""), chat=chat, sender=chat, kind=MessageKind.OTHER))
+        await governor.send_text(chat, reply("call_rejected", settings.bot_language))
+
     def on_inbound(message: Inbound) -> None:
         governor.note_inbound(message)
         bot.pipeline.submit(message)
@@ -88,6 +92,7 @@ async def run_whatsapp(settings: Settings) -> int:
         on_state=on_state,
         outbox_path=settings.data_dir / "outbox.sqlite3",
         on_undecryptable=ask_to_resend,
+        on_call=tell_caller if settings.wa_reject_calls else None,
     )
     governor = GovernedTransport(
         transport,

@@ -99,6 +99,7 @@ with warnings.catch_warnings(), _closed_popen():
     from neonize.aioze import events as _nz_events
     from neonize.aioze.client import NewAClient
     from neonize.aioze.events import (
+        CallOfferEv,
         ClientOutdatedEv,
         ConnectedEv,
         ConnectFailureEv,
@@ -520,6 +521,7 @@ class NeonizeTransport:
         outbox_path: str | Path | None = None,
         outbox_max: int = 500,
         on_undecryptable: Callable[[ChatId], Awaitable[None] | None] | None = None,
+        on_call: Callable[[ChatId], Awaitable[None]] | None = None,
         resend_text: str | None = None,
         undecryptable_grace_s: float = 30.0,
         probe_address: tuple[str, int] = ("web.whatsapp.com", 443),
@@ -534,6 +536,7 @@ class NeonizeTransport:
         self._on_state = on_state
         self._on_undecryptable = on_undecryptable
         self._resend_text = resend_text
+        self._on_call = on_call
 
         self._driver = NeonizeDriver(database, self._event, probe_address=probe_address)
         self._supervisor = Supervisor(
@@ -587,6 +590,8 @@ class NeonizeTransport:
             StreamErrorEv: self._handle_stream_error,
             UndecryptableMessageEv: self._handle_undecryptable,
         }
+        if self._on_call is not None:
+            handlers[CallOfferEv] = self._handle_call
         for event_type in (
             DisconnectedEv,
             LoggedOutEv,
@@ -865,6 +870,22 @@ class NeonizeTransport:
         logger.info("a message from {} could not be decrypted; whatsmeow asked for a retry", _scrub(chat))
         if self._resend is not None:
             self._resend.undecryptable(info.ID, ChatId(chat))
+
+    async def _handle_call(self, ev: Any) -> None:
+        """An incoming call, when calls are refused: decline it, then let the bot explain (on_call)."""
+        meta = ev.basicCallMeta
+        # Key the chat like messages are keyed: by the phone-number JID when the offer carries one.
+        creator = meta.callCreatorAlt if _is_pn(meta.callCreatorAlt) else meta.callCreator
+        chat = _jid_str(creator)
+        if not chat or not meta.callID:
+            return
+        logger.info("declining a call from {}", _scrub(chat))
+        try:
+            await self._driver._require().reject_call(meta.callCreator, meta.callID)
+        except Exception as exc:
+            logger.warning("could not decline a call: {}", _scrub(str(exc)))
+        assert self._on_call is not None
+        await self._on_call(ChatId(chat))
 
     async def _handle_qr(self, data: bytes) -> None:
         code = data.decode() if isinstance(data, bytes) else str(data)

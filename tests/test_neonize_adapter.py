@@ -23,6 +23,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", ResourceWarning)
     from neonize.proto.Neonize_pb2 import (
         JID,
+        BasicCallMeta,
+        CallOffer,
         ClientOutdated,
         Connected,
         ConnectFailure,
@@ -393,6 +395,7 @@ class FakeNewAClient:
         self.sent: list[tuple[str, str]] = []
         self.logged_out = False
         self.presences = 0
+        self.rejected: list[tuple[str, str]] = []
         self._stopped = asyncio.Event()
         self._ids = itertools.count(1)
         FakeNewAClient.instances.append(self)
@@ -462,6 +465,9 @@ class FakeNewAClient:
     async def logout(self) -> None:
         self.logged_out = True
         self.online = False
+
+    async def reject_call(self, caller: JID, call_id: str) -> None:
+        self.rejected.append((f"{caller.User}@{caller.Server}", call_id))
 
 
 @pytest.fixture
@@ -680,3 +686,28 @@ async def test_stop_while_a_qr_shows_is_prompt_and_asks_for_a_hard_exit(
     await transport.stop()
     assert time.monotonic() - started < 2
     assert transport.hard_exit_needed is True
+
+
+async def test_an_incoming_call_is_declined_and_the_caller_told(
+    fake_neonize: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    fake_neonize.script.extend(["ok"])
+    told: list[ChatId] = []
+
+    async def on_call(chat: ChatId) -> None:
+        told.append(chat)
+
+    transport = NeonizeTransport(str(tmp_path / "s.db"), on_inbound=lambda _: None, on_call=on_call, **FAST)
+    await transport.start()
+    try:
+        async with asyncio.timeout(5):
+            assert await transport.wait_connected() is True
+        client = fake_neonize.instances[0]
+        lid = JID(User="123456789012345", Server="lid", RawAgent=0, Device=0, Integrator=0, IsEmpty=False)
+        phone = JID(User=PHONE, Server="s.whatsapp.net", RawAgent=0, Device=0, Integrator=0, IsEmpty=False)
+        meta = BasicCallMeta(callCreator=lid, callCreatorAlt=phone, callID="CALL-1", timestamp=1)
+        await client.fire(CallOffer(basicCallMeta=meta))
+    finally:
+        await transport.stop()
+    assert client.rejected == [("123456789012345@lid", "CALL-1")]  # declined with the JID it came from
+    assert told == [f"{PHONE}@s.whatsapp.net"]  # the chat keyed by phone number, like its messages

@@ -51,7 +51,7 @@ class ChatModel:
                 raise AIError("circuit open: the model failed repeatedly, not calling it for now")
             try:
                 text = await self._call(messages)
-            except AIError:
+            except BaseException:  # anything, cancellation included, must end a half-open trial
                 self.breaker.failure()
                 raise
             self.breaker.success()

@@ -35,7 +35,7 @@ from memory.cache import TTLCache
 from memory.history import ChatHistory
 from memory.manager import MemoryManager, MemoryState
 from memory.sqlite_store import SQLiteStore
-from memory.store import Flow, MessageStatus, Store
+from memory.store import Flow, Store
 
 
 def read_flows_file(settings: Settings) -> list[Flow]:
@@ -148,8 +148,10 @@ class Bot:
     def _on_memory_state(self, old: MemoryState, new: MemoryState) -> None:
         """Shed load before the platform kills the process; restore it when memory is back."""
         full = self.settings.openai_max_concurrency
-        if new is MemoryState.NORMAL:
+        if new is not MemoryState.CRITICAL:
+            # Python seldom returns memory to the system: waiting for NORMAL could wait forever.
             self.pipeline.model_gate.set()
+        if new is MemoryState.NORMAL:
             self._resize_model_limit(full)
             logger.info("memory normal: caps restored, waiting messages go to the model")
             return
@@ -206,17 +208,25 @@ class Bot:
         pending = await self.store.unanswered_inbound(fresh_since)
         resumed = 0
         for stored in pending:
-            if stored.kind != MessageKind.TEXT.value:
-                await self.store.set_status(stored.wa_message_id, MessageStatus.SKIPPED)
-                continue
+            try:
+                kind = MessageKind(stored.kind)
+            except ValueError:
+                kind = MessageKind.OTHER
+            if kind is MessageKind.AUDIO and stored.body:
+                kind = MessageKind.TEXT  # transcribed before the stop: answer the transcript
+            # A voice note not yet transcribed has no media left to download: the customer is asked to
+            # send it again; other media get the usual reply.
             inbound = Inbound(
                 id=MessageId(stored.wa_message_id),
                 chat=ChatId(stored.chat_id),
                 sender=stored.chat_id,
-                kind=MessageKind.TEXT,
+                kind=kind,
                 text=stored.body,
                 timestamp=stored.created_at,
             )
+            note_inbound = getattr(self.transport, "note_inbound", None)
+            if note_inbound is not None:  # the governor forgot at restart that this chat wrote to us
+                note_inbound(inbound)
             resumed += self.pipeline.resume(inbound)
         if stale or resumed:
             logger.warning(

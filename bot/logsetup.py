@@ -48,7 +48,9 @@ def setup_logging(level: str = "INFO", *, json: bool = False) -> None:
         backtrace=False,
         diagnose=False,
     )
-    # neonize calls logging.basicConfig at import; replace its handlers with ours.
-    logging.basicConfig(handlers=[_InterceptHandler()], level=level, force=True)
+    # neonize calls logging.basicConfig at import; replace its handlers with ours. The stdlib knows
+    # neither TRACE nor SUCCESS: give it their numbers.
+    std_level = {"TRACE": 5, "SUCCESS": 25}.get(level) or logging.getLevelName(level)
+    logging.basicConfig(handlers=[_InterceptHandler()], level=std_level, force=True)
     for noisy in ("aiohttp.access", "httpx", "httpcore", "openai", "hpack"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, std_level))

@@ -190,7 +190,10 @@ class Pipeline:
         """Take one inbound message; returns True if it was queued for an answer."""
         self.counters.received += 1
         if not self._accepting:
-            logger.warning("shutting down: message {} not taken", message.id)
+            # Saved unanswered: WhatsApp already acknowledged it, and recovery answers it at the next start.
+            if message.id and message.chat and not message.from_me and not self.dedup.seen(message.id):
+                self._spawn(self._remember(self._inbound_row(message)))
+            logger.warning("shutting down: message {} saved for the next start", message.id)
             return False
         if not message.id or not message.chat:
             self._skip(message, "malformed (no id or chat)")

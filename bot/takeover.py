@@ -103,7 +103,10 @@ class Takeover:
     def apply(self, command: OwnerCommand, chat: str) -> str:
         """Carry out an owner command; returns a short log-safe summary (no numbers)."""
         target = None if command.everywhere else chat
-        seconds = command.minutes * 60 if command.minutes else None
+        seconds = command.minutes * 60 if command.minutes is not None else None
+        if command.action == "pause" and seconds == 0:
+            self.resume(target)
+            return "resumed " + ("all chats" if target is None else "this chat")
         if command.action == "pause":
             self.pause(target, seconds)
             scope = "all chats" if target is None else "this chat"

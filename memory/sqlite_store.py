@@ -176,7 +176,8 @@ class SQLiteStore:
             self._batch_done = asyncio.get_running_loop().create_future()
         self._pending.append((op, params))
         self._wakeup.set()
-        return self._batch_done
+        # Shared by the whole batch: shielded, so one caller's cancellation cancels nobody else's wait.
+        return asyncio.shield(self._batch_done)
 
     def add_message(self, message: StoredMessage) -> asyncio.Future[None]:
         return self._enqueue("message", _message_params(message))

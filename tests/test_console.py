@@ -87,3 +87,12 @@ async def test_interactive_chat(tmp_path: Path) -> None:
     assert code == 0
     assert out.startswith("bot> ") and "turned off" in out
     assert "Ctrl-D" in err
+
+
+async def test_every_documented_log_level_starts(tmp_path: Path) -> None:
+    for level in ("TRACE", "SUCCESS", "critical"):
+        code, out, err = await run_chat(
+            tmp_path, '{"from": "1234567890", "text": "hi"}\n', "--jsonl", LOG_LEVEL=level
+        )
+        assert code == 0, err
+        assert len(lines(out)) == 1

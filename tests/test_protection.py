@@ -4,12 +4,15 @@ breaker, memory throttling, and a fuzz of malformed input; through the real pipe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import string
 import time
 
+from bot.app import Bot
 from bot.limits import CircuitBreaker, SlidingWindowLimiter
 from bot.takeover import Takeover
+from connection.loopback import LoopbackTransport
 from connection.types import ChatId, Inbound, MessageId, MessageKind
 from memory.manager import MemoryManager, MemoryState
 from memory.store import MessageStatus
@@ -187,3 +190,71 @@ async def test_fuzz_every_well_formed_message_is_answered_exactly_once(harness) 
             answered += [r.wa_message_id for r in rows if r.status is MessageStatus.ANSWERED]
     assert sorted(answered) == sorted(expected)
     assert h.bot.pipeline.counters.failed == 0
+
+
+async def test_recovery_after_a_restart_goes_through_the_governor(harness, fake_openai: FakeOpenAI) -> None:
+    from bot.governor import GovernedTransport, GovernorLimits
+
+    async with harness(**ai(fake_openai)) as h:
+        h.bot.pipeline.submit(inbound("hola", id="R1"))
+        await h.bot.pipeline.stop(timeout=0)  # "crash": the message is saved, never answered
+    settings = h.settings
+    loopback = LoopbackTransport()
+    governed = GovernedTransport(loopback, GovernorLimits(typing_chars_per_s=0))
+    bot = Bot.build(settings, governed)
+    await bot.start()  # recovery: the governor never saw this chat write, in this process
+    assert await bot.pipeline.drain(10)
+    await bot.stop()
+    assert loopback.texts_to(CHAT) == ["echo: hola"]
+
+
+async def test_a_message_arriving_during_shutdown_is_saved_for_the_next_start(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        await h.bot.pipeline.stop(timeout=1)
+        assert h.bot.pipeline.submit(inbound("¿siguen ahí?", id="LATE")) is False
+        await h.bot.pipeline.drain(5)
+        [row] = await h.bot.store.recent_messages(CHAT, 5)
+    assert (row.wa_message_id, row.status) == ("LATE", MessageStatus.RECEIVED)
+    async with harness(**ai(fake_openai)) as h:
+        assert await h.bot.pipeline.drain(10)
+        assert h.transport.texts_to(CHAT) == ["echo: ¿siguen ahí?"]
+
+
+async def test_leaving_critical_for_warning_reopens_the_model(harness, fake_openai: FakeOpenAI) -> None:
+    rss = [460.0]
+    async with harness(**ai(fake_openai, busy_reply_after_s=30)) as h:
+        manager = MemoryManager(500, read_rss_mb=lambda: rss[0])
+        manager.on_change(h.bot._on_memory_state)
+        manager.check()
+        assert not h.bot.pipeline.model_gate.is_set()
+        rss[0] = 420  # still above 80 %: Python kept the memory, but it is no longer critical
+        manager.check()
+        assert await h.say("hola") == ["echo: hola"]
+
+
+async def test_a_half_open_trial_that_fails_oddly_does_not_wedge_the_circuit() -> None:
+    from bot.ai import AIError, ChatModel
+
+    class Odd(ChatModel):
+        async def _call(self, messages: list[dict[str, object]]) -> str:  # type: ignore[override]
+            raise AttributeError("'NoneType' object has no attribute 'content'")
+
+    clock = Clock()
+    model = Odd(client=None, model="x", breaker=CircuitBreaker(threshold=1, cooldown_s=10, clock=clock))  # type: ignore[arg-type]
+    for _ in range(2):
+        with contextlib.suppress(AttributeError, AIError):
+            await model.complete([{"role": "user", "content": "hola"}])
+        clock.now += 11  # each time the circuit half-opens and lets one trial through
+    assert model.breaker.state.value == "half_open" and model.breaker.allow()
+
+
+def test_pause_for_zero_minutes_means_resume() -> None:
+    from bot.takeover import parse_command
+
+    takeover = Takeover(pause_s=60)
+    takeover.pause("c", None)
+    command = parse_command("!bot pause 0")
+    assert command is not None and takeover.apply(command, "c") == "resumed this chat"
+    assert not takeover.is_paused("c")

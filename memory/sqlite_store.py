@@ -171,13 +171,16 @@ class SQLiteStore:
     # -- writes (group commit) -----------------------------------------------------------------
 
     def _enqueue(self, op: str, params: tuple[Any, ...]) -> asyncio.Future[None]:
-        """Queue one write; the returned future (shared by the whole batch) resolves on its commit."""
-        if self._batch_done is None:
+        """Queue one write; the returned future (shared by its batch) resolves on the batch's commit.
+
+        A caller cancelled while awaiting it cancels the shared future (asyncio does that); callers
+        after that get a fresh one, so a cancelled shutdown wait never poisons the final flush.
+        """
+        if self._batch_done is None or self._batch_done.done():
             self._batch_done = asyncio.get_running_loop().create_future()
         self._pending.append((op, params))
         self._wakeup.set()
-        # Shared by the whole batch: shielded, so one caller's cancellation cancels nobody else's wait.
-        return asyncio.shield(self._batch_done)
+        return self._batch_done
 
     def add_message(self, message: StoredMessage) -> asyncio.Future[None]:
         return self._enqueue("message", _message_params(message))
@@ -205,16 +208,15 @@ class SQLiteStore:
             # Whatever queued up while the previous batch was being written is the next batch.
             batch, self._pending = self._pending, []
             done, self._batch_done = self._batch_done, None
-            assert done is not None
             try:
                 await self._run(self._write_batch, batch)
             except Exception as error:  # a failed batch fails its callers, never the loop
                 logger.error("sqlite write of {} operations failed: {}", len(batch), error)
-                if not done.done():
+                if done is not None and not done.done():
                     done.set_exception(StoreUnavailable(str(error)))
-                    done.exception()  # retrieved here too, so nobody awaiting it is not an error
+                    done.exception()  # marked retrieved: a caller that did not wait is no error
                 continue
-            if not done.done():
+            if done is not None and not done.done():
                 done.set_result(None)
 
     def _write_batch(self, ops: list[tuple[str, tuple[Any, ...]]]) -> None:

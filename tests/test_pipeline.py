@@ -283,3 +283,22 @@ async def test_an_old_backlog_is_stored_but_not_answered(harness, fake_openai: F
         assert await h.say("¿y mañana?") == ["echo: ¿y mañana?"]
         rows = await h.bot.store.recent_messages(CHAT, 10)
     assert (rows[0].wa_message_id, rows[0].status) == ("OLD", MessageStatus.SKIPPED)
+
+
+async def test_a_cancelled_wait_on_a_write_does_not_poison_the_next_flush(tmp_path) -> None:
+    from memory.sqlite_store import SQLiteStore
+    from memory.store import StoredMessage
+
+    store = SQLiteStore(tmp_path / "s.sqlite3")
+    await store.open()
+    row = StoredMessage("W1", CHAT, Direction.IN, "text", "hola", MessageStatus.RECEIVED, time.time())
+    waiting = asyncio.ensure_future(store.add_message(row))
+    await asyncio.sleep(0)
+    waiting.cancel()  # a worker cancelled at a shutdown timeout, while its batch was queued
+    await asyncio.gather(waiting, return_exceptions=True)
+    await store.flush()  # must not raise CancelledError
+    await store.close()
+    reopened = SQLiteStore(tmp_path / "s.sqlite3")
+    await reopened.open()
+    assert [m.wa_message_id for m in await reopened.recent_messages(CHAT, 5)] == ["W1"]
+    await reopened.close()

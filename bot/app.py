@@ -171,9 +171,11 @@ class Bot:
         unanswered to the caller (`run_whatsapp` does it once it holds the session lease)."""
         await self.store.open()
         await self.pipeline.start()
+        await self._load_number_lists()
         if recover:
             await self.recover()
         self._tasks.append(asyncio.create_task(self.memory.run(self._stop), name="memory-manager"))
+        self._tasks.append(asyncio.create_task(self._refresh_number_lists(), name="number-lists"))
         self._tasks.append(asyncio.create_task(self._sweep_temp_files(), name="temp-sweeper"))
         if self.settings.supabase_url:
             self._tasks.append(asyncio.create_task(self._refresh_flows(), name="flows-refresher"))
@@ -190,6 +192,24 @@ class Bot:
                 self.pipeline.responder.flows.replace(flows or file_flows)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), every_s)
+
+    async def _load_number_lists(self) -> None:
+        """Allow and block lists: the settings' plus the bot_contacts table's (kept as they were if the
+        database cannot be read)."""
+        try:
+            allowed, blocked = await self.store.number_lists()
+        except Exception as error:
+            logger.warning("could not read bot_contacts: {}", error)
+            return
+        self.pipeline.allowed_numbers = self.settings.allowed | allowed
+        self.pipeline.blocked_numbers = self.settings.blocked | blocked
+
+    async def _refresh_number_lists(self, every_s: float = 60) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), every_s)
+            if not self._stop.is_set():
+                await self._load_number_lists()
 
     async def _sweep_temp_files(self, every_s: float = 600) -> None:
         """Leftover temp files (from a crash mid-transcode) go at start and every ten minutes."""

@@ -44,6 +44,12 @@ CREATE INDEX IF NOT EXISTS chat_history_chat_created ON chat_history (chat_id, c
 CREATE INDEX IF NOT EXISTS chat_history_created ON chat_history (created_at);
 CREATE INDEX IF NOT EXISTS chat_history_unanswered ON chat_history (created_at)
     WHERE direction = 'in' AND status = 'received';
+CREATE TABLE IF NOT EXISTS bot_contacts (
+    number TEXT PRIMARY KEY,
+    list TEXT NOT NULL CHECK (list IN ('allow', 'block')),
+    note TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS bot_flows (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     keywords TEXT NOT NULL,  -- JSON array of strings (text[] in Postgres)
@@ -94,6 +100,7 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._pending: list[tuple[str, tuple[Any, ...]]] = []
         self._batch_done: asyncio.Future[None] | None = None
+        self._writing = False
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self.commits = 0
@@ -195,8 +202,8 @@ class SQLiteStore:
         await self._enqueue("status", (status.value, body, time.time(), wa_message_id))
 
     async def flush(self) -> None:
-        """Wait until everything queued so far is committed."""
-        if self._pending:
+        """Wait until everything queued so far is committed, the batch being written included."""
+        if self._pending or self._writing:
             await self._enqueue("noop", ())
 
     async def _write_loop(self) -> None:
@@ -208,6 +215,7 @@ class SQLiteStore:
             # Whatever queued up while the previous batch was being written is the next batch.
             batch, self._pending = self._pending, []
             done, self._batch_done = self._batch_done, None
+            self._writing = True
             try:
                 await self._run(self._write_batch, batch)
             except Exception as error:  # a failed batch fails its callers, never the loop
@@ -216,6 +224,8 @@ class SQLiteStore:
                     done.set_exception(StoreUnavailable(str(error)))
                     done.exception()  # marked retrieved: a caller that did not wait is no error
                 continue
+            finally:
+                self._writing = False
             if done is not None and not done.done():
                 done.set_result(None)
 
@@ -292,6 +302,13 @@ class SQLiteStore:
             (),
         )
         return [Flow(tuple(json.loads(row[0])), row[1], bool(row[2])) for row in rows]
+
+    async def number_lists(self) -> tuple[frozenset[str], frozenset[str]]:
+        rows = await self._query("SELECT number, list FROM bot_contacts", ())
+        return (
+            frozenset(number for number, kind in rows if kind == "allow"),
+            frozenset(number for number, kind in rows if kind == "block"),
+        )
 
     def stats(self) -> dict[str, int]:
         return {

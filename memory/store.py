@@ -88,6 +88,10 @@ class Store(Protocol):
 
     async def flows(self) -> Sequence[Flow]: ...
 
+    async def number_lists(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(allowed, blocked) numbers from the bot_contacts table."""
+        ...
+
     async def purge_older_than(self, days: float) -> int:
         """Retention: delete messages older than `days` days; returns how many.
 

@@ -731,6 +731,22 @@ class SupabaseStore:
         )
         return response.count or 0
 
+    async def number_lists(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(allowed, blocked) from bot_contacts; raises StoreUnavailable when Supabase cannot answer
+        (the caller keeps the lists it had)."""
+
+        async def select() -> list[dict[str, Any]]:
+            response = await self._table("bot_contacts").select("number,list").execute()
+            return response.data
+
+        data = await self._fetch(select)
+        if data is None:
+            raise StoreUnavailable("supabase unreachable: number lists not refreshed")
+        return (
+            frozenset(row["number"] for row in data if row["list"] == "allow"),
+            frozenset(row["number"] for row in data if row["list"] == "block"),
+        )
+
     async def flows(self) -> Sequence[Flow]:
         """Enabled bot_flows by priority, refreshed from Supabase every flows_ttl_s seconds; during an
         outage the last ones read (kept in the journal file, so they survive a restart)."""

@@ -258,3 +258,21 @@ def test_pause_for_zero_minutes_means_resume() -> None:
     command = parse_command("!bot pause 0")
     assert command is not None and takeover.apply(command, "c") == "resumed this chat"
     assert not takeover.is_paused("c")
+
+
+async def test_block_and_allow_lists_from_the_database(harness, fake_openai: FakeOpenAI) -> None:
+    import sqlite3
+
+    settings_db = None
+    async with harness(**ai(fake_openai)) as h:
+        settings_db = h.settings.store_path
+    with sqlite3.connect(settings_db) as conn:  # what an owner edits (in Supabase: the bot_contacts table)
+        conn.execute("INSERT INTO bot_contacts (number, list, created_at) VALUES ('34600111222', 'block', 0)")
+    async with harness(**ai(fake_openai)) as h:
+        assert await h.say("hola") == []
+        assert await h.say(inbound("hola", chat=OTHER)) == ["echo: hola"]
+    with sqlite3.connect(settings_db) as conn:
+        conn.execute("UPDATE bot_contacts SET list = 'allow'")
+    async with harness(**ai(fake_openai, allowed_numbers="34600000000")) as h:  # merged with the setting
+        assert await h.say("hola") == ["echo: hola"]
+        assert await h.say(inbound("hola", chat=OTHER)) == []

@@ -58,6 +58,8 @@ class Backend(Protocol):
 
     def seed_flows(self, flows: list[tuple[list[str], str, bool, int]]) -> None: ...
 
+    def seed_contacts(self, contacts: list[tuple[str, str]]) -> None: ...
+
 
 class SQLiteBackend:
     name = "sqlite"
@@ -83,6 +85,10 @@ class SQLiteBackend:
                 [(json.dumps(k), a, int(e), p) for k, a, e, p in flows],
             )
 
+    def seed_contacts(self, contacts: list[tuple[str, str]]) -> None:
+        with sqlite3.connect(self.path) as conn:
+            conn.executemany("INSERT INTO bot_contacts (number, list, created_at) VALUES (?, ?, 0)", contacts)
+
 
 class SupabaseBackend:
     name = "supabase"
@@ -90,7 +96,7 @@ class SupabaseBackend:
     def __init__(self, stack: SupabaseStack, tmp_path: Path) -> None:
         self.stack = stack
         self.data_dir = tmp_path / "data"
-        stack.psql("truncate chat_history, chats, bot_flows restart identity;")
+        stack.psql("truncate chat_history, chats, bot_flows, bot_contacts restart identity;")
 
     def make(self) -> Store:
         return SupabaseStore(
@@ -116,6 +122,10 @@ class SupabaseBackend:
             for keywords, answer, enabled, priority in flows
         )
         self.stack.psql(f"insert into bot_flows (keywords, answer, enabled, priority) values {values};")
+
+    def seed_contacts(self, contacts: list[tuple[str, str]]) -> None:
+        values = ", ".join(f"('{number}', '{kind}')" for number, kind in contacts)
+        self.stack.psql(f"insert into bot_contacts (number, list) values {values};")
 
 
 @pytest.fixture(params=["sqlite", "supabase"])
@@ -300,6 +310,15 @@ async def test_flows_enabled_by_priority(backend: Backend, store: Store) -> None
         Flow(("precio",), "Desde 10 €."),
         Flow(("horario", "hora"), "Abrimos de 9 a 18."),
     ]
+
+
+async def test_number_lists(backend: Backend, store: Store) -> None:
+    assert await store.number_lists() == (frozenset(), frozenset())
+    backend.seed_contacts([("34600111222", "allow"), ("34600333444", "block"), ("5491122334455", "allow")])
+    assert await store.number_lists() == (
+        frozenset({"34600111222", "5491122334455"}),
+        frozenset({"34600333444"}),
+    )
 
 
 async def test_data_survives_close_and_reopen(backend: Backend) -> None:

@@ -120,6 +120,10 @@ with warnings.catch_warnings(), _closed_popen():
 
 __all__ = ["NeonizeDriver", "NeonizeTransport", "translate_connection_event", "translate_message"]
 
+# Every call into whatsmeow is bounded: a Go call that hangs must fail one message, not stall its chat.
+CALL_TIMEOUT_S = 30.0
+DOWNLOAD_TIMEOUT_S = 120.0
+
 STATUS_BROADCAST = "status@broadcast"
 _PN_SERVER = "s.whatsapp.net"
 _LID_SERVER = "lid"
@@ -694,9 +698,10 @@ class NeonizeTransport:
         client = self._driver._require()
         presence = ChatPresence.CHAT_PRESENCE_COMPOSING if typing else ChatPresence.CHAT_PRESENCE_PAUSED
         try:
-            await client.send_chat_presence(
-                _to_jid(chat), presence, ChatPresenceMedia.CHAT_PRESENCE_MEDIA_TEXT
-            )
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                await client.send_chat_presence(
+                    _to_jid(chat), presence, ChatPresenceMedia.CHAT_PRESENCE_MEDIA_TEXT
+                )
         except Exception as exc:
             raise TransportError(f"typing failed: {_scrub(str(exc))}") from exc
 
@@ -707,7 +712,8 @@ class NeonizeTransport:
             _to_jid(message.sender or message.chat),
         )
         try:
-            await client.mark_read(message.id, chat=chat, sender=sender, receipt=ReceiptType.READ)
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                await client.mark_read(message.id, chat=chat, sender=sender, receipt=ReceiptType.READ)
         except Exception as exc:
             raise TransportError(f"mark read failed: {_scrub(str(exc))}") from exc
 
@@ -717,7 +723,8 @@ class NeonizeTransport:
         if not isinstance(handle, WAMessage):
             raise TransportError("message has no downloadable media")
         try:
-            data = await client.download_any(handle)
+            async with asyncio.timeout(DOWNLOAD_TIMEOUT_S):
+                data = await client.download_any(handle)
         except Exception as exc:
             raise TransportError(f"download failed: {_scrub(str(exc))}") from exc
         if not data:
@@ -742,7 +749,8 @@ class NeonizeTransport:
     async def _send_now(self, chat: ChatId, text: str) -> MessageId:
         client = self._driver._require()
         try:
-            resp = await client.send_message(_to_jid(chat), WAMessage(conversation=text))
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                resp = await client.send_message(_to_jid(chat), WAMessage(conversation=text))
         except Exception as exc:
             raise TransportError(f"send failed: {_scrub(str(exc))}") from exc
         return MessageId(resp.ID)

@@ -711,3 +711,26 @@ async def test_an_incoming_call_is_declined_and_the_caller_told(
         await transport.stop()
     assert client.rejected == [("123456789012345@lid", "CALL-1")]  # declined with the JID it came from
     assert told == [f"{PHONE}@s.whatsapp.net"]  # the chat keyed by phone number, like its messages
+
+
+async def test_a_hanging_whatsmeow_call_fails_the_send_instead_of_stalling(
+    fake_neonize: type[FakeNewAClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_neonize.script.extend(["ok"])
+    monkeypatch.setattr(neonize_adapter, "CALL_TIMEOUT_S", 0.2)
+    transport = NeonizeTransport(str(tmp_path / "s.db"), on_inbound=lambda _: None, **FAST)
+    await transport.start()
+    try:
+        async with asyncio.timeout(5):
+            assert await transport.wait_connected() is True
+        client = fake_neonize.instances[0]
+
+        async def hang(*args: Any) -> Any:
+            await asyncio.Event().wait()
+
+        client.send_message = hang  # type: ignore[method-assign]
+        with pytest.raises(TransportError, match="send failed"):
+            async with asyncio.timeout(5):
+                await transport.send_text(ChatId(f"{PHONE}@s.whatsapp.net"), "hola")
+    finally:
+        await transport.stop()

@@ -109,22 +109,27 @@ async def wait_for(url: str, deadline_s: float) -> dict[str, Any]:
         await asyncio.sleep(0.2)
 
 
-@pytest.mark.timeout(90)
-async def test_the_bot_serves_http_and_keeps_retrying_without_network(tmp_path: Path) -> None:
-    """`python -m bot` as a platform runs it: no network here, so WhatsApp never connects."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_", "WA_"))}
-    env.update(PYTHONPATH=str(REPO), PORT=str(port), DATA_DIR=str(tmp_path / "data"), APP_ENV="production")
-    process = await asyncio.create_subprocess_exec(
+async def start_bot(tmp_path: Path, port: int, **env: str) -> asyncio.subprocess.Process:
+    """`python -m bot` as a platform runs it (stdin closed, PORT set); this machine has no network."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_", "WA_"))}
+    base.update(PYTHONPATH=str(REPO), PORT=str(port), DATA_DIR=str(tmp_path / "data"), **env)
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "bot",
         cwd=tmp_path,
-        env=env,
+        env=base,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+@pytest.mark.timeout(90)
+async def test_the_bot_serves_http_and_keeps_retrying_without_network(tmp_path: Path) -> None:
+    """`python -m bot` as a platform runs it: no network here, so WhatsApp never connects."""
+    port = free_port()
+    process = await start_bot(tmp_path, port, APP_ENV="production")
     try:
         await wait_for(f"http://127.0.0.1:{port}/health", 30)
         deadline = time.monotonic() + 40

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.fake_openai import FakeOpenAI
 from tests.test_console import run_chat
-from tests.test_http import free_port, get
+from tests.test_http import free_port, get, start_bot
 
 REPO = Path(__file__).resolve().parent.parent
 OPENAI_KEY = "sk-test-Zq8vN3kLw9RtY2pXc7Hs"
@@ -53,26 +51,14 @@ async def test_a_chat_run_at_debug_level_logs_no_secrets_and_masks_numbers(
 @pytest.mark.timeout(60)
 async def test_a_whatsapp_run_with_a_postgres_session_url_logs_no_password(tmp_path: Path) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_", "WA_"))}
-    env.update(
-        PYTHONPATH=str(REPO),
-        PORT=str(port),
-        DATA_DIR=str(tmp_path / "data"),
+    process = await start_bot(
+        tmp_path,
+        port,
         LOG_LEVEL="DEBUG",
         OPENAI_API_KEY=OPENAI_KEY,
         ADMIN_TOKEN=ADMIN_TOKEN,
         SUPABASE_DB_URL=f"postgresql://bot:{DB_PASSWORD}@127.0.0.1:9/postgres",
         WA_PAIR_PHONE=PHONES[0],
-    )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot",
-        cwd=tmp_path,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
     try:
         for _ in range(100):

@@ -32,7 +32,7 @@ from typing import Any
 
 from loguru import logger
 
-from memory.store import Direction, MessageStatus, StoredMessage, StoreUnavailable
+from memory.store import Direction, MessageStatus, StoredMessage, StoreUnavailable, message_from_row
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal (
@@ -133,18 +133,6 @@ def _is_stale(row: StoredMessage, before: float) -> bool:
     return row.direction is Direction.IN and row.status is MessageStatus.RECEIVED and row.created_at < before
 
 
-def _row(values: Sequence[Any]) -> StoredMessage:
-    return StoredMessage(
-        wa_message_id=values[0],
-        chat_id=values[1],
-        direction=Direction(values[2]),
-        kind=values[3],
-        body=values[4],
-        status=MessageStatus(values[5]),
-        created_at=values[6],
-    )
-
-
 def _values(m: StoredMessage) -> tuple[Any, ...]:
     return (m.wa_message_id, m.chat_id, m.direction.value, m.kind, m.body, m.status.value, m.created_at)
 
@@ -165,7 +153,7 @@ def _decode(
     data = json.loads(payload)
     op_kind = OpKind(kind)
     if op_kind is OpKind.MESSAGE:
-        message = _row(data)
+        message = message_from_row(data)
         return Op(op_kind, message.wa_message_id, message=message, seq=seq, queued_at=at, chat_id=chat_id)
     if op_kind is OpKind.STATUS:
         status = MessageStatus(data[0])
@@ -407,7 +395,7 @@ class Journal:
             f"SELECT {_COLUMNS} FROM mirror WHERE chat_id = ? {_ORDER}", (chat_id,)
         ).fetchall()
         flag = conn.execute("SELECT complete FROM mirror_chats WHERE chat_id = ?", (chat_id,)).fetchone()
-        return [_row(r) for r in reversed(rows)], bool(flag and flag[0])
+        return [message_from_row(r) for r in reversed(rows)], bool(flag and flag[0])
 
     def view(
         self,
@@ -434,7 +422,7 @@ class Journal:
             local = self.chat_rows(chat_id)[0]
         else:
             sql = f"SELECT {_COLUMNS} FROM mirror WHERE created_at >= ? ORDER BY created_at, rowid"
-            local = [_row(r) for r in self.conn.execute(sql, (since or 0.0,)).fetchall()]
+            local = [message_from_row(r) for r in self.conn.execute(sql, (since or 0.0,)).fetchall()]
         for row in local:
             rows[row.wa_message_id] = row
         result = sorted(rows.values(), key=lambda r: r.created_at)

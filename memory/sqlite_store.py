@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from loguru import logger
 
-from memory.store import Direction, Flow, MessageStatus, StoredMessage, StoreUnavailable
+from memory.store import Flow, MessageStatus, StoredMessage, StoreUnavailable, message_from_row
 
 T = TypeVar("T")
 
@@ -74,18 +74,6 @@ _SET_STATUS = (
     "UPDATE chat_history SET status = ?, body = coalesce(?, body), updated_at = ? WHERE wa_message_id = ?"
 )
 _COLUMNS = "wa_message_id, chat_id, direction, kind, body, status, created_at"
-
-
-def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
-    return StoredMessage(
-        wa_message_id=row[0],
-        chat_id=row[1],
-        direction=Direction(row[2]),
-        kind=row[3],
-        body=row[4],
-        status=MessageStatus(row[5]),
-        created_at=row[6],
-    )
 
 
 class SQLiteStore:
@@ -268,7 +256,7 @@ class SQLiteStore:
             " ORDER BY created_at DESC, id DESC LIMIT ?",
             (chat_id, limit),
         )
-        return [_row_to_message(row) for row in reversed(rows)]
+        return [message_from_row(row) for row in reversed(rows)]
 
     async def recent_message_ids(self, since: float, limit: int) -> list[str]:
         rows = await self._query(
@@ -283,7 +271,7 @@ class SQLiteStore:
             " AND created_at >= ? ORDER BY created_at, id",
             (since,),
         )
-        return [_row_to_message(row) for row in rows]
+        return [message_from_row(row) for row in rows]
 
     async def mark_stale(self, before: float) -> int:
         """Mark inbound messages still unanswered and older than `before` as skipped; returns how many."""

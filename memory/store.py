@@ -35,6 +35,19 @@ class StoredMessage:
     created_at: float  # unix seconds
 
 
+def message_from_row(row: Sequence[Any]) -> StoredMessage:
+    """A StoredMessage from (wa_message_id, chat_id, direction, kind, body, status, created_at)."""
+    return StoredMessage(
+        wa_message_id=row[0],
+        chat_id=row[1],
+        direction=Direction(row[2]),
+        kind=row[3],
+        body=row[4],
+        status=MessageStatus(row[5]),
+        created_at=row[6],
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Flow:
     keywords: tuple[str, ...]

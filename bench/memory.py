@@ -111,6 +111,23 @@ def idle_bot(seconds: float = 8.0) -> dict[str, float]:
             child.wait(15)
 
 
+SDK_COST = """
+import psutil, bot.__main__, bot.app, bot.whatsapp, connection.neonize_adapter
+process = psutil.Process()
+before = process.memory_info().rss
+import openai
+print((process.memory_info().rss - before) / 2**20)
+"""
+
+
+def sdk_cost() -> float:
+    """What the first model call adds: the openai SDK is imported then, not at start (bot.ai.LazyOpenAI)."""
+    out = subprocess.run(
+        [sys.executable, "-c", SDK_COST], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    return float(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=200_000)
@@ -119,11 +136,13 @@ def main() -> None:
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
     idle = idle_bot()
+    sdk = sdk_cost()
     with tempfile.TemporaryDirectory() as tmp:
         result = asyncio.run(soak(args.messages, args.chats, Path(tmp)))
     rows = [
         ("idle `python -m bot`, RSS (MiB)", idle["rss"], "<= 80"),
         ("idle `python -m bot`, USS (MiB)", idle["uss"], ""),
+        ("+ openai SDK at first reply (MiB)", sdk, ""),
         ("soak: RSS before (MiB)", result["before"], ""),
         ("soak: peak RSS (MiB)", result["peak"], "< 250"),
         ("soak: steady RSS after (MiB)", result["steady"], ""),

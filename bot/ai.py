@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-import openai
 from loguru import logger
 
 from bot.limits import CircuitBreaker, ResizableLimit
+
+if TYPE_CHECKING:
+    import openai
 
 
 class AIError(Exception):
@@ -27,7 +32,7 @@ def percentile(samples: list[float], fraction: float) -> float:
 class ChatModel:
     def __init__(
         self,
-        client: openai.AsyncOpenAI,
+        client: LazyOpenAI,
         model: str,
         *,
         max_concurrency: int = 8,
@@ -58,11 +63,14 @@ class ChatModel:
             return text
 
     async def _call(self, messages: list[dict[str, Any]]) -> str:
+        client = await self.client.get()
+        import openai  # already loaded by get(); named here for its error types
+
         self.requests += 1
         self.in_flight += 1
         started = time.perf_counter()
         try:
-            response = await self.client.chat.completions.create(
+            response = await client.chat.completions.create(
                 model=self.model,
                 messages=messages,  # type: ignore[arg-type]
                 max_tokens=self.max_tokens,
@@ -107,6 +115,48 @@ class ChatModel:
         }
 
 
-def make_client(api_key: str, base_url: str | None, timeout_s: float) -> openai.AsyncOpenAI:
-    # One SDK retry covers a transient 429/5xx; more would keep a customer waiting.
-    return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=1)
+class LazyOpenAI:
+    """An `openai.AsyncOpenAI` made at the first request, with the SDK imported in a worker thread.
+
+    Importing the openai SDK costs about 22 MiB (hundreds of pydantic types) and half a second; a bot that
+    waits for customers never needs it, so idle memory stays that much lower. The first model call or voice
+    note pays the import once, off the event loop so other chats keep moving.
+    """
+
+    def __init__(self, factory: Callable[[], openai.AsyncOpenAI]) -> None:
+        self._factory = factory
+        self._client: openai.AsyncOpenAI | None = None
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def of(cls, client: openai.AsyncOpenAI) -> LazyOpenAI:
+        """Wrap a client that already exists (tests, `doctor`)."""
+        lazy = cls(lambda: client)
+        lazy._client = client
+        return lazy
+
+    @property
+    def loaded(self) -> bool:
+        return self._client is not None
+
+    async def get(self) -> openai.AsyncOpenAI:
+        if self._client is None:
+            async with self._lock:
+                if self._client is None:
+                    await asyncio.to_thread(importlib.import_module, "openai")
+                    self._client = self._factory()
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+def make_client(api_key: str, base_url: str | None, timeout_s: float) -> LazyOpenAI:
+    def build() -> openai.AsyncOpenAI:
+        import openai
+
+        # One SDK retry covers a transient 429/5xx; more would keep a customer waiting.
+        return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=1)
+
+    return LazyOpenAI(build)

@@ -18,9 +18,8 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-import openai
 from loguru import logger
 
 from media.compress import FallbackFormat, can_copy, to_fallback, to_opus
@@ -28,6 +27,16 @@ from media.errors import REASONS, AudioRejected, Reason
 from media.probe import probe
 from media.settings import MB, AudioSettings
 from media.tempfiles import TempDir, TempScope
+
+if TYPE_CHECKING:
+    import openai
+
+
+class OpenAISource(Protocol):
+    """Hands out the OpenAI client when it is needed (bot.ai.LazyOpenAI imports the SDK at first use)."""
+
+    async def get(self) -> openai.AsyncOpenAI: ...
+
 
 __all__ = ["AudioRejected", "AudioSettings", "Reason", "VoiceTranscriber"]
 
@@ -74,7 +83,7 @@ def _api_message(exc: openai.APIError) -> str:
 class VoiceTranscriber:
     """Turns voice notes into text, or raises AudioRejected with a reason; keeps counters for /v1/metrics."""
 
-    def __init__(self, settings: AudioSettings, client: openai.AsyncOpenAI | None) -> None:
+    def __init__(self, settings: AudioSettings, client: OpenAISource | None) -> None:
         self._s = settings
         self._client = client
         self._temp = TempDir(settings.temp_dir)
@@ -159,7 +168,7 @@ class VoiceTranscriber:
             detail = f"{size / MB:.2f} MB over {self._s.max_mb:g} MB"
             raise AudioRejected("too_large", detail, limit=self._s.max_mb)
 
-    def _client_or_reject(self) -> openai.AsyncOpenAI:
+    def _client_or_reject(self) -> OpenAISource:
         if self._client is None:
             raise AudioRejected("ai_off", "no OpenAI client configured")
         return self._client
@@ -183,7 +192,7 @@ class VoiceTranscriber:
             with self._temp.scope() as scope:
                 return await self._process(client, path, size, scope)
 
-    async def _process(self, client: openai.AsyncOpenAI, src: Path, size_in: int, scope: TempScope) -> str:
+    async def _process(self, client: OpenAISource, src: Path, size_in: int, scope: TempScope) -> str:
         s = self._s
         found = await probe(src, ffprobe=s.ffprobe, timeout_s=s.probe_timeout_s)
         duration = found.duration_s
@@ -209,7 +218,7 @@ class VoiceTranscriber:
             duration = (await probe(out, ffprobe=s.ffprobe, timeout_s=s.probe_timeout_s)).duration_s
             self._check_duration(duration if duration is not None else float("inf"))
 
-        text = await self._upload_with_fallback(client, out, duration, scope)
+        text = await self._upload_with_fallback(await client.get(), out, duration, scope)
         text = text.strip()
         if not text:
             raise AudioRejected("empty", "empty transcript")
@@ -228,6 +237,8 @@ class VoiceTranscriber:
     async def _upload_with_fallback(
         self, client: openai.AsyncOpenAI, ogg: Path, duration: float | None, scope: TempScope
     ) -> str:
+        import openai  # loaded by OpenAISource.get() before this call
+
         try:
             # Named .ogg: the API refuses .oga and .opus by extension although the content is the same.
             return await self._upload(client, _read_small(ogg), "voice.ogg", "audio/ogg")
@@ -250,6 +261,8 @@ class VoiceTranscriber:
 
     async def _upload(self, client: openai.AsyncOpenAI, payload: bytes, filename: str, mimetype: str) -> str:
         """One transcription request. BadRequestError is left to the caller (it may fall back)."""
+        import openai  # loaded by OpenAISource.get() before this call
+
         extra: dict[str, Any] = {"language": self._s.language} if self._s.language else {}
         try:
             result = await client.audio.transcriptions.create(

@@ -15,6 +15,7 @@ import psutil
 import pytest
 from aiohttp import web
 
+from bot.ai import LazyOpenAI
 from media import compress
 from media.audio import AudioRejected, AudioSettings, VoiceTranscriber
 from media.probe import parse
@@ -162,7 +163,8 @@ async def client(fake: FakeOpenAI) -> AsyncIterator[openai.AsyncOpenAI]:
 def make(temp_dir: Path, client: openai.AsyncOpenAI) -> Callable[..., VoiceTranscriber]:
     def factory(**overrides: object) -> VoiceTranscriber:
         c = overrides.pop("client", client)
-        return VoiceTranscriber(AudioSettings(temp_dir=temp_dir, **overrides), c)  # type: ignore[arg-type]
+        source = LazyOpenAI.of(c) if c is not None else None  # type: ignore[arg-type]
+        return VoiceTranscriber(AudioSettings(temp_dir=temp_dir, **overrides), source)  # type: ignore[arg-type]
 
     return factory
 
@@ -427,7 +429,7 @@ async def test_format_refused_falls_back_once_to_wav(temp_dir: Path, voice_note:
     server = await OggRefusingServer().start()
     try:
         async with make_client(server) as client:
-            transcriber = VoiceTranscriber(AudioSettings(temp_dir=temp_dir), client)
+            transcriber = VoiceTranscriber(AudioSettings(temp_dir=temp_dir), LazyOpenAI.of(client))
             text = await transcriber.transcribe_file(voice_note)
     finally:
         await server.stop()
@@ -451,7 +453,7 @@ async def test_fallback_happens_only_once(temp_dir: Path, voice_note: Path) -> N
     server = await RefusesAll().start()
     try:
         async with make_client(server) as client:
-            transcriber = VoiceTranscriber(AudioSettings(temp_dir=temp_dir), client)
+            transcriber = VoiceTranscriber(AudioSettings(temp_dir=temp_dir), LazyOpenAI.of(client))
             exc = await rejected(transcriber.transcribe_file(voice_note))
     finally:
         await server.stop()
@@ -477,7 +479,7 @@ async def test_other_api_errors_fail_without_fallback(
 async def test_api_timeout(temp_dir: Path, fake: FakeOpenAI, voice_note: Path) -> None:
     fake.delay_s = 1
     async with make_client(fake, timeout=0.3) as client:
-        transcriber = VoiceTranscriber(AudioSettings(temp_dir=temp_dir), client)
+        transcriber = VoiceTranscriber(AudioSettings(temp_dir=temp_dir), LazyOpenAI.of(client))
         exc = await rejected(transcriber.transcribe_file(voice_note))
     assert exc.reason == "timeout"
     assert transcriber.stats()["rejected"]["timeout"] == 1
@@ -485,9 +487,8 @@ async def test_api_timeout(temp_dir: Path, fake: FakeOpenAI, voice_note: Path) -
 
 async def test_unreachable_server(temp_dir: Path, voice_note: Path) -> None:
     async with openai.AsyncOpenAI(api_key="test", base_url="http://127.0.0.1:9/v1", max_retries=0) as client:
-        exc = await rejected(
-            VoiceTranscriber(AudioSettings(temp_dir=temp_dir), client).transcribe_file(voice_note)
-        )
+        transcriber = VoiceTranscriber(AudioSettings(temp_dir=temp_dir), LazyOpenAI.of(client))
+        exc = await rejected(transcriber.transcribe_file(voice_note))
     assert exc.reason == "transcription_failed"
 
 

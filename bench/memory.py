@@ -1,5 +1,6 @@
 """Memory: peak and steady RSS of a soak (200,000 messages from 50,000 chats, loopback transport,
-an instant model, the real SQLite store), and the idle RSS of `python -m bot` with neonize loaded.
+an instant model, the real SQLite store), the idle RSS of `python -m bot` with neonize loaded, what the
+openai SDK adds at the first reply, and a bare neonize client for the floor.
 
     .venv/bin/python -m bench.memory [--messages 200000] [--chats 50000]
 """
@@ -111,6 +112,35 @@ def idle_bot(seconds: float = 8.0) -> dict[str, float]:
             child.wait(15)
 
 
+BARE_NEONIZE = """
+import asyncio, os, sys, psutil
+from neonize.aioze.client import NewAClient
+
+async def main():
+    client = NewAClient(sys.argv[1])
+    task = asyncio.create_task(client.connect())  # no network here: it keeps failing to dial, as the bot does
+    await asyncio.sleep(8)
+    print(psutil.Process().memory_info().rss / 2**20, flush=True)
+    os._exit(0)  # neonize's connect does not return on cancel
+
+asyncio.run(main())
+"""
+
+
+def bare_neonize() -> float:
+    """The floor under the bot: a neonize client alone, idle, in a fresh interpreter."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            [sys.executable, "-c", BARE_NEONIZE, str(Path(tmp) / "session.sqlite3")],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    return float(out.split()[-1])
+
+
 SDK_COST = """
 import psutil, bot.__main__, bot.app, bot.whatsapp, connection.neonize_adapter
 process = psutil.Process()
@@ -137,12 +167,14 @@ def main() -> None:
     logger.add(sys.stderr, level="WARNING")
     idle = idle_bot()
     sdk = sdk_cost()
+    bare = bare_neonize()
     with tempfile.TemporaryDirectory() as tmp:
         result = asyncio.run(soak(args.messages, args.chats, Path(tmp)))
     rows = [
         ("idle `python -m bot`, RSS (MiB)", idle["rss"], "<= 80"),
         ("idle `python -m bot`, USS (MiB)", idle["uss"], ""),
         ("+ openai SDK at first reply (MiB)", sdk, ""),
+        ("bare neonize client idle, RSS (MiB)", bare, "(floor)"),
         ("soak: RSS before (MiB)", result["before"], ""),
         ("soak: peak RSS (MiB)", result["peak"], "< 250"),
         ("soak: steady RSS after (MiB)", result["steady"], ""),

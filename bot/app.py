@@ -136,6 +136,7 @@ class Bot:
             allowed_numbers=settings.allowed,
             blocked_numbers=settings.blocked,
             busy_after_s=settings.busy_reply_after_s,
+            max_active_chats=settings.max_active_chats,
             stale_after_s=settings.recovery_window_minutes * 60 or None,
         )
         memory = MemoryManager(

@@ -152,6 +152,10 @@ class Pipeline:
         self.model_gate.set()
         self._queues: dict[ChatId, deque[tuple[Inbound, Awaitable[None] | None]]] = {}
         self._workers: dict[ChatId, asyncio.Task[None]] = {}
+        # When each chat with work got its first unanswered message (monotonic), for the "busy" notice.
+        self._busy_since: dict[ChatId, float] = {}
+        self._told_busy: set[ChatId] = set()
+        self._busy_watch: asyncio.Task[None] | None = None
         self._notice_only: set[str] = set()
         self._background = BackgroundTasks("pipeline")
         self._summaries: asyncio.Task[None] | None = None
@@ -167,6 +171,7 @@ class Pipeline:
         self.dedup.seed(ids)
         logger.info("pipeline ready: {} recent message ids loaded for de-duplication", len(ids))
         self._summaries = asyncio.create_task(self._log_summaries(), name="pipeline-summaries")
+        self._busy_watch = asyncio.create_task(self._watch_busy(), name="busy-notices")
 
     async def _log_summaries(self, every_s: float = 60.0) -> None:
         """An INFO line a minute while there is traffic: what was received, answered, skipped, failed."""
@@ -249,6 +254,7 @@ class Pipeline:
         self.counters.queued += 1
         if message.chat not in self._workers:
             self._idle.clear()
+            self._busy_since[message.chat] = time.monotonic()
             self._workers[message.chat] = asyncio.create_task(
                 self._chat_worker(message.chat), name="chat-worker"
             )
@@ -327,6 +333,7 @@ class Pipeline:
             # No await between the emptiness check above and this cleanup, so nothing is lost.
             del self._queues[chat]
             del self._workers[chat]
+            del self._busy_since[chat]
             if not self._workers:
                 self._idle.set()
 
@@ -388,6 +395,7 @@ class Pipeline:
         """The text to answer, or a canned reply when there is nothing to hand to the responder."""
         if message.kind is MessageKind.AUDIO:
             await persisted  # the transcript updates the stored row
+            await self.model_gate.wait()  # downloading, converting and transcribing all take memory
             return await self._transcribe(message)
         if message.kind in _MEDIA_KINDS:
             return "", reply("media_unsupported", self.language)
@@ -440,13 +448,9 @@ class Pipeline:
         return reply("audio_unreadable", self.language)
 
     async def _ask_model(self, message: Inbound, inbound: StoredMessage, text: str) -> Answer:
-        if not self.model_gate.is_set():
-            # Memory is critical: the message is persisted and waits, in order; say so once.
-            try:
-                await asyncio.wait_for(self.model_gate.wait(), self.busy_after_s)
-            except TimeoutError:
-                await self._send_notice(message.chat, reply("busy", self.language))
-                await self.model_gate.wait()
+        # Memory is critical while the gate is shut: the message is persisted and waits, in order
+        # (_watch_busy tells the customer once if that lasts).
+        await self.model_gate.wait()
         history = await self.history.recent(inbound)
         await self._typing(message.chat, True)
         try:
@@ -508,6 +512,21 @@ class Pipeline:
         except Exception as error:
             logger.debug("mark read failed: {}", error)
 
+    async def _watch_busy(self) -> None:
+        """While memory keeps the model shut, tell each chat that has waited `busy_after_s` once that the
+        answer is coming, whether it holds a worker slot or is still queued for one."""
+        every_s = min(1.0, self.busy_after_s / 4)
+        while self._accepting:
+            await asyncio.sleep(every_s)
+            if self.model_gate.is_set():
+                self._told_busy.clear()
+                continue
+            bound = time.monotonic() - self.busy_after_s
+            for chat, since in list(self._busy_since.items()):
+                if since <= bound and chat not in self._told_busy:
+                    self._told_busy.add(chat)
+                    self._spawn(self._send_notice(chat, reply("busy", self.language)))
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def drain(self, timeout: float | None = None) -> bool:
@@ -524,8 +543,9 @@ class Pipeline:
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop taking messages, let in-flight ones finish within `timeout`, cancel the rest."""
         self._accepting = False
-        if self._summaries is not None:
-            self._summaries.cancel()
+        for task in (self._summaries, self._busy_watch):
+            if task is not None:
+                task.cancel()
         if not await self.drain(timeout):
             logger.warning(
                 "{} chat(s) still busy after {:.0f} s; cancelling",

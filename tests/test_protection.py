@@ -11,6 +11,7 @@ import time
 
 from bot.app import Bot
 from bot.limits import CircuitBreaker, SlidingWindowLimiter
+from bot.replies import reply
 from bot.takeover import Takeover
 from connection.loopback import LoopbackTransport
 from connection.types import ChatId, Inbound, MessageId, MessageKind
@@ -148,6 +149,31 @@ async def test_memory_pressure_throttles_and_recovers_without_losing_or_repeatin
         answers = [t for t in h.transport.texts_to(CHAT) if t.startswith("echo")]
         assert answers == ["echo: antes", "echo: uno", "echo: dos", "echo: tres"]
         assert h.bot.model.limit.capacity == 8
+
+
+async def test_every_waiting_chat_is_told_once_also_those_queued_beyond_the_worker_slots(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    rss = [100.0]
+    settings = ai(fake_openai, busy_reply_after_s=0.2, max_active_chats=2, bot_language="en")
+    async with harness(**settings) as h:
+        manager = MemoryManager(500, read_rss_mb=lambda: rss[0])
+        manager.on_change(h.bot._on_memory_state)
+        h.bot.memory = manager
+        rss[0] = 460
+        assert manager.check() is MemoryState.CRITICAL
+        chats = [f"3460022{i:04d}@s.whatsapp.net" for i in range(6)]  # three times the two slots
+        for chat in chats:
+            for text in ("one", "two"):
+                h.bot.pipeline.submit(inbound(text, chat=chat))
+        await asyncio.sleep(1.0)
+        busy = reply("busy", "en")
+        assert [h.transport.texts_to(chat) for chat in chats] == [[busy]] * 6
+        assert fake_openai.chat_count == 0
+        rss[0] = 200
+        assert manager.check() is MemoryState.NORMAL
+        assert await h.bot.pipeline.drain(5)
+        assert [h.transport.texts_to(chat) for chat in chats] == [[busy, "echo: one", "echo: two"]] * 6
 
 
 def random_inbound(rng: random.Random, index: int) -> tuple[Inbound, bool]:

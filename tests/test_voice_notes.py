@@ -74,6 +74,21 @@ async def test_a_voice_note_is_transcribed_answered_and_stored(
     assert leftovers == []
 
 
+async def test_a_voice_note_waits_while_memory_is_critical(
+    harness, fake_openai: FakeOpenAI, voice_note: Path
+) -> None:
+    fake_openai.transcript = "¿Abren el sábado?"
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        h.bot.pipeline.model_gate.clear()  # what the memory manager does at critical
+        h.bot.pipeline.submit(note(voice_note))  # type: ignore[arg-type]
+        assert not await h.bot.pipeline.drain(2)  # ample time to convert and upload, were it not held
+        assert fake_openai.transcriptions == [] and h.transport.texts_to(CHAT) == []
+        h.bot.pipeline.model_gate.set()
+        assert await h.bot.pipeline.drain(10)
+        assert h.transport.texts_to(CHAT) == ["echo: ¿Abren el sábado?"]
+    assert len(fake_openai.transcriptions) == 1
+
+
 async def test_an_oversize_note_gets_the_limit_and_nothing_else(
     harness, fake_openai: FakeOpenAI, voice_note: Path
 ) -> None:

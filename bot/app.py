@@ -281,7 +281,7 @@ class Bot:
         )
         return {
             "uptime_s": round(time.time() - self.started_at, 1),
-            "memory": self.memory.stats(),
+            "memory": {**self.memory.stats(), "structures": self._structures()},
             "connection": connection,
             "messages": self.pipeline.stats(),
             "cache": self.cache.stats(),
@@ -293,6 +293,36 @@ class Bot:
             "rate_limit": self.pipeline.rate_limiter.stats() if self.pipeline.rate_limiter else {},
             "takeover": self.pipeline.takeover.stats(),
             "lease": self.lease.stats() if self.lease is not None else None,
+        }
+
+    def _structures(self) -> dict[str, dict[str, int]]:
+        """Each in-memory structure that grows with traffic: its size, its bound and what it evicted."""
+        pipeline = self.pipeline
+        cache, history = self.cache.stats(), self.history.stats()
+        limiter = pipeline.rate_limiter
+        return {
+            "response_cache": {
+                "size": int(cache["size"]),
+                "max": int(cache["max_entries"]),
+                "evictions": int(cache["evictions"]),
+                "expirations": int(cache["expirations"]),
+            },
+            "history_chats": {
+                "size": history["chats"],
+                "max": history["max_chats"],
+                "evictions": history["evictions"],
+            },
+            "dedup_ids": {
+                "size": len(pipeline.dedup),
+                "max": pipeline.dedup.max_ids,
+                "evictions": pipeline.dedup.evictions,
+            },
+            "rate_limit_windows": {
+                "size": len(limiter) if limiter else 0,
+                "max": limiter.max_keys if limiter else 0,
+                "evictions": limiter.evictions if limiter else 0,
+            },
+            "chats_with_work": {"size": pipeline.active_chats, "waiting_messages": pipeline.waiting},
         }
 
 

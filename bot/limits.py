@@ -35,6 +35,7 @@ class SlidingWindowLimiter:
         self._windows: OrderedDict[str, tuple[deque[float], list[bool]]] = OrderedDict()
         self.limited = 0
         self.notices = 0
+        self.evictions = 0  # live windows dropped at the max_keys bound (idle ones are just removed)
 
     def __len__(self) -> int:
         return len(self._windows)
@@ -64,6 +65,7 @@ class SlidingWindowLimiter:
     def _evict(self, now: float) -> None:
         while len(self._windows) > self.max_keys:
             self._windows.popitem(last=False)
+            self.evictions += 1
         # Drop a few idle windows from the cold end on each call: amortised, no timers.
         for _ in range(2):
             if not self._windows:

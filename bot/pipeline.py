@@ -74,6 +74,7 @@ class DedupWindow:
     def __init__(self, max_ids: int) -> None:
         self.max_ids = max_ids
         self._ids: OrderedDict[str, None] = OrderedDict()
+        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -85,6 +86,7 @@ class DedupWindow:
         self._ids[message_id] = None
         if len(self._ids) > self.max_ids:
             self._ids.popitem(last=False)
+            self.evictions += 1
         return False
 
     def seed(self, ids: list[str]) -> None:
@@ -561,12 +563,16 @@ class Pipeline:
     def active_chats(self) -> int:
         return len(self._workers)
 
+    @property
+    def waiting(self) -> int:
+        return sum(len(queue) for queue in self._queues.values())
+
     def stats(self) -> dict[str, Any]:
         samples = list(self._overhead)
         return {
             **asdict(self.counters),
             "active_chats": len(self._workers),
-            "waiting": sum(len(q) for q in self._queues.values()),
+            "waiting": self.waiting,
             "waiting_for_memory": not self.model_gate.is_set(),
             "dedup_window": len(self.dedup),
             "overhead_ms": {

@@ -87,5 +87,6 @@ class TTLCache(Generic[K, V]):
             "hits": self.hits,
             "misses": self.misses,
             "evictions": self.evictions,
+            "expirations": self.expirations,
             "hit_rate": round(self.hits / lookups, 4) if lookups else 0.0,
         }

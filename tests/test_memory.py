@@ -11,6 +11,7 @@ import pytest
 
 from connection.types import ChatId, Inbound, MessageId, MessageKind
 from memory.manager import MemoryManager, MemoryState, cgroup_limit_mb
+from tests.conftest import inbound
 from tests.fake_openai import InstantModel
 
 
@@ -111,3 +112,18 @@ async def test_soak_200k_messages_from_50k_chats_keeps_every_structure_bounded(h
         assert peak[name] <= limit, f"{name} grew to {peak[name]} (bound {limit})"
     # Intake queues only hold what is waiting: one batch at most, and nothing once drained.
     assert peak["queues"] <= batch and final["queues"] == final["workers"] == 0
+
+
+async def test_metrics_show_each_structure_its_bound_and_its_evictions(harness) -> None:
+    async with harness(cache_max_entries=2) as h:
+        h.bot.pipeline.responder.model = h.bot.model = InstantModel()
+        for i in range(5):
+            await h.say(inbound(f"pregunta {i}", chat=f"3460033{i:04d}@s.whatsapp.net"))
+        memory = h.bot.metrics()["memory"]
+    assert {"rss_mb", "limit_mb", "percent", "state"} <= set(memory)
+    structures = memory["structures"]
+    assert structures["response_cache"] == {"size": 2, "max": 2, "evictions": 3, "expirations": 0}
+    assert structures["dedup_ids"] == {"size": 5, "max": 20000, "evictions": 0}
+    assert structures["history_chats"]["size"] == 5
+    assert structures["rate_limit_windows"]["size"] == 5
+    assert structures["chats_with_work"] == {"size": 0, "waiting_messages": 0}

@@ -70,9 +70,13 @@ class GovernedTransport:
         """Record that a chat wrote to us (the owner's own chat counts: owner commands get an answer)."""
         if (message.from_me and not message.is_self_chat) or not message.chat:
             return
-        self._inbound_at[message.chat] = self._clock()
+        now = self._clock()
+        self._inbound_at[message.chat] = now
         self._inbound_at.move_to_end(message.chat)
         while len(self._inbound_at) > self.max_chats:
+            self._inbound_at.popitem(last=False)
+        # Oldest first: chats silent for longer than the reply window cannot be written to anyway.
+        while next(iter(self._inbound_at.values())) < now - self.limits.reply_window_s:
             self._inbound_at.popitem(last=False)
 
     def _may_write_to(self, chat: str) -> bool:
@@ -154,12 +158,21 @@ class GovernedTransport:
                 self._same_text.move_to_end(key)
                 while len(self._same_text) > self.max_chats:
                     self._same_text.popitem(last=False)
+                self._forget_old_texts(now - window)
                 return
             self.counters["same_text_waits"] += 1
             logger.warning(
                 "the same answer went to {} chats within {:.0f} s: spreading it out", len(chats), window
             )
             await self._sleep(sends[0][0] + window - now)
+
+    def _forget_old_texts(self, before: float) -> None:
+        """Texts last sent before the window are not tracked any more (least recently sent first)."""
+        while self._same_text:
+            key, sends = next(iter(self._same_text.items()))
+            if sends and sends[-1][0] > before:
+                return
+            del self._same_text[key]
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -168,4 +181,5 @@ class GovernedTransport:
             "sent_last_minute": len(self._sent_at),
             "per_minute_budget": self.limits.per_minute,
             "reply_chats_tracked": len(self._inbound_at),
+            "texts_tracked": len(self._same_text),
         }

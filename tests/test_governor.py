@@ -91,3 +91,15 @@ async def test_the_same_text_to_many_chats_is_spread_out_but_canned_replies_are_
         await gov.send_text(chat(i), "Compra ya en www.example.com")
     assert time.now == pytest.approx(60) and gov.counters["same_text_waits"] == 1
     assert len(inner.sent) == 8
+
+
+async def test_what_it_remembers_is_only_what_its_windows_still_need() -> None:
+    gov, inner, time = governed(reply_window_s=3600, same_text_window_s=60, per_minute=10_000)
+    for i in range(2_000):  # a day of traffic: a new chat and a new answer every minute
+        gov.note_inbound(inbound("hola", chat=chat(i)))
+        await gov.send_text(chat(i), f"respuesta número {i}")
+        time.now += 60
+    stats = gov.stats()
+    assert len(inner.sent) == 2_000
+    assert stats["reply_chats_tracked"] <= 61  # the last hour of chats, not the 2,000 ever seen
+    assert stats["texts_tracked"] <= 2  # the last minute of answers

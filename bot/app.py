@@ -311,6 +311,8 @@ class Bot:
                 "size": history["chats"],
                 "max": history["max_chats"],
                 "evictions": history["evictions"],
+                "chars": history["chars"],
+                "max_chars": history["max_chars"],
             },
             "dedup_ids": {
                 "size": len(pipeline.dedup),

@@ -1,7 +1,7 @@
 """The last messages of each chat: bounded deques in memory in front of the store.
 
-Only a bounded number of chats is kept (least recently used out); a chat that is
-not in memory is read back from the store, so history survives restarts.
+Only a bounded number of chats, and of characters in all, is kept (least recently used out); a chat that
+is not in memory is read back from the store, so history survives restarts.
 """
 
 from __future__ import annotations
@@ -12,10 +12,15 @@ from memory.store import Store, StoredMessage
 
 
 class ChatHistory:
-    def __init__(self, store: Store, *, depth: int, max_chats: int = 5000) -> None:
+    def __init__(
+        self, store: Store, *, depth: int, max_chats: int = 5000, max_chars: int = 4_000_000
+    ) -> None:
         self.store = store
         self.depth = depth
         self.max_chats = max_chats
+        # Messages may be MAX_INBOUND_CHARS long: a bound on chats alone would allow 5,000 x 6 long ones.
+        self.max_chars = max_chars
+        self.chars = 0
         self._chats: OrderedDict[str, deque[StoredMessage]] = OrderedDict()
         self.memory_hits = 0
         self.store_reads = 0
@@ -52,26 +57,40 @@ class ChatHistory:
         """Record a message that was just persisted (only chats already in memory are updated)."""
         cached = self._chats.get(message.chat_id)
         if cached is not None:
+            if len(cached) == cached.maxlen:
+                self.chars -= len(cached[0].body)  # pushed out by the append
             cached.append(message)
+            self.chars += len(message.body)
             self._chats.move_to_end(message.chat_id)
+            self._evict_over_bounds()
 
     def _remember(self, chat_id: str, messages: deque[StoredMessage]) -> None:
         self._chats[chat_id] = messages
-        while len(self._chats) > self.max_chats:
-            self._chats.popitem(last=False)
-            self.evictions += 1
+        self.chars += sum(len(m.body) for m in messages)
+        self._evict_over_bounds()
+
+    def _evict_over_bounds(self) -> None:
+        # The most recent chat stays even if it alone is over the character bound: it is being answered.
+        while len(self._chats) > 1 and (len(self._chats) > self.max_chats or self.chars > self.max_chars):
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        _, messages = self._chats.popitem(last=False)
+        self.chars -= sum(len(m.body) for m in messages)
+        self.evictions += 1
 
     def shrink(self, fraction: float) -> int:
         drop = int(len(self._chats) * fraction)
         for _ in range(drop):
-            self._chats.popitem(last=False)
-        self.evictions += drop
+            self._drop_oldest()
         return drop
 
     def stats(self) -> dict[str, int]:
         return {
             "chats": len(self._chats),
             "max_chats": self.max_chats,
+            "chars": self.chars,
+            "max_chars": self.max_chars,
             "memory_hits": self.memory_hits,
             "store_reads": self.store_reads,
             "evictions": self.evictions,

@@ -127,3 +127,17 @@ async def test_metrics_show_each_structure_its_bound_and_its_evictions(harness) 
     assert structures["history_chats"]["size"] == 5
     assert structures["rate_limit_windows"]["size"] == 5
     assert structures["chats_with_work"] == {"size": 0, "waiting_messages": 0}
+
+
+async def test_chat_histories_are_bounded_by_characters_not_only_by_chats(harness) -> None:
+    async with harness() as h:
+        h.bot.pipeline.responder.model = h.bot.model = InstantModel()
+        h.bot.history.max_chars = 50_000
+        for i in range(40):  # 40 chats of 4,000-character messages: 320,000 characters with the replies
+            await h.say(inbound("x" * 4000, chat=f"3460044{i:04d}@s.whatsapp.net"))
+        stats = h.bot.history.stats()
+        assert stats["chars"] <= 50_000 and stats["evictions"] >= 30
+        # What was evicted is read back from the store when that chat writes again.
+        reads = stats["store_reads"]
+        assert await h.say(inbound("hola", chat="34600440000@s.whatsapp.net")) == ["ok: hola"]
+        assert h.bot.history.stats()["store_reads"] == reads + 1

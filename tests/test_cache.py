@@ -49,6 +49,7 @@ def test_map_api_and_stats() -> None:
         "hits": 1,
         "misses": 1,
         "evictions": 0,
+        "expirations": 0,
         "hit_rate": 0.5,
     }
 

@@ -17,19 +17,12 @@ from bot.ai import ChatModel, make_client
 from bot.config import Settings
 from bot.flows import FlowMatcher, FlowsFileError, load_flows_file
 from bot.limits import CircuitBreaker, SlidingWindowLimiter
-from bot.pipeline import Pipeline
+from bot.pipeline import Pipeline, inbound_from_stored
 from bot.responder import Responder
 from bot.takeover import Takeover
 from connection.background import BackgroundTasks
 from connection.lease import SessionLease
-from connection.types import (
-    ChatId,
-    ConnectionState,
-    Inbound,
-    MessageId,
-    MessageKind,
-    Transport,
-)
+from connection.types import ConnectionState, Transport
 from media.audio import AudioSettings, VoiceTranscriber
 from memory.cache import TTLCache
 from memory.history import ChatHistory
@@ -137,6 +130,7 @@ class Bot:
             blocked_numbers=settings.blocked,
             busy_after_s=settings.busy_reply_after_s,
             max_active_chats=settings.max_active_chats,
+            max_waiting=settings.max_waiting_messages,
             stale_after_s=settings.recovery_window_minutes * 60 or None,
         )
         memory = MemoryManager(
@@ -229,22 +223,7 @@ class Bot:
         pending = await self.store.unanswered_inbound(fresh_since)
         resumed = 0
         for stored in pending:
-            try:
-                kind = MessageKind(stored.kind)
-            except ValueError:
-                kind = MessageKind.OTHER
-            if kind is MessageKind.AUDIO and stored.body:
-                kind = MessageKind.TEXT  # transcribed before the stop: answer the transcript
-            # A voice note not yet transcribed has no media left to download: the customer is asked to
-            # send it again; other media get the usual reply.
-            inbound = Inbound(
-                id=MessageId(stored.wa_message_id),
-                chat=ChatId(stored.chat_id),
-                sender=stored.chat_id,
-                kind=kind,
-                text=stored.body,
-                timestamp=stored.created_at,
-            )
+            inbound = inbound_from_stored(stored)
             note_inbound = getattr(self.transport, "note_inbound", None)
             if note_inbound is not None:  # the governor forgot at restart that this chat wrote to us
                 note_inbound(inbound)
@@ -324,7 +303,11 @@ class Bot:
                 "max": limiter.max_keys if limiter else 0,
                 "evictions": limiter.evictions if limiter else 0,
             },
-            "chats_with_work": {"size": pipeline.active_chats, "waiting_messages": pipeline.waiting},
+            "chats_with_work": {
+                "size": pipeline.active_chats,
+                "waiting_messages": pipeline.waiting,
+                "max_waiting_messages": pipeline.max_waiting,
+            },
         }
 
 

@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     memory_shrink_fraction: float = Field(0.5, gt=0, le=1)
     busy_reply_after_s: float = Field(30.0, gt=0)
     max_active_chats: int = Field(1024, ge=1)
+    max_waiting_messages: int = Field(10_000, ge=10)
 
     # Media
     audio_max_mb: float = Field(25.0, gt=0, le=100)

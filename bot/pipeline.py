@@ -24,7 +24,7 @@ from bot.replies import Language, reply
 from bot.responder import Answer, Responder, split_message
 from bot.takeover import Takeover, parse_command
 from connection.background import BackgroundTasks
-from connection.types import ChatId, Inbound, MessageId, MessageKind, Transport, TransportError
+from connection.types import ChatId, Inbound, MediaRef, MessageId, MessageKind, Transport, TransportError
 from memory.history import ChatHistory
 from memory.store import Direction, MessageStatus, Store, StoredMessage
 
@@ -65,7 +65,31 @@ class MessageCounters:
     skipped: int = 0
     rate_limited: int = 0
     queued: int = 0
+    spilled: int = 0  # left in the store while too many waited in memory, taken back later
     transcribed: int = 0
+
+
+def inbound_from_stored(stored: StoredMessage, media: MediaRef | None = None) -> Inbound:
+    """A persisted, unanswered message as the pipeline takes it: after a restart, or back from the spill.
+
+    A voice note already transcribed is answered from its transcript. One not transcribed needs `media`
+    to be downloaded; without it (after a restart) the customer is asked to send it again.
+    """
+    try:
+        kind = MessageKind(stored.kind)
+    except ValueError:
+        kind = MessageKind.OTHER
+    if kind is MessageKind.AUDIO and stored.body:
+        kind = MessageKind.TEXT
+    return Inbound(
+        id=MessageId(stored.wa_message_id),
+        chat=ChatId(stored.chat_id),
+        sender=stored.chat_id,
+        kind=kind,
+        text=stored.body,
+        timestamp=stored.created_at,
+        media=media,
+    )
 
 
 class DedupWindow:
@@ -122,6 +146,7 @@ class Pipeline:
         max_reply_chars: int = 1500,
         max_inbound_chars: int = 4000,
         max_active_chats: int = 1024,
+        max_waiting: int = 10_000,
         dedup_window: int = 20000,
         rate_limiter: SlidingWindowLimiter | None = None,
         takeover: Takeover | None = None,
@@ -153,6 +178,17 @@ class Pipeline:
         self.model_gate = asyncio.Event()
         self.model_gate.set()
         self._queues: dict[ChatId, deque[tuple[Inbound, Awaitable[None] | None]]] = {}
+        # Messages held in memory are bounded: past `max_waiting` new ones are only persisted ("spilled")
+        # and taken back from the store, oldest first, once the queues have halved.
+        self.max_waiting = max_waiting
+        self.max_active_chats = max_active_chats
+        self._waiting = 0
+        self._in_memory: set[str] = set()  # ids queued or being handled
+        self._spilled = False
+        self._spill_since = 0.0
+        self._spill_seq = 0
+        self._spilled_media: OrderedDict[str, MediaRef] = OrderedDict()
+        self._refilling: asyncio.Task[None] | None = None
         self._workers: dict[ChatId, asyncio.Task[None]] = {}
         # When each chat with work got its first unanswered message (monotonic), for the "busy" notice.
         self._busy_since: dict[ChatId, float] = {}
@@ -226,11 +262,91 @@ class Pipeline:
                     logger.debug("rate limited: message {} in {} not answered", message.id, message.chat)
                     return False
                 logger.info("rate limit reached in {}: one notice, then silence", message.chat)
+                if self._spilled or self._waiting >= self.max_waiting:
+                    return False  # the notice is a courtesy: not worth memory now
                 self._notice_only.add(message.id)
                 return self._enqueue(message, None)
         # Persisted at intake (the write is queued now and committed with its batch), so a
         # message waiting behind others in its chat is already safe from a crash.
-        return self._enqueue(message, self.store.add_message(self._inbound_row(message)))
+        row = self._inbound_row(message)
+        persisted = self.store.add_message(row)
+        if self._spilled or self._waiting >= self.max_waiting:
+            self._spill(message, row, persisted)
+            return True
+        return self._enqueue(message, persisted)
+
+    def _spill(self, message: Inbound, row: StoredMessage, persisted: Awaitable[None]) -> None:
+        """Leave the message in the store only; `_refill` takes it back in order. Everything after it
+        is spilled too until then, so no chat's messages overtake each other."""
+        if not self._spilled:
+            self._spilled, self._spill_since = True, row.created_at
+            logger.warning(
+                "{} messages waiting in memory: new ones wait in the store until half are answered",
+                self._waiting,
+            )
+        self._spill_since = min(self._spill_since, row.created_at)
+        self._spill_seq += 1
+        self.counters.spilled += 1
+        if message.media is not None:  # a voice note's download handle is small; keep a bounded few
+            self._spilled_media[message.id] = message.media
+            while len(self._spilled_media) > 1000:
+                self._spilled_media.popitem(last=False)
+        if len(self._busy_since) < 50_000:  # for the "busy" notice under memory pressure
+            self._busy_since.setdefault(message.chat, time.monotonic())
+        asyncio.ensure_future(persisted).add_done_callback(self._spill_written)
+
+    def _spill_written(self, write: asyncio.Future[None]) -> None:
+        if not write.cancelled() and write.exception() is not None:
+            logger.error("a waiting message could not be saved: {}", write.exception())
+
+    def _maybe_refill(self) -> None:
+        if (
+            self._spilled
+            and self._refilling is None
+            and self._accepting
+            and self.model_gate.is_set()
+            and self._waiting < self.max_waiting // 2
+        ):
+            self._refilling = asyncio.create_task(self._refill(), name="refill-from-store")
+            self._refilling.add_done_callback(self._refill_done)
+
+    def _refill_done(self, task: asyncio.Task[None]) -> None:
+        self._refilling = None
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("could not take waiting messages back from the store: {}", task.exception())
+
+    async def _refill(self) -> None:
+        while self._spilled and self._accepting and self.model_gate.is_set():
+            room = self.max_waiting - self._waiting
+            if room <= self.max_waiting // 2:
+                return  # the queues are still more than half full: a later finish triggers the next page
+            seq = self._spill_seq
+            in_memory = set(self._in_memory)
+            # Replies sent before this point must be committed, or their question still reads RECEIVED.
+            await asyncio.gather(*list(self._reply_writes), return_exceptions=True)
+            limit = len(in_memory) + room
+            try:
+                rows = await self.store.unanswered_inbound(self._spill_since, limit=limit)
+            except Exception as error:
+                logger.warning("could not read waiting messages back from the store: {}", error)
+                await asyncio.sleep(1.0)  # the next finished message or drain tries again
+                return
+            taken = 0
+            for row in rows:
+                if row.wa_message_id in in_memory or row.wa_message_id in self._in_memory:
+                    continue
+                if taken == room:
+                    break
+                media = self._spilled_media.pop(row.wa_message_id, None)
+                self._enqueue(inbound_from_stored(row, media), None)
+                taken += 1
+            if len(rows) < limit and taken < room and seq == self._spill_seq:
+                self._spilled = False
+                self._spilled_media.clear()
+                logger.info("every waiting message is back from the store")
+                return
+            if taken == 0:
+                return
 
     def resume(self, message: Inbound) -> bool:
         """Queue a message persisted before a restart but never answered (bypasses de-duplication)."""
@@ -253,10 +369,12 @@ class Pipeline:
         if queue is None:
             queue = self._queues[message.chat] = deque()
         queue.append((message, persisted))
+        self._waiting += 1
+        self._in_memory.add(message.id)
         self.counters.queued += 1
         if message.chat not in self._workers:
             self._idle.clear()
-            self._busy_since[message.chat] = time.monotonic()
+            self._busy_since.setdefault(message.chat, time.monotonic())
             self._workers[message.chat] = asyncio.create_task(
                 self._chat_worker(message.chat), name="chat-worker"
             )
@@ -329,13 +447,17 @@ class Pipeline:
         try:
             while queue:
                 message, persisted = queue.popleft()
+                self._waiting -= 1
                 async with self._active:
                     await self._handle_safely(message, persisted)
+                self._in_memory.discard(message.id)
+                self._maybe_refill()
         finally:
             # No await between the emptiness check above and this cleanup, so nothing is lost.
+            self._waiting -= len(queue)  # only when cancelled at stop: they stay persisted, unanswered
             del self._queues[chat]
             del self._workers[chat]
-            del self._busy_since[chat]
+            self._busy_since.pop(chat, None)
             if not self._workers:
                 self._idle.set()
 
@@ -522,6 +644,7 @@ class Pipeline:
             await asyncio.sleep(every_s)
             if self.model_gate.is_set():
                 self._told_busy.clear()
+                self._maybe_refill()  # also retries a refill that failed on the store
                 continue
             bound = time.monotonic() - self.busy_after_s
             for chat, since in list(self._busy_since.items()):
@@ -535,7 +658,17 @@ class Pipeline:
         """Wait until every queued message is handled and recorded; False if `timeout` ran out first."""
         try:
             async with asyncio.timeout(timeout):
-                await self._idle.wait()
+                while True:
+                    await self._idle.wait()
+                    if self._refilling is not None:
+                        await asyncio.wait({self._refilling})
+                    elif self._spilled and self._accepting:
+                        await self.model_gate.wait()
+                        self._maybe_refill()
+                        if self._refilling is None:
+                            await asyncio.sleep(0.05)  # never spin on the loop
+                    else:
+                        break
                 await self._background.wait_all()  # notices and side writes
                 await asyncio.gather(*self._reply_writes, return_exceptions=True)
         except TimeoutError:
@@ -548,6 +681,7 @@ class Pipeline:
         for task in (self._summaries, self._busy_watch):
             if task is not None:
                 task.cancel()
+        # What is still spilled stays persisted and unanswered: recovery takes it at the next start.
         if not await self.drain(timeout):
             logger.warning(
                 "{} chat(s) still busy after {:.0f} s; cancelling",
@@ -565,7 +699,8 @@ class Pipeline:
 
     @property
     def waiting(self) -> int:
-        return sum(len(queue) for queue in self._queues.values())
+        """Messages waiting in memory (those spilled to the store are not counted)."""
+        return self._waiting
 
     def stats(self) -> dict[str, Any]:
         samples = list(self._overhead)
@@ -574,6 +709,7 @@ class Pipeline:
             "active_chats": len(self._workers),
             "waiting": self.waiting,
             "waiting_for_memory": not self.model_gate.is_set(),
+            "waiting_in_store": self._spilled,
             "dedup_window": len(self.dedup),
             "overhead_ms": {
                 "p50": round(percentile(samples, 0.5) * 1000, 3),

@@ -265,11 +265,11 @@ class SQLiteStore:
         )
         return [row[0] for row in rows]
 
-    async def unanswered_inbound(self, since: float) -> list[StoredMessage]:
+    async def unanswered_inbound(self, since: float, limit: int | None = None) -> list[StoredMessage]:
         rows = await self._query(
             f"SELECT {_COLUMNS} FROM chat_history WHERE direction = 'in' AND status = 'received'"
-            " AND created_at >= ? ORDER BY created_at, id",
-            (since,),
+            " AND created_at >= ? ORDER BY created_at, id LIMIT ?",
+            (since, -1 if limit is None else limit),
         )
         return [message_from_row(row) for row in rows]
 

@@ -95,8 +95,9 @@ class Store(Protocol):
         """Ids of messages created at or after `since` (seeds de-duplication after a restart)."""
         ...
 
-    async def unanswered_inbound(self, since: float) -> list[StoredMessage]:
-        """Inbound messages still RECEIVED, created at or after `since`, oldest first."""
+    async def unanswered_inbound(self, since: float, limit: int | None = None) -> list[StoredMessage]:
+        """Inbound messages still RECEIVED, created at or after `since`, oldest first; at most `limit`,
+        and fewer than `limit` only when there are no more."""
         ...
 
     async def flows(self) -> Sequence[Flow]: ...

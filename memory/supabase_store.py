@@ -666,9 +666,20 @@ class SupabaseStore:
             times.setdefault(wa_id, at)
         return sorted(times, key=times.__getitem__, reverse=True)[:limit]
 
-    async def unanswered_inbound(self, since: float) -> list[StoredMessage]:
+    async def unanswered_inbound(self, since: float, limit: int | None = None) -> list[StoredMessage]:
         ops = await self._local(self.journal.pending, since=since)
+        want = limit
+        while True:
+            rows, remote_count = await self._unanswered(since, ops, want)
+            # Pending local writes may answer some of the remote rows: ask for more until `limit` is
+            # filled or Supabase has no more.
+            if limit is None or len(rows) >= limit or remote_count is None or remote_count < (want or 0):
+                return rows if limit is None else rows[:limit]
+            want = (want or limit) * 2
 
+    async def _unanswered(
+        self, since: float, ops: Any, limit: int | None
+    ) -> tuple[list[StoredMessage], int | None]:
         async def select() -> list[StoredMessage]:
             def build() -> Any:
                 return (
@@ -681,17 +692,22 @@ class SupabaseStore:
                     .order("id")
                 )
 
-            return [_from_api(d) for d in await self._paged(build)]
+            return [_from_api(d) for d in await self._paged(build, limit)]
 
         remote = await self._fetch(select)
         if remote is None:
             self.hits["fallback"] += 1
         rows = await self._local(self.journal.view, remote or [], ops, since=since)
-        return [
+        unanswered = [
             m
             for m in rows
             if m.direction is Direction.IN and m.status is MessageStatus.RECEIVED and m.created_at >= since
         ]
+        if remote and limit is not None and len(remote) >= limit:
+            # Supabase has more rows after the last one fetched: local rows past it could jump the queue.
+            cutoff = max(m.created_at for m in remote)
+            unanswered = [m for m in unanswered if m.created_at <= cutoff]
+        return unanswered, None if remote is None else len(remote)
 
     async def mark_stale(self, before: float) -> int:
         """Mark inbound messages still RECEIVED and created before `before` SKIPPED; returns how many.

@@ -126,7 +126,7 @@ async def test_metrics_show_each_structure_its_bound_and_its_evictions(harness) 
     assert structures["dedup_ids"] == {"size": 5, "max": 20000, "evictions": 0}
     assert structures["history_chats"]["size"] == 5
     assert structures["rate_limit_windows"]["size"] == 5
-    assert structures["chats_with_work"] == {"size": 0, "waiting_messages": 0}
+    assert structures["chats_with_work"] == {"size": 0, "waiting_messages": 0, "max_waiting_messages": 10_000}
 
 
 async def test_chat_histories_are_bounded_by_characters_not_only_by_chats(harness) -> None:

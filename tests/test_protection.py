@@ -176,6 +176,57 @@ async def test_every_waiting_chat_is_told_once_also_those_queued_beyond_the_work
         assert [h.transport.texts_to(chat) for chat in chats] == [[busy, "echo: one", "echo: two"]] * 6
 
 
+async def test_past_the_waiting_bound_messages_wait_in_the_store_and_are_answered_once_in_order(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    rss = [100.0]
+    async with harness(**ai(fake_openai, busy_reply_after_s=0.2, max_waiting_messages=20)) as h:
+        manager = MemoryManager(500, read_rss_mb=lambda: rss[0])
+        manager.on_change(h.bot._on_memory_state)
+        h.bot.memory = manager
+        peak = [0]
+        h.transport.on_send = lambda _: peak.__setitem__(0, max(peak[0], h.bot.pipeline.waiting))
+        rss[0] = 460
+        assert manager.check() is MemoryState.CRITICAL
+        chats = [f"3460055{i:04d}@s.whatsapp.net" for i in range(25)]
+        for n in range(4):
+            for chat in chats:
+                h.bot.pipeline.submit(inbound(f"m{n}", chat=chat))
+        assert h.bot.pipeline.waiting == 20
+        messages = h.bot.metrics()["messages"]
+        assert messages["waiting_in_store"] is True and messages["spilled"] == 80
+        await asyncio.sleep(1.0)
+        busy = reply("busy", "es")
+        # Chats whose messages all wait in the store are told too.
+        assert [h.transport.texts_to(chat) for chat in chats] == [[busy]] * 25
+        stored = [await h.bot.store.recent_messages(chat, 10) for chat in chats]
+        assert sum(r.status is MessageStatus.RECEIVED for rows in stored for r in rows) == 100
+        rss[0] = 200
+        assert manager.check() is MemoryState.NORMAL
+        assert await h.bot.pipeline.drain(20)
+        expected = [busy, "echo: m0", "echo: m1", "echo: m2", "echo: m3"]
+        assert [h.transport.texts_to(chat) for chat in chats] == [expected] * 25
+        assert h.bot.pipeline.counters.answered == 100 and peak[0] <= 20
+        assert h.bot.metrics()["messages"]["waiting_in_store"] is False
+
+
+async def test_a_flood_without_memory_pressure_is_also_held_to_the_waiting_bound(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    async with harness(**ai(fake_openai, max_waiting_messages=20)) as h:
+        peak = [0]
+        h.transport.on_send = lambda _: peak.__setitem__(0, max(peak[0], h.bot.pipeline.waiting))
+        chats = [f"3460066{i:04d}@s.whatsapp.net" for i in range(10)]
+        for n in range(20):
+            for chat in chats:
+                h.bot.pipeline.submit(inbound(f"m{n}", chat=chat))
+        assert await h.bot.pipeline.drain(30)
+        for chat in chats:
+            assert h.transport.texts_to(chat) == [f"echo: m{n}" for n in range(20)]
+        assert h.bot.pipeline.counters.spilled > 100 and peak[0] <= 20
+        assert h.bot.pipeline.counters.answered == 200
+
+
 def random_inbound(rng: random.Random, index: int) -> tuple[Inbound, bool]:
     """A random event; returns it and whether it is a well-formed customer text to answer."""
     kind = rng.choice(list(MessageKind))

@@ -255,6 +255,18 @@ async def test_unanswered_inbound(store: Store) -> None:
     assert (await store.unanswered_inbound(T0 + 5))[0] == msg(5)
 
 
+async def test_unanswered_inbound_in_pages(store: Store) -> None:
+    for n in range(1, 9):
+        await store.add_message(msg(n))
+    await store.add_reply(msg(20, direction=Direction.OUT), answered_id="WA2")
+    await store.set_status("WA3", MessageStatus.SKIPPED)
+
+    assert [m.wa_message_id for m in await store.unanswered_inbound(0, limit=3)] == ["WA1", "WA4", "WA5"]
+    assert [m.wa_message_id for m in await store.unanswered_inbound(T0 + 5, limit=3)] == ["WA5", "WA6", "WA7"]
+    # Fewer than the limit only when there are no more.
+    assert [m.wa_message_id for m in await store.unanswered_inbound(T0 + 7, limit=3)] == ["WA7", "WA8"]
+
+
 async def test_mark_stale(backend: Backend, store: Store) -> None:
     for n in range(1, 5):
         await store.add_message(msg(n))

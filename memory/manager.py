@@ -20,10 +20,8 @@ import psutil
 from loguru import logger
 
 DEFAULT_LIMIT_MB = 512
-_CGROUP_FILES = (
-    Path("/sys/fs/cgroup/memory.max"),
-    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
-)
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_PROC_CGROUP = Path("/proc/self/cgroup")
 # cgroup v1 reports "no limit" as a huge number; anything above 1 TiB means unlimited.
 _UNLIMITED = 1 << 40
 
@@ -34,17 +32,44 @@ class MemoryState(enum.StrEnum):
     CRITICAL = "critical"
 
 
-def cgroup_limit_mb(files: tuple[Path, ...] = _CGROUP_FILES) -> int | None:
-    for path in files:
+def cgroup_limit_files(root: Path = _CGROUP_ROOT, proc_cgroup: Path = _PROC_CGROUP) -> list[Path]:
+    """The memory limit files of this process's cgroup and of every ancestor, v2 then v1.
+
+    In a container with its own cgroup namespace that is just the root's file; a systemd service with
+    MemoryMax= or a nested container has its limit further down, and any ancestor's limit applies too.
+    """
+    own_v2 = own_v1 = "/"
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        hierarchy, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if hierarchy == "0" and not controllers:
+            own_v2 = path
+        elif "memory" in controllers.split(","):
+            own_v1 = path
+
+    def up(base: Path, path: str) -> list[Path]:
+        parts = [part for part in path.split("/") if part and part != ".."]
+        return [base.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
+
+    return [d / "memory.max" for d in up(root, own_v2)] + [
+        d / "memory.limit_in_bytes" for d in up(root / "memory", own_v1)
+    ]
+
+
+def cgroup_limit_mb(files: list[Path] | None = None) -> int | None:
+    """The tightest limit among the cgroup files that exist, in MB; None when there is none."""
+    limits = []
+    for path in cgroup_limit_files() if files is None else files:
         try:
             raw = path.read_text().strip()
         except OSError:
             continue
-        if raw == "max" or not raw.isdigit():
-            return None
-        limit = int(raw)
-        return None if limit >= _UNLIMITED else limit // (1024 * 1024)
-    return None
+        if raw.isdigit() and int(raw) < _UNLIMITED:  # "max" (v2) or a huge number (v1): unlimited
+            limits.append(int(raw) // (1024 * 1024))
+    return min(limits) if limits else None
 
 
 def resolve_limit_mb(configured: int | None) -> tuple[int, str]:

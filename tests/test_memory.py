@@ -10,23 +10,46 @@ from typing import Any
 import pytest
 
 from connection.types import ChatId, Inbound, MessageId, MessageKind
-from memory.manager import MemoryManager, MemoryState, cgroup_limit_mb
+from memory.manager import MemoryManager, MemoryState, cgroup_limit_files, cgroup_limit_mb
 from tests.conftest import inbound
 from tests.fake_openai import InstantModel
 
 
 def test_the_limit_comes_from_the_setting_then_the_cgroup_then_a_default(tmp_path: Path) -> None:
     v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
-    assert cgroup_limit_mb((v2, v1)) is None
+    assert cgroup_limit_mb([v2, v1]) is None
     v1.write_text(str(256 * 1024 * 1024))
-    assert cgroup_limit_mb((v2, v1)) == 256
+    assert cgroup_limit_mb([v2, v1]) == 256
     v2.write_text("max\n")
-    assert cgroup_limit_mb((v2, v1)) is None  # v2 present and unlimited
+    assert cgroup_limit_mb([v2]) is None  # v2 and unlimited
     v2.write_text(str(512 * 1024 * 1024))
-    assert cgroup_limit_mb((v2, v1)) == 512
+    assert cgroup_limit_mb([v2]) == 512
     v1.write_text("9223372036854771712")  # cgroup v1's "no limit"
-    assert cgroup_limit_mb((v1,)) is None
+    assert cgroup_limit_mb([v1]) is None
     assert MemoryManager(300).limit_mb == 300 and MemoryManager(300).limit_source == "MEMORY_LIMIT"
+
+
+def test_the_cgroup_limit_is_the_tightest_of_the_process_cgroup_and_its_ancestors(tmp_path: Path) -> None:
+    root, proc = tmp_path / "cgroup", tmp_path / "proc-self-cgroup"
+    service = root / "system.slice" / "bot.service"
+    service.mkdir(parents=True)
+    (root / "memory.max").write_text("max\n")
+    (root / "system.slice" / "memory.max").write_text("max\n")
+    (service / "memory.max").write_text(str(300 * 1024 * 1024))
+    proc.write_text("0::/system.slice/bot.service\n")
+    assert cgroup_limit_mb(cgroup_limit_files(root, proc)) == 300  # a systemd service with MemoryMax=300M
+    (root / "system.slice" / "memory.max").write_text(str(200 * 1024 * 1024))
+    assert cgroup_limit_mb(cgroup_limit_files(root, proc)) == 200  # the parent's tighter limit applies
+    v1 = root / "memory" / "docker" / "abc"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(str(128 * 1024 * 1024))
+    proc.write_text("12:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n")
+    (root / "memory.max").unlink()
+    for path in (root / "system.slice").rglob("memory.max"):
+        path.unlink()
+    assert cgroup_limit_mb(cgroup_limit_files(root, proc)) == 128  # cgroup v1 without a namespace
+    proc.write_text("0::/\n")
+    assert cgroup_limit_mb(cgroup_limit_files(root, proc)) is None
 
 
 def test_states_follow_rss_with_configurable_thresholds() -> None:

@@ -152,10 +152,21 @@ class Bot:
             return
         fraction = 1.0 if new is MemoryState.CRITICAL else self.settings.memory_shrink_fraction
         dropped = self.cache.shrink(fraction) + self.history.shrink(fraction)
-        self._resize_model_limit(max(1, full // 2))
+        # Per-chat state that is still live (a rate-limit window, a human's pause) is kept: dropping it
+        # would answer chats a human took over. What has ended goes.
+        limiter = self.pipeline.rate_limiter
+        idle = self.pipeline.takeover.prune() + (limiter.prune() if limiter else 0)
+        capped = max(1, round(full * (1 - self.settings.memory_shrink_fraction)))
+        self._resize_model_limit(capped)
         if new is MemoryState.CRITICAL:
             self.pipeline.model_gate.clear()
-        logger.warning("memory {}: dropped {} cached entries, model calls capped", new.value, dropped)
+        logger.warning(
+            "memory {}: dropped {} cached entries and {} idle chat states, model calls capped at {}",
+            new.value,
+            dropped,
+            idle,
+            capped,
+        )
 
     def _resize_model_limit(self, capacity: int) -> None:
         if self.model is not None:

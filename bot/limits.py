@@ -75,6 +75,14 @@ class SlidingWindowLimiter:
                 return
             del self._windows[key]
 
+    def prune(self) -> int:
+        """Forget the windows with no message inside them any more (memory pressure); returns how many."""
+        horizon = self._clock() - self.window_s
+        idle = [key for key, (stamps, _) in self._windows.items() if not stamps or stamps[-1] <= horizon]
+        for key in idle:
+            del self._windows[key]
+        return len(idle)
+
     def stats(self) -> dict[str, int]:
         return {"tracked_chats": len(self._windows), "limited": self.limited, "notices": self.notices}
 

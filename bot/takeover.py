@@ -100,6 +100,14 @@ class Takeover:
             return False
         return True
 
+    def prune(self) -> int:
+        """Forget pauses that have ended (memory pressure); returns how many."""
+        now = self._clock()
+        ended = [chat for chat, until in self._paused.items() if until <= now]
+        for chat in ended:
+            del self._paused[chat]
+        return len(ended)
+
     def apply(self, command: OwnerCommand, chat: str) -> str:
         """Carry out an owner command; returns a short log-safe summary (no numbers)."""
         target = None if command.everywhere else chat

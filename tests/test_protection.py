@@ -227,6 +227,28 @@ async def test_a_flood_without_memory_pressure_is_also_held_to_the_waiting_bound
         assert h.bot.pipeline.counters.answered == 200
 
 
+async def test_warning_forgets_ended_chat_state_but_keeps_live_pauses_and_windows(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    rss = [100.0]
+    async with harness(**ai(fake_openai, rate_limit_cooldown=1000, memory_shrink_fraction=0.75)) as h:
+        manager = MemoryManager(500, read_rss_mb=lambda: rss[0])
+        manager.on_change(h.bot._on_memory_state)
+        takeover, limiter = h.bot.pipeline.takeover, h.bot.pipeline.rate_limiter
+        await h.say(*(inbound("hola", chat=f"3460077{i:04d}@s.whatsapp.net") for i in range(5)))
+        takeover.pause("34600770000@s.whatsapp.net", 0.01)
+        takeover.pause("34600770001@s.whatsapp.net", 3600)  # a human is answering this one
+        await asyncio.sleep(1.1)  # the 1 s rate-limit windows are now empty
+        await h.say(inbound("otra", chat="34600770009@s.whatsapp.net"))  # one live window
+        assert len(limiter) > 1  # idle windows linger (a few go at each check)
+        rss[0] = 420
+        assert manager.check() is MemoryState.WARNING
+        await asyncio.sleep(0)
+        assert len(limiter) == 1 and takeover.stats()["paused_chats"] == 1
+        assert len(takeover._paused) == 1 and takeover.is_paused("34600770001@s.whatsapp.net")
+        assert h.bot.model.limit.capacity == 2  # 8 lowered by MEMORY_SHRINK_FRACTION
+
+
 def random_inbound(rng: random.Random, index: int) -> tuple[Inbound, bool]:
     """A random event; returns it and whether it is a well-formed customer text to answer."""
     kind = rng.choice(list(MessageKind))

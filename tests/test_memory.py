@@ -88,6 +88,9 @@ def structure_sizes(bot: Any) -> dict[str, int]:
         "cache": len(bot.cache),
         "notices": len(pipeline._notice_only),
         "background": len(pipeline._background),
+        "waiting": pipeline.waiting,
+        "in_memory_ids": len(pipeline._in_memory),
+        "busy_since": len(pipeline._busy_since),
         "store_pending": len(bot.store._pending),
     }
 
@@ -103,8 +106,12 @@ async def test_soak_200k_messages_from_50k_chats_keeps_every_structure_bounded(h
         "cache": 1000,
         "notices": 0,
         "background": 0,
+        "waiting": 5000,
+        "in_memory_ids": 5000,
+        "busy_since": 50_000,
     }
-    async with harness(human_takeover_minutes=0, rate_limit_max_messages=2) as h:
+    # Half of each 10,000-message burst waits in the store (MAX_WAITING_MESSAGES) and is read back.
+    async with harness(human_takeover_minutes=0, rate_limit_max_messages=2, max_waiting_messages=5000) as h:
         h.bot.pipeline.responder.model = h.bot.model = InstantModel()
         h.transport.record = False
         peak: dict[str, int] = {}
@@ -130,6 +137,7 @@ async def test_soak_200k_messages_from_50k_chats_keeps_every_structure_bounded(h
         wal = h.settings.store_path.with_name("bot.sqlite3-wal")
         assert wal.stat().st_size < 64 * 2**20, "the WAL is checkpointed, not left to grow"
     assert counters.received == total and counters.failed == 0
+    assert counters.spilled > 50_000  # the store-backed wait was exercised at scale
     assert counters.answered + counters.rate_limited == total  # every message answered or limited
     for name, limit in limits.items():
         assert peak[name] <= limit, f"{name} grew to {peak[name]} (bound {limit})"

@@ -28,7 +28,7 @@ from memory.cache import TTLCache
 from memory.history import ChatHistory
 from memory.manager import MemoryManager, MemoryState
 from memory.sqlite_store import SQLiteStore
-from memory.store import Flow, Store
+from memory.store import Flow, Store, StoreUnavailable
 
 
 def read_flows_file(settings: Settings) -> list[Flow]:
@@ -231,7 +231,14 @@ class Bot:
         window = self.settings.recovery_window_minutes * 60
         fresh_since = time.time() - window
         stale = await self.store.mark_stale(fresh_since)
-        pending = await self.store.unanswered_inbound(fresh_since)
+        # At most what may wait in memory; the rest is read back as the queue empties, like a spill.
+        limit = self.pipeline.max_waiting
+        try:
+            pending = await self.store.unanswered_inbound(fresh_since, limit=limit)
+        except StoreUnavailable:  # Supabase down: what the local journal knows, in one go
+            pending = (await self.store.unanswered_inbound(fresh_since))[:limit]
+        if len(pending) == limit:
+            self.pipeline.resume_rest_from_store(fresh_since)
         resumed = 0
         for stored in pending:
             inbound = inbound_from_stored(stored)

@@ -189,6 +189,8 @@ class Pipeline:
         self._spill_seq = 0
         self._spilled_media: OrderedDict[str, MediaRef] = OrderedDict()
         self._refilling: asyncio.Task[None] | None = None
+        # Answered (or failed) but the store could not record it: still RECEIVED there, never refill it.
+        self._unrecorded: OrderedDict[str, None] = OrderedDict()
         self._workers: dict[ChatId, asyncio.Task[None]] = {}
         # When each chat with work got its first unanswered message (monotonic), for the "busy" notice.
         self._busy_since: dict[ChatId, float] = {}
@@ -331,14 +333,20 @@ class Pipeline:
                 logger.warning("could not read waiting messages back from the store: {}", error)
                 await asyncio.sleep(1.0)  # the next finished message or drain tries again
                 return
+            if not self._accepting:
+                return  # stopping: what is left stays persisted for recovery at the next start
+            note_inbound = getattr(self.transport, "note_inbound", None)  # the governor, after a restart
             taken = 0
             for row in rows:
-                if row.wa_message_id in in_memory or row.wa_message_id in self._in_memory:
+                known = row.wa_message_id in in_memory or row.wa_message_id in self._in_memory
+                if known or row.wa_message_id in self._unrecorded:
                     continue
                 if taken == room:
                     break
-                media = self._spilled_media.pop(row.wa_message_id, None)
-                self._enqueue(inbound_from_stored(row, media), None)
+                message = inbound_from_stored(row, self._spilled_media.pop(row.wa_message_id, None))
+                if note_inbound is not None:
+                    note_inbound(message)
+                self._enqueue(message, None)
                 taken += 1
             if len(rows) < limit and taken < room and seq == self._spill_seq:
                 self._spilled = False
@@ -352,6 +360,17 @@ class Pipeline:
         """Queue a message persisted before a restart but never answered (bypasses de-duplication)."""
         self.dedup.seen(message.id)
         return self._enqueue(message, None)
+
+    def resume_rest_from_store(self, since: float) -> None:
+        """Recovery found more unanswered messages than may wait in memory: the rest, from `since` on,
+        are read back like spilled ones as the queue empties."""
+        self._spilled, self._spill_since = True, since
+        self._spill_seq += 1
+
+    def _note_unrecorded(self, message_id: str) -> None:
+        self._unrecorded[message_id] = None
+        while len(self._unrecorded) > 10_000:
+            self._unrecorded.popitem(last=False)
 
     def _inbound_row(self, message: Inbound) -> StoredMessage:
         return StoredMessage(
@@ -472,6 +491,7 @@ class Pipeline:
             try:
                 await self.store.set_status(message.id, MessageStatus.FAILED)
             except Exception as error:
+                self._note_unrecorded(message.id)
                 logger.error("could not mark message {} failed: {}", message.id, error)
 
     async def handle(self, message: Inbound, persisted: Awaitable[None] | None = None) -> None:
@@ -607,7 +627,7 @@ class Pipeline:
         # answered again after a restart, within the freshness window.
         write = asyncio.ensure_future(self.store.add_reply(outbound, message.id))
         self._reply_writes.add(write)
-        write.add_done_callback(self._reply_written)
+        write.add_done_callback(lambda done: self._reply_written(done, message.id))
         self.history.append(outbound)
         self.counters.answered += 1
         # One line per message at DEBUG; INFO gets a summary a minute (Railway drops logs past 500 lines/s).
@@ -619,9 +639,10 @@ class Pipeline:
             "model" if via_model else "canned",
         )
 
-    def _reply_written(self, write: asyncio.Future[None]) -> None:
+    def _reply_written(self, write: asyncio.Future[None], answered_id: str) -> None:
         self._reply_writes.discard(write)
         if not write.cancelled() and write.exception() is not None:
+            self._note_unrecorded(answered_id)
             logger.error("a reply was sent but could not be recorded: {}", write.exception())
 
     async def _typing(self, chat: ChatId, on: bool) -> None:
@@ -692,6 +713,8 @@ class Pipeline:
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+        if self._refilling is not None:
+            self._refilling.cancel()
 
     @property
     def active_chats(self) -> int:

@@ -97,7 +97,7 @@ class Store(Protocol):
 
     async def unanswered_inbound(self, since: float, limit: int | None = None) -> list[StoredMessage]:
         """Inbound messages still RECEIVED, created at or after `since`, oldest first; at most `limit`,
-        and fewer than `limit` only when there are no more."""
+        and fewer than `limit` only when there are no more (StoreUnavailable when that cannot be known)."""
         ...
 
     async def flows(self) -> Sequence[Flow]: ...

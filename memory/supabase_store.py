@@ -671,11 +671,16 @@ class SupabaseStore:
         want = limit
         while True:
             rows, remote_count = await self._unanswered(since, ops, want)
+            if limit is None:
+                return rows  # recovery at start: what is known, Supabase's rows included when reachable
+            if remote_count is None:
+                # The local mirror keeps only recent rows per chat: "fewer than limit" would be a guess.
+                raise StoreUnavailable("Supabase unreachable: cannot page the unanswered messages now")
             # Pending local writes may answer some of the remote rows: ask for more until `limit` is
             # filled or Supabase has no more.
-            if limit is None or len(rows) >= limit or remote_count is None or remote_count < (want or 0):
-                return rows if limit is None else rows[:limit]
-            want = (want or limit) * 2
+            if len(rows) >= limit or remote_count < want:
+                return rows[:limit]
+            want *= 2
 
     async def _unanswered(
         self, since: float, ops: Any, limit: int | None
@@ -704,9 +709,11 @@ class SupabaseStore:
             if m.direction is Direction.IN and m.status is MessageStatus.RECEIVED and m.created_at >= since
         ]
         if remote and limit is not None and len(remote) >= limit:
-            # Supabase has more rows after the last one fetched: local rows past it could jump the queue.
+            # Supabase has more rows after the last one fetched, maybe at the same second: a row from
+            # elsewhere (the journal, the mirror) comes only if it is strictly older than that last one.
             cutoff = max(m.created_at for m in remote)
-            unanswered = [m for m in unanswered if m.created_at <= cutoff]
+            fetched = {m.wa_message_id for m in remote}
+            unanswered = [m for m in unanswered if m.wa_message_id in fetched or m.created_at < cutoff]
         return unanswered, None if remote is None else len(remote)
 
     async def mark_stale(self, before: float) -> int:

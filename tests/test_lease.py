@@ -83,6 +83,8 @@ async def cleanup(*leases: SessionLease, tasks: dict[str, asyncio.Task[None]] | 
     for task in (tasks or {}).values():
         task.cancel()
     await asyncio.gather(*(tasks or {}).values(), return_exceptions=True)
+    # A request cancelled mid-flight may still land on the server: let it, so the release comes after it.
+    await asyncio.sleep(0.2)
     for lease in leases:
         await lease.release()
 

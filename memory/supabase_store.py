@@ -667,6 +667,7 @@ class SupabaseStore:
         return sorted(times, key=times.__getitem__, reverse=True)[:limit]
 
     async def unanswered_inbound(self, since: float, limit: int | None = None) -> list[StoredMessage]:
+        since = _us(since)  # rows are stored at microseconds: a row created at exactly `since` must match
         ops = await self._local(self.journal.pending, since=since)
         want = limit
         while True:

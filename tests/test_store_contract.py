@@ -255,6 +255,14 @@ async def test_unanswered_inbound(store: Store) -> None:
     assert (await store.unanswered_inbound(T0 + 5))[0] == msg(5)
 
 
+async def test_unanswered_inbound_from_exactly_a_message_time(store: Store) -> None:
+    at = T0 + 0.1234564  # finer than the microseconds Postgres keeps (and rounds down)
+    await store.add_message(msg(1, at=at))
+    await store.flush()  # type: ignore[attr-defined]  # read back from the database, not the journal
+    assert [m.wa_message_id for m in await store.unanswered_inbound(at, limit=5)] == ["WA1"]
+    assert [m.wa_message_id for m in await store.unanswered_inbound(at)] == ["WA1"]
+
+
 async def test_unanswered_inbound_in_pages(store: Store) -> None:
     for n in range(1, 9):
         await store.add_message(msg(n))

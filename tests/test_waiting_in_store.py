@@ -12,6 +12,7 @@ from typing import Any
 from memory.store import MessageStatus
 from tests.conftest import inbound
 from tests.fake_openai import FakeOpenAI
+from tests.supabase_stack import SupabaseStack
 
 CHATS = [f"3460088{i:04d}@s.whatsapp.net" for i in range(10)]
 
@@ -93,3 +94,15 @@ async def test_recovery_after_a_restart_also_keeps_to_the_waiting_bound(
         assert await again.bot.pipeline.drain(20)
     assert Counter(s.text for s in again.transport.sent) == Counter(f"echo: m{n}" for n in range(60))
     assert peak[0] <= 10
+
+
+async def test_waiting_in_supabase_answers_every_message_once_in_order(
+    harness, fake_openai: FakeOpenAI, stack: SupabaseStack
+) -> None:
+    stack.psql("truncate chat_history, chats restart identity;")
+    async with harness(**ai(fake_openai, supabase_url=stack.url, supabase_key=stack.key)) as h:
+        flood(h, 60, prefix="s")
+        assert h.bot.pipeline.counters.spilled == 50
+        assert await h.bot.pipeline.drain(30)
+        for i, chat in enumerate(CHATS):
+            assert h.transport.texts_to(chat) == [f"echo: s{n}" for n in range(i, 60, len(CHATS))]

@@ -194,6 +194,7 @@ class Pipeline:
         self._workers: dict[ChatId, asyncio.Task[None]] = {}
         # When each chat with work got its first unanswered message (monotonic), for the "busy" notice.
         self._busy_since: dict[ChatId, float] = {}
+        self._spilled_chats: dict[ChatId, tuple[float, int]] = {}
         self._told_busy: set[ChatId] = set()
         self._busy_watch: asyncio.Task[None] | None = None
         self._notice_only: set[str] = set()
@@ -293,8 +294,11 @@ class Pipeline:
             self._spilled_media[message.id] = message.media
             while len(self._spilled_media) > 1000:
                 self._spilled_media.popitem(last=False)
-        if len(self._busy_since) < 50_000:  # for the "busy" notice under memory pressure
-            self._busy_since.setdefault(message.chat, time.monotonic())
+        # Per chat, when its first message went to the store and how many wait there: for the "busy"
+        # notice. Bounded: past 50,000 chats a chat waits without the notice.
+        since, count = self._spilled_chats.get(message.chat, (time.monotonic(), 0))
+        if count or len(self._spilled_chats) < 50_000:
+            self._spilled_chats[message.chat] = (since, count + 1)
         asyncio.ensure_future(persisted).add_done_callback(self._spill_written)
 
     def _spill_written(self, write: asyncio.Future[None]) -> None:
@@ -344,6 +348,7 @@ class Pipeline:
                 if taken == room:
                     break
                 message = inbound_from_stored(row, self._spilled_media.pop(row.wa_message_id, None))
+                self._unspill_chat(message.chat)
                 if note_inbound is not None:
                     note_inbound(message)
                 self._enqueue(message, None)
@@ -351,6 +356,7 @@ class Pipeline:
             if len(rows) < limit and taken < room and seq == self._spill_seq:
                 self._spilled = False
                 self._spilled_media.clear()
+                self._spilled_chats.clear()
                 logger.info("every waiting message is back from the store")
                 return
             if taken == 0:
@@ -366,6 +372,13 @@ class Pipeline:
         are read back like spilled ones as the queue empties."""
         self._spilled, self._spill_since = True, since
         self._spill_seq += 1
+
+    def _unspill_chat(self, chat: ChatId) -> None:
+        since, count = self._spilled_chats.pop(chat, (0.0, 0))
+        if count > 1:
+            self._spilled_chats[chat] = (since, count - 1)
+        elif count == 1 and chat not in self._busy_since:
+            self._busy_since[chat] = since  # its wait goes on in memory: keep when it started
 
     def _note_unrecorded(self, message_id: str) -> None:
         self._unrecorded[message_id] = None
@@ -476,7 +489,7 @@ class Pipeline:
             self._waiting -= len(queue)  # only when cancelled at stop: they stay persisted, unanswered
             del self._queues[chat]
             del self._workers[chat]
-            self._busy_since.pop(chat, None)
+            del self._busy_since[chat]
             if not self._workers:
                 self._idle.set()
 
@@ -668,7 +681,11 @@ class Pipeline:
                 self._maybe_refill()  # also retries a refill that failed on the store
                 continue
             bound = time.monotonic() - self.busy_after_s
-            for chat, since in list(self._busy_since.items()):
+            waiting = [
+                *self._busy_since.items(),
+                *((c, since) for c, (since, _) in self._spilled_chats.items()),
+            ]
+            for chat, since in waiting:
                 if since <= bound and chat not in self._told_busy:
                     self._told_busy.add(chat)
                     self._spawn(self._send_notice(chat, reply("busy", self.language)))

@@ -91,6 +91,7 @@ def structure_sizes(bot: Any) -> dict[str, int]:
         "waiting": pipeline.waiting,
         "in_memory_ids": len(pipeline._in_memory),
         "busy_since": len(pipeline._busy_since),
+        "spilled_chats": len(pipeline._spilled_chats),
         "store_pending": len(bot.store._pending),
     }
 
@@ -109,6 +110,7 @@ async def test_soak_200k_messages_from_50k_chats_keeps_every_structure_bounded(h
         "waiting": 5000,
         "in_memory_ids": 5000,
         "busy_since": 50_000,
+        "spilled_chats": 50_000,
     }
     # Half of each 10,000-message burst waits in the store (MAX_WAITING_MESSAGES) and is read back.
     async with harness(human_takeover_minutes=0, rate_limit_max_messages=2, max_waiting_messages=5000) as h:

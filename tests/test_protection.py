@@ -375,3 +375,22 @@ async def test_block_and_allow_lists_from_the_database(harness, fake_openai: Fak
     async with harness(**ai(fake_openai, allowed_numbers="34600000000")) as h:  # merged with the setting
         assert await h.say("hola") == ["echo: hola"]
         assert await h.say(inbound("hola", chat=OTHER)) == []
+
+
+async def test_the_bots_own_manager_polls_rss_and_drives_the_gate(harness, fake_openai: FakeOpenAI) -> None:
+    rss = [100.0]
+    h = harness(**ai(fake_openai, memory_limit=500))
+    h.bot.memory._read = lambda: rss[0]  # the wiring Bot.build made, with RSS injected
+    h.bot.memory.interval_s = 0.05
+    async with h:
+        rss[0] = 470
+        await asyncio.sleep(0.3)
+        assert not h.bot.pipeline.model_gate.is_set()  # only the polling loop could have shut it
+        assert h.bot.metrics()["memory"]["state"] == "critical"
+        h.bot.pipeline.submit(inbound("hola"))
+        await asyncio.sleep(0.2)
+        assert h.transport.texts_to(CHAT) == []
+        rss[0] = 150
+        assert await h.bot.pipeline.drain(5)
+        assert h.transport.texts_to(CHAT) == ["echo: hola"]
+        assert h.bot.memory.stats()["transitions"] == 2

@@ -36,6 +36,15 @@ def ai(fake: FakeOpenAI, **extra: object) -> dict[str, object]:
     return {"openai_api_key": "k", "openai_base_url": fake.base_url, **extra}
 
 
+def inject_rss(bot: Bot) -> tuple[MemoryManager, list[float]]:
+    """Give the bot a memory manager (500 MB limit) that reads RSS from the returned list, 100 MB first."""
+    rss = [100.0]
+    manager = MemoryManager(500, read_rss_mb=lambda: rss[0])
+    manager.on_change(bot._on_memory_state)
+    bot.memory = manager
+    return manager, rss
+
+
 async def test_rate_limit_gives_one_notice_then_silence_until_the_window_frees(
     harness, fake_openai: FakeOpenAI
 ) -> None:
@@ -120,11 +129,8 @@ async def test_the_circuit_opens_after_repeated_failures_and_closes_after_a_cool
 async def test_memory_pressure_throttles_and_recovers_without_losing_or_repeating(
     harness, fake_openai: FakeOpenAI
 ) -> None:
-    rss = [100.0]
     async with harness(**ai(fake_openai, busy_reply_after_s=0.2)) as h:
-        manager = MemoryManager(500, read_rss_mb=lambda: rss[0])
-        manager.on_change(h.bot._on_memory_state)
-        h.bot.memory = manager
+        manager, rss = inject_rss(h.bot)
         await h.say("antes")
         h.bot.cache.set("x", "y")
         rss[0] = 420  # 84 %: warning
@@ -154,12 +160,9 @@ async def test_memory_pressure_throttles_and_recovers_without_losing_or_repeatin
 async def test_every_waiting_chat_is_told_once_also_those_queued_beyond_the_worker_slots(
     harness, fake_openai: FakeOpenAI
 ) -> None:
-    rss = [100.0]
     settings = ai(fake_openai, busy_reply_after_s=0.2, max_active_chats=2, bot_language="en")
     async with harness(**settings) as h:
-        manager = MemoryManager(500, read_rss_mb=lambda: rss[0])
-        manager.on_change(h.bot._on_memory_state)
-        h.bot.memory = manager
+        manager, rss = inject_rss(h.bot)
         rss[0] = 460
         assert manager.check() is MemoryState.CRITICAL
         chats = [f"3460022{i:04d}@s.whatsapp.net" for i in range(6)]  # three times the two slots
@@ -179,11 +182,8 @@ async def test_every_waiting_chat_is_told_once_also_those_queued_beyond_the_work
 async def test_past_the_waiting_bound_messages_wait_in_the_store_and_are_answered_once_in_order(
     harness, fake_openai: FakeOpenAI
 ) -> None:
-    rss = [100.0]
     async with harness(**ai(fake_openai, busy_reply_after_s=0.2, max_waiting_messages=20)) as h:
-        manager = MemoryManager(500, read_rss_mb=lambda: rss[0])
-        manager.on_change(h.bot._on_memory_state)
-        h.bot.memory = manager
+        manager, rss = inject_rss(h.bot)
         peak = [0]
         h.transport.on_send = lambda _: peak.__setitem__(0, max(peak[0], h.bot.pipeline.waiting))
         rss[0] = 460
@@ -230,10 +230,8 @@ async def test_a_flood_without_memory_pressure_is_also_held_to_the_waiting_bound
 async def test_warning_forgets_ended_chat_state_but_keeps_live_pauses_and_windows(
     harness, fake_openai: FakeOpenAI
 ) -> None:
-    rss = [100.0]
     async with harness(**ai(fake_openai, rate_limit_cooldown=1000, memory_shrink_fraction=0.75)) as h:
-        manager = MemoryManager(500, read_rss_mb=lambda: rss[0])
-        manager.on_change(h.bot._on_memory_state)
+        manager, rss = inject_rss(h.bot)
         takeover, limiter = h.bot.pipeline.takeover, h.bot.pipeline.rate_limiter
         await h.say(*(inbound("hola", chat=f"3460077{i:04d}@s.whatsapp.net") for i in range(5)))
         takeover.pause("34600770000@s.whatsapp.net", 0.01)
@@ -322,10 +320,9 @@ async def test_a_message_arriving_during_shutdown_is_saved_for_the_next_start(
 
 
 async def test_leaving_critical_for_warning_reopens_the_model(harness, fake_openai: FakeOpenAI) -> None:
-    rss = [460.0]
     async with harness(**ai(fake_openai, busy_reply_after_s=30)) as h:
-        manager = MemoryManager(500, read_rss_mb=lambda: rss[0])
-        manager.on_change(h.bot._on_memory_state)
+        manager, rss = inject_rss(h.bot)
+        rss[0] = 460
         manager.check()
         assert not h.bot.pipeline.model_gate.is_set()
         rss[0] = 420  # still above 80 %: Python kept the memory, but it is no longer critical

@@ -118,9 +118,9 @@ class ChatModel:
 class LazyOpenAI:
     """An `openai.AsyncOpenAI` made at the first request, with the SDK imported in a worker thread.
 
-    Importing the openai SDK costs about 22 MiB (hundreds of pydantic types) and half a second; a bot that
-    waits for customers never needs it, so idle memory stays that much lower. The first model call or voice
-    note pays the import once, off the event loop so other chats keep moving.
+    Importing the openai SDK costs about 14 MiB on top of the bot (hundreds of pydantic types) and half
+    a second; a bot that waits for customers never needs it, so idle memory stays that much lower. The
+    first model call or voice note pays the import once, off the event loop so other chats keep moving.
     """
 
     def __init__(self, factory: Callable[[], openai.AsyncOpenAI]) -> None:
@@ -130,7 +130,7 @@ class LazyOpenAI:
 
     @classmethod
     def of(cls, client: openai.AsyncOpenAI) -> LazyOpenAI:
-        """Wrap a client that already exists (tests, `doctor`)."""
+        """Wrap a client that already exists (tests)."""
         lazy = cls(lambda: client)
         lazy._client = client
         return lazy

@@ -1,4 +1,4 @@
-"""The openai SDK (about 22 MiB of pydantic types) is imported at the first model call, not at start."""
+"""The openai SDK (about 14 MiB of pydantic types over the bot) is imported at the first model call."""
 
 from __future__ import annotations
 

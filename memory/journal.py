@@ -32,7 +32,14 @@ from typing import Any
 
 from loguru import logger
 
-from memory.store import Direction, MessageStatus, StoredMessage, StoreUnavailable, message_from_row
+from memory.store import (
+    Direction,
+    MessageStatus,
+    StoredMessage,
+    StoreUnavailable,
+    connect_wal,
+    message_from_row,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal (
@@ -189,11 +196,7 @@ class Journal:
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode survives a process crash; only an OS crash can lose the last commits.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=5000")
+        conn = connect_wal(self.path)
         conn.executescript(SCHEMA)
         self._conn = conn
         self.size = conn.execute("SELECT count(*) FROM journal").fetchone()[0]

@@ -19,7 +19,14 @@ from typing import Any, TypeVar
 
 from loguru import logger
 
-from memory.store import Flow, MessageStatus, StoredMessage, StoreUnavailable, message_from_row
+from memory.store import (
+    Flow,
+    MessageStatus,
+    StoredMessage,
+    StoreUnavailable,
+    connect_wal,
+    message_from_row,
+)
 
 T = TypeVar("T")
 
@@ -127,11 +134,7 @@ class SQLiteStore:
         )
 
     def _connect(self) -> None:
-        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode survives a process crash; only an OS crash can lose the last commits.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=5000")
+        conn = connect_wal(self.path)
         # SQLite's own checkpoint every 1,000 pages keeps the WAL near 4 MB. It runs in the commit that
         # crosses the mark, so that commit waits for an fsync (the tail in bench/pipeline.py at a steady
         # 1,000 messages/s); checkpointing from another thread instead lets the WAL grow without bound

@@ -6,8 +6,10 @@ Rows mirror the tables in supabase/migrations: chats, chat_history, bot_flows.
 from __future__ import annotations
 
 import enum
+import sqlite3
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 
@@ -33,6 +35,17 @@ class StoredMessage:
     body: str
     status: MessageStatus
     created_at: float  # unix seconds
+
+
+def connect_wal(path: Path) -> sqlite3.Connection:
+    """A SQLite connection in WAL mode with autocommit off the table (BEGIN/COMMIT by hand), usable from the
+    store's writer thread. Shared by the SQLite store and the Supabase journal."""
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode survives a process crash; only an OS crash can lose the last commits.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
 
 
 def message_from_row(row: Sequence[Any]) -> StoredMessage:

@@ -39,6 +39,7 @@ from memory.store import (
     StoreUnavailable,
     connect_wal,
     message_from_row,
+    transaction,
 )
 
 SCHEMA = """
@@ -228,8 +229,7 @@ class Journal:
         outcomes: list[Outcome] = []
         touched: set[str] = set()
         size = self.size
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn, "BEGIN IMMEDIATE"):
             for op in ops:
                 outcome = self._admit(op, size)
                 outcomes.append(outcome)
@@ -251,10 +251,6 @@ class Journal:
             for chat_id in touched:
                 self._trim_chat(chat_id)
             self._evict_chats()
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         if self.size == 0 and size > 0:
             self.oldest_queued_at = now
         self.size = size
@@ -435,8 +431,7 @@ class Journal:
 
     def _remember(self, chat_id: str, rows: Sequence[StoredMessage]) -> None:
         conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn, "BEGIN IMMEDIATE"):
             conn.executemany(
                 f"INSERT OR IGNORE INTO mirror ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [_values(r) for r in rows[-self.depth :]],
@@ -444,10 +439,6 @@ class Journal:
             self._touch(chat_id, time.time(), complete=True)
             self._trim_chat(chat_id)
             self._evict_chats()
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def local_ids(self, since: float) -> list[tuple[str, float]]:
         """Ids and times of messages created since `since` that are known locally (mirror and journal)."""

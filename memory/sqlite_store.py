@@ -26,6 +26,7 @@ from memory.store import (
     StoreUnavailable,
     connect_wal,
     message_from_row,
+    transaction,
 )
 
 T = TypeVar("T")
@@ -228,17 +229,12 @@ class SQLiteStore:
         for m in messages:
             last_seen[m[1]] = max(m[6], last_seen.get(m[1], 0.0))
         conn = self._conn
-        conn.execute("BEGIN")
-        try:
+        with transaction(conn):
             if messages:
                 conn.executemany(_INSERT_MESSAGE, messages)
                 conn.executemany(_UPSERT_CHAT, [(chat, ts, ts) for chat, ts in last_seen.items()])
             if statuses:
                 conn.executemany(_SET_STATUS, statuses)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         self.commits += 1
         self.rows_written += len(messages) + len(statuses)
 

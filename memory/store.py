@@ -5,9 +5,10 @@ Rows mirror the tables in supabase/migrations: chats, chat_history, bot_flows.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import sqlite3
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,6 +47,18 @@ def connect_wal(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=5000")
     return conn
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[sqlite3.Connection]:
+    """BEGIN ... COMMIT on a `connect_wal` connection, ROLLBACK on any exception (cancellation included)."""
+    conn.execute(begin)
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def message_from_row(row: Sequence[Any]) -> StoredMessage:

@@ -26,7 +26,7 @@ from bot.takeover import Takeover, parse_command
 from connection.background import BackgroundTasks
 from connection.types import ChatId, Inbound, MediaRef, MessageId, MessageKind, Transport, TransportError
 from memory.history import ChatHistory
-from memory.store import Direction, MessageStatus, Store, StoredMessage
+from memory.store import Direction, MessageStatus, Store, StoredMessage, StoreUnavailable, db_text
 
 GroupPolicy = Literal["never", "mentioned", "always"]
 _MEDIA_KINDS = {
@@ -235,6 +235,9 @@ class Pipeline:
     def submit(self, message: Inbound) -> bool:
         """Take one inbound message; returns True if it was queued for an answer."""
         self.counters.received += 1
+        text = db_text(message.text)
+        if text is not message.text:  # half an emoji or a byte that was not UTF-8: no codec takes it
+            message = replace(message, text=text)
         if not self._accepting:
             # Saved unanswered: WhatsApp already acknowledged it, and recovery answers it at the next start.
             if message.id and message.chat and not message.from_me and not self.dedup.seen(message.id):
@@ -522,7 +525,7 @@ class Pipeline:
         if persisted is None:
             persisted = _done()
         if self.takeover.is_paused(message.chat):  # the owner took over while it waited
-            await persisted
+            await self._saved(message, persisted)
             await self.store.set_status(message.id, MessageStatus.SKIPPED)
             self.counters.skipped += 1
             return
@@ -542,16 +545,24 @@ class Pipeline:
                     model_time = time.perf_counter() - model_started
                 answer_text = answer.text
         finally:
-            await persisted
+            await self._saved(message, persisted)
         sent_ids = await self._send(message, answer_text)
         # Overhead as the customer meets it: until the answer is handed to the transport.
         self._overhead.append(time.perf_counter() - started - model_time)
         await self._record_reply(message, sent_ids, answer_text, via_model=via_model)
 
+    async def _saved(self, message: Inbound, persisted: Awaitable[None]) -> None:
+        """Wait for the inbound row's write. A store that cannot write (a full disk, say) is logged and the
+        customer is answered all the same: the store keeps the row and retries it."""
+        try:
+            await persisted
+        except StoreUnavailable as error:
+            logger.error("message {} not saved yet, answering anyway: {}", message.id, error)
+
     async def _understand(self, message: Inbound, persisted: Awaitable[None]) -> tuple[str, str | None]:
         """The text to answer, or a canned reply when there is nothing to hand to the responder."""
         if message.kind is MessageKind.AUDIO:
-            await persisted  # the transcript updates the stored row
+            await self._saved(message, persisted)  # the transcript updates the stored row
             await self.model_gate.wait()  # downloading, converting and transcribing all take memory
             return await self._transcribe(message)
         if message.kind in _MEDIA_KINDS:

@@ -9,6 +9,7 @@ shared by everything that arrived in the meantime.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import time
@@ -25,11 +26,15 @@ from memory.store import (
     StoredMessage,
     StoreUnavailable,
     connect_wal,
+    db_text,
     message_from_row,
     transaction,
 )
 
 T = TypeVar("T")
+
+RETRY_AFTER_S = 2.0  # a batch the database could not write is tried again after this, or with the next one
+MAX_KEPT_FOR_RETRY = 10_000  # operations (about 5,000 messages) kept while the database cannot write
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chats (
@@ -101,6 +106,7 @@ class SQLiteStore:
         self._writer: asyncio.Task[None] | None = None
         self.commits = 0
         self.rows_written = 0
+        self.dropped = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -149,13 +155,17 @@ class SQLiteStore:
             await asyncio.gather(self._retention, return_exceptions=True)
             self._retention = None
         if self._writer is not None:
-            await self.flush()
+            try:
+                await self.flush()
+            except StoreUnavailable as error:
+                logger.error("sqlite: closing with {} operations unwritten: {}", len(self._pending), error)
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
             self._writer = None
         if self._conn is not None:
             conn = self._conn
-            await self._run(lambda: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+            with contextlib.suppress(StoreUnavailable):
+                await self._run(lambda: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
             await self._run(conn.close)
             self._conn = None
         self._executor.shutdown(wait=True)
@@ -188,10 +198,13 @@ class SQLiteStore:
         # Both land in the same batch, so in the same transaction: a reply is never recorded
         # without its question being marked answered, or the other way round.
         self._enqueue("message", _message_params(reply))
-        return self._enqueue("status", (MessageStatus.ANSWERED.value, None, reply.created_at, answered_id))
+        return self._enqueue(
+            "status", (MessageStatus.ANSWERED.value, None, reply.created_at, db_text(answered_id))
+        )
 
     async def set_status(self, wa_message_id: str, status: MessageStatus, body: str | None = None) -> None:
-        await self._enqueue("status", (status.value, body, time.time(), wa_message_id))
+        body = db_text(body) if body is not None else None
+        await self._enqueue("status", (status.value, body, time.time(), db_text(wa_message_id)))
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed, the batch being written included."""
@@ -209,19 +222,68 @@ class SQLiteStore:
             done, self._batch_done = self._batch_done, None
             self._writing = True
             try:
-                await self._run(self._write_batch, batch)
+                refused = await self._run(self._write_batch, batch)
             except Exception as error:  # a failed batch fails its callers, never the loop
-                logger.error("sqlite write of {} operations failed: {}", len(batch), error)
-                if done is not None and not done.done():
-                    done.set_exception(StoreUnavailable(str(error)))
-                    done.exception()  # marked retrieved: a caller that did not wait is no error
+                kept = self._keep_for_retry(batch)
+                logger.error(
+                    "sqlite could not write {} operations, {} kept for a retry: {}", len(batch), kept, error
+                )
+                _fail(done, StoreUnavailable(str(error)))
+                asyncio.get_running_loop().call_later(RETRY_AFTER_S, self._wakeup.set)
                 continue
             finally:
                 self._writing = False
-            if done is not None and not done.done():
+            for (op, params), error in refused:
+                logger.error(
+                    "sqlite refused a {} write for message {}: {}",
+                    op,
+                    params[-1 if op == "status" else 0],
+                    error,
+                )
+            if refused:
+                _fail(done, StoreUnavailable(f"{len(refused)} operation(s) refused: {refused[0][1]}"))
+            elif done is not None and not done.done():
                 done.set_result(None)
 
-    def _write_batch(self, ops: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _keep_for_retry(self, batch: list[tuple[str, tuple[Any, ...]]]) -> int:
+        """Put a batch the database could not write back in front of the queue, in order (every operation is
+        idempotent), keeping the newest MAX_KEPT_FOR_RETRY; returns how many are kept."""
+        kept = [op for op in batch if op[0] != "noop"] + self._pending
+        if len(kept) > MAX_KEPT_FOR_RETRY:
+            self.dropped += len(kept) - MAX_KEPT_FOR_RETRY
+            logger.error(
+                "sqlite: {} unwritten operations dropped (kept the newest)", len(kept) - MAX_KEPT_FOR_RETRY
+            )
+            kept = kept[-MAX_KEPT_FOR_RETRY:]
+        self._pending = kept
+        return len(kept)
+
+    def _write_batch(
+        self, ops: list[tuple[str, tuple[Any, ...]]]
+    ) -> list[tuple[tuple[str, tuple[Any, ...]], Exception]]:
+        """Commit the batch in one transaction; returns the operations the database refused.
+
+        When the database cannot write at all (full disk, locked, I/O error), that error is raised and
+        the batch is retried later. When it refuses a row, the others are written one by one, so one bad
+        row never costs the rest of its batch.
+        """
+        try:
+            self._commit(ops)
+            return []
+        except sqlite3.OperationalError:
+            raise
+        except Exception:
+            refused = []
+            for op in ops:
+                try:
+                    self._commit([op])
+                except sqlite3.OperationalError:
+                    raise
+                except Exception as error:
+                    refused.append((op, error))
+            return refused
+
+    def _commit(self, ops: list[tuple[str, tuple[Any, ...]]]) -> None:
         assert self._conn is not None
         messages = [params for op, params in ops if op == "message"]
         statuses = [params for op, params in ops if op == "status"]
@@ -250,10 +312,15 @@ class SQLiteStore:
     async def recent_messages(self, chat_id: str, limit: int) -> list[StoredMessage]:
         if limit <= 0:
             return []
+        try:
+            await self.flush()
+        except StoreUnavailable:
+            pass  # what cannot be written yet is kept for a retry; the history reads what is committed
         rows = await self._query(
             f"SELECT {_COLUMNS} FROM chat_history WHERE chat_id = ?"
             " ORDER BY created_at DESC, id DESC LIMIT ?",
             (chat_id, limit),
+            flush=False,
         )
         return [message_from_row(row) for row in reversed(rows)]
 
@@ -302,16 +369,23 @@ class SQLiteStore:
             "commits": self.commits,
             "rows_written": self.rows_written,
             "pending": len(self._pending),
+            "dropped": self.dropped,
         }
+
+
+def _fail(done: asyncio.Future[None] | None, error: Exception) -> None:
+    if done is not None and not done.done():
+        done.set_exception(error)
+        done.exception()  # marked retrieved: a caller that did not wait is no error
 
 
 def _message_params(m: StoredMessage) -> tuple[Any, ...]:
     return (
-        m.wa_message_id,
-        m.chat_id,
+        db_text(m.wa_message_id),
+        db_text(m.chat_id),
         m.direction.value,
         m.kind,
-        m.body,
+        db_text(m.body),
         m.status.value,
         m.created_at,
         m.created_at,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import re
 import sqlite3
 from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
@@ -51,14 +52,35 @@ def connect_wal(path: Path) -> sqlite3.Connection:
 
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[sqlite3.Connection]:
-    """BEGIN ... COMMIT on a `connect_wal` connection, ROLLBACK on any exception (cancellation included)."""
+    """BEGIN ... COMMIT on a `connect_wal` connection, ROLLBACK on any exception (cancellation included).
+
+    SQLite itself rolls back on some errors (a full disk, an I/O error); an explicit ROLLBACK then fails
+    with "no transaction is active" and would hide the error that matters.
+    """
     conn.execute(begin)
     try:
         yield conn
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
         raise
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def db_text(text: str) -> str:
+    """Text every database and codec takes: no NUL characters, no lone surrogates (half an emoji, or a
+    byte that was not UTF-8, which Python keeps as a surrogate), each surrogate becoming U+FFFD."""
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = _SURROGATES.sub("\ufffd", text)
+    return text
 
 
 def message_from_row(row: Sequence[Any]) -> StoredMessage:

@@ -40,7 +40,7 @@ from postgrest import APIError, CountMethod, ReturnMethod
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
 from memory.journal import Journal, JournalFull, Op, OpKind, Outcome
-from memory.store import Direction, Flow, MessageStatus, StoredMessage, StoreUnavailable
+from memory.store import Direction, Flow, MessageStatus, StoredMessage, StoreUnavailable, db_text
 
 T = TypeVar("T")
 
@@ -67,24 +67,13 @@ def _us(ts: float) -> float:
     return round(ts * 1_000_000) / 1_000_000
 
 
-def _clean(text: str) -> str:
-    """Text Postgres accepts: no NUL characters, no lone surrogates (SQLite takes both)."""
-    if "\x00" in text:
-        text = text.replace("\x00", "")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "replace").decode("utf-8")
-    return text
-
-
 def _normalize(m: StoredMessage) -> StoredMessage:
     return replace(
         m,
-        wa_message_id=_clean(m.wa_message_id),
-        chat_id=_clean(m.chat_id),
-        kind=_clean(m.kind),
-        body=_clean(m.body),
+        wa_message_id=db_text(m.wa_message_id),
+        chat_id=db_text(m.chat_id),
+        kind=db_text(m.kind),
+        body=db_text(m.body),
         created_at=_us(m.created_at),
     )
 
@@ -356,15 +345,15 @@ class SupabaseStore:
     async def add_reply(self, reply: StoredMessage, answered_id: str) -> None:
         # One journal transaction: both or neither, and Supabase gets them in this order.
         reply = _normalize(reply)
-        answered_id = _clean(answered_id)
+        answered_id = db_text(answered_id)
         self._gen += 1
         self._memory.on_insert(reply)
         self._memory.on_status(answered_id, MessageStatus.ANSWERED, None)
         await self._enqueue([Op.insert(reply), Op.set_status(answered_id, MessageStatus.ANSWERED)])
 
     async def set_status(self, wa_message_id: str, status: MessageStatus, body: str | None = None) -> None:
-        wa_message_id = _clean(wa_message_id)
-        body = _clean(body) if body is not None else None
+        wa_message_id = db_text(wa_message_id)
+        body = db_text(body) if body is not None else None
         self._gen += 1
         self._memory.on_status(wa_message_id, status, body)
         await self._enqueue([Op.set_status(wa_message_id, status, body)])

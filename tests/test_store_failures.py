@@ -1,0 +1,109 @@
+"""The SQLite store when a row is bad or the disk is full: customers are still answered, nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+from memory.store import MessageStatus
+from tests.conftest import inbound
+from tests.fake_openai import FakeOpenAI
+
+
+def rows(path: str) -> dict[str, tuple[str, str]]:
+    with sqlite3.connect(path) as conn:
+        found = conn.execute("SELECT wa_message_id, body, status FROM chat_history WHERE direction = 'in'")
+        return {wa_id: (body, status) for wa_id, body, status in found}
+
+
+async def test_a_broken_character_costs_nobody_an_answer(harness, fake_openai: FakeOpenAI) -> None:
+    """Half an emoji (a lone surrogate, as a byte that was not UTF-8 also becomes) used to fail the
+    whole group commit: every customer whose message shared the batch went unanswered."""
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        good = [inbound(f"hola {i}", chat=f"3460000{i:04d}@s.whatsapp.net", id=f"OK{i}") for i in range(3)]
+        bad = inbound("quiero \ud83d una talla M", chat="34611111111@s.whatsapp.net", id="BROKEN")
+        sent = await h.say(good[0], bad, *good[1:])
+        path = str(h.settings.data_dir / "bot.sqlite3")
+    assert sorted(sent) == sorted(
+        ["echo: hola 0", "echo: hola 1", "echo: hola 2", "echo: quiero \ufffd una talla M"]
+    )
+    stored = rows(path)
+    assert stored["BROKEN"] == ("quiero \ufffd una talla M", MessageStatus.ANSWERED.value)
+    assert all(stored[f"OK{i}"][1] == MessageStatus.ANSWERED.value for i in range(3))
+
+
+async def test_a_full_disk_still_answers_and_writes_everything_once_there_is_room(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        store = h.bot.store
+        await h.say(inbound("primero", id="FIRST"))
+        # The database file may not grow any more: every write now fails with SQLITE_FULL.
+        pages = await store._run(lambda: store._conn.execute("PRAGMA page_count").fetchone()[0])
+        await store._run(lambda: store._conn.execute(f"PRAGMA max_page_count = {pages}"))
+        messages = [
+            inbound(f"pedido {i} " + "x" * 2000, chat=f"3460000{i:04d}@s.whatsapp.net", id=f"FULL{i}")
+            for i in range(5)
+        ]
+        await h.say(*messages)
+        for message in messages:
+            assert h.transport.texts_to(message.chat), "a customer went unanswered while the disk was full"
+        assert store.stats()["pending"] > 0  # kept for a retry, not dropped
+        # Room again: the kept writes land with the next retry.
+        await store._run(lambda: store._conn.execute("PRAGMA max_page_count = 1073741823"))
+        await store.flush()
+        path = str(h.settings.data_dir / "bot.sqlite3")
+    stored = rows(path)
+    for i in range(5):
+        assert stored[f"FULL{i}"][1] == MessageStatus.ANSWERED.value
+
+
+async def test_the_real_error_of_a_full_disk_is_the_one_reported(tmp_path) -> None:
+    """SQLite rolls the transaction back itself on SQLITE_FULL; a second ROLLBACK used to fail with
+    "no transaction is active" and hide the cause from the log."""
+    from memory.sqlite_store import SQLiteStore
+    from memory.store import Direction, StoredMessage, StoreUnavailable
+
+    store = SQLiteStore(tmp_path / "s.sqlite3", retention_days=None)
+    await store.open()
+    try:
+        pages = await store._run(lambda: store._conn.execute("PRAGMA page_count").fetchone()[0])
+        await store._run(lambda: store._conn.execute(f"PRAGMA max_page_count = {pages}"))
+        row = StoredMessage(
+            "A", "c@s.whatsapp.net", Direction.IN, "text", "x" * 50_000, MessageStatus.RECEIVED, 1.0
+        )
+        try:
+            await store.add_message(row)
+        except StoreUnavailable as error:
+            assert "full" in str(error)
+        else:
+            raise AssertionError("a write to a full database succeeded")
+    finally:
+        await store._run(lambda: store._conn.execute("PRAGMA max_page_count = 1073741823"))
+        await store.close()
+
+
+async def test_a_row_the_database_refuses_costs_its_batch_nothing(tmp_path) -> None:
+    from memory.sqlite_store import SQLiteStore
+    from memory.store import Direction, StoredMessage, StoreUnavailable
+
+    def row(wa_id: str, kind: str | None) -> StoredMessage:
+        return StoredMessage(
+            wa_id, "c@s.whatsapp.net", Direction.IN, kind, "hola", MessageStatus.RECEIVED, 1.0
+        )  # type: ignore[arg-type]
+
+    store = SQLiteStore(tmp_path / "s.sqlite3", retention_days=None)
+    await store.open()
+    try:
+        writes = [
+            store.add_message(row("A", "text")),
+            store.add_message(row("BAD", None)),
+            store.add_message(row("B", "text")),
+        ]
+        outcomes = await asyncio.gather(*writes, return_exceptions=True)
+        assert isinstance(outcomes[1], StoreUnavailable)  # the batch reports the refusal...
+        stored = [m.wa_message_id for m in await store.recent_messages("c@s.whatsapp.net", 10)]
+        assert stored == ["A", "B"]  # ...and the rows around it are written
+        assert store.stats()["pending"] == 0  # a refused row is not retried forever
+    finally:
+        await store.close()

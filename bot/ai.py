@@ -18,7 +18,17 @@ if TYPE_CHECKING:
 
 
 class AIError(Exception):
-    """The model could not answer (timeout, HTTP error, empty answer). The text is log-safe."""
+    """The model could not answer (timeout, HTTP error, empty answer). The text is log-safe.
+
+    `systemic` failures say the service is down or refuses everyone (timeouts, connection errors, HTTP 429,
+    5xx, 401, 403, answers that cannot be read); only they open the circuit. The others are about one
+    request (another 4xx, an empty answer) and must not cost every other chat its answers.
+    """
+
+    def __init__(self, message: str, *, systemic: bool = True, context_too_long: bool = False) -> None:
+        super().__init__(message)
+        self.systemic = systemic
+        self.context_too_long = context_too_long
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -38,10 +48,12 @@ class ChatModel:
         max_concurrency: int = 8,
         max_tokens: int = 600,
         breaker: CircuitBreaker | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         self.client = client
         self.model = model
         self.max_tokens = max_tokens
+        self.timeout_s = timeout_s  # the whole call, the SDK's retry included
         self.limit = ResizableLimit(max_concurrency)
         self.max_concurrency = max_concurrency
         self.breaker = breaker or CircuitBreaker()
@@ -56,6 +68,12 @@ class ChatModel:
                 raise AIError("circuit open: the model failed repeatedly, not calling it for now")
             try:
                 text = await self._call(messages)
+            except AIError as error:
+                if error.systemic:
+                    self.breaker.failure()
+                else:
+                    self.breaker.success()  # the service answered; only this request was refused
+                raise
             except BaseException:  # anything, cancellation included, must end a half-open trial
                 self.breaker.failure()
                 raise
@@ -70,27 +88,37 @@ class ChatModel:
         self.in_flight += 1
         started = time.perf_counter()
         try:
-            response = await client.chat.completions.create(
-                model=self.model,
-                messages=messages,  # type: ignore[arg-type]
-                max_tokens=self.max_tokens,
-            )
-        except openai.APITimeoutError as error:
+            async with asyncio.timeout(self.timeout_s):
+                response = await client.chat.completions.create(
+                    model=self.model,
+                    messages=messages,  # type: ignore[arg-type]
+                    max_tokens=self.max_tokens,
+                )
+            choices = response.choices
+            text = (choices[0].message.content or "").strip() if choices else ""
+        except (TimeoutError, openai.APITimeoutError) as error:
             self.errors += 1
             raise AIError("model timed out") from error
         except openai.APIStatusError as error:
             self.errors += 1
-            raise AIError(f"model answered HTTP {error.status_code}") from error
+            status = error.status_code
+            raise AIError(
+                f"model answered HTTP {status}",
+                systemic=status in (401, 403, 429) or status >= 500,
+                context_too_long=error.code == "context_length_exceeded",
+            ) from error
         except openai.OpenAIError as error:
             self.errors += 1
             raise AIError(f"model call failed: {type(error).__name__}") from error
+        except Exception as error:  # an answer the SDK could not read: a proxy's HTML page, broken JSON
+            self.errors += 1
+            raise AIError(f"model answer unreadable: {type(error).__name__}") from error
         finally:
             self.in_flight -= 1
             self._latencies.append(time.perf_counter() - started)
-        text = (response.choices[0].message.content or "").strip() if response.choices else ""
         if not text:
             self.errors += 1
-            raise AIError("model returned an empty answer")
+            raise AIError("model returned an empty answer", systemic=False)
         logger.debug("model answered in {:.0f} ms", (time.perf_counter() - started) * 1000)
         return text
 
@@ -156,7 +184,8 @@ def make_client(api_key: str, base_url: str | None, timeout_s: float) -> LazyOpe
     def build() -> openai.AsyncOpenAI:
         import openai
 
-        # One SDK retry covers a transient 429/5xx; more would keep a customer waiting.
+        # One SDK retry covers a transient 429/5xx; more would keep a customer waiting. ChatModel bounds
+        # the whole call, retry included, by the same timeout.
         return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=1)
 
     return LazyOpenAI(build)

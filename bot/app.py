@@ -91,6 +91,7 @@ class Bot:
                 settings.openai_model,
                 max_concurrency=settings.openai_max_concurrency,
                 breaker=CircuitBreaker(settings.ai_circuit_failures, settings.ai_circuit_cooldown_s),
+                timeout_s=settings.openai_timeout,
             )
         transcriber = VoiceTranscriber(
             AudioSettings(

@@ -104,8 +104,16 @@ class Responder:
         try:
             answer = await self.model.complete(messages)
         except AIError as error:
-            logger.error("model failed, sending an apology: {}", error)
-            return Answer(reply("ai_error", self.language), Source.AI_ERROR)
+            if not (error.context_too_long and len(messages) > 2):
+                logger.error("model failed, sending an apology: {}", error)
+                return Answer(reply("ai_error", self.language), Source.AI_ERROR)
+            # The history (long messages) no longer fits the model: answer the message on its own.
+            logger.warning("conversation too long for the model; answering without its history")
+            try:
+                return Answer(await self.model.complete([messages[0], messages[-1]]), Source.MODEL)
+            except AIError as second:
+                logger.error("model failed, sending an apology: {}", second)
+                return Answer(reply("ai_error", self.language), Source.AI_ERROR)
         self.cache.set(key, answer)
         return Answer(answer, Source.MODEL)
 

@@ -278,4 +278,9 @@ class VoiceTranscriber:
             ) from None
         except openai.APIError as exc:
             raise AudioRejected("transcription_failed", f"{type(exc).__name__}") from None
-        return str(getattr(result, "text", "") or "")
+        except Exception as exc:  # an answer the SDK could not read: a proxy's HTML page, broken JSON
+            raise AudioRejected("transcription_failed", f"unreadable answer: {type(exc).__name__}") from None
+        text = getattr(result, "text", None)
+        if not isinstance(text, str):  # e.g. a proxy's HTML page, which the SDK hands back as a string
+            raise AudioRejected("transcription_failed", f"unreadable answer: {type(result).__name__}")
+        return text

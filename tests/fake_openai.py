@@ -46,6 +46,9 @@ class FakeOpenAI:
     # Statuses to answer the next requests with, one per request (e.g. [429, 500]).
     fail_next: deque[int] = field(default_factory=deque)
     transcribe_fail_next: deque[int] = field(default_factory=deque)
+    # Raw answers (status, content type, body) for the next requests: a proxy's HTML page, broken JSON...
+    raw_next: deque[tuple[int, str, str]] = field(default_factory=deque)
+    transcribe_raw_next: deque[tuple[int, str, str]] = field(default_factory=deque)
     port: int = 0
     _runner: web.AppRunner | None = None
 
@@ -78,11 +81,17 @@ class FakeOpenAI:
         body = {"error": {"message": f"fake failure {status}", "type": "server_error", "code": None}}
         return web.json_response(body, status=status)
 
+    @staticmethod
+    def _raw(status: int, content_type: str, body: str) -> web.Response:
+        return web.Response(status=status, body=body.encode(), headers={"Content-Type": content_type})
+
     async def _chat(self, request: web.Request) -> web.Response:
         payload = await request.json()
         self.chat_requests.append(payload)
         if self.fail_next:
             return self._error(self.fail_next.popleft())
+        if self.raw_next:
+            return self._raw(*self.raw_next.popleft())
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         text = self.reply(payload["messages"])
@@ -128,6 +137,8 @@ class FakeOpenAI:
         )
         if self.transcribe_fail_next:
             return self._error(self.transcribe_fail_next.popleft())
+        if self.transcribe_raw_next:
+            return self._raw(*self.transcribe_raw_next.popleft())
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         # Like the real API: only some extensions are accepted.

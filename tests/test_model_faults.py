@@ -1,0 +1,87 @@
+"""The model service misbehaving: unreadable answers, one chat's refused requests, a too-long conversation,
+and the time a customer waits; through the real pipeline and the real SDK against the fake server."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from bot.limits import CircuitBreaker
+from tests.conftest import inbound
+from tests.fake_openai import FakeOpenAI
+from tests.test_voice_notes import note, voice_note  # noqa: F401 (the fixture)
+
+OTHER = "5491122334455@s.whatsapp.net"
+HTML = (200, "text/html", "<html><body>502 Bad Gateway</body></html>")
+BROKEN_JSON = (200, "application/json", '{"id": "x", "choices": [')
+WRONG_SHAPE = (200, "application/json", '{"id": "x", "object": "chat.completion", "choices": [{"index": 0}]}')
+CONTEXT_TOO_LONG = (
+    400,
+    "application/json",
+    '{"error": {"message": "This model\'s maximum context length is 128000 tokens.",'
+    ' "type": "invalid_request_error", "code": "context_length_exceeded"}}',
+)
+
+
+def ai(fake: FakeOpenAI, **extra: object) -> dict[str, object]:
+    return {"openai_api_key": "test-key", "openai_base_url": fake.base_url, **extra}
+
+
+@pytest.mark.parametrize(
+    "answer", [HTML, BROKEN_JSON, WRONG_SHAPE], ids=["html", "broken-json", "wrong-shape"]
+)
+async def test_an_unreadable_model_answer_gets_an_apology(harness, fake_openai: FakeOpenAI, answer) -> None:
+    fake_openai.raw_next.append(answer)
+    async with harness(**ai(fake_openai)) as h:
+        [apology] = await h.say("hola")
+        assert "Lo siento" in apology
+        assert h.bot.model.errors == 1
+        assert await h.say("otra vez") == ["echo: otra vez"]  # and the chat keeps working
+
+
+async def test_an_unreadable_transcription_gets_an_apology(
+    harness,
+    fake_openai: FakeOpenAI,
+    voice_note: Path,  # noqa: F811
+) -> None:
+    fake_openai.transcribe_raw_next.append(HTML)
+    async with harness(**ai(fake_openai)) as h:
+        [answer] = await h.say(note(voice_note))
+        assert "Lo siento" in answer
+
+
+async def test_one_chats_refused_requests_do_not_open_the_circuit_for_everyone(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        h.bot.model.breaker = CircuitBreaker(threshold=3, cooldown_s=30)
+        fake_openai.raw_next.extend([(400, "application/json", '{"error": {"message": "bad request"}}')] * 5)
+        for i in range(5):
+            [apology] = await h.say(f"m{i}")
+            assert "Lo siento" in apology
+        assert h.bot.metrics()["ai"]["circuit"] == "closed"
+        assert await h.say(inbound("hola", chat=OTHER)) == ["echo: hola"]
+
+
+async def test_a_conversation_too_long_for_the_model_is_answered_without_its_history(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        await h.say("primera pregunta")
+        fake_openai.raw_next.append(CONTEXT_TOO_LONG)
+        assert await h.say("segunda") == ["echo: segunda"]
+    retried = fake_openai.chat_requests[-1]["messages"]
+    assert [m["role"] for m in retried] == ["system", "user"]
+
+
+async def test_openai_timeout_bounds_the_whole_wait_retry_included(harness, fake_openai: FakeOpenAI) -> None:
+    """The SDK retries a timed-out request once; with its own full timeout a customer waited twice as long."""
+    fake_openai.delay_s = 5
+    async with harness(**ai(fake_openai, openai_timeout=1.0)) as h:
+        started = time.monotonic()
+        [apology] = await h.say("hola")
+        waited = time.monotonic() - started
+    assert "Lo siento" in apology
+    assert waited < 1.8

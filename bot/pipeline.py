@@ -34,7 +34,9 @@ _MEDIA_KINDS = {
     MessageKind.VIDEO,
     MessageKind.STICKER,
     MessageKind.DOCUMENT,
+    MessageKind.UNSUPPORTED,
 }
+_CAPTIONED_KINDS = {MessageKind.IMAGE, MessageKind.VIDEO, MessageKind.DOCUMENT}
 
 
 class VoiceTranscriber(Protocol):
@@ -565,9 +567,12 @@ class Pipeline:
             await self._saved(message, persisted)  # the transcript updates the stored row
             await self.model_gate.wait()  # downloading, converting and transcribing all take memory
             return await self._transcribe(message)
-        if message.kind in _MEDIA_KINDS:
-            return "", reply("media_unsupported", self.language)
         text, trimmed = clean_text(message.text, self.max_inbound_chars)
+        if message.kind in _MEDIA_KINDS:
+            if not text or message.kind not in _CAPTIONED_KINDS:
+                return "", reply("media_unsupported", self.language)
+            # A photo with "¿lo tenéis en azul?": the caption is answered, the model told what it misses.
+            return f"{text}\n\n{reply('attachment_note', self.language)}", None
         if not text:
             return "", reply("empty", self.language)
         if trimmed:

@@ -22,6 +22,10 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "es": "No he recibido texto en tu mensaje. ¿En qué puedo ayudarte?",
         "en": "Your message had no text. How can I help you?",
     },
+    "attachment_note": {
+        "es": "(El cliente adjuntó además un archivo, una imagen o un vídeo que no puedes ver.)",
+        "en": "(The customer also attached a file, an image or a video that you cannot see.)",
+    },
     "too_long_note": {
         "es": "(Tu mensaje era muy largo; he leído solo el principio.)",
         "en": "(Your message was very long; I only read the beginning.)",

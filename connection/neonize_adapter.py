@@ -151,6 +151,22 @@ _MEDIA_KINDS = (
     ("videoMessage", MessageKind.VIDEO),
     ("stickerMessage", MessageKind.STICKER),
     ("documentMessage", MessageKind.DOCUMENT),
+    ("ptvMessage", MessageKind.VIDEO),  # a round video note
+)
+# Content the bot cannot read but a customer expects an answer to.
+_UNSUPPORTED = (
+    "locationMessage",
+    "liveLocationMessage",
+    "contactMessage",
+    "contactsArrayMessage",
+    "pollCreationMessage",
+    "pollCreationMessageV2",
+    "pollCreationMessageV3",
+    "pollCreationMessageV4",
+    "eventMessage",
+    "productMessage",
+    "orderMessage",
+    "groupInviteMessage",
 )
 
 # --------------------------------------------------------------------------- helpers
@@ -208,10 +224,17 @@ def _mentions(sub: Any, me: frozenset[str]) -> bool:
 def _body(msg: WAMessage, me: frozenset[str]) -> tuple[MessageKind, str, MediaRef | None, bool]:
     """Kind, text, media and mention flag of a waE2E message."""
     if msg.conversation:
-        return MessageKind.TEXT, msg.conversation, None, False
+        return MessageKind.TEXT, _text(msg.conversation), None, False
     if msg.HasField("extendedTextMessage"):
         ext = msg.extendedTextMessage
-        return MessageKind.TEXT, ext.text, None, _mentions(ext, me)
+        return MessageKind.TEXT, _text(ext.text), None, _mentions(ext, me)
+    # A tap on a button or a list row of an earlier message reads as what the customer chose.
+    if msg.HasField("buttonsResponseMessage"):
+        return MessageKind.TEXT, _text(msg.buttonsResponseMessage.selectedDisplayText), None, False
+    if msg.HasField("templateButtonReplyMessage"):
+        return MessageKind.TEXT, _text(msg.templateButtonReplyMessage.selectedDisplayText), None, False
+    if msg.HasField("listResponseMessage"):
+        return MessageKind.TEXT, _text(msg.listResponseMessage.title), None, False
     for field, kind in _MEDIA_KINDS:
         if not msg.HasField(field):
             continue
@@ -224,10 +247,17 @@ def _body(msg: WAMessage, me: frozenset[str]) -> tuple[MessageKind, str, MediaRe
             voice_note=bool(getattr(sub, "PTT", False)),
             handle=msg,  # download_any wants the whole waE2E Message
         )
-        return kind, getattr(sub, "caption", ""), media, _mentions(sub, me)
+        return kind, _text(getattr(sub, "caption", "")), media, _mentions(sub, me)
     if msg.HasField("reactionMessage"):
-        return MessageKind.REACTION, msg.reactionMessage.text, None, False
+        return MessageKind.REACTION, _text(msg.reactionMessage.text), None, False
+    if any(msg.HasField(field) for field in _UNSUPPORTED):
+        return MessageKind.UNSUPPORTED, "", None, False
     return MessageKind.OTHER, "", None, False
+
+
+def _text(value: str | bytes) -> str:
+    """protobuf hands back bytes for a text that is not valid UTF-8 (an emoji cut in half by the sender)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _source(src: Any) -> tuple[str, str, bool, bool]:

@@ -26,7 +26,8 @@ class MessageKind(enum.StrEnum):
     STICKER = "sticker"
     DOCUMENT = "document"
     REACTION = "reaction"
-    OTHER = "other"
+    UNSUPPORTED = "unsupported"  # content a customer expects an answer to: a location, a contact, a poll
+    OTHER = "other"  # protocol traffic (edits, deletes, keys): never answered
 
 
 class ConnectionState(enum.StrEnum):

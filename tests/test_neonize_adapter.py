@@ -734,3 +734,43 @@ async def test_a_hanging_whatsmeow_call_fails_the_send_instead_of_stalling(
                 await transport.send_text(ChatId(f"{PHONE}@s.whatsapp.net"), "hola")
     finally:
         await transport.stop()
+
+
+def test_text_that_is_not_valid_utf8_is_read_with_a_replacement_character() -> None:
+    """protobuf hands back bytes for such a text (an emoji cut in half); it used to reach the pipeline as
+    bytes and fail the message with a TypeError."""
+    text = b"hola \xf0\x9f"
+    wa = b"\x0a" + bytes([len(text)]) + text  # Message.conversation (field 1)
+    raw = event(WAMessage()).SerializeToString() + b"\x12" + bytes([len(wa)]) + wa  # MessageEv.Message
+    msg = translate_message(MessageEv.FromString(raw))
+    assert msg is not None and msg.kind is MessageKind.TEXT
+    assert msg.text == "hola \ufffd"
+
+
+@pytest.mark.parametrize(
+    ("wa", "text"),
+    [
+        (WAMessage(buttonsResponseMessage={"selectedDisplayText": "Ver horarios"}), "Ver horarios"),
+        (WAMessage(templateButtonReplyMessage={"selectedDisplayText": "Sí, confirmo"}), "Sí, confirmo"),
+        (WAMessage(listResponseMessage={"title": "Talla M"}), "Talla M"),
+    ],
+    ids=["button", "template-button", "list-row"],
+)
+def test_a_tapped_button_or_list_row_reads_as_its_text(wa: WAMessage, text: str) -> None:
+    msg = translate_message(event(wa))
+    assert msg is not None and msg.kind is MessageKind.TEXT and msg.text == text
+
+
+@pytest.mark.parametrize(
+    "wa",
+    [
+        WAMessage(locationMessage={"degreesLatitude": 40.4, "degreesLongitude": -3.7}),
+        WAMessage(liveLocationMessage={"degreesLatitude": 40.4}),
+        WAMessage(contactMessage={"displayName": "Ana", "vcard": "BEGIN:VCARD"}),
+        WAMessage(pollCreationMessageV3={"name": "¿Qué color?"}),
+    ],
+    ids=["location", "live-location", "contact", "poll"],
+)
+def test_locations_contacts_and_polls_are_unsupported_content_not_protocol_noise(wa: WAMessage) -> None:
+    msg = translate_message(event(wa))
+    assert msg is not None and msg.kind is MessageKind.UNSUPPORTED

@@ -302,3 +302,20 @@ async def test_a_cancelled_wait_on_a_write_does_not_poison_the_next_flush(tmp_pa
     await reopened.open()
     assert [m.wa_message_id for m in await reopened.recent_messages(CHAT, 5)] == ["W1"]
     await reopened.close()
+
+
+async def test_a_location_or_contact_gets_the_polite_reply_and_is_kept(harness) -> None:
+    """They used to be dropped in silence, like protocol traffic, leaving the customer with no answer."""
+    async with harness() as h:
+        [answer] = await h.say(inbound("", kind=MessageKind.UNSUPPORTED, id="LOC1"))
+        stored = await h.bot.store.recent_messages(CHAT, 5)
+    assert "texto" in answer
+    assert [m.wa_message_id for m in stored if m.direction is Direction.IN] == ["LOC1"]
+
+
+async def test_a_photo_with_a_caption_gets_the_caption_answered(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        [answer] = await h.say(inbound("¿lo tenéis en azul?", kind=MessageKind.IMAGE))
+    assert answer.startswith("echo: ¿lo tenéis en azul?")
+    asked = fake_openai.chat_requests[-1]["messages"][-1]["content"]
+    assert "no puedes ver" in asked  # the model is told it cannot see the photo

@@ -98,6 +98,18 @@ def _check_session(settings: Settings) -> bool:
     return _line(True, f"WhatsApp session: none yet; `python -m bot` shows a QR to pair ({path})")
 
 
+def _check_admin_token(settings: Settings) -> bool:
+    if settings.admin_token:
+        return _line(True, "ADMIN_TOKEN set: the QR page /qr is on")
+    # Not a failure: the QR is also drawn in the logs (unless LOG_JSON), and a pairing code needs neither.
+    where = "the WhatsApp pairing code (WA_PAIR_PHONE)" if settings.log_json else "the QR drawn in the logs"
+    return _line(
+        not (settings.log_json and not settings.wa_pair_phone),
+        f"ADMIN_TOKEN not set: /qr is off; pairing relies on {where}",
+        "set ADMIN_TOKEN to a long random string to pair from /qr",
+    )
+
+
 async def run_doctor(settings: Settings) -> int:
     results = [
         _line(
@@ -114,11 +126,7 @@ async def run_doctor(settings: Settings) -> int:
         await _check_openai(settings),
         await _check_supabase(settings),
         _check_session(settings),
-        _line(
-            bool(settings.admin_token) or settings.app_env != "production",
-            "ADMIN_TOKEN set (needed for /qr)",
-            "set ADMIN_TOKEN to a long random string",
-        ),
+        _check_admin_token(settings),
     ]
     failed = results.count(False)
     print("all good" if not failed else f"{failed} problem(s) found")

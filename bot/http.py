@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hmac
 import html
+import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -22,15 +24,28 @@ def prometheus_text(metrics: dict[str, Any], prefix: str = "whatsapp_bot") -> st
         if isinstance(value, bool):
             lines.append(f"{name} {int(value)}")
         elif isinstance(value, int | float):
-            lines.append(f"{name} {value}")
+            lines.append(f"{name} {_sample(value)}")
         elif isinstance(value, str):
-            lines.append(f'{name}_info{{value="{value}"}} 1')
+            # An error text quotes URLs and may span lines: escaped, or one scrape fails during an outage.
+            label = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            lines.append(f'{name}_info{{value="{label}"}} 1')
         elif isinstance(value, dict):
             for key, item in value.items():
-                walk(item, f"{name}_{key}")
+                walk(item, f"{name}_{_NOT_IN_NAMES.sub('_', str(key))}")
 
     walk(metrics, prefix)
     return "\n".join(lines) + "\n"
+
+
+_NOT_IN_NAMES = re.compile(r"[^a-zA-Z0-9_:]")
+
+
+def _sample(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return str(value)
 
 
 def token_ok(request: web.Request, expected: str | None) -> bool:

@@ -93,6 +93,7 @@ async def run_whatsapp(settings: Settings) -> int:
         outbox_path=settings.data_dir / "outbox.sqlite3",
         on_undecryptable=ask_to_resend,
         on_call=tell_caller if settings.wa_reject_calls else None,
+        print_qr=not settings.log_json,
     )
     governor = GovernedTransport(
         transport,

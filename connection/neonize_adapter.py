@@ -559,8 +559,10 @@ class NeonizeTransport:
         resend_text: str | None = None,
         undecryptable_grace_s: float = 30.0,
         probe_address: tuple[str, int] = ("web.whatsapp.com", 443),
+        print_qr: bool = True,
     ) -> None:
         self._database = database
+        self._print_qr = print_qr  # off when logs are JSON lines: the drawing would break their parsers
         self._name = name
         self._on_inbound = on_inbound
         self._pair_phone = "".join(ch for ch in pair_phone or "" if ch.isdigit()) or None
@@ -937,10 +939,15 @@ class NeonizeTransport:
                 self._pair_requested = True
                 await self._request_pair_code()
             return
-        if sys.stdout.isatty():
+        if not self._qr_announced:
+            # WARNING, so production logs (WARNING by default) show it: nothing works until it is scanned.
+            logger.warning(
+                "whatsapp is not linked: scan the QR code {} with WhatsApp > Linked devices > Link a device",
+                "below, or open /qr" if self._print_qr else "on /qr",
+            )
+        if self._print_qr:  # plain Unicode blocks: scannable in a terminal and in a platform's log viewer
             segno.make(code).terminal(compact=True)
-        elif not self._qr_announced:
-            logger.info("whatsapp: a QR code is waiting to be scanned on /qr")
+            sys.stdout.flush()
         self._qr_announced = True
 
     async def _request_pair_code(self) -> None:
@@ -953,7 +960,7 @@ class NeonizeTransport:
             return
         if self._on_pair_code is not None:
             self._on_pair_code(code)
-        logger.info(
+        logger.warning(  # WARNING, so production logs show it
             "whatsapp pairing code for {}: {} (WhatsApp > Linked devices > Link with phone number)",
             _mask(phone),
             code,

@@ -46,12 +46,19 @@ async def test_doctor_names_what_is_wrong_and_how_to_fix_it(tmp_path: Path, fake
         SUPABASE_URL="http://127.0.0.1:9",
         SUPABASE_KEY="service-role-key",
         APP_ENV="production",
+        LOG_JSON="true",
     )
     assert code == 1
     assert "[FAIL] OpenAI: the API key was refused" in out and "fix: check OPENAI_API_KEY" in out
     assert "[FAIL] Supabase: cannot reach it" in out
-    assert "[FAIL] ADMIN_TOKEN set" in out and "3 problem(s) found" in out
+    # JSON logs carry no QR drawing: without /qr or a pairing code there is no way to pair.
+    assert "[FAIL] ADMIN_TOKEN not set: /qr is off" in out and "3 problem(s) found" in out
     assert "service-role-key" not in out and "wrong-key" not in out
+
+
+async def test_doctor_without_admin_token_points_to_the_qr_in_the_logs(tmp_path: Path) -> None:
+    _, out = await bot(tmp_path, "doctor", APP_ENV="production")
+    assert "[ok  ] ADMIN_TOKEN not set: /qr is off; pairing relies on the QR drawn in the logs" in out
 
 
 async def test_doctor_with_a_working_model(tmp_path: Path, fake_openai: FakeOpenAI) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -67,6 +68,25 @@ async def test_health_and_metrics_after_a_conversation(harness, fake_openai: Fak
     for text in (body, prom):  # no numbers, no message text
         assert number not in text and "4521" not in text and "pedido" not in text
     assert "whatsapp_bot_messages_answered 1" in prom
+
+
+_PROMETHEUS_LINE = re.compile(
+    r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{value="(?:[^"\\\n]|\\[\\"n])*"\})? (NaN|[+-]Inf|-?[0-9.]+(e[+-]?[0-9]+)?)$'
+)
+
+
+def test_prometheus_text_stays_parseable_with_real_error_texts() -> None:
+    """A live scrape during an outage carried `Get "https://web.whatsapp.com/ws/chat": dial tcp` unescaped,
+    which made the whole scrape fail exactly when the owner wanted it."""
+    error = 'NeonizeError: request: Get "https://web.whatsapp.com/ws/chat": dial tcp\\nsecond line\nthird'
+    text = prometheus_text(
+        {"connection": {"last_error": error, "latency-ms.p95": float("nan"), "x": float("inf")}}
+    )
+    lines = text.splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        assert _PROMETHEUS_LINE.match(line), line
+    assert r"\"https://web.whatsapp.com/ws/chat\"" in lines[0]
 
 
 def test_prometheus_text_flattens_numbers_and_labels_strings() -> None:

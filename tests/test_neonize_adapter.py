@@ -613,6 +613,25 @@ async def test_replaced_stops_for_good(fake_neonize: type[FakeNewAClient], tmp_p
     assert transport.state is ConnectionState.REPLACED
 
 
+async def test_the_qr_reaches_production_logs_without_a_terminal(
+    fake_neonize: type[FakeNewAClient], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a platform stdout is no terminal and logs are at WARNING: the QR used to be neither drawn nor
+    announced there, so a deploy without ADMIN_TOKEN (no /qr) could not be linked at all."""
+    fake_neonize.script.extend(["qr"])
+    warnings_seen: list[str] = []
+    sink = logger.add(lambda m: warnings_seen.append(m.record["message"]), level="WARNING")
+    transport = NeonizeTransport(str(tmp_path / "s.db"), on_inbound=lambda _: None)
+    await transport.start()
+    try:
+        await wait_state(transport, ConnectionState.PAIRING)
+    finally:
+        await transport.stop()
+        logger.remove(sink)
+    assert any("scan the QR code" in w for w in warnings_seen)
+    assert "▄" in capsys.readouterr().out  # the drawing itself, in the log stream
+
+
 async def test_logged_out_deletes_the_local_session_and_shows_a_new_qr(
     fake_neonize: type[FakeNewAClient], tmp_path: Path
 ) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,7 +17,7 @@ PLACEHOLDERS = {"changeme", "your-key-here", "sk-...", "xxx", "<your key>"}
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", env_ignore_empty=True, extra="ignore"
+        env_file=".env", env_file_encoding="utf-8", env_ignore_empty=True, extra="ignore", allow_inf_nan=False
     )
 
     # OpenAI (or any OpenAI-compatible server)
@@ -114,6 +116,15 @@ class Settings(BaseSettings):
                 return None
             if value.lower() in PLACEHOLDERS:
                 raise ValueError("is a placeholder: set the real value or leave it empty")
+        return value
+
+    @field_validator("openai_base_url", "supabase_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("must be an http:// or https:// URL")
         return value
 
     @field_validator("wa_pair_phone")
@@ -216,12 +227,55 @@ def load_settings(**overrides: object) -> Settings:
     """Build the settings, or exit with one clear line if a value is bad."""
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
-        if settings.bot_system_prompt_file is not None and not settings.bot_system_prompt_file.is_file():
-            raise SystemExit(
-                f"invalid configuration: BOT_SYSTEM_PROMPT_FILE: {settings.bot_system_prompt_file}"
-                " is not a file"
-            )
-        return settings
     except ValidationError as error:
-        print(describe_error(error), file=sys.stderr)
-        raise SystemExit(2) from None
+        _exit(describe_error(error))
+    except UnicodeDecodeError as error:
+        _exit(f"invalid configuration: .env is not UTF-8 text (byte {error.start})")
+    if settings.bot_system_prompt_file is not None:
+        problem = _text_file_problem(settings.bot_system_prompt_file)
+        if problem:
+            _exit(
+                f"invalid configuration: BOT_SYSTEM_PROMPT_FILE={settings.bot_system_prompt_file}: {problem}"
+            )
+    if "flows_file" not in overrides and _set_but_empty("FLOWS_FILE"):
+        settings.flows_file = None  # documented as "empty for none"; empty variables otherwise mean unset
+    return settings
+
+
+def data_dir_problem(data_dir: Path) -> str | None:
+    """Why DATA_DIR cannot hold the bot's files (missing and not creatable, read-only, a file), or None."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=data_dir):
+            pass
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    return None
+
+
+def _text_file_problem(path: Path) -> str | None:
+    try:
+        path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        return f"not UTF-8 text (byte {error.start})"
+    except OSError as error:
+        return error.strerror or "cannot be read"
+    return None
+
+
+def _set_but_empty(name: str) -> bool:
+    """True when the variable is set to an empty value, in the environment or else in `.env`."""
+    if name in os.environ:
+        return not os.environ[name].strip()
+    try:
+        from dotenv import dotenv_values  # pydantic-settings' own .env reader
+
+        value = dotenv_values(".env").get(name)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return value is not None and not value.strip()
+
+
+def _exit(line: str) -> NoReturn:
+    print(line, file=sys.stderr)
+    raise SystemExit(2)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
-from bot.config import Settings
+from bot.config import Settings, data_dir_problem
 
 
 def _line(ok: bool, what: str, fix: str = "") -> bool:
@@ -74,16 +73,9 @@ async def _check_supabase(settings: Settings) -> bool:
 
 
 def _check_data_dir(settings: Settings) -> bool:
-    try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=settings.data_dir):
-            pass
-    except OSError as error:
-        return _line(
-            False,
-            f"data dir {settings.data_dir}: {error.strerror}",
-            "set DATA_DIR to a writable folder",
-        )
+    problem = data_dir_problem(settings.data_dir)
+    if problem:
+        return _line(False, f"data dir {settings.data_dir}: {problem}", "set DATA_DIR to a writable folder")
     return _line(True, f"data dir {settings.data_dir.resolve()} is writable")
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hmac
 import html
 import math
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -117,5 +119,11 @@ def build_app(metrics: MetricsSource, qr: QrSource, *, admin_token: str | None) 
 async def start_http(app: web.Application, port: int, host: str = "0.0.0.0") -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as error:
+        await runner.cleanup()
+        reason = "already in use" if error.errno == errno.EADDRINUSE else (error.strerror or str(error))
+        print(f"invalid configuration: PORT={port}: {reason}", file=sys.stderr)
+        raise SystemExit(2) from None
     return runner

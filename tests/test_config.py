@@ -82,13 +82,18 @@ def test_env_example_loads_as_is(tmp_path: Path) -> None:
         ("ADMIN_TOKEN", "short", "ADMIN_TOKEN: must be at least 16 characters"),
         ("SUPABASE_DB_URL", "mysql://x", "SUPABASE_DB_URL: must be a Postgres URL"),
         ("SUPABASE_URL", "https://x.supabase.co", "SUPABASE_URL and SUPABASE_KEY must be set together"),
+        ("SUPABASE_URL", "notaurl", "SUPABASE_URL: must be an http:// or https:// URL"),
+        ("OPENAI_BASE_URL", "localhost:11434/v1", "OPENAI_BASE_URL: must be an http:// or https:// URL"),
+        ("OPENAI_TIMEOUT", "nan", "OPENAI_TIMEOUT='nan': Input should be a finite number"),
+        ("AI_CIRCUIT_COOLDOWN_S", "inf", "AI_CIRCUIT_COOLDOWN_S='inf': Input should be a finite number"),
+        ("DATA_DIR", "/proc/no-such-dir", "DATA_DIR=/proc/no-such-dir: No such file or directory"),
     ],
 )
 def test_a_bad_value_stops_start_up_with_one_line(
     tmp_path: Path, variable: str, value: str, expected: str
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_"))}
-    env.update({variable: value, "DATA_DIR": str(tmp_path)})
+    env.update({"DATA_DIR": str(tmp_path), variable: value})
     result = subprocess.run(
         [sys.executable, "-m", "bot", "chat", "--jsonl"],
         cwd=tmp_path,
@@ -110,3 +115,71 @@ def test_production_logs_at_warning_unless_told(make_settings) -> None:
     assert make_settings(app_env="production").effective_log_level == "WARNING"
     assert make_settings(app_env="production", log_level="debug").effective_log_level == "DEBUG"
     assert make_settings().effective_log_level == "INFO"
+
+
+def run_bot(tmp_path: Path, *args: str, **variables: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_", "FLOWS_"))}
+    env.update({"DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(REPO), **variables})
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        cwd=tmp_path,
+        env=env,
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("where", ["environment", ".env"])
+def test_an_empty_flows_file_turns_keyword_flows_off(tmp_path: Path, where: str) -> None:
+    """README and .env.example say "empty for none"; empty variables otherwise count as unset, so the
+    sample shop's flows.yaml kept answering "horario" for a shop that had cleared the line."""
+    (tmp_path / "flows.yaml").write_text("- keywords: [horario]\n  answer: Abrimos de 9 a 18.\n")
+    variables = {"FLOWS_FILE": ""} if where == "environment" else {}
+    if where == ".env":
+        (tmp_path / ".env").write_text("FLOWS_FILE=\n")
+    line = '{"from": "34600111222", "text": "horario"}\n'
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "chat", "--jsonl"],
+        cwd=tmp_path,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "FLOWS_"))},
+            "DATA_DIR": str(tmp_path / "data"),
+            "PYTHONPATH": str(REPO),
+            **variables,
+        },
+        input=line,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Abrimos" not in result.stdout and result.stdout.strip()  # the AI-off reply, not the flow
+
+
+@pytest.mark.parametrize("what", ["system prompt", ".env"])
+def test_a_file_that_is_not_utf8_stops_start_up_with_one_line(tmp_path: Path, what: str) -> None:
+    if what == ".env":
+        (tmp_path / ".env").write_bytes(b"BOT_SYSTEM_PROMPT=Hola caf\xe9\n")
+        result = run_bot(tmp_path, "chat", "--jsonl")
+        expected = "invalid configuration: .env is not UTF-8 text"
+    else:
+        (tmp_path / "prompt.txt").write_bytes(b"Eres el asistente de la cafeter\xeda")
+        result = run_bot(tmp_path, "chat", "--jsonl", BOT_SYSTEM_PROMPT_FILE=str(tmp_path / "prompt.txt"))
+        expected = "invalid configuration: BOT_SYSTEM_PROMPT_FILE="
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), result.stderr
+
+
+def test_a_port_in_use_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_bot(tmp_path, "run", PORT=str(port))
+    assert result.returncode == 2
+    assert f"invalid configuration: PORT={port}: already in use" in result.stderr
+    assert "Traceback" not in result.stderr

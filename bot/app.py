@@ -275,7 +275,14 @@ class Bot:
         ai = (
             self.model.stats()
             if self.model
-            else {"enabled": False, "requests": 0, "errors": 0, "circuit": "off"}
+            else {
+                "enabled": False,
+                "requests": 0,
+                "errors": 0,
+                "in_flight": 0,
+                "latency_ms": {"p50": 0.0, "p95": 0.0},
+                "circuit": "off",
+            }
         )
         return {
             "uptime_s": round(time.time() - self.started_at, 1),
@@ -288,7 +295,10 @@ class Bot:
             "responses": dict(self.pipeline.responder.by_source),
             "store": self.store.stats(),
             "media": self.transcriber.stats(),
-            "rate_limit": self.pipeline.rate_limiter.stats() if self.pipeline.rate_limiter else {},
+            # `is not None`: a limiter tracking no chat right now has len() 0 and would read as false.
+            "rate_limit": self.pipeline.rate_limiter.stats()
+            if self.pipeline.rate_limiter is not None
+            else {},
             "takeover": self.pipeline.takeover.stats(),
             "lease": self.lease.stats() if self.lease is not None else None,
         }
@@ -318,9 +328,9 @@ class Bot:
                 "evictions": pipeline.dedup.evictions,
             },
             "rate_limit_windows": {
-                "size": len(limiter) if limiter else 0,
-                "max": limiter.max_keys if limiter else 0,
-                "evictions": limiter.evictions if limiter else 0,
+                "size": len(limiter) if limiter is not None else 0,
+                "max": limiter.max_keys if limiter is not None else 0,
+                "evictions": limiter.evictions if limiter is not None else 0,
             },
             "chats_with_work": {
                 "size": pipeline.active_chats,

@@ -20,7 +20,7 @@ from loguru import logger
 
 from bot.ai import percentile
 from bot.limits import SlidingWindowLimiter
-from bot.replies import Language, reply
+from bot.replies import Language, duration, reply
 from bot.responder import Answer, Responder, split_message
 from bot.takeover import Takeover, parse_command
 from connection.background import BackgroundTasks
@@ -29,6 +29,9 @@ from memory.history import ChatHistory
 from memory.store import Direction, MessageStatus, Store, StoredMessage, StoreUnavailable, db_text
 
 GroupPolicy = Literal["never", "mentioned", "always"]
+MAX_REPLY_PARTS = (
+    10  # WhatsApp messages one answer may take (15,000 characters with the default MAX_REPLY_CHARS)
+)
 _MEDIA_KINDS = {
     MessageKind.IMAGE,
     MessageKind.VIDEO,
@@ -532,9 +535,9 @@ class Pipeline:
             self.counters.skipped += 1
             return
         self.history.append(inbound)
+        model_time = 0.0
         try:
             await self._mark_read(message)
-            model_time = 0.0
             text, canned = await self._understand(message, persisted)
             if canned is not None:
                 answer_text, via_model = canned, False
@@ -546,9 +549,15 @@ class Pipeline:
                     answer = await self._ask_model(message, inbound, text)
                     model_time = time.perf_counter() - model_started
                 answer_text = answer.text
+        except Exception:  # a bug or an odd input must cost the customer an apology, never the answer
+            self.counters.failed += 1
+            logger.exception(
+                "could not answer message {} in {}; sending an apology", message.id, message.chat
+            )
+            answer_text, via_model = reply("ai_error", self.language), False
         finally:
             await self._saved(message, persisted)
-        sent_ids = await self._send(message, answer_text)
+        sent_ids, answer_text = await self._send(message, answer_text)
         # Overhead as the customer meets it: until the answer is handed to the transport.
         self._overhead.append(time.perf_counter() - started - model_time)
         await self._record_reply(message, sent_ids, answer_text, via_model=via_model)
@@ -611,7 +620,7 @@ class Pipeline:
         if reason == "too_large":
             return reply("audio_too_large", self.language, limit=limit or 0)
         if reason == "too_long":
-            return reply("audio_too_long", self.language, limit=limit or 0)
+            return reply("audio_too_long", self.language, duration=duration(limit or 0, self.language))
         if reason == "empty":
             return reply("audio_empty", self.language)
         if reason == "ai_off":
@@ -631,13 +640,21 @@ class Pipeline:
         finally:
             await self._typing(message.chat, False)
 
-    async def _send(self, message: Inbound, text: str) -> list[MessageId]:
+    async def _send(self, message: Inbound, text: str) -> tuple[list[MessageId], str]:
+        """Send the answer in parts; returns their ids and the text sent (shorter if it was cut)."""
+        parts = split_message(text, self.max_reply_chars)
+        if (
+            len(parts) > MAX_REPLY_PARTS
+        ):  # a runaway answer: a wall of messages reads as spam, and risks a ban
+            logger.warning("answer to {} cut from {} to {} messages", message.id, len(parts), MAX_REPLY_PARTS)
+            parts = parts[:MAX_REPLY_PARTS]
+            text = "\n".join(parts)
         sent = []
-        for part in split_message(text, self.max_reply_chars):
+        for part in parts:
             sent_id = await self.transport.send_text(message.chat, part)
             self.takeover.note_sent(sent_id)
             sent.append(sent_id)
-        return sent
+        return sent, text
 
     async def _record_reply(
         self, message: Inbound, sent_ids: list[MessageId], text: str, *, via_model: bool

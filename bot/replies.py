@@ -55,9 +55,8 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "That voice note is too large (the limit is {limit:g} MB). Could you send a shorter one?",
     },
     "audio_too_long": {
-        "es": "La nota de voz es demasiado larga (el máximo es {limit:g} minutos). "
-        "¿Puedes enviar una más corta?",
-        "en": "That voice note is too long (the limit is {limit:g} minutes). Could you send a shorter one?",
+        "es": "La nota de voz es demasiado larga (el máximo es {duration}). ¿Puedes enviar una más corta?",
+        "en": "That voice note is too long (the limit is {duration}). Could you send a shorter one?",
     },
     "audio_unreadable": {
         "es": "No he podido escuchar tu nota de voz. ¿Puedes enviarla de nuevo o escribirme el mensaje?",
@@ -77,6 +76,22 @@ _REPLIES: dict[str, dict[Language, str]] = {
 def reply(key: str, language: Language, **values: object) -> str:
     text = _REPLIES[key][language]
     return text.format(**values) if values else text
+
+
+_UNITS = {
+    "es": (("minuto", "minutos"), ("segundo", "segundos")),
+    "en": (("minute", "minutes"), ("second", "seconds")),
+}
+
+
+def duration(minutes: float, language: Language) -> str:
+    """A limit as a customer reads it: "1 minuto", "10 minutos", and in seconds when not whole minutes
+    ("90 segundos", "30 segundos") rather than "1.5 minutos"."""
+    (minute, minutes_word), (second, seconds_word) = _UNITS[language]
+    if minutes == int(minutes) and minutes >= 1:
+        return f"{int(minutes)} {minute if minutes == 1 else minutes_word}"
+    seconds = round(minutes * 60)
+    return f"{seconds} {second if seconds == 1 else seconds_word}"
 
 
 def all_canned_texts() -> set[str]:

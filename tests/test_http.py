@@ -168,3 +168,13 @@ async def test_the_bot_serves_http_and_keeps_retrying_without_network(tmp_path: 
             process.kill()
             await process.wait()
     assert code == 0
+
+
+async def test_metrics_keep_their_shape_when_idle_and_when_ai_is_off(harness) -> None:
+    """The rate-limit block vanished whenever no chat window was live (an empty limiter reads as false),
+    and the ai block lost its latency fields with AI off: dashboards broke on an idle bot."""
+    async with harness() as h:
+        metrics = h.bot.metrics()
+    assert {"limited", "notices"} <= set(metrics["rate_limit"])
+    assert metrics["memory"]["structures"]["rate_limit_windows"]["max"] > 0
+    assert metrics["ai"]["enabled"] is False and {"p50", "p95"} <= set(metrics["ai"]["latency_ms"])

@@ -319,3 +319,30 @@ async def test_a_photo_with_a_caption_gets_the_caption_answered(harness, fake_op
     assert answer.startswith("echo: ¿lo tenéis en azul?")
     asked = fake_openai.chat_requests[-1]["messages"][-1]["content"]
     assert "no puedes ver" in asked  # the model is told it cannot see the photo
+
+
+async def test_a_runaway_answer_is_cut_to_ten_messages_and_stored_as_sent(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    sentence = "Una frase más de una respuesta que no se acaba nunca."
+    fake_openai.reply = lambda messages: " ".join([sentence] * 2000)  # 108 KB, a server ignoring max_tokens
+    async with harness(**ai(fake_openai)) as h:
+        parts = await h.say("cuéntame todo")
+        rows = await h.bot.store.recent_messages(CHAT, 5)
+    assert len(parts) == 10
+    assert rows[-1].body == "\n".join(parts)  # the history holds what the customer got
+
+
+async def test_an_unexpected_error_costs_an_apology_not_the_answer(harness) -> None:
+    """Before, an error outside the known failure types left the customer with no reply at all."""
+    from tests.fake_openai import InstantModel
+
+    class Broken(InstantModel):
+        async def _call(self, messages: list[dict[str, object]]) -> str:
+            raise RuntimeError("a bug")
+
+    async with harness() as h:
+        h.bot.pipeline.responder.model = Broken()
+        [apology] = await h.say("hola")
+        assert "Lo siento" in apology
+        assert h.bot.metrics()["messages"]["failed"] == 1

@@ -446,7 +446,7 @@ async def test_a_refused_row_does_not_block_the_journal(db: SupabaseStack, tmp_p
     finally:
         await store.close()
     assert set(rows_in_db(db)) == {"IN1", "IN3"}
-    assert db.query("select body from chat_history where wa_message_id = 'IN1'") == [("ab?c",)]
+    assert db.query("select body from chat_history where wa_message_id = 'IN1'") == [("ab\ufffdc",)]
 
 
 # -- the journal on its own (no stack needed) ------------------------------------------------------------

@@ -158,5 +158,5 @@ async def test_console_jsonl_too_long_note(tmp_path: Path, fake_openai: FakeOpen
         BOT_LANGUAGE="en",
     )
     assert code == 0
-    assert "too long (the limit is 1 minutes)" in json.loads(out)["text"]
+    assert "too long (the limit is 1 minute)" in json.loads(out)["text"]
     assert fake_openai.transcriptions == []

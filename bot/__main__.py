@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from bot.config import data_dir_problem, load_settings
+from bot.config import config_error, data_dir_problem, load_settings
 from bot.logsetup import setup_logging
 
 
@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.effective_log_level, json=settings.log_json)
     command = args.command or "run"
     if command in ("run", "chat") and (problem := data_dir_problem(settings.data_dir)):
-        print(f"invalid configuration: DATA_DIR={settings.data_dir}: {problem}", file=sys.stderr)
-        return 2
+        config_error(f"DATA_DIR={settings.data_dir}: {problem}")
     if command == "chat":
         from bot.app import run_chat
 

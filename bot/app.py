@@ -14,7 +14,7 @@ from typing import Any
 from loguru import logger
 
 from bot.ai import ChatModel, make_client
-from bot.config import Settings
+from bot.config import Settings, config_error
 from bot.flows import FlowMatcher, FlowsFileError, load_flows_file
 from bot.limits import CircuitBreaker, SlidingWindowLimiter
 from bot.pipeline import Pipeline, inbound_from_stored
@@ -35,12 +35,14 @@ def read_flows_file(settings: Settings) -> list[Flow]:
     if settings.flows_file is None:
         return []
     if not settings.flows_file.exists():
+        if "flows_file" in settings.model_fields_set:  # named on purpose: a typo must not go unnoticed
+            config_error(f"FLOWS_FILE={settings.flows_file}: no such file")
         logger.warning("flows file {} not found: no keyword flows", settings.flows_file)
         return []
     try:
         flows = load_flows_file(settings.flows_file)
     except FlowsFileError as error:
-        raise SystemExit(f"invalid configuration: FLOWS_FILE: {error}") from None
+        config_error(f"FLOWS_FILE: {' '.join(str(error).split())}")  # a YAML error spans lines
     logger.info("{} keyword flows loaded from {}", len(flows), settings.flows_file)
     return flows
 

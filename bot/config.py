@@ -212,15 +212,15 @@ def _split_numbers(value: str) -> list[str]:
 
 
 def describe_error(error: ValidationError) -> str:
-    """One line naming the first bad variable and what it accepts."""
+    """One line naming the first bad variable and what it accepts (after "invalid configuration: ")."""
     first = error.errors()[0]
     name = "_".join(str(part) for part in first["loc"]).upper()
     message = first["msg"].removeprefix("Value error, ")
     if not name:
-        return f"invalid configuration: {message}"
+        return message
     value = first.get("input")
     shown = "" if name.endswith(("KEY", "TOKEN", "URL")) or isinstance(value, dict) else f"={value!r}"
-    return f"invalid configuration: {name}{shown}: {message}"
+    return f"{name}{shown}: {message}"
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -228,15 +228,13 @@ def load_settings(**overrides: object) -> Settings:
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
-        _exit(describe_error(error))
+        config_error(describe_error(error))
     except UnicodeDecodeError as error:
-        _exit(f"invalid configuration: .env is not UTF-8 text (byte {error.start})")
+        config_error(f".env is not UTF-8 text (byte {error.start})")
     if settings.bot_system_prompt_file is not None:
         problem = _text_file_problem(settings.bot_system_prompt_file)
         if problem:
-            _exit(
-                f"invalid configuration: BOT_SYSTEM_PROMPT_FILE={settings.bot_system_prompt_file}: {problem}"
-            )
+            config_error(f"BOT_SYSTEM_PROMPT_FILE={settings.bot_system_prompt_file}: {problem}")
     if "flows_file" not in overrides and _set_but_empty("FLOWS_FILE"):
         settings.flows_file = None  # documented as "empty for none"; empty variables otherwise mean unset
     return settings
@@ -276,6 +274,7 @@ def _set_but_empty(name: str) -> bool:
     return value is not None and not value.strip()
 
 
-def _exit(line: str) -> NoReturn:
-    print(line, file=sys.stderr)
+def config_error(what: str) -> NoReturn:
+    """Stop start-up with one line on stderr and exit status 2."""
+    print(f"invalid configuration: {what}", file=sys.stderr)
     raise SystemExit(2)

@@ -7,12 +7,13 @@ import hmac
 import html
 import math
 import re
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import segno
 from aiohttp import web
+
+from bot.config import config_error
 
 MetricsSource = Callable[[], dict[str, Any]]
 QrSource = Callable[[], dict[str, Any]]
@@ -124,6 +125,5 @@ async def start_http(app: web.Application, port: int, host: str = "0.0.0.0") -> 
     except OSError as error:
         await runner.cleanup()
         reason = "already in use" if error.errno == errno.EADDRINUSE else (error.strerror or str(error))
-        print(f"invalid configuration: PORT={port}: {reason}", file=sys.stderr)
-        raise SystemExit(2) from None
+        config_error(f"PORT={port}: {reason}")
     return runner

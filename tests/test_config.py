@@ -87,6 +87,7 @@ def test_env_example_loads_as_is(tmp_path: Path) -> None:
         ("OPENAI_TIMEOUT", "nan", "OPENAI_TIMEOUT='nan': Input should be a finite number"),
         ("AI_CIRCUIT_COOLDOWN_S", "inf", "AI_CIRCUIT_COOLDOWN_S='inf': Input should be a finite number"),
         ("DATA_DIR", "/proc/no-such-dir", "DATA_DIR=/proc/no-such-dir: No such file or directory"),
+        ("FLOWS_FILE", "flujos.yaml", "FLOWS_FILE=flujos.yaml: no such file"),
     ],
 )
 def test_a_bad_value_stops_start_up_with_one_line(
@@ -183,3 +184,11 @@ def test_a_port_in_use_stops_start_up_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"invalid configuration: PORT={port}: already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_flows_file_with_a_yaml_error_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "flows.yaml").write_text("- keywords: [horario\n  answer: Abrimos\n")
+    result = run_bot(tmp_path, "chat", "--jsonl", FLOWS_FILE="flows.yaml")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("invalid configuration: FLOWS_FILE: flows file flows.yaml:")

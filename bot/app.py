@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
 import sys
 import time
@@ -181,6 +182,7 @@ class Bot:
         await self.store.open()
         await self.pipeline.start()
         await self._load_number_lists()
+        self._warn_missing_tools()
         if recover:
             await self.recover()
         self._tasks.append(asyncio.create_task(self.memory.run(self._stop), name="memory-manager"))
@@ -188,6 +190,17 @@ class Bot:
         self._tasks.append(asyncio.create_task(self._sweep_temp_files(), name="temp-sweeper"))
         if self.settings.supabase_url:
             self._tasks.append(asyncio.create_task(self._refresh_flows(), name="flows-refresher"))
+
+    def _warn_missing_tools(self) -> None:
+        """Said at start, where the owner looks, rather than as a vague apology to each voice note."""
+        if not self.transcriber.enabled:
+            return
+        for tool in ("ffmpeg", "ffprobe"):
+            if shutil.which(tool) is None:
+                logger.warning(
+                    "{} not found: voice notes get an apology until it is installed (apt-get install ffmpeg)",
+                    tool,
+                )
 
     async def _refresh_flows(self, every_s: float = 60) -> None:
         """With Supabase, bot_flows is the source of keyword flows (the file only while it is empty)."""

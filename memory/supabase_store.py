@@ -122,10 +122,17 @@ def _is_permanent(error: BaseException) -> bool:
     return bool(code) and str(code).startswith(("22", "23"))
 
 
+# PostgREST and Postgres codes that mean the schema is not there: the migrations were not applied.
+_SCHEMA_MISSING = {"42P01", "PGRST205", "42703", "PGRST204"}
+
+
 def _describe(error: BaseException) -> str:
     """For logs and metrics: the error's type and code, never its message (it may quote a message body)."""
     code = getattr(error, "code", None)
-    return f"{type(error).__name__}({code})" if code else type(error).__name__
+    described = f"{type(error).__name__}({code})" if code else type(error).__name__
+    if code in _SCHEMA_MISSING:
+        described += ": a table or column is missing; apply supabase/migrations (supabase db push)"
+    return described
 
 
 # -- the memory layer --------------------------------------------------------------------------------------

@@ -449,6 +449,20 @@ async def test_a_refused_row_does_not_block_the_journal(db: SupabaseStack, tmp_p
     assert db.query("select body from chat_history where wa_message_id = 'IN1'") == [("ab\ufffdc",)]
 
 
+async def test_missing_tables_are_named_as_unapplied_migrations(db: SupabaseStack, tmp_path: Path) -> None:
+    """It read "supabase unreachable (APIError(42P01))", which sends an owner to check the network."""
+    db.psql("alter table chat_history rename to chat_history_hidden;")
+    store = make_store(db.url, db.key, tmp_path / "data")
+    await store.open()
+    try:
+        await store.add_message(inbound_row(1))
+        await store.flush(2)
+        assert "apply supabase/migrations" in store.stats()["last_error"]
+    finally:
+        await store.close()
+        db.psql("alter table chat_history_hidden rename to chat_history;")
+
+
 # -- the journal on its own (no stack needed) ------------------------------------------------------------
 
 

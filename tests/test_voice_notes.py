@@ -160,3 +160,19 @@ async def test_console_jsonl_too_long_note(tmp_path: Path, fake_openai: FakeOpen
     assert code == 0
     assert "too long (the limit is 1 minute)" in json.loads(out)["text"]
     assert fake_openai.transcriptions == []
+
+
+async def test_missing_ffmpeg_is_said_at_start_not_only_to_customers(
+    harness, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from loguru import logger
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ffmpeg, no ffprobe
+    said: list[str] = []
+    sink = logger.add(lambda m: said.append(m.record["message"]), level="WARNING")
+    try:
+        async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url):
+            pass
+    finally:
+        logger.remove(sink)
+    assert any(line.startswith("ffmpeg not found") for line in said)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -107,6 +108,8 @@ class SQLiteStore:
         self.commits = 0
         self.rows_written = 0
         self.dropped = 0
+        self.reopened = 0
+        self._inode = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -148,6 +151,24 @@ class SQLiteStore:
         # under sustained writes, which is worse.
         conn.executescript(SCHEMA)
         self._conn = conn
+        self._inode = os.stat(self.path).st_ino
+
+    def _reopen_if_replaced(self) -> None:
+        """Reopen when the file under the connection was deleted or replaced (an operator's `rm`, a volume
+        remounted): SQLite would go on writing into an unlinked file and lose it all at the next start."""
+        try:
+            same = os.stat(self.path).st_ino == self._inode
+        except FileNotFoundError:
+            same = False
+        if same:
+            return
+        logger.error("sqlite: {} was deleted or replaced while open; opening it anew", self.path)
+        assert self._conn is not None
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.close()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._connect()
+        self.reopened += 1
 
     async def close(self) -> None:
         if self._retention is not None:
@@ -267,6 +288,7 @@ class SQLiteStore:
         the batch is retried later. When it refuses a row, the others are written one by one, so one bad
         row never costs the rest of its batch.
         """
+        self._reopen_if_replaced()
         try:
             self._commit(ops)
             return []
@@ -312,10 +334,9 @@ class SQLiteStore:
     async def recent_messages(self, chat_id: str, limit: int) -> list[StoredMessage]:
         if limit <= 0:
             return []
-        try:
+        # What cannot be written yet is kept for a retry; the history reads what is committed.
+        with contextlib.suppress(StoreUnavailable):
             await self.flush()
-        except StoreUnavailable:
-            pass  # what cannot be written yet is kept for a retry; the history reads what is committed
         rows = await self._query(
             f"SELECT {_COLUMNS} FROM chat_history WHERE chat_id = ?"
             " ORDER BY created_at DESC, id DESC LIMIT ?",
@@ -370,6 +391,7 @@ class SQLiteStore:
             "rows_written": self.rows_written,
             "pending": len(self._pending),
             "dropped": self.dropped,
+            "reopened": self.reopened,
         }
 
 

@@ -107,3 +107,19 @@ async def test_a_row_the_database_refuses_costs_its_batch_nothing(tmp_path) -> N
         assert store.stats()["pending"] == 0  # a refused row is not retried forever
     finally:
         await store.close()
+
+
+async def test_a_database_deleted_while_running_is_opened_anew_and_nothing_after_is_lost(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """SQLite kept writing into the unlinked file: after a restart the history was gone and a redelivered
+    message was answered a second time."""
+    settings = {"openai_api_key": "k", "openai_base_url": fake_openai.base_url}
+    async with harness(**settings) as h:
+        await h.say(inbound("antes", id="BEFORE"))
+        for suffix in ("", "-wal", "-shm"):
+            (h.settings.data_dir / f"bot.sqlite3{suffix}").unlink(missing_ok=True)
+        await h.say(inbound("después", id="AFTER"))
+        assert h.bot.store.stats()["reopened"] == 1
+    async with harness(**settings) as h:
+        assert await h.say(inbound("después", id="AFTER")) == []  # the redelivery is still caught

@@ -52,6 +52,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from loguru import logger
 
+from connection.supervisor import scrub
+
 if TYPE_CHECKING:
     import asyncpg
 
@@ -84,8 +86,9 @@ def default_holder_id() -> str:
 
 
 def _describe(exc: BaseException) -> str:
+    """For logs and metrics, scrubbed like connection errors (a driver's error may quote its URL)."""
     text = str(exc).strip() or type(exc).__name__
-    return text if isinstance(exc, LeaseError) else f"{type(exc).__name__}: {text}"
+    return scrub(text if isinstance(exc, LeaseError) else f"{type(exc).__name__}: {text}")
 
 
 class SessionLease:

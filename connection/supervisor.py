@@ -73,8 +73,13 @@ def mask_phone(phone: str) -> str:
     return f"+{digits[:2]}{'*' * (len(digits) - 4)}{digits[-2:]}"
 
 
+_URL_PASSWORD = re.compile(r"(://[^/\s:@]*):[^@\s/]*@")
+
+
 def scrub(text: str, limit: int = 300) -> str:
-    """Mask every long digit run (phone numbers, LIDs) and cap the length: safe for logs and metrics."""
+    """Mask every long digit run (phone numbers, LIDs) and the password of any URL (a database URL quoted
+    in an error), and cap the length: safe for logs and metrics."""
+    text = _URL_PASSWORD.sub(r"\1:***@", text)
     return _DIGITS.sub(lambda m: mask_phone(m.group(0)), text)[:limit]
 
 

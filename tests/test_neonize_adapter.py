@@ -340,6 +340,8 @@ def test_mask_and_scrub() -> None:
     assert "34612345678" not in scrubbed
     assert "+34*******78@s.whatsapp.net" in scrubbed
     assert "10.255.255.53:53" in scrubbed
+    url = _scrub('dial "postgresql://postgres.abc:s3cr3t-pw@db.example.co:5432/postgres": refused')
+    assert "s3cr3t-pw" not in url and "postgresql://postgres.abc:***@db.example.co:5432" in url
 
 
 # ---------------------------------------------------------------- connection events

@@ -21,7 +21,7 @@ class AIError(Exception):
     """The model could not answer (timeout, HTTP error, empty answer). The text is log-safe.
 
     `systemic` failures say the service is down or refuses everyone (timeouts, connection errors, HTTP 429,
-    5xx, 401, 403, answers that cannot be read); only they open the circuit. The others are about one
+    5xx, 401, 403, 404, answers that cannot be read); only they open the circuit. The others are about one
     request (another 4xx, an empty answer) and must not cost every other chat its answers.
     """
 
@@ -104,7 +104,7 @@ class ChatModel:
             status = error.status_code
             raise AIError(
                 f"model answered HTTP {status}",
-                systemic=status in (401, 403, 429) or status >= 500,
+                systemic=status in (401, 403, 404, 429) or status >= 500,  # 404: a model name nobody has
                 context_too_long=error.code == "context_length_exceeded",
             ) from error
         except openai.OpenAIError as error:

@@ -57,8 +57,12 @@ _HANDED_OVER = "chat handed to a human"
 _STALE = "too old to answer (offline backlog)"
 
 
-async def _done() -> None:
-    return None
+def _done() -> asyncio.Future[None]:
+    """An intake write that is already durable: a future, so it can be awaited more than once (a voice
+    note awaits it before transcribing and again before sending)."""
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    return done
 
 
 @dataclass
@@ -281,7 +285,8 @@ class Pipeline:
         # message waiting behind others in its chat is already safe from a crash.
         row = self._inbound_row(message)
         persisted = self.store.add_message(row)
-        if self._spilled or self._waiting >= self.max_waiting:
+        # Not while the database cannot write: it could not give the message back.
+        if (self._spilled or self._waiting >= self.max_waiting) and not self.store.writes_failing:
             self._spill(message, row, persisted)
             return True
         return self._enqueue(message, persisted)
@@ -567,8 +572,8 @@ class Pipeline:
         customer is answered all the same: the store keeps the row and retries it."""
         try:
             await persisted
-        except StoreUnavailable as error:
-            logger.error("message {} not saved yet, answering anyway: {}", message.id, error)
+        except StoreUnavailable as error:  # the store logs the outage itself, once
+            logger.debug("message {} not saved yet, answering anyway: {}", message.id, error)
 
     async def _understand(self, message: Inbound, persisted: Awaitable[None]) -> tuple[str, str | None]:
         """The text to answer, or a canned reply when there is nothing to hand to the responder."""
@@ -613,7 +618,10 @@ class Pipeline:
             logger.info("voice note {} not transcribed: {} ({})", message.id, reason, error)
             return "", self._audio_reply(reason, getattr(error, "limit", None))
         self.counters.transcribed += 1
-        await self.store.set_status(message.id, MessageStatus.RECEIVED, body=text)
+        try:
+            await self.store.set_status(message.id, MessageStatus.RECEIVED, body=text)
+        except StoreUnavailable as error:  # kept for a retry by the store; the answer does not wait for it
+            logger.debug("transcript of {} not saved yet: {}", message.id, error)
         return clean_text(text, self.max_inbound_chars)[0], None
 
     def _audio_reply(self, reason: str, limit: float | None) -> str:

@@ -110,6 +110,11 @@ class SQLiteStore:
         self.dropped = 0
         self.reopened = 0
         self._inode = 0
+        self._closed = False
+        self.refused = 0
+        self._failing_since: float | None = None  # monotonic time of the first failed write, while failing
+        self._last_failure = ""
+        self._last_attempt = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -163,11 +168,12 @@ class SQLiteStore:
         if same:
             return
         logger.error("sqlite: {} was deleted or replaced while open; opening it anew", self.path)
-        assert self._conn is not None
-        with contextlib.suppress(sqlite3.Error):
-            self._conn.close()
+        old = self._conn
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._connect()
+        self._connect()  # if this fails, the old connection stays and the next batch tries again
+        if old is not None:
+            with contextlib.suppress(sqlite3.Error):
+                old.close()
         self.reopened += 1
 
     async def close(self) -> None:
@@ -179,10 +185,16 @@ class SQLiteStore:
             try:
                 await self.flush()
             except StoreUnavailable as error:
-                logger.error("sqlite: closing with {} operations unwritten: {}", len(self._pending), error)
+                logger.error("sqlite: closing with writes that failed: {}", error)
+            self._closed = True
+            # After a failed flush the writer is pausing before its next retry, never mid-batch; a batch it
+            # was writing anyway is put back and failed by _write_loop.
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
             self._writer = None
+            if self._pending:
+                logger.error("sqlite: {} operations could not be written before closing", len(self._pending))
+            _fail(self._batch_done, StoreUnavailable("sqlite store closed"))
         if self._conn is not None:
             conn = self._conn
             with contextlib.suppress(StoreUnavailable):
@@ -200,16 +212,32 @@ class SQLiteStore:
 
     # -- writes (group commit) -----------------------------------------------------------------
 
-    def _enqueue(self, op: str, params: tuple[Any, ...]) -> asyncio.Future[None]:
+    @property
+    def writes_failing(self) -> bool:
+        return self._failing_since is not None
+
+    def _enqueue(
+        self, op: str, params: tuple[Any, ...], *, wait_for_retry: bool = False
+    ) -> asyncio.Future[None]:
         """Queue one write; the returned future (shared by its batch) resolves on the batch's commit.
 
         A caller cancelled while awaiting it cancels the shared future (asyncio does that); callers
         after that get a fresh one, so a cancelled shutdown wait never poisons the final flush.
+        While the database cannot write, the operation is kept for the next retry and the caller learns
+        at once, instead of waiting for that retry (a customer's answer waits on it).
         """
-        if self._batch_done is None or self._batch_done.done():
-            self._batch_done = asyncio.get_running_loop().create_future()
+        if self._closed:
+            closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            _fail(closed, StoreUnavailable("sqlite store closed"))
+            return closed
         self._pending.append((op, params))
         self._wakeup.set()
+        if self._failing_since is not None and not wait_for_retry:
+            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            _fail(failed, StoreUnavailable(f"{self._last_failure} (kept for a retry)"))
+            return failed
+        if self._batch_done is None or self._batch_done.done():
+            self._batch_done = asyncio.get_running_loop().create_future()
         return self._batch_done
 
     def add_message(self, message: StoredMessage) -> asyncio.Future[None]:
@@ -228,9 +256,10 @@ class SQLiteStore:
         await self._enqueue("status", (status.value, body, time.time(), db_text(wa_message_id)))
 
     async def flush(self) -> None:
-        """Wait until everything queued so far is committed, the batch being written included."""
+        """Wait until everything queued so far is committed, the batch being written included (while the
+        database cannot write: until the next retry, which raises if it fails again)."""
         if self._pending or self._writing:
-            await self._enqueue("noop", ())
+            await self._enqueue("noop", (), wait_for_retry=True)
 
     async def _write_loop(self) -> None:
         while True:
@@ -238,32 +267,51 @@ class SQLiteStore:
             self._wakeup.clear()
             if not self._pending:
                 continue
+            if self._failing_since is not None:
+                # The database could not write: try again every RETRY_AFTER_S, not at every new write (a
+                # busy bot on a full disk would spin, and log, hundreds of times a second).
+                await asyncio.sleep(max(0.0, self._last_attempt + RETRY_AFTER_S - time.monotonic()))
             # Whatever queued up while the previous batch was being written is the next batch.
             batch, self._pending = self._pending, []
             done, self._batch_done = self._batch_done, None
             self._writing = True
+            self._last_attempt = time.monotonic()
             try:
                 refused = await self._run(self._write_batch, batch)
+            except asyncio.CancelledError:
+                self._pending = batch + self._pending  # counted as unwritten by close()
+                _fail(done, StoreUnavailable("sqlite store closed"))
+                raise
             except Exception as error:  # a failed batch fails its callers, never the loop
                 kept = self._keep_for_retry(batch)
-                logger.error(
-                    "sqlite could not write {} operations, {} kept for a retry: {}", len(batch), kept, error
-                )
+                if self._failing_since is None or str(error) != self._last_failure:
+                    logger.error(
+                        "sqlite cannot write ({}): {} operations kept, retried every {:g} s",
+                        error,
+                        kept,
+                        RETRY_AFTER_S,
+                    )
+                self._failing_since = self._failing_since or time.monotonic()
+                self._last_failure = str(error)
                 _fail(done, StoreUnavailable(str(error)))
-                asyncio.get_running_loop().call_later(RETRY_AFTER_S, self._wakeup.set)
+                self._wakeup.set()  # the kept operations are tried again after the pause above
                 continue
             finally:
                 self._writing = False
+            if self._failing_since is not None:
+                logger.warning("sqlite writes again after {:.0f} s", time.monotonic() - self._failing_since)
+                self._failing_since = None
+            # A refused row is logged and counted; its batch resolves, since the rows around it are
+            # written (the batch shares one future, so its callers cannot be told apart).
             for (op, params), error in refused:
+                self.refused += 1
                 logger.error(
                     "sqlite refused a {} write for message {}: {}",
                     op,
                     params[-1 if op == "status" else 0],
                     error,
                 )
-            if refused:
-                _fail(done, StoreUnavailable(f"{len(refused)} operation(s) refused: {refused[0][1]}"))
-            elif done is not None and not done.done():
+            if done is not None and not done.done():
                 done.set_result(None)
 
     def _keep_for_retry(self, batch: list[tuple[str, tuple[Any, ...]]]) -> int:
@@ -334,9 +382,11 @@ class SQLiteStore:
     async def recent_messages(self, chat_id: str, limit: int) -> list[StoredMessage]:
         if limit <= 0:
             return []
-        # What cannot be written yet is kept for a retry; the history reads what is committed.
-        with contextlib.suppress(StoreUnavailable):
-            await self.flush()
+        # While the database cannot write, what is kept for a retry is not waited for: the history reads
+        # what is committed (the chat's newest turns are in memory anyway).
+        if self._failing_since is None:
+            with contextlib.suppress(StoreUnavailable):
+                await self.flush()
         rows = await self._query(
             f"SELECT {_COLUMNS} FROM chat_history WHERE chat_id = ?"
             " ORDER BY created_at DESC, id DESC LIMIT ?",
@@ -392,6 +442,7 @@ class SQLiteStore:
             "pending": len(self._pending),
             "dropped": self.dropped,
             "reopened": self.reopened,
+            "refused": self.refused,
         }
 
 

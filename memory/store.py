@@ -161,6 +161,12 @@ class Store(Protocol):
         """
         ...
 
+    @property
+    def writes_failing(self) -> bool:
+        """True while the database cannot write (new writes are kept for a retry): the pipeline then keeps
+        waiting messages in memory rather than leaving them in a store it cannot read them back from."""
+        ...
+
     def stats(self) -> dict[str, Any]:
         """Counters for /v1/metrics (no message text, no numbers)."""
         ...

@@ -842,6 +842,10 @@ class SupabaseStore:
 
     # -- metrics ---------------------------------------------------------------------------------------
 
+    @property
+    def writes_failing(self) -> bool:
+        return False  # writes go to the local journal; a journal that cannot write raises at once
+
     def stats(self) -> dict[str, Any]:
         return {
             "backend": "supabase",

@@ -5,9 +5,16 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 
+import pytest
+
 from memory.store import MessageStatus
 from tests.conftest import inbound
 from tests.fake_openai import FakeOpenAI
+
+
+@pytest.fixture(autouse=True)
+def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("memory.sqlite_store.RETRY_AFTER_S", 0.1)
 
 
 def rows(path: str) -> dict[str, tuple[str, str]]:
@@ -85,7 +92,7 @@ async def test_the_real_error_of_a_full_disk_is_the_one_reported(tmp_path) -> No
 
 async def test_a_row_the_database_refuses_costs_its_batch_nothing(tmp_path) -> None:
     from memory.sqlite_store import SQLiteStore
-    from memory.store import Direction, StoredMessage, StoreUnavailable
+    from memory.store import Direction, StoredMessage
 
     def row(wa_id: str, kind: str | None) -> StoredMessage:
         return StoredMessage(
@@ -101,12 +108,93 @@ async def test_a_row_the_database_refuses_costs_its_batch_nothing(tmp_path) -> N
             store.add_message(row("B", "text")),
         ]
         outcomes = await asyncio.gather(*writes, return_exceptions=True)
-        assert isinstance(outcomes[1], StoreUnavailable)  # the batch reports the refusal...
+        assert outcomes == [None, None, None]  # the rows around it were written: their callers are not failed
         stored = [m.wa_message_id for m in await store.recent_messages("c@s.whatsapp.net", 10)]
-        assert stored == ["A", "B"]  # ...and the rows around it are written
-        assert store.stats()["pending"] == 0  # a refused row is not retried forever
+        assert stored == ["A", "B"]
+        assert store.stats()["refused"] == 1 and store.stats()["pending"] == 0  # counted, not retried forever
     finally:
         await store.close()
+
+
+async def full_disk(store) -> None:
+    pages = await store._run(lambda: store._conn.execute("PRAGMA page_count").fetchone()[0])
+    await store._run(lambda: store._conn.execute(f"PRAGMA max_page_count = {pages}"))
+
+
+async def room_again(store) -> None:
+    await store._run(lambda: store._conn.execute("PRAGMA max_page_count = 1073741823"))
+
+
+async def test_a_flood_on_a_full_disk_keeps_answering_new_customers(harness, fake_openai: FakeOpenAI) -> None:
+    """Messages past MAX_WAITING_MESSAGES wait in the database; on a full disk they could not be read back,
+    and every later message went there too: the bot fell silent for everyone until the disk was freed."""
+    chats = [f"3460088{i:04d}@s.whatsapp.net" for i in range(10)]
+    async with harness(
+        openai_api_key="k", openai_base_url=fake_openai.base_url, max_waiting_messages=10
+    ) as h:
+        await h.say(inbound("primero", id="FIRST"))
+        await full_disk(h.bot.store)
+        for n in range(40):
+            h.bot.pipeline.submit(inbound(f"m{n} " + "x" * 500, chat=chats[n % 10], id=f"M{n}"))
+        await asyncio.sleep(0.5)
+        h.bot.pipeline.submit(inbound("hola", chat="34699999999@s.whatsapp.net", id="NEW"))
+        for _ in range(50):  # not h.say: the flood's tail cannot be read back until there is room
+            if h.transport.texts_to("34699999999@s.whatsapp.net"):
+                break
+            await asyncio.sleep(0.1)
+        assert h.transport.texts_to("34699999999@s.whatsapp.net") == ["echo: hola"]
+        await room_again(h.bot.store)
+        assert await h.bot.pipeline.drain(10)
+        for n in range(40):  # and the flood is answered, every message once, once there is room
+            assert sum(t.startswith(f"echo: m{n} ") for t in h.transport.texts_to(chats[n % 10])) == 1
+
+
+async def test_a_voice_note_on_a_full_disk_gets_its_answer(harness, fake_openai: FakeOpenAI) -> None:
+    """Saving the transcript failed into the apology path: texts were answered, voice notes apologised."""
+    from connection.types import MediaRef, MessageKind
+
+    class Transcriber:
+        enabled = True
+
+        def check_declared_size(self, size: int | None) -> None: ...
+
+        async def transcribe(self, data: bytes, mimetype: str = "audio/ogg") -> str:
+            return "a qué hora abren"
+
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        h.bot.pipeline.transcriber = Transcriber()  # type: ignore[assignment]
+        await h.say(inbound("primero", id="FIRST"))
+        await full_disk(h.bot.store)
+        await h.say(
+            inbound("texto " + "x" * 3000, chat="34600000001@s.whatsapp.net")
+        )  # its row waits for room
+        note = inbound(
+            "", kind=MessageKind.AUDIO, media=MediaRef(mimetype="audio/ogg", voice_note=True, handle=b"x")
+        )
+        assert await h.say(note) == ["echo: a qué hora abren"]
+        await room_again(h.bot.store)
+
+
+async def test_closing_on_a_failing_disk_leaves_no_caller_waiting(tmp_path) -> None:
+    from memory.sqlite_store import SQLiteStore
+    from memory.store import Direction, StoredMessage, StoreUnavailable
+
+    def row(i: int) -> StoredMessage:
+        return StoredMessage(
+            f"M{i}", "c@s.whatsapp.net", Direction.IN, "text", "x" * 5000, MessageStatus.RECEIVED, 1.0
+        )
+
+    store = SQLiteStore(tmp_path / "s.sqlite3", retention_days=None)
+    await store.open()
+    await full_disk(store)
+    first = store.add_message(row(1))
+    closing = asyncio.create_task(store.close())
+    await asyncio.sleep(0.05)
+    late = store.add_message(row(2))  # a reply recorded while the bot shuts down
+    await closing
+    for write in (first, late, store.add_message(row(3))):
+        outcome = await asyncio.wait_for(asyncio.gather(write, return_exceptions=True), 2)
+        assert isinstance(outcome[0], StoreUnavailable)
 
 
 async def test_a_database_deleted_while_running_is_opened_anew_and_nothing_after_is_lost(
@@ -123,3 +211,31 @@ async def test_a_database_deleted_while_running_is_opened_anew_and_nothing_after
         assert h.bot.store.stats()["reopened"] == 1
     async with harness(**settings) as h:
         assert await h.say(inbound("después", id="AFTER")) == []  # the redelivery is still caught
+
+
+async def test_a_reopen_that_fails_keeps_the_old_connection_for_reads(tmp_path) -> None:
+    import os
+
+    from memory.sqlite_store import SQLiteStore
+    from memory.store import Direction, StoredMessage, StoreUnavailable
+
+    path = tmp_path / "s.sqlite3"
+    store = SQLiteStore(path, retention_days=None)
+    await store.open()
+    try:
+        await store.add_message(
+            StoredMessage("A", "c@s.whatsapp.net", Direction.IN, "text", "hola", MessageStatus.RECEIVED, 1.0)
+        )
+        for suffix in ("", "-wal", "-shm"):
+            (tmp_path / f"s.sqlite3{suffix}").unlink(missing_ok=True)
+        os.mkdir(path)  # something SQLite cannot open where the file was
+        late = StoredMessage(
+            "B", "c@s.whatsapp.net", Direction.IN, "text", "hola", MessageStatus.RECEIVED, 2.0
+        )
+        outcome = await asyncio.gather(store.add_message(late), return_exceptions=True)
+        assert isinstance(outcome[0], StoreUnavailable)
+        # Reads go on from the connection still open (it used to be closed first: every read then failed).
+        assert [m.wa_message_id for m in await store.recent_messages("c@s.whatsapp.net", 5)] == ["A"]
+        os.rmdir(path)
+    finally:
+        await store.close()

@@ -176,3 +176,16 @@ async def test_missing_ffmpeg_is_said_at_start_not_only_to_customers(
     finally:
         logger.remove(sink)
     assert any(line.startswith("ffmpeg not found") for line in said)
+
+
+async def test_a_voice_note_taken_back_from_the_store_is_answered(
+    harness, fake_openai: FakeOpenAI, voice_note: Path
+) -> None:
+    """Recovery at start and the read-back of waiting messages hand it over already saved; it was
+    awaited twice as a coroutine ("cannot reuse already awaited coroutine") and never answered."""
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        message = note(voice_note)
+        await h.bot.store.add_message(h.bot.pipeline._inbound_row(message))
+        h.bot.pipeline.resume(message)
+        assert await h.bot.pipeline.drain(10)
+        assert h.transport.texts_to(message.chat) == [f"echo: {fake_openai.transcript}"]

@@ -23,17 +23,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def drop_privileges() -> None:
+def drop_privileges(data_dir: Path) -> None:
     """Railway mounts a volume owned by root, so a service with a volume runs as root (RAILWAY_RUN_UID=0).
     The image names its unprivileged user in BOT_RUN_AS: give that user DATA_DIR, then become it, before
-    anything else opens a file."""
+    anything else writes a file (only the settings have been read)."""
     user = os.environ.get("BOT_RUN_AS")
     if not user or os.geteuid() != 0:
         return
     import pwd
 
     entry = pwd.getpwnam(user)
-    data_dir = Path(os.environ.get("DATA_DIR") or os.environ.get("RAILWAY_VOLUME_MOUNT_PATH") or "data")
     data_dir.mkdir(parents=True, exist_ok=True)
     for root, dirs, files in os.walk(data_dir):  # never follows symlinks, and lchown does not either
         for path in (root, *(os.path.join(root, name) for name in dirs + files)):
@@ -45,9 +44,9 @@ def drop_privileges() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    drop_privileges()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     settings = load_settings()
+    drop_privileges(settings.data_dir)  # DATA_DIR as configured, .env included
     setup_logging(settings.effective_log_level, json=settings.log_json)
     command = args.command or "run"
     if command in ("run", "chat") and (problem := data_dir_problem(settings.data_dir)):

@@ -63,6 +63,12 @@ class GovernedTransport:
         self._budget_lock = asyncio.Lock()
         self.counters = {"sent": 0, "refused_unsolicited": 0, "budget_waits": 0, "same_text_waits": 0}
         self.typing_s = 0.0
+        # A transport with an outbox paces each message when it really goes out (a reconnect must not
+        # send the whole outbox at once); any other is paced here, before the send.
+        set_pacer = getattr(inner, "set_pacer", None)
+        self._inner_paces = set_pacer is not None
+        if set_pacer is not None:
+            set_pacer(self.pace)
 
     # -- bookkeeping --------------------------------------------------------------------------------
 
@@ -96,8 +102,8 @@ class GovernedTransport:
             self.counters["refused_unsolicited"] += 1
             raise TransportError("refused: the bot only replies to chats that wrote to it")
         await self._spread_same_text(chat, text)
-        await self._typing_pause(chat, text)
-        await self._take_budget()
+        if not self._inner_paces:
+            await self.pace(chat, text)
         sent = await self.inner.send_text(chat, text)
         self.counters["sent"] += 1
         return sent
@@ -112,6 +118,11 @@ class GovernedTransport:
         return await self.inner.download_media(message)
 
     # -- the limits ---------------------------------------------------------------------------------
+
+    async def pace(self, chat: ChatId, text: str) -> None:
+        """The typing pause and the per-minute budget, right before a message goes out."""
+        await self._typing_pause(chat, text)
+        await self._take_budget()
 
     async def _typing_pause(self, chat: ChatId, text: str) -> None:
         if self.limits.typing_chars_per_s <= 0:  # 0 turns the pause off

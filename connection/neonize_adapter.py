@@ -589,6 +589,7 @@ class NeonizeTransport:
             if on_undecryptable is not None or resend_text
             else None
         )
+        self._pacer: Callable[[ChatId, str], Awaitable[None]] | None = None
         self._tasks = BackgroundTasks("whatsapp")
         self._flushing: asyncio.Task[None] | None = None
         self._flush_wanted = asyncio.Event()
@@ -714,6 +715,7 @@ class NeonizeTransport:
         """
         if self._outbox is None or (self.state is ConnectionState.CONNECTED and not len(self._outbox)):
             try:
+                await self._pace(chat, text)
                 return await self._send_now(chat, text)
             except TransportError:
                 if self._outbox is None or await self.is_connected():
@@ -787,10 +789,21 @@ class NeonizeTransport:
             raise TransportError(f"send failed: {_scrub(str(exc))}") from exc
         return MessageId(resp.ID)
 
+    def set_pacer(self, pacer: Callable[[ChatId, str], Awaitable[None]]) -> None:
+        """Run `pacer` right before each message really goes out, queued ones included (the ban-risk
+        governor's typing pause and per-minute budget: spent at queue time, a reconnect would send the
+        whole outbox in one burst)."""
+        self._pacer = pacer
+
+    async def _pace(self, chat: ChatId, text: str) -> None:
+        if self._pacer is not None:
+            await self._pacer(chat, text)
+
     async def _send_queued(self, chat: ChatId, text: str) -> None:
         if self.state is not ConnectionState.CONNECTED:
             raise SendDeferred("not connected")
         try:
+            await self._pace(chat, text)
             await self._send_now(chat, text)
         except TransportError as exc:
             if not await self.is_connected():

@@ -291,3 +291,49 @@ async def test_undecryptable_goes_to_the_callback_when_given(
         assert fake_client.instances[0].sent == []
     finally:
         await t.stop()
+
+
+async def test_a_reconnect_sends_the_outbox_within_the_per_minute_budget(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    """The governor spent its budget when a reply was queued; on reconnect the outbox sent everything in
+    one burst (15 messages within a millisecond with a cap of 3 a minute): what the cap exists to avoid."""
+    from bot.governor import GovernedTransport, GovernorLimits
+    from connection.types import Inbound, MessageId, MessageKind
+
+    fake_client.script.extend(["ok"])
+    t = transport(tmp_path)
+    now = [1000.0]
+
+    async def sleep(seconds: float) -> None:  # the governor's clock: minutes pass at once
+        now[0] += seconds
+        await asyncio.sleep(0)
+
+    governed = GovernedTransport(
+        t, GovernorLimits(per_minute=3, typing_chars_per_s=0), clock=lambda: now[0], sleep=sleep
+    )
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        client = fake_client.instances[0]
+        await client.drop()
+        chats = [ChatId(f"3460000{i:04d}@s.whatsapp.net") for i in range(15)]
+        for i, chat in enumerate(chats):
+            governed.note_inbound(Inbound(MessageId(f"m{i}"), chat, chat, MessageKind.TEXT))
+            await governed.send_text(chat, f"reply {i}")
+        sent_at: list[float] = []
+        send = client.send_message
+
+        async def timed(jid: Any, message: Any) -> Any:
+            sent_at.append(now[0])
+            return await send(jid, message)
+
+        client.send_message = timed  # type: ignore[method-assign]
+        await client.back()
+        async with asyncio.timeout(5):
+            while t.stats()["outbox_pending"]:
+                await asyncio.sleep(0.01)
+        assert len(sent_at) == 15
+        assert sent_at[-1] - sent_at[0] >= 4 * 60  # 15 at 3 a minute: the last goes out in the fifth minute
+    finally:
+        await t.stop()

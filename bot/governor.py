@@ -85,8 +85,12 @@ class GovernedTransport:
         while next(iter(self._inbound_at.values())) < now - self.limits.reply_window_s:
             self._inbound_at.popitem(last=False)
 
+    @property
+    def owner_chat(self) -> ChatId | None:
+        return getattr(self.inner, "owner_chat", None)
+
     def _may_write_to(self, chat: str) -> bool:
-        if self.limits.allow_initiate:
+        if self.limits.allow_initiate or (chat and chat == self.owner_chat):  # the owner's own chat
             return True
         last = self._inbound_at.get(chat)
         return last is not None and self._clock() - last <= self.limits.reply_window_s

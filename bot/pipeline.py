@@ -9,6 +9,7 @@ concurrently; the worker ends (and its state is dropped) when the queue is empty
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections import OrderedDict, deque
@@ -249,9 +250,12 @@ class Pipeline:
             message = replace(message, text=text)
         if not self._accepting:
             # Saved unanswered: WhatsApp already acknowledged it, and recovery answers it at the next start.
+            # Filtered first, like any message: recovery must not answer a group, a reaction, a blocked one.
             if message.id and message.chat and not message.from_me and not self.dedup.seen(message.id):
-                self._spawn(self._remember(self._inbound_row(message)))
-            logger.warning("shutting down: message {} saved for the next start", message.id)
+                reason = self._filter(message)
+                if reason is None:
+                    self._spawn(self._remember(self._inbound_row(message)))
+                    logger.warning("shutting down: message {} saved for the next start", message.id)
             return False
         if not message.id or not message.chat:
             self._skip(message, "malformed (no id or chat)")
@@ -432,10 +436,13 @@ class Pipeline:
             return
         command = parse_command(message.text) if message.kind is MessageKind.TEXT else None
         if command is not None:
-            summary = self.takeover.apply(command, message.chat)
+            # From the owner's own chat a command applies to every chat; the answer goes there, never to
+            # a customer's chat the command was typed in.
+            summary = self.takeover.apply(command, None if message.is_self_chat else message.chat)
             logger.warning("owner command: {}", summary)
-            if message.is_self_chat:
-                self._spawn(self._send_notice(message.chat, summary))
+            owner_chat = message.chat if message.is_self_chat else getattr(self.transport, "owner_chat", None)
+            if owner_chat:
+                self._spawn(self._send_notice(ChatId(owner_chat), summary))
             return
         if not message.is_self_chat:
             self.takeover.owner_wrote(message.chat)
@@ -562,6 +569,12 @@ class Pipeline:
             answer_text, via_model = reply("ai_error", self.language), False
         finally:
             await self._saved(message, persisted)
+        if self.takeover.is_paused(message.chat):  # the owner wrote while the answer was being prepared
+            logger.info("owner took over {} while its answer was prepared: not sent", message.chat)
+            self.counters.skipped += 1
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.set_status(message.id, MessageStatus.SKIPPED)
+            return
         sent_ids, answer_text = await self._send(message, answer_text)
         # Overhead as the customer meets it: until the answer is handed to the transport.
         self._overhead.append(time.perf_counter() - started - model_time)

@@ -9,6 +9,7 @@ to every chat (`!bot pause all`).
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -16,24 +17,60 @@ from dataclasses import dataclass
 from typing import Literal
 
 COMMAND_PREFIX = "!bot"
+USAGE = "usage: !bot pause [minutes] [all] | !bot resume [all] | !bot status (from your own chat: every chat)"
+_ACTIONS = {
+    "pause": "pause",
+    "pausa": "pause",
+    "resume": "resume",
+    "reanuda": "resume",
+    "reanudar": "resume",
+    "sigue": "resume",
+    "status": "status",
+    "estado": "status",
+}
+_EVERYWHERE = {"all", "todo", "todos", "todas"}
+# "30", "1.5", "1,5" (the Spanish decimal comma), "30m", "2h", "45 min": minutes unless hours are said.
+_DURATION = re.compile(
+    r"(\d+(?:[.,]\d+)?)(m|min|mins|minuto|minutos|minute|minutes|h|hora|horas|hour|hours)?"
+)
+_UNITS = {"m", "min", "mins", "minuto", "minutos", "minute", "minutes", "h", "hora", "horas", "hour", "hours"}
 
 
 @dataclass(frozen=True, slots=True)
 class OwnerCommand:
-    action: Literal["pause", "resume", "status"]
+    action: Literal["pause", "resume", "status", "help"]
     everywhere: bool
     minutes: float | None = None
 
 
 def parse_command(text: str) -> OwnerCommand | None:
-    """`!bot pause 30`, `!bot resume all`, `!bot status` -> OwnerCommand; anything else -> None."""
-    words = text.strip().lower().split()
-    if len(words) < 2 or words[0] != COMMAND_PREFIX or words[1] not in ("pause", "resume", "status"):
+    """`!bot pause 30`, `!bot pausa 1,5 h todos`, `!bot resume all`, `!bot status` -> OwnerCommand.
+
+    A `!bot` line that cannot be read is the "help" command (never a pause of unknown length); any other
+    text is None.
+    """
+    words = text.strip().casefold().split()
+    if not words or words[0] != COMMAND_PREFIX:
         return None
+    action = _ACTIONS.get(words[1]) if len(words) > 1 else None
+    if action is None:
+        return OwnerCommand("help", True)
+    everywhere, minutes = action == "status", None
     rest = words[2:]
-    everywhere = "all" in rest or words[1] == "status"
-    minutes = next((float(w) for w in rest if w.replace(".", "", 1).isdigit()), None)
-    return OwnerCommand(words[1], everywhere, minutes)  # type: ignore[arg-type]
+    for index, word in enumerate(rest):
+        duration = _DURATION.fullmatch(word)
+        if word in _EVERYWHERE:
+            everywhere = True
+        elif duration is not None and minutes is None and action == "pause":
+            minutes = float(duration.group(1).replace(",", "."))
+            unit = duration.group(2) or (rest[index + 1] if index + 1 < len(rest) else "")
+            if unit.startswith("h"):
+                minutes *= 60
+        elif word in _UNITS and index > 0 and _DURATION.fullmatch(rest[index - 1]):
+            continue  # "30 min": the unit of the number before
+        else:
+            return OwnerCommand("help", True)
+    return OwnerCommand(action, everywhere, minutes)  # type: ignore[arg-type]
 
 
 class Takeover:
@@ -53,6 +90,7 @@ class Takeover:
         self._clock = clock
         self._paused: OrderedDict[str, float] = OrderedDict()  # chat -> until (monotonic)
         self._sent: OrderedDict[str, None] = OrderedDict()
+        self._exempt: set[str] = set()  # chats resumed one by one during a pause of every chat
         self.global_until = 0.0
         self.takeovers = 0
 
@@ -75,7 +113,9 @@ class Takeover:
         until = math.inf if seconds is None else self._clock() + seconds
         if chat is None:
             self.global_until = until
+            self._exempt.clear()
             return
+        self._exempt.discard(chat)
         self._paused[chat] = until
         self._paused.move_to_end(chat)
         while len(self._paused) > self.max_chats:
@@ -85,12 +125,15 @@ class Takeover:
         if chat is None:
             self.global_until = 0.0
             self._paused.clear()
+            self._exempt.clear()
         else:
             self._paused.pop(chat, None)
+            if self._clock() < self.global_until and len(self._exempt) < self.max_chats:
+                self._exempt.add(chat)  # `!bot resume` in one chat during `!bot pause all`
 
     def is_paused(self, chat: str) -> bool:
         now = self._clock()
-        if now < self.global_until:
+        if now < self.global_until and chat not in self._exempt:
             return True
         until = self._paused.get(chat)
         if until is None:
@@ -108,8 +151,11 @@ class Takeover:
             del self._paused[chat]
         return len(ended)
 
-    def apply(self, command: OwnerCommand, chat: str) -> str:
-        """Carry out an owner command; returns a short log-safe summary (no numbers)."""
+    def apply(self, command: OwnerCommand, chat: str | None) -> str:
+        """Carry out an owner command typed in `chat` (None: the owner's own chat, where a command applies to
+        every chat); returns a short log-safe summary (no numbers)."""
+        if command.action == "help":
+            return USAGE
         target = None if command.everywhere else chat
         seconds = command.minutes * 60 if command.minutes is not None else None
         if command.action == "pause" and seconds == 0:

@@ -33,6 +33,7 @@ class LoopbackTransport:
     typing: list[tuple[ChatId, bool]] = field(default_factory=list)
     read: list[MessageId] = field(default_factory=list)
     record: bool = True
+    owner_chat: ChatId | None = None  # the owner's "message yourself" chat, where owner commands are answered
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     @property

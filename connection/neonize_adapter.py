@@ -851,6 +851,14 @@ class NeonizeTransport:
         if self._on_state is not None:
             self._on_state(state)
 
+    @property
+    def owner_chat(self) -> ChatId | None:
+        """The linked number's "message yourself" chat, where owner commands are answered; None before
+        the first login."""
+        me = getattr(self._driver.client, "me", None)  # neonize's Device: JID is the phone number's
+        user = me.JID.User if me is not None else ""
+        return ChatId(f"{user}@s.whatsapp.net") if user and user.isdigit() else None
+
     def _me(self) -> frozenset[str]:
         ids = set(self._own_ids)
         me = getattr(self._driver.client, "me", None)  # neonize's Device, set from event 0

@@ -1,0 +1,120 @@
+"""The owner at the phone: commands, taking a chat over, and what arrives while the bot shuts down;
+through the real pipeline on the loopback transport."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bot.takeover import parse_command
+from connection.types import ChatId, MessageKind
+from tests.conftest import BotHarness, inbound
+from tests.fake_openai import FakeOpenAI
+
+CHAT = "34600111222@s.whatsapp.net"
+OTHER = "5491122334455@s.whatsapp.net"
+ME = "34699999999@s.whatsapp.net"
+
+
+def ai(fake: FakeOpenAI, **extra: object) -> dict[str, object]:
+    return {"openai_api_key": "k", "openai_base_url": fake.base_url, **extra}
+
+
+def from_owner(text: str, chat: str = ME) -> object:
+    return inbound(text, chat=chat, from_me=True, is_self_chat=chat == ME)
+
+
+async def test_a_pause_sent_from_the_owners_own_chat_pauses_every_chat(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """It paused only the owner's own chat, while the owner was told "paused this chat for 60 min"."""
+    async with harness(**ai(fake_openai)) as h:
+        await h.say(from_owner("!bot pause 60"))
+        assert h.transport.texts_to(ME) == ["paused all chats for 60 min"]
+        assert await h.say("hola", inbound("hola", chat=OTHER)) == []
+
+
+async def test_resume_in_one_chat_during_a_pause_of_all(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        await h.say(from_owner("!bot pause all"))
+        await h.say(from_owner("!bot resume", chat=CHAT))  # typed in the customer's chat
+        assert await h.say("hola") == ["echo: hola"]
+        assert await h.say(inbound("hola", chat=OTHER)) == []  # the others stay paused
+
+
+async def test_command_answers_go_to_the_owners_chat_never_to_the_customer(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        h.transport.owner_chat = ChatId(ME)
+        await h.say(from_owner("!bot status", chat=CHAT))
+        await h.say(from_owner("!bot pausa nunca", chat=CHAT))
+        assert h.transport.texts_to(CHAT) == []
+        status, usage = h.transport.texts_to(ME)
+        assert status.startswith("bot status: answering") and usage.startswith("usage: !bot pause")
+
+
+@pytest.mark.parametrize(
+    ("text", "minutes", "everywhere"),
+    [
+        ("!bot pause 30", 30, False),
+        ("!bot pause 30min", 30, False),
+        ("!bot pause 45 min", 45, False),
+        ("!bot pause 1,5", 1.5, False),  # the Spanish decimal comma
+        ("!bot pausa 2 h todos", 120, True),
+        ("!bot  PAUSE   ALL", None, True),
+    ],
+)
+def test_durations_are_read_as_an_owner_writes_them(
+    text: str, minutes: float | None, everywhere: bool
+) -> None:
+    command = parse_command(text)
+    assert command is not None and command.action == "pause"
+    assert command.minutes == minutes and command.everywhere is everywhere
+
+
+@pytest.mark.parametrize("text", ["!bot pause -5", "!bot pause ²", "!bot pause 1e2", "!bot pausar", "!bot"])
+def test_a_command_that_cannot_be_read_is_answered_with_usage_never_an_endless_pause(text: str) -> None:
+    """`30min`, `1,5` and `-5` used to parse as "no minutes", a pause with no end; `²` raised in intake."""
+    command = parse_command(text)
+    assert command is not None and command.action == "help"
+
+
+async def test_an_answer_being_prepared_is_not_sent_once_the_owner_wrote(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.delay_s = 0.6
+    async with harness(**ai(fake_openai)) as h:
+        h.bot.pipeline.submit(inbound("¿cuánto cuesta?"))
+        await asyncio.sleep(0.2)  # the model is thinking; the owner answers from the phone
+        h.bot.pipeline.submit(inbound("Son 20 euros, soy Marta", from_me=True))
+        assert await h.bot.pipeline.drain(10)
+        assert h.transport.texts_to(CHAT) == []
+
+
+async def test_what_arrives_during_shutdown_is_filtered_before_it_is_kept(
+    make_settings, fake_openai: FakeOpenAI
+) -> None:
+    """It was saved unfiltered and answered at the next start: a group, a reaction, a blocked number and a
+    status broadcast all got replies."""
+    settings = make_settings(**ai(fake_openai, blocked_numbers="34611111111"))
+    fake_openai.delay_s = 0.5
+    async with BotHarness(settings) as h:
+        h.bot.pipeline.submit(inbound("pregunta lenta"))  # a reply in flight when the stop begins
+        await asyncio.sleep(0.1)
+        stopping = asyncio.create_task(h.bot.pipeline.stop(timeout=8))
+        await asyncio.sleep(0.05)
+        for message in [
+            inbound("hola grupo", chat="120363000000000000@g.us", is_group=True),
+            inbound("", kind=MessageKind.REACTION, chat=CHAT),
+            inbound("spam", chat="34611111111@s.whatsapp.net"),
+            inbound("mira mi estado", chat="status@broadcast", is_status=True),
+            inbound("¿abren mañana?", chat=OTHER, id="KEPT"),
+        ]:
+            h.bot.pipeline.submit(message)
+        await stopping
+    fake_openai.delay_s = 0
+    async with BotHarness(settings) as again:  # the next start answers what was kept
+        assert await again.bot.pipeline.drain(10)
+        assert [(s.chat, s.text) for s in again.transport.sent] == [(OTHER, "echo: ¿abren mañana?")]

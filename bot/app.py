@@ -180,6 +180,7 @@ class Bot:
         """Open the store and start the pipeline; `recover=False` leaves answering what a crash left
         unanswered to the caller (`run_whatsapp` does it once it holds the session lease)."""
         await self.store.open()
+        await self._restore_pauses()
         await self.pipeline.start()
         await self._load_number_lists()
         self._warn_missing_tools()
@@ -190,6 +191,28 @@ class Bot:
         self._tasks.append(asyncio.create_task(self._sweep_temp_files(), name="temp-sweeper"))
         if self.settings.supabase_url:
             self._tasks.append(asyncio.create_task(self._refresh_flows(), name="flows-refresher"))
+
+    async def _restore_pauses(self) -> None:
+        """Chats a human took over (and `!bot pause all`) stay paused across a restart or a deploy."""
+        takeover = self.pipeline.takeover
+        try:
+            pauses = await self.store.pauses(time.time())
+        except StoreUnavailable as error:
+            logger.warning("could not read paused chats: {}", error)
+        else:
+            takeover.restore(pauses, time.time())
+            if pauses:
+                logger.info("{} paused chat(s) restored", len(pauses))
+        takeover.on_change = self._save_pause
+
+    def _save_pause(self, chat: str, until: float | None) -> None:
+        async def save() -> None:
+            try:
+                await self.store.set_pause(chat, until)
+            except StoreUnavailable as error:
+                logger.warning("a pause was not saved and will not survive a restart: {}", error)
+
+        self._background.spawn(save(), "save-pause")
 
     def _warn_missing_tools(self) -> None:
         """Said at start, where the owner looks, rather than as a vague apology to each voice note."""

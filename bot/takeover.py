@@ -93,6 +93,26 @@ class Takeover:
         self._exempt: set[str] = set()  # chats resumed one by one during a pause of every chat
         self.global_until = 0.0
         self.takeovers = 0
+        # Told of every pause and resume (chat, or "*" for every chat; until in epoch seconds, math.inf
+        # without an end, None when it ends) so the store keeps them across restarts.
+        self.on_change: Callable[[str, float | None], None] | None = None
+
+    def restore(self, pauses: dict[str, float], now: float) -> None:
+        """Pauses read back from the store at start (epoch seconds; `now` is the epoch time)."""
+        for chat, until in pauses.items():
+            left = until - now
+            mono = math.inf if math.isinf(until) else self._clock() + left
+            if chat == "*":
+                self.global_until = mono
+            else:
+                self._paused[chat] = mono
+
+    def _changed(self, chat: str | None, until: float | None) -> None:
+        if self.on_change is not None:
+            wall = (
+                None if until is None else until if math.isinf(until) else time.time() + until - self._clock()
+            )
+            self.on_change("*" if chat is None else chat, wall)
 
     def note_sent(self, message_id: str) -> None:
         self._sent[message_id] = None
@@ -111,6 +131,7 @@ class Takeover:
 
     def pause(self, chat: str | None, seconds: float | None = None) -> None:
         until = math.inf if seconds is None else self._clock() + seconds
+        self._changed(chat, until)
         if chat is None:
             self.global_until = until
             self._exempt.clear()
@@ -122,6 +143,7 @@ class Takeover:
             self._paused.popitem(last=False)
 
     def resume(self, chat: str | None) -> None:
+        self._changed(chat, None)
         if chat is None:
             self.global_until = 0.0
             self._paused.clear()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import sqlite3
 import time
@@ -64,6 +65,10 @@ CREATE TABLE IF NOT EXISTS bot_contacts (
     note TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS bot_pauses (
+    chat_id TEXT PRIMARY KEY,  -- '*': every chat
+    until REAL  -- epoch seconds; NULL: until resumed
+);
 CREATE TABLE IF NOT EXISTS bot_flows (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     keywords TEXT NOT NULL,  -- JSON array of strings (text[] in Postgres)
@@ -88,6 +93,10 @@ _SET_STATUS = (
     "UPDATE chat_history SET status = ?, body = coalesce(?, body), updated_at = ? WHERE wa_message_id = ?"
 )
 _COLUMNS = "wa_message_id, chat_id, direction, kind, body, status, created_at"
+_UPSERT_PAUSE = """
+INSERT INTO bot_pauses (chat_id, until) VALUES (?, ?)
+ON CONFLICT (chat_id) DO UPDATE SET until = excluded.until
+"""
 
 
 class SQLiteStore:
@@ -251,6 +260,17 @@ class SQLiteStore:
             "status", (MessageStatus.ANSWERED.value, None, reply.created_at, db_text(answered_id))
         )
 
+    async def set_pause(self, chat_id: str, until: float | None) -> None:
+        await self._enqueue(
+            "pause", (chat_id, None if until is None or math.isinf(until) else until, until is None)
+        )
+
+    async def pauses(self, now: float) -> dict[str, float]:
+        rows = await self._query(
+            "SELECT chat_id, until FROM bot_pauses WHERE until IS NULL OR until > ?", (now,)
+        )
+        return {chat: math.inf if until is None else until for chat, until in rows}
+
     async def set_status(self, wa_message_id: str, status: MessageStatus, body: str | None = None) -> None:
         body = db_text(body) if body is not None else None
         await self._enqueue("status", (status.value, body, time.time(), db_text(wa_message_id)))
@@ -367,6 +387,13 @@ class SQLiteStore:
                 conn.executemany(_UPSERT_CHAT, [(chat, ts, ts) for chat, ts in last_seen.items()])
             if statuses:
                 conn.executemany(_SET_STATUS, statuses)
+            for chat_id, until, ended in (params for op, params in ops if op == "pause"):  # in order
+                if ended and chat_id == "*":
+                    conn.execute("DELETE FROM bot_pauses")
+                elif ended:
+                    conn.execute("DELETE FROM bot_pauses WHERE chat_id = ?", (chat_id,))
+                else:
+                    conn.execute(_UPSERT_PAUSE, (chat_id, until))
         self.commits += 1
         self.rows_written += len(messages) + len(statuses)
 

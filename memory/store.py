@@ -150,6 +150,15 @@ class Store(Protocol):
 
     async def flows(self) -> Sequence[Flow]: ...
 
+    async def set_pause(self, chat_id: str, until: float | None) -> None:
+        """Keep a human takeover across restarts: `chat_id` ("*": every chat) is paused until `until` (epoch
+        seconds, math.inf until resumed); None ends it ("*" with None ends every pause)."""
+        ...
+
+    async def pauses(self, now: float) -> dict[str, float]:
+        """The pauses still running at `now` (epoch seconds), math.inf for those without an end."""
+        ...
+
     async def number_lists(self) -> tuple[frozenset[str], frozenset[str]]:
         """(allowed, blocked) numbers from the bot_contacts table."""
         ...

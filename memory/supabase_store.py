@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import random
 import time
 from collections import OrderedDict
@@ -766,6 +767,34 @@ class SupabaseStore:
             frozenset(row["number"] for row in data if row["list"] == "allow"),
             frozenset(row["number"] for row in data if row["list"] == "block"),
         )
+
+    async def set_pause(self, chat_id: str, until: float | None) -> None:
+        """Written to Supabase at once, not journaled: a pause is short-lived, and during an outage the
+        running bot still holds it in memory (StoreUnavailable tells the caller it will not survive a
+        restart)."""
+        table = "bot_pauses"
+        try:
+            if until is None and chat_id == "*":
+                await self._table(table).delete().neq("chat_id", "").execute()
+            elif until is None:
+                await self._table(table).delete().eq("chat_id", chat_id).execute()
+            else:
+                row = {"chat_id": chat_id, "until": None if math.isinf(until) else _iso(until)}
+                await self._table(table).upsert(row, on_conflict="chat_id").execute()
+        except _UNREACHABLE as error:
+            raise StoreUnavailable(f"supabase: pause not saved ({_describe(error)})") from error
+
+    async def pauses(self, now: float) -> dict[str, float]:
+        async def select() -> list[dict[str, Any]]:
+            query = (
+                self._table("bot_pauses").select("chat_id,until").or_(f"until.is.null,until.gt.{_iso(now)}")
+            )
+            return (await query.execute()).data
+
+        data = await self._fetch(select)
+        if data is None:
+            raise StoreUnavailable("supabase unreachable: pauses not read")
+        return {row["chat_id"]: math.inf if row["until"] is None else _ts(row["until"]) for row in data}
 
     async def flows(self) -> Sequence[Flow]:
         """Enabled bot_flows by priority, refreshed from Supabase every flows_ttl_s seconds; during an

@@ -118,3 +118,20 @@ async def test_what_arrives_during_shutdown_is_filtered_before_it_is_kept(
     async with BotHarness(settings) as again:  # the next start answers what was kept
         assert await again.bot.pipeline.drain(10)
         assert [(s.chat, s.text) for s in again.transport.sent] == [(OTHER, "echo: ¿abren mañana?")]
+
+
+async def test_a_takeover_and_a_pause_of_all_survive_a_restart(
+    make_settings, fake_openai: FakeOpenAI
+) -> None:
+    """They lived in memory only: after a deploy the bot talked over the human who had the chat."""
+    settings = make_settings(**ai(fake_openai))
+    async with BotHarness(settings) as h:
+        assert await h.say("hola") == ["echo: hola"]
+        await h.say(inbound("Hola, soy Marta, te atiendo yo", from_me=True))
+        await h.say(from_owner("!bot pause all 30"))
+    async with BotHarness(settings) as again:
+        assert await again.say("¿me confirmas el precio?") == []
+        assert await again.say(inbound("hola", chat=OTHER)) == []
+        await again.say(from_owner("!bot resume all"))
+    async with BotHarness(settings) as third:  # and a resume is kept too
+        assert await third.say(inbound("hola", chat=OTHER)) == ["echo: hola"]

@@ -96,7 +96,7 @@ class SupabaseBackend:
     def __init__(self, stack: SupabaseStack, tmp_path: Path) -> None:
         self.stack = stack
         self.data_dir = tmp_path / "data"
-        stack.psql("truncate chat_history, chats, bot_flows, bot_contacts restart identity;")
+        stack.psql("truncate chat_history, chats, bot_flows, bot_contacts, bot_pauses restart identity;")
 
     def make(self) -> Store:
         return SupabaseStore(
@@ -372,3 +372,30 @@ async def test_data_survives_close_and_reopen(backend: Backend) -> None:
         assert set(await backend.rows(second)) == {"WA1", "WA2", "WA3"}
     finally:
         await second.close()
+
+
+async def test_pauses_survive_a_restart_and_end_when_told(backend: Backend) -> None:
+    import math
+    import time
+
+    now = time.time()
+    store = backend.make()
+    await store.open()
+    try:
+        await store.set_pause("c1@s.whatsapp.net", now + 600)
+        await store.set_pause("c2@s.whatsapp.net", now - 1)  # already over
+        await store.set_pause("c3@s.whatsapp.net", now + 600)
+        await store.set_pause("c3@s.whatsapp.net", None)  # resumed
+        await store.set_pause("*", math.inf)  # `!bot pause all`, no end
+    finally:
+        await store.close()
+    again = backend.make()
+    await again.open()
+    try:
+        pauses = await again.pauses(now)
+        assert set(pauses) == {"c1@s.whatsapp.net", "*"}
+        assert abs(pauses["c1@s.whatsapp.net"] - (now + 600)) < 0.01 and pauses["*"] == math.inf
+        await again.set_pause("*", None)  # `!bot resume all` ends every pause
+        assert await again.pauses(now) == {}
+    finally:
+        await again.close()

@@ -260,19 +260,50 @@ def _text(value: str | bytes) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def _source(src: Any) -> tuple[str, str, bool, bool]:
+class LidToPhone:
+    """LIDs seen together with their phone-number JID, so one person stays one chat when a later event
+    carries only the LID (the owner's reply from the phone, say). Bounded, least recently seen out."""
+
+    def __init__(self, max_items: int = 20_000) -> None:  # about 4 MB when full
+        self.max_items = max_items
+        self._phones: OrderedDict[str, str] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._phones)
+
+    def learn(self, lid: str, phone: str) -> None:
+        self._phones[lid] = phone
+        self._phones.move_to_end(lid)
+        while len(self._phones) > self.max_items:
+            self._phones.popitem(last=False)
+
+    def phone(self, lid: str) -> str:
+        """The phone-number JID of `lid` when known, else `lid` itself."""
+        return self._phones.get(lid, lid)
+
+
+def _source(src: Any, lids: LidToPhone | None = None) -> tuple[str, str, bool, bool]:
     """Chat, sender, from_me and is_group of a MessageSource; a LID 1:1 chat is keyed by the phone JID
-    when the event carries it, so one person is always one chat."""
+    when the event carries it, or an earlier one did (`lids`), so one person is always one chat."""
     chat = _jid_str(src.Chat)
     from_me = bool(src.IsFromMe)
     is_group = bool(src.IsGroup) or src.Chat.Server == _GROUP_SERVER
     sender = _jid_str(src.Sender)
-    if src.Sender.Server == _LID_SERVER and _is_pn(src.SenderAlt):
-        sender = _jid_str(src.SenderAlt)
+    if src.Sender.Server == _LID_SERVER:
+        if _is_pn(src.SenderAlt):
+            if lids is not None:
+                lids.learn(sender, _jid_str(src.SenderAlt))
+            sender = _jid_str(src.SenderAlt)
+        elif lids is not None:
+            sender = lids.phone(sender)
     if not is_group and src.Chat.Server == _LID_SERVER:
         alt = src.RecipientAlt if from_me else src.SenderAlt
         if _is_pn(alt):
+            if lids is not None:
+                lids.learn(chat, _jid_str(alt))
             chat = _jid_str(alt)
+        elif lids is not None:
+            chat = lids.phone(chat)
     if not sender and not is_group:
         sender = chat
     return chat, sender, from_me, is_group
@@ -281,19 +312,22 @@ def _source(src: Any) -> tuple[str, str, bool, bool]:
 # --------------------------------------------------------------------------- translation
 
 
-def translate_message(ev: Any, me: set[str] | frozenset[str] | None = None) -> Inbound | None:
+def translate_message(
+    ev: Any, me: set[str] | frozenset[str] | None = None, lids: LidToPhone | None = None
+) -> Inbound | None:
     """Turn a neonize `MessageEv` into an `Inbound`; None when it has no id or chat.
 
     `me` holds our own user ids (phone number and LID, bare or as JIDs) so a group mention of
     the bot sets `mentions_me` and the owner's "message yourself" chat sets `is_self_chat`.
     A 1:1 chat addressed by LID is keyed by the phone-number JID when the event carries it
-    (SenderAlt, or RecipientAlt for our own messages), so one person is always one chat.
+    (SenderAlt, or RecipientAlt for our own messages) or an earlier event did (`lids` remembers),
+    so one person is always one chat.
     Never raises.
     """
     try:
         info = ev.Info
         msg_id = info.ID
-        chat, sender, from_me, is_group = _source(info.MessageSource)
+        chat, sender, from_me, is_group = _source(info.MessageSource, lids)
         if not msg_id or not chat:
             logger.debug("skipping message event without id or chat")
             return None
@@ -590,6 +624,7 @@ class NeonizeTransport:
             else None
         )
         self._pacer: Callable[[ChatId, str], Awaitable[None]] | None = None
+        self._lids = LidToPhone()
         self._tasks = BackgroundTasks("whatsapp")
         self._flushing: asyncio.Task[None] | None = None
         self._flush_wanted = asyncio.Event()
@@ -884,7 +919,7 @@ class NeonizeTransport:
     def _handle_message(self, ev: Any) -> None:
         # Synchronous on purpose: nothing awaited before on_inbound, so order holds.
         self._supervisor.note_inbound()
-        inbound = translate_message(ev, self._me())
+        inbound = translate_message(ev, self._me(), self._lids)
         if inbound is None:
             return
         if self._resend is not None:
@@ -923,7 +958,7 @@ class NeonizeTransport:
 
     def _handle_undecryptable(self, ev: Any) -> None:
         info = ev.Info
-        chat, _sender, from_me, is_group = _source(info.MessageSource)
+        chat, _sender, from_me, is_group = _source(info.MessageSource, self._lids)
         if not info.ID or not chat or from_me or is_group or chat == STATUS_BROADCAST:
             return
         if ev.DecryptFailMode == nz.UndecryptableMessage.DECRYPT_FAIL_HIDE:

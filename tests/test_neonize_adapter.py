@@ -795,3 +795,29 @@ def test_a_tapped_button_or_list_row_reads_as_its_text(wa: WAMessage, text: str)
 def test_locations_contacts_and_polls_are_unsupported_content_not_protocol_noise(wa: WAMessage) -> None:
     msg = translate_message(event(wa))
     assert msg is not None and msg.kind is MessageKind.UNSUPPORTED
+
+
+def test_a_lid_seen_once_with_its_phone_keeps_one_person_one_chat() -> None:
+    """The owner's reply from the phone often carries only the LID: it was keyed as another chat, so the
+    takeover paused a chat nobody writes in, and the customer's history and rate limit were split."""
+    from connection.neonize_adapter import LidToPhone
+
+    lids, me, lid = LidToPhone(), {ME, ME_LID}, "123456789012345"
+    customer = event(
+        WAMessage(conversation="hola"),
+        chat=jid(lid, "lid"),
+        sender=jid(lid, "lid"),
+        sender_alt=jid(PHONE),
+        msg_id="A",
+    )
+    owner = event(
+        WAMessage(conversation="te atiendo yo"),
+        chat=jid(lid, "lid"),
+        sender=jid(ME_LID, "lid"),
+        from_me=True,
+        msg_id="B",
+    )
+    later = event(WAMessage(conversation="gracias"), chat=jid(lid, "lid"), sender=jid(lid, "lid"), msg_id="C")
+    chats = [translate_message(ev, me, lids) for ev in (customer, owner, later)]
+    assert [m.chat for m in chats if m is not None] == [f"{PHONE}@s.whatsapp.net"] * 3
+    assert chats[2] is not None and chats[2].sender == f"{PHONE}@s.whatsapp.net"

@@ -54,9 +54,8 @@ def _sample(value: float) -> str:
 def token_ok(request: web.Request, expected: str | None) -> bool:
     if not expected:
         return False
-    given = (
-        request.query.get("token") or request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    )
+    scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+    given = request.query.get("token") or (credentials.strip() if scheme.casefold() == "bearer" else "")
     return hmac.compare_digest(given.encode(), expected.encode())
 
 

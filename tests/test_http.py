@@ -108,6 +108,9 @@ async def test_qr_page_needs_the_admin_token() -> None:
         assert (await get(f"{off_base}/qr?token={TOKEN}"))[0] == 403  # no token configured: off
         status, page = await get(f"{base}/qr?token={TOKEN}")
         status_h, page_h = await get(f"{base}/qr", headers={"Authorization": f"Bearer {TOKEN}"})
+        # The scheme name is case-insensitive (RFC 9110); curl users type it every which way.
+        assert (await get(f"{base}/qr", headers={"Authorization": f"bearer {TOKEN}"}))[0] == 200
+        assert (await get(f"{base}/qr", headers={"Authorization": f"Basic {TOKEN}"}))[0] == 401
     finally:
         await runner.cleanup()
         await off_runner.cleanup()

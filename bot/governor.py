@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import re
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -52,7 +53,9 @@ class GovernedTransport:
     ) -> None:
         self.inner = inner
         self.limits = limits
-        self.canned = frozenset(canned)
+        self.canned = frozenset(text for text in canned if "{" not in text)
+        # Canned replies with a value in them ("the limit is {limit:g} MB"): matched as patterns.
+        self._canned_patterns = [_template_pattern(text) for text in canned if "{" in text]
         self.max_chats = max_chats
         self._clock = clock
         self._sleep = sleep
@@ -155,8 +158,11 @@ class GovernedTransport:
                 self.counters["budget_waits"] += 1
                 await self._sleep(self._sent_at[0] + 60 - now)
 
+    def _is_canned(self, text: str) -> bool:
+        return text in self.canned or any(pattern.fullmatch(text) for pattern in self._canned_patterns)
+
     async def _spread_same_text(self, chat: str, text: str) -> None:
-        if text in self.canned:
+        if self._is_canned(text):
             return
         key = hashlib.blake2b(text.strip().casefold().encode(), digest_size=12).hexdigest()
         window = self.limits.same_text_window_s
@@ -198,3 +204,9 @@ class GovernedTransport:
             "reply_chats_tracked": len(self._inbound_at),
             "texts_tracked": len(self._same_text),
         }
+
+
+def _template_pattern(template: str) -> re.Pattern[str]:
+    """ "Max {limit:g} MB." -> a pattern matching "Max 25 MB." (each {field} stands for any short value)."""
+    parts = re.split(r"\{[^{}]*\}", template)
+    return re.compile(".{1,40}?".join(re.escape(part) for part in parts), re.DOTALL)

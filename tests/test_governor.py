@@ -31,7 +31,7 @@ def governed(**limits: object) -> tuple[GovernedTransport, LoopbackTransport, Fa
     gov = GovernedTransport(
         inner,
         GovernorLimits(**options),  # type: ignore[arg-type]
-        canned={"Gracias por tu mensaje."},
+        canned={"Gracias por tu mensaje.", "La nota es demasiado grande (el máximo es {limit:g} MB)."},
         clock=time.clock,
         sleep=time.sleep,
         rng=random.Random(1),
@@ -86,11 +86,12 @@ async def test_the_same_text_to_many_chats_is_spread_out_but_canned_replies_are_
         gov.note_inbound(inbound("hola", chat=chat(i)))
     for i in range(4):
         await gov.send_text(chat(i), "Gracias por tu mensaje.")  # canned: no wait
+        await gov.send_text(chat(i), "La nota es demasiado grande (el máximo es 25 MB).")  # canned, filled in
     assert time.now == 0
     for i in range(4):
         await gov.send_text(chat(i), "Compra ya en www.example.com")
     assert time.now == pytest.approx(60) and gov.counters["same_text_waits"] == 1
-    assert len(inner.sent) == 8
+    assert len(inner.sent) == 12
 
 
 async def test_what_it_remembers_is_only_what_its_windows_still_need() -> None:

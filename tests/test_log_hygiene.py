@@ -78,3 +78,28 @@ async def test_a_whatsapp_run_with_a_postgres_session_url_logs_no_password(tmp_p
             process.kill()
             await process.wait()
     assert_clean(out.decode(errors="replace") + err.decode(errors="replace"))
+
+
+async def test_a_malformed_request_is_one_line_without_what_it_carried() -> None:
+    """A 100 kB URL logged an ERROR with a traceback and the start of the request line: anyone could make
+    the bot print that as often as they liked, a /qr token included."""
+    import aiohttp
+    from loguru import logger
+
+    from bot.http import build_app, start_http
+    from bot.logsetup import setup_logging
+
+    lines: list[str] = []
+    setup_logging("INFO")
+    sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG")
+    runner = await start_http(build_app(dict, dict, admin_token=None), 0, host="127.0.0.1")
+    port = runner.addresses[0][1]
+    try:
+        url = f"http://127.0.0.1:{port}/qr?token=SECRET{'a' * 100_000}"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            assert response.status == 400
+    finally:
+        await runner.cleanup()
+        logger.remove(sink)
+    refused = [line for line in lines if "bad HTTP request" in line]
+    assert len(refused) == 1 and "Traceback" not in refused[0] and "SECRET" not in "".join(lines)

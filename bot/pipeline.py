@@ -569,6 +569,7 @@ class Pipeline:
             answer_text, via_model = reply("ai_error", self.language), False
         finally:
             await self._saved(message, persisted)
+        answer_text = db_text(answer_text)  # a model can answer half an emoji too; no protobuf takes it
         if self.takeover.is_paused(message.chat):  # the owner wrote while the answer was being prepared
             logger.info("owner took over {} while its answer was prepared: not sent", message.chat)
             self.counters.skipped += 1

@@ -87,6 +87,11 @@ def test_prometheus_text_stays_parseable_with_real_error_texts() -> None:
     for line in lines:
         assert _PROMETHEUS_LINE.match(line), line
     assert r"\"https://web.whatsapp.com/ws/chat\"" in lines[0]
+    # And the label reads back as the very text (a Windows path keeps its backslashes).
+    path = 'C:\\data\\x and a "quote"\nand a line'
+    [line] = prometheus_text({"p": path}).splitlines()
+    label = line.split('value="', 1)[1].rsplit('"} 1', 1)[0]
+    assert re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), label) == path
 
 
 def test_prometheus_text_flattens_numbers_and_labels_strings() -> None:

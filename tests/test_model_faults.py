@@ -52,6 +52,18 @@ async def test_an_unreadable_transcription_gets_an_apology(
         assert "Lo siento" in answer
 
 
+@pytest.mark.parametrize("status", [401, 404, 500])
+async def test_failures_that_refuse_everyone_open_the_circuit(
+    harness, fake_openai: FakeOpenAI, status: int
+) -> None:
+    """A wrong key (401), a model name nobody has (404), a server down (500): every chat would fail."""
+    async with harness(**ai(fake_openai, ai_circuit_failures=2)) as h:
+        fake_openai.fail_next.extend([status] * 4)  # the SDK retries a 500 once
+        for i in range(2):
+            await h.say(inbound(f"m{i}", chat=f"3460000000{i}@s.whatsapp.net"))
+        assert h.bot.metrics()["ai"]["circuit"] == "open"
+
+
 async def test_one_chats_refused_requests_do_not_open_the_circuit_for_everyone(
     harness, fake_openai: FakeOpenAI
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from bot.replies import reply
 from connection.types import MessageKind
 from memory.store import Direction, MessageStatus
 from tests.conftest import inbound
@@ -309,7 +310,7 @@ async def test_a_location_or_contact_gets_the_polite_reply_and_is_kept(harness) 
     async with harness() as h:
         [answer] = await h.say(inbound("", kind=MessageKind.UNSUPPORTED, id="LOC1"))
         stored = await h.bot.store.recent_messages(CHAT, 5)
-    assert "texto" in answer
+    assert answer == reply("media_unsupported", "es")
     assert [m.wa_message_id for m in stored if m.direction is Direction.IN] == ["LOC1"]
 
 

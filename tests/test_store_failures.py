@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from pathlib import Path
 
 import pytest
 
 from memory.store import MessageStatus
 from tests.conftest import inbound
 from tests.fake_openai import FakeOpenAI
+from tests.test_voice_notes import note, voice_note  # noqa: F401 (the fixture)
 
 
 @pytest.fixture(autouse=True)
 def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("memory.sqlite_store.RETRY_AFTER_S", 0.1)
+
+
+async def full_disk(store) -> None:
+    """Let the database file grow no more: every write that needs a page fails with SQLITE_FULL."""
+    pages = await store._run(lambda: store._conn.execute("PRAGMA page_count").fetchone()[0])
+    await store._run(lambda: store._conn.execute(f"PRAGMA max_page_count = {pages}"))
+
+
+async def room_again(store) -> None:
+    await store._run(lambda: store._conn.execute("PRAGMA max_page_count = 1073741823"))
 
 
 def rows(path: str) -> dict[str, tuple[str, str]]:
@@ -39,15 +51,23 @@ async def test_a_broken_character_costs_nobody_an_answer(harness, fake_openai: F
     assert all(stored[f"OK{i}"][1] == MessageStatus.ANSWERED.value for i in range(3))
 
 
+async def test_a_model_answer_with_a_broken_character_is_sent_and_stored_cleaned(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.reply = lambda messages: "Claro \ud83d, abrimos a las 9."  # JSON's \ud83d: half an emoji
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        assert await h.say(inbound("hola", id="Q")) == ["Claro \ufffd, abrimos a las 9."]
+        stored = await h.bot.store.recent_messages(inbound("x").chat, 5)
+    assert stored[-1].body == "Claro \ufffd, abrimos a las 9."
+
+
 async def test_a_full_disk_still_answers_and_writes_everything_once_there_is_room(
     harness, fake_openai: FakeOpenAI
 ) -> None:
     async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
         store = h.bot.store
         await h.say(inbound("primero", id="FIRST"))
-        # The database file may not grow any more: every write now fails with SQLITE_FULL.
-        pages = await store._run(lambda: store._conn.execute("PRAGMA page_count").fetchone()[0])
-        await store._run(lambda: store._conn.execute(f"PRAGMA max_page_count = {pages}"))
+        await full_disk(store)  # the database file may not grow any more: writes fail with SQLITE_FULL
         messages = [
             inbound(f"pedido {i} " + "x" * 2000, chat=f"3460000{i:04d}@s.whatsapp.net", id=f"FULL{i}")
             for i in range(5)
@@ -56,8 +76,7 @@ async def test_a_full_disk_still_answers_and_writes_everything_once_there_is_roo
         for message in messages:
             assert h.transport.texts_to(message.chat), "a customer went unanswered while the disk was full"
         assert store.stats()["pending"] > 0  # kept for a retry, not dropped
-        # Room again: the kept writes land with the next retry.
-        await store._run(lambda: store._conn.execute("PRAGMA max_page_count = 1073741823"))
+        await room_again(store)  # the kept writes land with the next retry
         await store.flush()
         path = str(h.settings.data_dir / "bot.sqlite3")
     stored = rows(path)
@@ -74,19 +93,14 @@ async def test_the_real_error_of_a_full_disk_is_the_one_reported(tmp_path) -> No
     store = SQLiteStore(tmp_path / "s.sqlite3", retention_days=None)
     await store.open()
     try:
-        pages = await store._run(lambda: store._conn.execute("PRAGMA page_count").fetchone()[0])
-        await store._run(lambda: store._conn.execute(f"PRAGMA max_page_count = {pages}"))
+        await full_disk(store)
         row = StoredMessage(
             "A", "c@s.whatsapp.net", Direction.IN, "text", "x" * 50_000, MessageStatus.RECEIVED, 1.0
         )
-        try:
+        with pytest.raises(StoreUnavailable, match="database or disk is full"):
             await store.add_message(row)
-        except StoreUnavailable as error:
-            assert "full" in str(error)
-        else:
-            raise AssertionError("a write to a full database succeeded")
     finally:
-        await store._run(lambda: store._conn.execute("PRAGMA max_page_count = 1073741823"))
+        await room_again(store)
         await store.close()
 
 
@@ -116,15 +130,6 @@ async def test_a_row_the_database_refuses_costs_its_batch_nothing(tmp_path) -> N
         await store.close()
 
 
-async def full_disk(store) -> None:
-    pages = await store._run(lambda: store._conn.execute("PRAGMA page_count").fetchone()[0])
-    await store._run(lambda: store._conn.execute(f"PRAGMA max_page_count = {pages}"))
-
-
-async def room_again(store) -> None:
-    await store._run(lambda: store._conn.execute("PRAGMA max_page_count = 1073741823"))
-
-
 async def test_a_flood_on_a_full_disk_keeps_answering_new_customers(harness, fake_openai: FakeOpenAI) -> None:
     """Messages past MAX_WAITING_MESSAGES wait in the database; on a full disk they could not be read back,
     and every later message went there too: the bot fell silent for everyone until the disk was freed."""
@@ -149,29 +154,19 @@ async def test_a_flood_on_a_full_disk_keeps_answering_new_customers(harness, fak
             assert sum(t.startswith(f"echo: m{n} ") for t in h.transport.texts_to(chats[n % 10])) == 1
 
 
-async def test_a_voice_note_on_a_full_disk_gets_its_answer(harness, fake_openai: FakeOpenAI) -> None:
+async def test_a_voice_note_on_a_full_disk_gets_its_answer(
+    harness,
+    fake_openai: FakeOpenAI,
+    voice_note: Path,  # noqa: F811
+) -> None:
     """Saving the transcript failed into the apology path: texts were answered, voice notes apologised."""
-    from connection.types import MediaRef, MessageKind
-
-    class Transcriber:
-        enabled = True
-
-        def check_declared_size(self, size: int | None) -> None: ...
-
-        async def transcribe(self, data: bytes, mimetype: str = "audio/ogg") -> str:
-            return "a qué hora abren"
-
     async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
-        h.bot.pipeline.transcriber = Transcriber()  # type: ignore[assignment]
         await h.say(inbound("primero", id="FIRST"))
         await full_disk(h.bot.store)
         await h.say(
             inbound("texto " + "x" * 3000, chat="34600000001@s.whatsapp.net")
         )  # its row waits for room
-        note = inbound(
-            "", kind=MessageKind.AUDIO, media=MediaRef(mimetype="audio/ogg", voice_note=True, handle=b"x")
-        )
-        assert await h.say(note) == ["echo: a qué hora abren"]
+        assert await h.say(note(voice_note)) == [f"echo: {fake_openai.transcript}"]
         await room_again(h.bot.store)
 
 
@@ -239,3 +234,52 @@ async def test_a_reopen_that_fails_keeps_the_old_connection_for_reads(tmp_path) 
         os.rmdir(path)
     finally:
         await store.close()
+
+
+async def test_a_write_after_close_fails_at_once(tmp_path) -> None:
+    """A reply recorded after the store closed waited for ever (a shutdown that never ends)."""
+    from memory.sqlite_store import SQLiteStore
+    from memory.store import Direction, StoredMessage, StoreUnavailable
+
+    store = SQLiteStore(tmp_path / "s.sqlite3", retention_days=None)
+    await store.open()
+    await store.close()
+    late = StoredMessage("L", "c@s.whatsapp.net", Direction.OUT, "text", "hola", MessageStatus.SENT, 1.0)
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await asyncio.wait_for(store.add_message(late), 2)
+
+
+async def test_a_full_disk_costs_answers_no_time(harness, fake_openai: FakeOpenAI, monkeypatch) -> None:
+    """While the database cannot write, a customer's answer does not wait for the next retry (2 s)."""
+    monkeypatch.setattr("memory.sqlite_store.RETRY_AFTER_S", 2.0)
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        await h.say(inbound("primero", id="FIRST"))
+        await full_disk(h.bot.store)
+        await h.say(inbound("x" * 3000, chat="34600000001@s.whatsapp.net"))  # the outage starts
+        loop = asyncio.get_running_loop()
+        for i in range(5):
+            started = loop.time()
+            answer = await h.say(inbound(f"pregunta {i}", chat=f"3460000100{i}@s.whatsapp.net"))
+            assert answer == [f"echo: pregunta {i}"] and loop.time() - started < 1.0
+        await room_again(h.bot.store)
+
+
+async def test_an_outage_is_one_error_line_however_many_retries(harness, fake_openai: FakeOpenAI) -> None:
+    """A busy bot on a full disk used to retry and log at every new write, some 80 lines a second."""
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="WARNING")
+    try:
+        async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+            await h.say(inbound("primero", id="FIRST"))
+            await full_disk(h.bot.store)
+            for i in range(10):  # a second of traffic: ten retries at 0.1 s
+                await h.say(inbound(f"pregunta {i} " + "x" * 2000, chat=f"3460000100{i}@s.whatsapp.net"))
+                await asyncio.sleep(0.1)
+            await room_again(h.bot.store)
+            await h.bot.store.flush()
+    finally:
+        logger.remove(sink)
+    assert len([line for line in lines if line.startswith("sqlite cannot write")]) == 1
+    assert len([line for line in lines if line.startswith("sqlite writes again")]) == 1

@@ -80,6 +80,8 @@ class Bot:
     started_at: float = field(default_factory=time.time)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _background: BackgroundTasks = field(default_factory=lambda: BackgroundTasks("bot"))
+    _pause_changes: dict[str, float | None] = field(default_factory=dict)
+    _pause_writer: asyncio.Task[None] | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
@@ -193,26 +195,48 @@ class Bot:
             self._tasks.append(asyncio.create_task(self._refresh_flows(), name="flows-refresher"))
 
     async def _restore_pauses(self) -> None:
-        """Chats a human took over (and `!bot pause all`) stay paused across a restart or a deploy."""
+        """Chats a human took over (and `!bot pause all`) stay paused across a restart or a deploy. Read at
+        start and again by `recover`, once this instance holds the session lease: during a deploy the old
+        instance keeps answering, and a takeover it saw then must not be missed."""
         takeover = self.pipeline.takeover
         try:
             pauses = await self.store.pauses(time.time())
         except StoreUnavailable as error:
             logger.warning("could not read paused chats: {}", error)
         else:
+            for chat, until in self._pause_changes.items():  # newer than the store: not written yet
+                if until is not None:
+                    pauses[chat] = until
+                elif chat == "*":
+                    pauses.clear()
+                else:
+                    pauses.pop(chat, None)
             takeover.restore(pauses, time.time())
             if pauses:
                 logger.info("{} paused chat(s) restored", len(pauses))
         takeover.on_change = self._save_pause
 
     def _save_pause(self, chat: str, until: float | None) -> None:
-        async def save() -> None:
+        """Queue the change for the one task that writes them, in order, the latest per chat (concurrent
+        requests to Supabase could land a 'pause all' after the 'resume all' that followed it)."""
+        self._pause_changes.pop(chat, None)
+        if chat == "*" and until is None:
+            self._pause_changes.clear()  # `resume all` ends every pause, those not written yet included
+        self._pause_changes[chat] = until
+        if self._pause_writer is None or self._pause_writer.done():
+            self._pause_writer = self._background.spawn(self._write_pauses(), "save-pauses")
+
+    async def _write_pauses(self) -> None:
+        while self._pause_changes:
+            chat, until = next(iter(self._pause_changes.items()))
             try:
                 await self.store.set_pause(chat, until)
             except StoreUnavailable as error:
-                logger.warning("a pause was not saved and will not survive a restart: {}", error)
-
-        self._background.spawn(save(), "save-pause")
+                logger.warning("a pause is not saved yet (retrying in 5 s): {}", error)
+                await asyncio.sleep(5.0)
+                continue
+            if self._pause_changes.get(chat, 0.0) == until:  # not changed again meanwhile
+                del self._pause_changes[chat]
 
     def _warn_missing_tools(self) -> None:
         """Said at start, where the owner looks, rather than as a vague apology to each voice note."""
@@ -267,6 +291,7 @@ class Bot:
 
     async def recover(self) -> None:
         """Answer what a crash left unanswered, if it is still fresh; mark the rest skipped."""
+        await self._restore_pauses()  # first: a message in a chat the owner has is not answered
         window = self.settings.recovery_window_minutes * 60
         fresh_since = time.time() - window
         stale = await self.store.mark_stale(fresh_since)
@@ -296,6 +321,10 @@ class Bot:
         self._stop.set()
         await self.pipeline.stop(timeout)
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pause_writer is not None:  # a takeover seen while stopping must reach the store
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._pause_writer), 5.0)
+            self._pause_writer.cancel()
         await self.store.close()
         if self.model is not None:
             await self.model.close()

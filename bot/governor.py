@@ -22,7 +22,15 @@ from typing import Any
 
 from loguru import logger
 
-from connection.types import ChatId, ConnectionState, Inbound, MessageId, Transport, TransportError
+from connection.types import (
+    ChatId,
+    ConnectionState,
+    Inbound,
+    MessageId,
+    SendWithheld,
+    Transport,
+    TransportError,
+)
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,14 @@ class GovernedTransport:
         self._sent_at: deque[float] = deque()
         self._same_text: OrderedDict[str, deque[tuple[float, str]]] = OrderedDict()
         self._budget_lock = asyncio.Lock()
-        self.counters = {"sent": 0, "refused_unsolicited": 0, "budget_waits": 0, "same_text_waits": 0}
+        self.counters = {
+            "sent": 0,
+            "refused_unsolicited": 0,
+            "budget_waits": 0,
+            "same_text_waits": 0,
+            "withheld": 0,
+        }
+        self.hold: Callable[[ChatId], bool] | None = None  # set by the app: the takeover's is_paused
         self.typing_s = 0.0
         # A transport with an outbox paces each message when it really goes out (a reconnect must not
         # send the whole outbox at once); any other is paced here, before the send.
@@ -127,9 +142,17 @@ class GovernedTransport:
     # -- the limits ---------------------------------------------------------------------------------
 
     async def pace(self, chat: ChatId, text: str) -> None:
-        """The typing pause and the per-minute budget, right before a message goes out."""
+        """The typing pause and the per-minute budget, right before a message goes out; SendWithheld when
+        `hold` says the chat is no longer the bot's (the owner wrote while the bot was "typing")."""
         await self._typing_pause(chat, text)
+        self._check_hold(chat)
         await self._take_budget()
+        self._check_hold(chat)
+
+    def _check_hold(self, chat: ChatId) -> None:
+        if self.hold is not None and self.hold(chat):
+            self.counters["withheld"] += 1
+            raise SendWithheld("the chat was handed to a human before this message went out")
 
     async def _typing_pause(self, chat: ChatId, text: str) -> None:
         if self.limits.typing_chars_per_s <= 0:  # 0 turns the pause off

@@ -35,13 +35,13 @@ class _InterceptHandler(logging.Handler):
             level = record.levelno
         named = logger.patch(lambda r: r.update(name=record.name))
         error = record.exc_info[1] if record.exc_info else None
-        if error is not None and type(error).__module__ == "aiohttp.http_exceptions":
+        if record.name == "aiohttp.server" and type(error).__module__ == "aiohttp.http_exceptions":
             # A malformed request (a 100 kB URL, a bad header) is the client's problem: one line, not an
             # ERROR with a traceback anyone on the internet can make the bot print as often as they like.
             # Only its kind: the request line could carry the /qr token.
             named.warning("bad HTTP request refused ({})", type(error).__name__)
             return
-        named.opt(exception=record.exc_info).log(level, record.getMessage())
+        named.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
 
 
 def setup_logging(level: str = "INFO", *, json: bool = False) -> None:

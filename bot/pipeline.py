@@ -25,7 +25,16 @@ from bot.replies import Language, duration, reply
 from bot.responder import Answer, Responder, split_message
 from bot.takeover import Takeover, parse_command
 from connection.background import BackgroundTasks
-from connection.types import ChatId, Inbound, MediaRef, MessageId, MessageKind, Transport, TransportError
+from connection.types import (
+    ChatId,
+    Inbound,
+    MediaRef,
+    MessageId,
+    MessageKind,
+    SendWithheld,
+    Transport,
+    TransportError,
+)
 from memory.history import ChatHistory
 from memory.store import Direction, MessageStatus, Store, StoredMessage, StoreUnavailable, db_text
 
@@ -251,11 +260,17 @@ class Pipeline:
         if not self._accepting:
             # Saved unanswered: WhatsApp already acknowledged it, and recovery answers it at the next start.
             # Filtered first, like any message: recovery must not answer a group, a reaction, a blocked one.
-            if message.id and message.chat and not message.from_me and not self.dedup.seen(message.id):
+            if message.id and message.chat and message.from_me:
+                self._from_owner(message)  # the owner taking a chat over is kept for the next start too
+            elif message.id and message.chat and not self.dedup.seen(message.id):
                 reason = self._filter(message)
                 if reason is None:
                     self._spawn(self._remember(self._inbound_row(message)))
                     logger.warning("shutting down: message {} saved for the next start", message.id)
+                elif reason in (_HANDED_OVER, _STALE):  # kept, unanswered, for the history, as at any time
+                    self._spawn(
+                        self._remember(replace(self._inbound_row(message), status=MessageStatus.SKIPPED))
+                    )
             return False
         if not message.id or not message.chat:
             self._skip(message, "malformed (no id or chat)")
@@ -576,7 +591,14 @@ class Pipeline:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.set_status(message.id, MessageStatus.SKIPPED)
             return
-        sent_ids, answer_text = await self._send(message, answer_text)
+        try:
+            sent_ids, answer_text = await self._send(message, answer_text)
+        except SendWithheld:  # a human has the chat now
+            logger.info("owner took over {} while its answer was typed: not sent", message.chat)
+            self.counters.skipped += 1
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.set_status(message.id, MessageStatus.SKIPPED)
+            return
         # Overhead as the customer meets it: until the answer is handed to the transport.
         self._overhead.append(time.perf_counter() - started - model_time)
         await self._record_reply(message, sent_ids, answer_text, via_model=via_model)
@@ -671,9 +693,15 @@ class Pipeline:
             logger.warning("answer to {} cut from {} to {} messages", message.id, len(parts), MAX_REPLY_PARTS)
             parts = parts[:MAX_REPLY_PARTS]
             text = "\n".join(parts)
-        sent = []
-        for part in parts:
-            sent_id = await self.transport.send_text(message.chat, part)
+        sent: list[MessageId] = []
+        for number, part in enumerate(parts):
+            try:
+                sent_id = await self.transport.send_text(message.chat, part)
+            except SendWithheld:  # the owner wrote while the bot was "typing": the rest is theirs
+                if not sent:
+                    raise
+                logger.info("owner took over {} while its answer went out: the rest not sent", message.chat)
+                return sent, "\n".join(parts[:number])
             self.takeover.note_sent(sent_id)
             sent.append(sent_id)
         return sent, text

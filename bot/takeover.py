@@ -98,14 +98,16 @@ class Takeover:
         self.on_change: Callable[[str, float | None], None] | None = None
 
     def restore(self, pauses: dict[str, float], now: float) -> None:
-        """Pauses read back from the store at start (epoch seconds; `now` is the epoch time)."""
-        for chat, until in pauses.items():
-            left = until - now
-            mono = math.inf if math.isinf(until) else self._clock() + left
-            if chat == "*":
-                self.global_until = mono
-            else:
-                self._paused[chat] = mono
+        """Replace the pauses with those read back from the store (epoch seconds; `now` is the epoch time),
+        at most `max_chats` of them, the latest ending kept."""
+
+        def mono(until: float) -> float:
+            return math.inf if math.isinf(until) else self._clock() + until - now
+
+        self.global_until = mono(pauses["*"]) if "*" in pauses else 0.0
+        chats = sorted(((until, chat) for chat, until in pauses.items() if chat != "*"))[-self.max_chats :]
+        self._paused = OrderedDict((chat, mono(until)) for until, chat in chats)
+        self._exempt.clear()
 
     def _changed(self, chat: str | None, until: float | None) -> None:
         if self.on_change is not None:

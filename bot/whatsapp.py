@@ -105,6 +105,7 @@ async def run_whatsapp(settings: Settings) -> int:
         canned=all_canned_texts(),
     )
     bot = Bot.build(settings, governor)
+    governor.hold = bot.pipeline.takeover.is_paused  # an answer is not sent once the owner has the chat
     bot.connection_stats = lambda: {
         **transport.stats(),
         **(backup.stats() if backup else {}),

@@ -72,6 +72,7 @@ from connection.types import (
     MediaRef,
     MessageId,
     MessageKind,
+    SendWithheld,
     TransportError,
 )
 
@@ -839,6 +840,10 @@ class NeonizeTransport:
             raise SendDeferred("not connected")
         try:
             await self._pace(chat, text)
+        except SendWithheld as held:  # the owner took the chat over while this waited: never sent
+            logger.info("outbox: a queued reply was withheld ({})", held)
+            return
+        try:
             await self._send_now(chat, text)
         except TransportError as exc:
             if not await self.is_connected():

@@ -80,6 +80,10 @@ class TransportError(Exception):
     """A send or download failed at the transport; the message may be retried."""
 
 
+class SendWithheld(TransportError):
+    """Held back just before it went out: the chat was handed to a human while the answer waited."""
+
+
 @runtime_checkable
 class Transport(Protocol):
     """What the bot needs from a messaging connection."""

@@ -153,6 +153,7 @@ class SQLiteStore:
         assert self._conn is not None
         conn = self._conn
         cutoff = time.time() - days * 86400
+        await self._forget_ended_pauses(time.time())
         return await self._run(
             lambda: conn.execute("DELETE FROM chat_history WHERE created_at < ?", (cutoff,)).rowcount
         )
@@ -266,10 +267,16 @@ class SQLiteStore:
         )
 
     async def pauses(self, now: float) -> dict[str, float]:
-        rows = await self._query(
-            "SELECT chat_id, until FROM bot_pauses WHERE until IS NULL OR until > ?", (now,)
-        )
+        await self._forget_ended_pauses(now)
+        rows = await self._query("SELECT chat_id, until FROM bot_pauses", ())
         return {chat: math.inf if until is None else until for chat, until in rows}
+
+    async def _forget_ended_pauses(self, now: float) -> None:
+        """Rows past their end mean nothing; without this the table keeps one per chat ever taken over."""
+        await self.flush()
+        assert self._conn is not None
+        conn = self._conn
+        await self._run(lambda: conn.execute("DELETE FROM bot_pauses WHERE until <= ?", (now,)))
 
     async def set_status(self, wa_message_id: str, status: MessageStatus, body: str | None = None) -> None:
         body = db_text(body) if body is not None else None

@@ -23,6 +23,7 @@ are answered from what is local (mirror + journal) until the flusher reaches Sup
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import random
@@ -785,6 +786,9 @@ class SupabaseStore:
             raise StoreUnavailable(f"supabase: pause not saved ({_describe(error)})") from error
 
     async def pauses(self, now: float) -> dict[str, float]:
+        with contextlib.suppress(*_UNREACHABLE):  # rows past their end mean nothing: forget them
+            await self._table("bot_pauses").delete().lt("until", _iso(now)).execute()
+
         async def select() -> list[dict[str, Any]]:
             query = (
                 self._table("bot_pauses").select("chat_id,until").or_(f"until.is.null,until.gt.{_iso(now)}")

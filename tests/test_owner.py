@@ -135,3 +135,107 @@ async def test_a_takeover_and_a_pause_of_all_survive_a_restart(
         await again.say(from_owner("!bot resume all"))
     async with BotHarness(settings) as third:  # and a resume is kept too
         assert await third.say(inbound("hola", chat=OTHER)) == ["echo: hola"]
+
+
+async def test_the_owner_writing_while_the_bot_types_stops_the_answer(
+    make_settings, fake_openai: FakeOpenAI
+) -> None:
+    """The check came before the governor's typing pause (up to 6 s), exactly when an owner replies."""
+    from bot.app import Bot
+    from bot.governor import GovernedTransport, GovernorLimits
+    from connection.loopback import LoopbackTransport
+
+    loopback = LoopbackTransport()
+    governed = GovernedTransport(loopback, GovernorLimits(typing_chars_per_s=10, typing_jitter=0))
+    bot = Bot.build(make_settings(**ai(fake_openai)), governed)
+    governed.hold = bot.pipeline.takeover.is_paused  # as bot.whatsapp wires it
+    await bot.start()
+    try:
+        question = inbound("¿cuánto cuesta?")
+        governed.note_inbound(question)
+        bot.pipeline.submit(question)
+        await asyncio.sleep(0.5)  # the answer is ready; the bot "types" it for about 2 s
+        bot.pipeline.submit(inbound("Son 20 euros, soy Marta", from_me=True))
+        assert await bot.pipeline.drain(10)
+        assert loopback.texts_to(CHAT) == []
+        assert governed.stats()["withheld"] == 1
+    finally:
+        await bot.stop()
+
+
+async def test_a_takeover_seen_by_the_old_instance_during_a_deploy_holds(
+    make_settings, fake_openai: FakeOpenAI
+) -> None:
+    """The new instance read the pauses before it held the session lease, while the old one still answered."""
+    from bot.app import Bot
+    from connection.loopback import LoopbackTransport
+
+    settings = make_settings(**ai(fake_openai))
+    old_transport, new_transport = LoopbackTransport(), LoopbackTransport()
+    old = Bot.build(settings, old_transport)
+    await old.start()
+    new = Bot.build(settings, new_transport)
+    await new.start(recover=False)  # up, waiting for the lease (bot.whatsapp recovers once it holds it)
+    old.pipeline.submit(inbound("Hola, soy Marta, te atiendo yo", from_me=True))
+    await old.stop()
+    await new.recover()
+    try:
+        new.pipeline.submit(inbound("¿me confirmas?"))
+        assert await new.pipeline.drain(10)
+        assert new_transport.texts_to(CHAT) == []
+    finally:
+        await new.stop()
+
+
+async def test_the_owner_answering_while_the_bot_stops_is_kept(
+    make_settings, fake_openai: FakeOpenAI
+) -> None:
+    settings = make_settings(**ai(fake_openai))
+    fake_openai.delay_s = 0.5
+    async with BotHarness(settings) as h:
+        h.bot.pipeline.submit(inbound("lenta", chat=OTHER))  # keeps the stop busy
+        await asyncio.sleep(0.1)
+        stopping = asyncio.create_task(h.bot.pipeline.stop(timeout=8))
+        await asyncio.sleep(0.05)
+        h.bot.pipeline.submit(inbound("¿precio?", id="Q1"))
+        h.bot.pipeline.submit(from_owner("Son 20 euros, soy Marta", chat=CHAT))
+        h.bot.pipeline.submit(inbound("¿y el envío?", id="AFTER-MARTA"))  # kept for the history, unanswered
+        await stopping
+    fake_openai.delay_s = 0
+    async with BotHarness(settings) as again:
+        assert await again.bot.pipeline.drain(10)
+        assert again.transport.texts_to(CHAT) == []
+        history = [m.body for m in await again.bot.store.recent_messages(CHAT, 10)]
+    assert "¿y el envío?" in history and "Son 20 euros, soy Marta" in history
+
+
+async def test_pause_and_resume_land_in_the_order_given(make_settings, fake_openai: FakeOpenAI) -> None:
+    """One task per change: with requests of different speeds (Supabase), a resume could land first."""
+    settings = make_settings(**ai(fake_openai))
+    async with BotHarness(settings) as h:
+        store, real = h.bot.store, h.bot.store.set_pause
+
+        async def slow_upserts(chat: str, until: float | None) -> None:
+            await asyncio.sleep(0.05 if until is not None else 0.01)
+            await real(chat, until)
+
+        store.set_pause = slow_upserts  # type: ignore[method-assign]
+        await h.say(from_owner("!bot pause all"))
+        await h.say(from_owner("!bot resume all"))
+        await asyncio.sleep(0.2)  # both writes land
+    async with BotHarness(settings) as again:
+        assert await again.say("hola") == ["echo: hola"]
+
+
+async def test_pauses_that_ended_leave_no_rows(make_settings, fake_openai: FakeOpenAI) -> None:
+    import sqlite3
+
+    settings = make_settings(**ai(fake_openai, human_takeover_minutes=0.001))
+    async with BotHarness(settings) as h:
+        for i in range(20):
+            await h.say(inbound("te atiendo yo", chat=f"3460000{i:04d}@s.whatsapp.net", from_me=True))
+        await asyncio.sleep(0.1)
+    async with BotHarness(settings):
+        pass
+    with sqlite3.connect(settings.data_dir / "bot.sqlite3") as conn:
+        assert conn.execute("SELECT count(*) FROM bot_pauses").fetchone()[0] == 0

@@ -453,11 +453,11 @@ class Pipeline:
         if command is not None:
             # From the owner's own chat a command applies to every chat; the answer goes there, never to
             # a customer's chat the command was typed in.
-            summary = self.takeover.apply(command, None if message.is_self_chat else message.chat)
-            logger.warning("owner command: {}", summary)
+            key, values = self.takeover.apply(command, None if message.is_self_chat else message.chat)
+            logger.warning("owner command: {}", reply(key, "en", **values))
             owner_chat = message.chat if message.is_self_chat else getattr(self.transport, "owner_chat", None)
             if owner_chat:
-                self._spawn(self._send_notice(ChatId(owner_chat), summary))
+                self._spawn(self._send_notice(ChatId(owner_chat), reply(key, self.language, **values)))
             return
         if not message.is_self_chat:
             self.takeover.owner_wrote(message.chat)

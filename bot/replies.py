@@ -22,6 +22,45 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "es": "No he recibido texto en tu mensaje. ¿En qué puedo ayudarte?",
         "en": "Your message had no text. How can I help you?",
     },
+    # Answers to the owner's commands (bot/takeover.py), in the owner's own chat.
+    "owner_paused_all": {
+        "es": "Bot en pausa en todos los chats hasta «!bot reanuda todos».",
+        "en": "Bot paused in every chat until '!bot resume all'.",
+    },
+    "owner_paused_all_for": {
+        "es": "Bot en pausa en todos los chats durante {minutes:g} min.",
+        "en": "Bot paused in every chat for {minutes:g} min.",
+    },
+    "owner_paused_chat": {
+        "es": "Bot en pausa en ese chat hasta «!bot reanuda».",
+        "en": "Bot paused in that chat until '!bot resume'.",
+    },
+    "owner_paused_chat_for": {
+        "es": "Bot en pausa en ese chat durante {minutes:g} min.",
+        "en": "Bot paused in that chat for {minutes:g} min.",
+    },
+    "owner_resumed_all": {
+        "es": "El bot vuelve a responder en todos los chats.",
+        "en": "The bot answers every chat again.",
+    },
+    "owner_resumed_chat": {
+        "es": "El bot vuelve a responder en ese chat.",
+        "en": "The bot answers that chat again.",
+    },
+    "owner_status_answering": {
+        "es": "Estado del bot: respondiendo; chats en pausa: {paused}.",
+        "en": "Bot status: answering; chats paused: {paused}.",
+    },
+    "owner_status_paused": {
+        "es": "Estado del bot: en pausa en todos los chats; chats en pausa además: {paused}.",
+        "en": "Bot status: paused in every chat; chats paused besides: {paused}.",
+    },
+    "owner_usage": {
+        "es": "Uso: !bot pausa [minutos] [todos] | !bot reanuda [todos] | !bot estado. Desde tu propio chat, "
+        "valen para todos los chats.",
+        "en": "Usage: !bot pause [minutes] [all] | !bot resume [all] | !bot status. From your own chat they "
+        "apply to every chat.",
+    },
     "attachment_note": {
         "es": "(El cliente adjuntó además un archivo, una imagen o un vídeo que no puedes ver.)",
         "en": "(The customer also attached a file, an image or a video that you cannot see.)",

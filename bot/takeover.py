@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 COMMAND_PREFIX = "!bot"
-USAGE = "usage: !bot pause [minutes] [all] | !bot resume [all] | !bot status (from your own chat: every chat)"
 _ACTIONS = {
     "pause": "pause",
     "pausa": "pause",
@@ -175,30 +174,26 @@ class Takeover:
             del self._paused[chat]
         return len(ended)
 
-    def apply(self, command: OwnerCommand, chat: str | None) -> str:
+    def apply(self, command: OwnerCommand, chat: str | None) -> tuple[str, dict[str, object]]:
         """Carry out an owner command typed in `chat` (None: the owner's own chat, where a command applies to
-        every chat); returns a short log-safe summary (no numbers)."""
+        every chat); returns the answer as a canned reply key of bot.replies and its values."""
         if command.action == "help":
-            return USAGE
+            return "owner_usage", {}
         target = None if command.everywhere else chat
+        scope = "all" if target is None else "chat"
         seconds = command.minutes * 60 if command.minutes is not None else None
-        if command.action == "pause" and seconds == 0:
+        if command.action == "resume" or (command.action == "pause" and seconds == 0):
             self.resume(target)
-            return "resumed " + ("all chats" if target is None else "this chat")
+            return f"owner_resumed_{scope}", {}
         if command.action == "pause":
             self.pause(target, seconds)
-            scope = "all chats" if target is None else "this chat"
-            return f"paused {scope}" + (f" for {command.minutes:g} min" if command.minutes else "")
-        if command.action == "resume":
-            self.resume(target)
-            return "resumed " + ("all chats" if target is None else "this chat")
-        return self.summary()
-
-    def summary(self) -> str:
+            if command.minutes:
+                return f"owner_paused_{scope}_for", {"minutes": command.minutes}
+            return f"owner_paused_{scope}", {}
         now = self._clock()
         paused = sum(1 for until in self._paused.values() if until > now)
-        everything = "paused everywhere" if now < self.global_until else "answering"
-        return f"bot status: {everything}; {paused} chat(s) paused"
+        state = "paused" if now < self.global_until else "answering"
+        return f"owner_status_{state}", {"paused": paused}
 
     def stats(self) -> dict[str, object]:
         now = self._clock()

@@ -31,7 +31,7 @@ async def test_a_pause_sent_from_the_owners_own_chat_pauses_every_chat(
     """It paused only the owner's own chat, while the owner was told "paused this chat for 60 min"."""
     async with harness(**ai(fake_openai)) as h:
         await h.say(from_owner("!bot pause 60"))
-        assert h.transport.texts_to(ME) == ["paused all chats for 60 min"]
+        assert h.transport.texts_to(ME) == ["Bot en pausa en todos los chats durante 60 min."]
         assert await h.say("hola", inbound("hola", chat=OTHER)) == []
 
 
@@ -52,7 +52,14 @@ async def test_command_answers_go_to_the_owners_chat_never_to_the_customer(
         await h.say(from_owner("!bot pausa nunca", chat=CHAT))
         assert h.transport.texts_to(CHAT) == []
         status, usage = h.transport.texts_to(ME)
-        assert status.startswith("bot status: answering") and usage.startswith("usage: !bot pause")
+        assert status == "Estado del bot: respondiendo; chats en pausa: 0."
+        assert usage.startswith("Uso: !bot pausa [minutos]")
+
+
+async def test_command_answers_follow_the_language_setting(harness) -> None:
+    async with harness(bot_language="en") as h:
+        await h.say(from_owner("!bot pause all 30"))
+        assert h.transport.texts_to(ME) == ["Bot paused in every chat for 30 min."]
 
 
 @pytest.mark.parametrize(

@@ -87,10 +87,10 @@ async def test_owner_commands_pause_resume_and_status(harness, fake_openai: Fake
     me = "34699999999@s.whatsapp.net"
     async with harness(**ai(fake_openai)) as h:
         await h.say(inbound("!bot pause all", chat=me, from_me=True, is_self_chat=True))
-        assert h.transport.texts_to(me) == ["paused all chats"]
+        assert h.transport.texts_to(me) == [reply("owner_paused_all", "es")]
         assert await h.say("hola", inbound("hola", chat=OTHER)) == []
         await h.say(inbound("!bot status", chat=me, from_me=True, is_self_chat=True))
-        assert "paused everywhere" in h.transport.texts_to(me)[-1]
+        assert h.transport.texts_to(me)[-1] == reply("owner_status_paused", "es", paused=0)
         await h.say(inbound("!bot resume all", chat=me, from_me=True, is_self_chat=True))
         assert await h.say("otra vez") == ["echo: otra vez"]
         await h.say(inbound("!bot pause", from_me=True))  # typed inside the customer's chat
@@ -352,7 +352,7 @@ def test_pause_for_zero_minutes_means_resume() -> None:
     takeover = Takeover(pause_s=60)
     takeover.pause("c", None)
     command = parse_command("!bot pause 0")
-    assert command is not None and takeover.apply(command, "c") == "resumed this chat"
+    assert command is not None and takeover.apply(command, "c") == ("owner_resumed_chat", {})
     assert not takeover.is_paused("c")
 
 

@@ -7,8 +7,9 @@ import asyncio
 
 import pytest
 
+from bot.config import Settings
 from bot.takeover import parse_command
-from connection.types import ChatId, MessageKind
+from connection.types import ChatId, Inbound, MessageKind
 from tests.conftest import BotHarness, inbound
 from tests.fake_openai import FakeOpenAI
 
@@ -21,8 +22,23 @@ def ai(fake: FakeOpenAI, **extra: object) -> dict[str, object]:
     return {"openai_api_key": "k", "openai_base_url": fake.base_url, **extra}
 
 
-def from_owner(text: str, chat: str = ME) -> object:
+def from_owner(text: str, chat: str = ME) -> Inbound:
     return inbound(text, chat=chat, from_me=True, is_self_chat=chat == ME)
+
+
+async def while_stopping(settings: Settings, fake: FakeOpenAI, *messages: Inbound) -> None:
+    """Run a bot, begin stopping it while a slow answer is in flight, and deliver `messages` meanwhile
+    (whatsmeow keeps delivering while the bot drains at SIGTERM)."""
+    fake.delay_s = 0.5
+    async with BotHarness(settings) as h:
+        h.bot.pipeline.submit(inbound("pregunta lenta", chat="34600999999@s.whatsapp.net"))
+        await asyncio.sleep(0.1)
+        stopping = asyncio.create_task(h.bot.pipeline.stop(timeout=8))
+        await asyncio.sleep(0.05)
+        for message in messages:
+            h.bot.pipeline.submit(message)
+        await stopping
+    fake.delay_s = 0
 
 
 async def test_a_pause_sent_from_the_owners_own_chat_pauses_every_chat(
@@ -106,22 +122,15 @@ async def test_what_arrives_during_shutdown_is_filtered_before_it_is_kept(
     """It was saved unfiltered and answered at the next start: a group, a reaction, a blocked number and a
     status broadcast all got replies."""
     settings = make_settings(**ai(fake_openai, blocked_numbers="34611111111"))
-    fake_openai.delay_s = 0.5
-    async with BotHarness(settings) as h:
-        h.bot.pipeline.submit(inbound("pregunta lenta"))  # a reply in flight when the stop begins
-        await asyncio.sleep(0.1)
-        stopping = asyncio.create_task(h.bot.pipeline.stop(timeout=8))
-        await asyncio.sleep(0.05)
-        for message in [
-            inbound("hola grupo", chat="120363000000000000@g.us", is_group=True),
-            inbound("", kind=MessageKind.REACTION, chat=CHAT),
-            inbound("spam", chat="34611111111@s.whatsapp.net"),
-            inbound("mira mi estado", chat="status@broadcast", is_status=True),
-            inbound("¿abren mañana?", chat=OTHER, id="KEPT"),
-        ]:
-            h.bot.pipeline.submit(message)
-        await stopping
-    fake_openai.delay_s = 0
+    await while_stopping(
+        settings,
+        fake_openai,
+        inbound("hola grupo", chat="120363000000000000@g.us", is_group=True),
+        inbound("", kind=MessageKind.REACTION, chat=CHAT),
+        inbound("spam", chat="34611111111@s.whatsapp.net"),
+        inbound("mira mi estado", chat="status@broadcast", is_status=True),
+        inbound("¿abren mañana?", chat=OTHER, id="KEPT"),
+    )
     async with BotHarness(settings) as again:  # the next start answers what was kept
         assert await again.bot.pipeline.drain(10)
         assert [(s.chat, s.text) for s in again.transport.sent] == [(OTHER, "echo: ¿abren mañana?")]
@@ -198,17 +207,13 @@ async def test_the_owner_answering_while_the_bot_stops_is_kept(
     make_settings, fake_openai: FakeOpenAI
 ) -> None:
     settings = make_settings(**ai(fake_openai))
-    fake_openai.delay_s = 0.5
-    async with BotHarness(settings) as h:
-        h.bot.pipeline.submit(inbound("lenta", chat=OTHER))  # keeps the stop busy
-        await asyncio.sleep(0.1)
-        stopping = asyncio.create_task(h.bot.pipeline.stop(timeout=8))
-        await asyncio.sleep(0.05)
-        h.bot.pipeline.submit(inbound("¿precio?", id="Q1"))
-        h.bot.pipeline.submit(from_owner("Son 20 euros, soy Marta", chat=CHAT))
-        h.bot.pipeline.submit(inbound("¿y el envío?", id="AFTER-MARTA"))  # kept for the history, unanswered
-        await stopping
-    fake_openai.delay_s = 0
+    await while_stopping(
+        settings,
+        fake_openai,
+        inbound("¿precio?", id="Q1"),
+        from_owner("Son 20 euros, soy Marta", chat=CHAT),
+        inbound("¿y el envío?", id="AFTER-MARTA"),  # kept for the history, unanswered
+    )
     async with BotHarness(settings) as again:
         assert await again.bot.pipeline.drain(10)
         assert again.transport.texts_to(CHAT) == []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sqlite3
 from pathlib import Path
 
 from bot.config import Settings, data_dir_problem
@@ -85,20 +87,36 @@ def _check_session(settings: Settings) -> bool:
     if settings.supabase_url:
         return _line(True, "WhatsApp session: local file, snapshotted to Supabase (wa_sessions) every 60 s")
     path = Path(settings.session_database)
-    if path.exists():
-        return _line(True, f"WhatsApp session: {path} exists (paired before)")
+    if _linked_devices(path):
+        return _line(True, f"WhatsApp session: {path} holds a linked device (paired before)")
     return _line(True, f"WhatsApp session: none yet; `python -m bot` shows a QR to pair ({path})")
+
+
+def _linked_devices(path: Path) -> int:
+    """Devices in whatsmeow's session file; the file itself exists from the first start, paired or not."""
+    if not path.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            return int(conn.execute("SELECT count(*) FROM whatsmeow_device").fetchone()[0])
+    except sqlite3.Error:
+        return 0
 
 
 def _check_admin_token(settings: Settings) -> bool:
     if settings.admin_token:
         return _line(True, "ADMIN_TOKEN set: the QR page /qr is on")
     # Not a failure: the QR is also drawn in the logs (unless LOG_JSON), and a pairing code needs neither.
-    where = "the WhatsApp pairing code (WA_PAIR_PHONE)" if settings.log_json else "the QR drawn in the logs"
+    if settings.wa_pair_phone:
+        return _line(
+            True, "ADMIN_TOKEN not set: /qr is off; pairing uses the code in the logs (WA_PAIR_PHONE)"
+        )
+    if not settings.log_json:
+        return _line(True, "ADMIN_TOKEN not set: /qr is off; pairing relies on the QR drawn in the logs")
     return _line(
-        not (settings.log_json and not settings.wa_pair_phone),
-        f"ADMIN_TOKEN not set: /qr is off; pairing relies on {where}",
-        "set ADMIN_TOKEN to a long random string to pair from /qr",
+        False,
+        "ADMIN_TOKEN not set: /qr is off, and with LOG_JSON no QR is drawn in the logs: no way to pair",
+        "set ADMIN_TOKEN (then open /qr) or WA_PAIR_PHONE (a pairing code in the logs)",
     )
 
 

@@ -60,5 +60,7 @@ def setup_logging(level: str = "INFO", *, json: bool = False) -> None:
     # neither TRACE nor SUCCESS: give it their numbers.
     std_level = {"TRACE": 5, "SUCCESS": 25}.get(level) or logging.getLevelName(level)
     logging.basicConfig(handlers=[_InterceptHandler()], level=std_level, force=True)
-    for noisy in ("aiohttp.access", "httpx", "httpcore", "openai", "hpack"):
+    # One line per request otherwise ("HTTP Request: POST .../chat/completions"); httpx2 is the openai
+    # SDK's own copy of httpx.
+    for noisy in ("aiohttp.access", "httpx", "httpx2", "httpcore", "openai", "hpack"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, std_level))

@@ -627,11 +627,7 @@ class Pipeline:
             return "", reply("empty", self.language)
         if trimmed:
             note = reply("too_long_note", self.language)
-            logger.info(
-                "message {} trimmed to {} characters",
-                message.id,
-                self.max_inbound_chars,
-            )
+            logger.debug("message {} trimmed to {} characters", message.id, self.max_inbound_chars)
             return f"{text}\n\n{note}", None
         return text, None
 
@@ -651,7 +647,7 @@ class Pipeline:
             reason = getattr(error, "reason", None)
             if reason is None:
                 raise
-            logger.info("voice note {} not transcribed: {} ({})", message.id, reason, error)
+            logger.debug("voice note {} not transcribed: {} ({})", message.id, reason, error)
             return "", self._audio_reply(reason, getattr(error, "limit", None))
         self.counters.transcribed += 1
         try:

@@ -159,7 +159,7 @@ class VoiceTranscriber:
 
     def _count(self, exc: AudioRejected) -> None:
         self._rejected[exc.reason] += 1
-        logger.info("voice note rejected: {}", exc)
+        logger.debug("voice note rejected: {}", exc)  # per message: DEBUG (metrics count them)
 
     def _check_size(self, size: int) -> None:
         if size <= 0:
@@ -223,7 +223,7 @@ class VoiceTranscriber:
         if not text:
             raise AudioRejected("empty", "empty transcript")
         self._transcribed += 1
-        logger.info(
+        logger.debug(
             "voice note transcribed: {:.1f}s, {} -> {} bytes{}",
             duration or 0.0, size_in, encoded.size, " (copied)" if copy else "",
         )  # fmt: skip

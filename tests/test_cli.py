@@ -52,7 +52,10 @@ async def test_doctor_names_what_is_wrong_and_how_to_fix_it(tmp_path: Path, fake
     assert "[FAIL] OpenAI: the API key was refused" in out and "fix: check OPENAI_API_KEY" in out
     assert "[FAIL] Supabase: cannot reach it" in out
     # JSON logs carry no QR drawing: without /qr or a pairing code there is no way to pair.
-    assert "[FAIL] ADMIN_TOKEN not set: /qr is off" in out and "3 problem(s) found" in out
+    assert (
+        "[FAIL] ADMIN_TOKEN not set: /qr is off, and with LOG_JSON no QR" in out
+        and "3 problem(s) found" in out
+    )
     assert "service-role-key" not in out and "wrong-key" not in out
 
 
@@ -69,3 +72,19 @@ async def test_doctor_with_a_working_model(tmp_path: Path, fake_openai: FakeOpen
 async def test_logout_without_a_session_says_so(tmp_path: Path) -> None:
     code, out = await bot(tmp_path, "logout")
     assert code == 0 and "no local session" in out
+
+
+async def test_doctor_tells_a_session_file_without_a_linked_device_from_a_paired_one(tmp_path: Path) -> None:
+    """The bot creates the session file at its first start, paired or not: its existence said nothing."""
+    import sqlite3
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with sqlite3.connect(data / "whatsapp-session.sqlite3") as conn:
+        conn.execute("CREATE TABLE whatsmeow_device (jid TEXT PRIMARY KEY)")
+    _, out = await bot(tmp_path, "doctor", DATA_DIR=str(data))
+    assert "WhatsApp session: none yet" in out
+    with sqlite3.connect(data / "whatsapp-session.sqlite3") as conn:
+        conn.execute("INSERT INTO whatsmeow_device VALUES ('34600111222:1@s.whatsapp.net')")
+    _, out = await bot(tmp_path, "doctor", DATA_DIR=str(data))
+    assert "holds a linked device (paired before)" in out

@@ -82,6 +82,7 @@ class Bot:
     _background: BackgroundTasks = field(default_factory=lambda: BackgroundTasks("bot"))
     _pause_changes: dict[str, float | None] = field(default_factory=dict)
     _pause_writer: asyncio.Task[None] | None = None
+    _pause_wake: asyncio.Event = field(default_factory=asyncio.Event)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
@@ -233,10 +234,27 @@ class Bot:
                 await self.store.set_pause(chat, until)
             except StoreUnavailable as error:
                 logger.warning("a pause is not saved yet (retrying in 5 s): {}", error)
-                await asyncio.sleep(5.0)
+                self._pause_wake.clear()
+                with contextlib.suppress(TimeoutError):  # stop() wakes it for a last try
+                    await asyncio.wait_for(self._pause_wake.wait(), 5.0)
                 continue
+            except Exception as error:  # never let one change block the ones after it
+                logger.error("a pause could not be saved, dropped: {}", error)
             if self._pause_changes.get(chat, 0.0) == until:  # not changed again meanwhile
                 del self._pause_changes[chat]
+
+    async def save_pauses(self, timeout: float = 5.0) -> None:
+        """Wait (a bounded time) until every pause change is in the store: before the session lease is
+        released, since the next instance reads them as soon as it holds it."""
+        writer = self._pause_writer
+        if writer is None or writer.done():
+            return
+        self._pause_wake.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(writer), timeout)
+        if not writer.done():
+            logger.error("{} pause change(s) not saved before stopping", len(self._pause_changes))
+            writer.cancel()
 
     def _warn_missing_tools(self) -> None:
         """Said at start, where the owner looks, rather than as a vague apology to each voice note."""
@@ -321,10 +339,7 @@ class Bot:
         self._stop.set()
         await self.pipeline.stop(timeout)
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._pause_writer is not None:  # a takeover seen while stopping must reach the store
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._pause_writer), 5.0)
-            self._pause_writer.cancel()
+        await self.save_pauses()  # a takeover seen while stopping must reach the store
         await self.store.close()
         if self.model is not None:
             await self.model.close()

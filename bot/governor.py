@@ -11,6 +11,7 @@ It wraps any Transport; the console transport is left unwrapped (no pauses, no b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import re
@@ -145,14 +146,22 @@ class GovernedTransport:
         """The typing pause and the per-minute budget, right before a message goes out; SendWithheld when
         `hold` says the chat is no longer the bot's (the owner wrote while the bot was "typing")."""
         await self._typing_pause(chat, text)
-        self._check_hold(chat)
+        await self._check_hold(chat)
         await self._take_budget()
-        self._check_hold(chat)
+        try:
+            await self._check_hold(chat)
+        except SendWithheld:
+            if self._sent_at:
+                self._sent_at.pop()  # the slot was not used
+            raise
 
-    def _check_hold(self, chat: ChatId) -> None:
-        if self.hold is not None and self.hold(chat):
-            self.counters["withheld"] += 1
-            raise SendWithheld("the chat was handed to a human before this message went out")
+    async def _check_hold(self, chat: ChatId) -> None:
+        if self.hold is None or chat == self.owner_chat or not self.hold(chat):
+            return  # the owner's own chat is never held: answers to owner commands go there
+        self.counters["withheld"] += 1
+        with contextlib.suppress(Exception):  # not "typing…" right after the owner's message
+            await self.inner.set_typing(chat, False)
+        raise SendWithheld("the chat was handed to a human before this message went out")
 
     async def _typing_pause(self, chat: ChatId, text: str) -> None:
         if self.limits.typing_chars_per_s <= 0:  # 0 turns the pause off

@@ -260,7 +260,7 @@ class Pipeline:
         if not self._accepting:
             # Saved unanswered: WhatsApp already acknowledged it, and recovery answers it at the next start.
             # Filtered first, like any message: recovery must not answer a group, a reaction, a blocked one.
-            if message.id and message.chat and message.from_me:
+            if message.id and message.chat and message.from_me and not self.dedup.seen(message.id):
                 self._from_owner(message)  # the owner taking a chat over is kept for the next start too
             elif message.id and message.chat and not self.dedup.seen(message.id):
                 reason = self._filter(message)

@@ -28,6 +28,7 @@ _ACTIONS = {
     "estado": "status",
 }
 _EVERYWHERE = {"all", "todo", "todos", "todas"}
+MAX_PAUSE_MINUTES = 365 * 24 * 60  # a year; longer is a typo (no duration means until resumed)
 # "30", "1.5", "1,5" (the Spanish decimal comma), "30m", "2h", "45 min": minutes unless hours are said.
 _DURATION = re.compile(
     r"(\d+(?:[.,]\d+)?)(m|min|mins|minuto|minutos|minute|minutes|h|hora|horas|hour|hours)?"
@@ -65,6 +66,8 @@ def parse_command(text: str) -> OwnerCommand | None:
             unit = duration.group(2) or (rest[index + 1] if index + 1 < len(rest) else "")
             if unit.startswith("h"):
                 minutes *= 60
+            if minutes > MAX_PAUSE_MINUTES:
+                return OwnerCommand("help", True)
         elif word in _UNITS and index > 0 and _DURATION.fullmatch(rest[index - 1]):
             continue  # "30 min": the unit of the number before
         else:

@@ -167,6 +167,7 @@ async def run_whatsapp(settings: Settings) -> int:
         if backup is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(backup.stop(), 10.0)  # the final snapshot, before the lease goes
+        await bot.save_pauses()  # the next instance reads them as soon as it holds the lease
         await bot.lease.release()  # disconnected and saved: the next instance may connect now
         await bot.stop(timeout=1.0)
         await runner.cleanup()

@@ -753,6 +753,8 @@ class NeonizeTransport:
             try:
                 await self._pace(chat, text)
                 return await self._send_now(chat, text)
+            except SendWithheld:
+                raise  # the owner has the chat: neither sent nor queued
             except TransportError:
                 if self._outbox is None or await self.is_connected():
                     raise
@@ -838,11 +840,7 @@ class NeonizeTransport:
     async def _send_queued(self, chat: ChatId, text: str) -> None:
         if self.state is not ConnectionState.CONNECTED:
             raise SendDeferred("not connected")
-        try:
-            await self._pace(chat, text)
-        except SendWithheld as held:  # the owner took the chat over while this waited: never sent
-            logger.info("outbox: a queued reply was withheld ({})", held)
-            return
+        await self._pace(chat, text)  # SendWithheld: the outbox drops it (the owner has the chat)
         try:
             await self._send_now(chat, text)
         except TransportError as exc:

@@ -23,7 +23,7 @@ from typing import Any
 from loguru import logger
 
 from connection.supervisor import scrub
-from connection.types import ChatId, MessageId, TransportError
+from connection.types import ChatId, MessageId, SendWithheld, TransportError
 
 __all__ = ["Outbox", "OutboxFull", "Queued", "ResendRequests", "SendDeferred"]
 
@@ -127,6 +127,9 @@ class Outbox:
                     await send(item.chat, item.text)
                 except SendDeferred:
                     break
+                except SendWithheld:  # the chat was handed to a human while this waited: never sent
+                    self._drop(item, "withheld: a human has the chat")
+                    continue
                 except Exception as exc:
                     tries = item.tries + 1
                     if tries >= self.max_tries:

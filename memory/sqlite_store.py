@@ -268,15 +268,19 @@ class SQLiteStore:
 
     async def pauses(self, now: float) -> dict[str, float]:
         await self._forget_ended_pauses(now)
-        rows = await self._query("SELECT chat_id, until FROM bot_pauses", ())
+        rows = await self._query(
+            "SELECT chat_id, until FROM bot_pauses WHERE until IS NULL OR until > ?", (now,), flush=False
+        )
         return {chat: math.inf if until is None else until for chat, until in rows}
 
     async def _forget_ended_pauses(self, now: float) -> None:
-        """Rows past their end mean nothing; without this the table keeps one per chat ever taken over."""
-        await self.flush()
+        """Rows past their end mean nothing; without this the table keeps one per chat ever taken over.
+        Best effort: a database that cannot write still answers which pauses are running."""
         assert self._conn is not None
         conn = self._conn
-        await self._run(lambda: conn.execute("DELETE FROM bot_pauses WHERE until <= ?", (now,)))
+        with contextlib.suppress(StoreUnavailable):
+            await self.flush()
+            await self._run(lambda: conn.execute("DELETE FROM bot_pauses WHERE until <= ?", (now,)))
 
     async def set_status(self, wa_message_id: str, status: MessageStatus, body: str | None = None) -> None:
         body = db_text(body) if body is not None else None

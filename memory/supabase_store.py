@@ -786,8 +786,9 @@ class SupabaseStore:
             raise StoreUnavailable(f"supabase: pause not saved ({_describe(error)})") from error
 
     async def pauses(self, now: float) -> dict[str, float]:
-        with contextlib.suppress(*_UNREACHABLE):  # rows past their end mean nothing: forget them
-            await self._table("bot_pauses").delete().lt("until", _iso(now)).execute()
+        if not self._degraded:  # rows past their end mean nothing: forget them (best effort)
+            with contextlib.suppress(*_UNREACHABLE):
+                await self._table("bot_pauses").delete().lt("until", _iso(now)).execute()
 
         async def select() -> list[dict[str, Any]]:
             query = (

@@ -337,3 +337,32 @@ async def test_a_reconnect_sends_the_outbox_within_the_per_minute_budget(
         assert sent_at[-1] - sent_at[0] >= 4 * 60  # 15 at 3 a minute: the last goes out in the fifth minute
     finally:
         await t.stop()
+
+
+async def test_a_withheld_reply_is_neither_queued_nor_counted_as_sent(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    """The owner took the chat over while the reply was being typed: it must not go out later either."""
+    from connection.types import SendWithheld
+
+    async def owner_has_it(chat: ChatId, text: str) -> None:
+        raise SendWithheld("the owner has the chat")
+
+    fake_client.script.extend(["ok"])
+    t = transport(tmp_path)
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        client = fake_client.instances[0]
+        t.set_pacer(owner_has_it)
+        client.online = False  # a blip, no event yet: a failed send would be queued
+        with pytest.raises(SendWithheld):
+            await t.send_text(CHAT, "answer")
+        assert t.stats()["outbox_pending"] == 0
+        client.online = True
+        t._outbox.put(CHAT, "queued before the owner wrote")  # type: ignore[union-attr]
+        await t._outbox.flush(t._send_queued)  # type: ignore[union-attr]
+        assert t.stats()["outbox_sent"] == 0 and t.stats()["outbox_dropped"] == 1
+        assert client.sent == []
+    finally:
+        await t.stop()

@@ -251,3 +251,98 @@ async def test_pauses_that_ended_leave_no_rows(make_settings, fake_openai: FakeO
         pass
     with sqlite3.connect(settings.data_dir / "bot.sqlite3") as conn:
         assert conn.execute("SELECT count(*) FROM bot_pauses").fetchone()[0] == 0
+
+
+async def test_owner_commands_are_answered_during_a_pause_of_all(
+    make_settings, fake_openai: FakeOpenAI
+) -> None:
+    """The governor held every chat during `!bot pause all`, the owner's own included: no answer came."""
+    from bot.app import Bot
+    from bot.governor import GovernedTransport, GovernorLimits
+    from connection.loopback import LoopbackTransport
+
+    loopback = LoopbackTransport(owner_chat=ChatId(ME))
+    governed = GovernedTransport(loopback, GovernorLimits(typing_chars_per_s=0))
+    bot = Bot.build(make_settings(**ai(fake_openai)), governed)
+    governed.hold = bot.pipeline.takeover.is_paused
+    await bot.start()
+    try:
+        for text in ("!bot pause all", "!bot status"):
+            bot.pipeline.submit(from_owner(text))
+            assert await bot.pipeline.drain(10)
+            await asyncio.sleep(0.05)  # notices are sent in the background
+        assert len(loopback.texts_to(ME)) == 2
+    finally:
+        await bot.stop()
+
+
+async def test_the_answer_held_back_leaves_no_typing_indicator(
+    make_settings, fake_openai: FakeOpenAI
+) -> None:
+    from bot.app import Bot
+    from bot.governor import GovernedTransport, GovernorLimits
+    from connection.loopback import LoopbackTransport
+
+    loopback = LoopbackTransport()
+    governed = GovernedTransport(loopback, GovernorLimits(typing_chars_per_s=10, typing_jitter=0))
+    bot = Bot.build(make_settings(**ai(fake_openai)), governed)
+    governed.hold = bot.pipeline.takeover.is_paused
+    await bot.start()
+    try:
+        question = inbound("¿cuánto cuesta?")
+        governed.note_inbound(question)
+        bot.pipeline.submit(question)
+        await asyncio.sleep(0.5)
+        bot.pipeline.submit(inbound("Son 20 euros, soy Marta", from_me=True))
+        assert await bot.pipeline.drain(10)
+        assert [typing for chat, typing in loopback.typing if chat == CHAT][-1] is False
+    finally:
+        await bot.stop()
+
+
+async def test_a_pause_not_saved_at_first_is_saved_by_the_stop(
+    make_settings, fake_openai: FakeOpenAI
+) -> None:
+    """The writer slept 5 s after a failure and stop waited exactly as long: the takeover was lost."""
+    from memory.store import StoreUnavailable
+
+    settings = make_settings(**ai(fake_openai))
+    async with BotHarness(settings) as h:
+        store, real, failures = h.bot.store, h.bot.store.set_pause, [1]
+
+        async def blip_then_slow(chat: str, until: float | None) -> None:
+            if failures:
+                failures.pop()
+                raise StoreUnavailable("a blip")
+            await asyncio.sleep(0.1)  # a Supabase round trip
+            await real(chat, until)
+
+        store.set_pause = blip_then_slow  # type: ignore[method-assign]
+        await h.say(inbound("Hola, soy Marta", from_me=True))
+        await asyncio.sleep(0.1)
+    async with BotHarness(settings) as again:
+        assert await again.say("hola") == []
+
+
+async def test_one_change_that_cannot_be_saved_does_not_block_the_others(
+    make_settings, fake_openai: FakeOpenAI
+) -> None:
+    settings = make_settings(**ai(fake_openai))
+    async with BotHarness(settings) as h:
+        store, real = h.bot.store, h.bot.store.set_pause
+
+        async def one_bug(chat: str, until: float | None) -> None:
+            if chat == OTHER:
+                raise OverflowError("a date past year 9999")
+            await real(chat, until)
+
+        store.set_pause = one_bug  # type: ignore[method-assign]
+        await h.say(from_owner("te atiendo yo", chat=OTHER))
+        await h.say(from_owner("Hola, soy Marta", chat=CHAT))
+    async with BotHarness(settings) as again:
+        assert await again.say("hola") == []  # CHAT's takeover was saved after OTHER's failed
+
+
+def test_a_pause_longer_than_a_year_is_read_as_a_typo() -> None:
+    command = parse_command("!bot pausa 99999999999999999 h")
+    assert command is not None and command.action == "help"

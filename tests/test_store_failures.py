@@ -283,3 +283,22 @@ async def test_an_outage_is_one_error_line_however_many_retries(harness, fake_op
         logger.remove(sink)
     assert len([line for line in lines if line.startswith("sqlite cannot write")]) == 1
     assert len([line for line in lines if line.startswith("sqlite writes again")]) == 1
+
+
+async def test_running_pauses_are_read_even_when_the_database_cannot_write(tmp_path) -> None:
+    """Forgetting ended pauses is a write; when it failed, reading them failed too and a restart lost
+    every takeover."""
+    import math
+
+    from memory.sqlite_store import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "s.sqlite3", retention_days=None)
+    await store.open()
+    try:
+        await store.set_pause("*", math.inf)
+        with sqlite3.connect(tmp_path / "s.sqlite3", timeout=0) as other:
+            other.execute("BEGIN IMMEDIATE")  # another writer holds the lock (as a stuck disk would)
+            assert await store.pauses(0.0) == {"*": math.inf}
+            other.rollback()
+    finally:
+        await store.close()

@@ -156,6 +156,15 @@ async def run_logout(settings: Settings) -> int:
     if not settings.supabase_db_url and not path.exists():
         print("no local session: nothing to log out")
         return 0
+    if not settings.supabase_db_url and not _linked_devices(path):
+        # Never paired: nothing to unlink on WhatsApp's side (connecting would only retry and fail).
+        for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            leftover.unlink(missing_ok=True)
+        print("the session was never paired: local session file deleted")
+        if backup is not None:
+            await backup.forget()
+            await backup.close()
+        return 0
     transport = NeonizeTransport(
         settings.session_database,
         on_inbound=lambda _: None,

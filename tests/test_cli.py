@@ -88,3 +88,19 @@ async def test_doctor_tells_a_session_file_without_a_linked_device_from_a_paired
         conn.execute("INSERT INTO whatsmeow_device VALUES ('34600111222:1@s.whatsapp.net')")
     _, out = await bot(tmp_path, "doctor", DATA_DIR=str(data))
     assert "holds a linked device (paired before)" in out
+
+
+async def test_logout_of_a_session_never_paired_just_deletes_it(tmp_path: Path) -> None:
+    """It connected to unlink a device that does not exist: 30 s of retries, then an ERROR and exit 1."""
+    import sqlite3
+    import time
+
+    data = tmp_path / "data"
+    data.mkdir()
+    session = data / "whatsapp-session.sqlite3"
+    with sqlite3.connect(session) as conn:  # what the first start leaves before a QR is scanned
+        conn.execute("CREATE TABLE whatsmeow_device (jid TEXT PRIMARY KEY)")
+    started = time.monotonic()
+    code, out = await bot(tmp_path, "logout", DATA_DIR=str(data))
+    assert code == 0 and "never paired" in out and not session.exists()
+    assert time.monotonic() - started < 15

@@ -87,7 +87,7 @@ class GovernedTransport:
         set_pacer = getattr(inner, "set_pacer", None)
         self._inner_paces = set_pacer is not None
         if set_pacer is not None:
-            set_pacer(self.pace)
+            set_pacer(self.pace, self.unspend)
 
     # -- bookkeeping --------------------------------------------------------------------------------
 
@@ -151,9 +151,13 @@ class GovernedTransport:
         try:
             await self._check_hold(chat)
         except SendWithheld:
-            if self._sent_at:
-                self._sent_at.pop()  # the slot was not used
+            self.unspend()
             raise
+
+    def unspend(self) -> None:
+        """Give back the budget slot of a message that did not go out after all."""
+        if self._sent_at:
+            self._sent_at.pop()
 
     async def _check_hold(self, chat: ChatId) -> None:
         if self.hold is None or chat == self.owner_chat or not self.hold(chat):

@@ -72,7 +72,6 @@ from connection.types import (
     MediaRef,
     MessageId,
     MessageKind,
-    SendWithheld,
     TransportError,
 )
 
@@ -625,6 +624,7 @@ class NeonizeTransport:
             else None
         )
         self._pacer: Callable[[ChatId, str], Awaitable[None]] | None = None
+        self._unspend: Callable[[], None] = lambda: None
         self._lids = LidToPhone()
         self._tasks = BackgroundTasks("whatsapp")
         self._flushing: asyncio.Task[None] | None = None
@@ -750,12 +750,11 @@ class NeonizeTransport:
         go out first so order holds. Raises TransportError when it can be neither sent nor queued.
         """
         if self._outbox is None or (self.state is ConnectionState.CONNECTED and not len(self._outbox)):
+            await self._pace(chat, text)  # SendWithheld: the owner has the chat, neither sent nor queued
             try:
-                await self._pace(chat, text)
                 return await self._send_now(chat, text)
-            except SendWithheld:
-                raise  # the owner has the chat: neither sent nor queued
             except TransportError:
+                self._unspend()  # it did not go out: its budget slot is the queued send's
                 if self._outbox is None or await self.is_connected():
                     raise
         if self._outbox is None:  # pragma: no cover - the branch above raised
@@ -827,11 +826,14 @@ class NeonizeTransport:
             raise TransportError(f"send failed: {_scrub(str(exc))}") from exc
         return MessageId(resp.ID)
 
-    def set_pacer(self, pacer: Callable[[ChatId, str], Awaitable[None]]) -> None:
+    def set_pacer(
+        self, pacer: Callable[[ChatId, str], Awaitable[None]], unspend: Callable[[], None] | None = None
+    ) -> None:
         """Run `pacer` right before each message really goes out, queued ones included (the ban-risk
         governor's typing pause and per-minute budget: spent at queue time, a reconnect would send the
-        whole outbox in one burst)."""
+        whole outbox in one burst); `unspend` gives the slot back when the send then fails."""
         self._pacer = pacer
+        self._unspend = unspend or (lambda: None)
 
     async def _pace(self, chat: ChatId, text: str) -> None:
         if self._pacer is not None:
@@ -844,6 +846,7 @@ class NeonizeTransport:
         try:
             await self._send_now(chat, text)
         except TransportError as exc:
+            self._unspend()
             if not await self.is_connected():
                 raise SendDeferred(str(exc)) from exc
             raise

@@ -366,3 +366,37 @@ async def test_a_withheld_reply_is_neither_queued_nor_counted_as_sent(
         assert client.sent == []
     finally:
         await t.stop()
+
+
+async def test_a_send_that_fails_gives_its_budget_slot_back(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    """Paced, failed on a blip, queued and paced again at the flush: it spent two slots of the per-minute
+    budget and made the outbox wait a minute for nothing."""
+    from bot.governor import GovernedTransport, GovernorLimits
+    from connection.types import Inbound, MessageKind
+
+    fake_client.script.extend(["ok"])
+    t = transport(tmp_path)
+    now = [1000.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+        await asyncio.sleep(0)
+
+    governed = GovernedTransport(
+        t, GovernorLimits(per_minute=1, typing_chars_per_s=0), clock=lambda: now[0], sleep=sleep
+    )
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        client = fake_client.instances[0]
+        governed.note_inbound(Inbound(MessageId("q"), CHAT, CHAT, MessageKind.TEXT))
+        client.online = False  # a blip, no event yet: the send fails and is queued
+        assert (await governed.send_text(CHAT, "answer")).startswith("outbox-")
+        client.online = True
+        await t._outbox.flush(t._send_queued)  # type: ignore[union-attr]
+        assert [text for _, text in client.sent] == ["answer"]
+        assert governed.counters["budget_waits"] == 0 and now[0] == 1000.0
+    finally:
+        await t.stop()

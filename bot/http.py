@@ -20,21 +20,25 @@ QrSource = Callable[[], dict[str, Any]]
 
 
 def prometheus_text(metrics: dict[str, Any], prefix: str = "whatsapp_bot") -> str:
-    """Flatten the metrics JSON into Prometheus text: numbers and booleans only, strings as labels."""
+    """Flatten the metrics JSON into Prometheus text: numbers and booleans only, strings as labels.
+
+    Error texts (`last_error`...) stay in the JSON only: as labels, each distinct text would start a new
+    series.
+    """
     lines: list[str] = []
 
-    def walk(value: Any, name: str) -> None:
+    def walk(value: Any, name: str, key: str = "") -> None:
         if isinstance(value, bool):
             lines.append(f"{name} {int(value)}")
         elif isinstance(value, int | float):
             lines.append(f"{name} {_sample(value)}")
-        elif isinstance(value, str):
-            # An error text quotes URLs and may span lines: escaped, or one scrape fails during an outage.
+        elif isinstance(value, str) and "error" not in key:
+            # A text may quote URLs or span lines: escaped, or one scrape fails.
             label = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
             lines.append(f'{name}_info{{value="{label}"}} 1')
         elif isinstance(value, dict):
-            for key, item in value.items():
-                walk(item, f"{name}_{_NOT_IN_NAMES.sub('_', str(key))}")
+            for child, item in value.items():
+                walk(item, f"{name}_{_NOT_IN_NAMES.sub('_', str(child))}", str(child))
 
     walk(metrics, prefix)
     return "\n".join(lines) + "\n"

@@ -39,9 +39,8 @@ from memory.history import ChatHistory
 from memory.store import Direction, MessageStatus, Store, StoredMessage, StoreUnavailable, db_text
 
 GroupPolicy = Literal["never", "mentioned", "always"]
-MAX_REPLY_PARTS = (
-    10  # WhatsApp messages one answer may take (15,000 characters with the default MAX_REPLY_CHARS)
-)
+# WhatsApp messages one answer may take (15,000 characters with the default MAX_REPLY_CHARS).
+MAX_REPLY_PARTS = 10
 _MEDIA_KINDS = {
     MessageKind.IMAGE,
     MessageKind.VIDEO,
@@ -558,7 +557,8 @@ class Pipeline:
             persisted = _done()
         if self.takeover.is_paused(message.chat):  # the owner took over while it waited
             await self._saved(message, persisted)
-            await self.store.set_status(message.id, MessageStatus.SKIPPED)
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.set_status(message.id, MessageStatus.SKIPPED)
             self.counters.skipped += 1
             return
         self.history.append(inbound)

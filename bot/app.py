@@ -210,6 +210,9 @@ class Bot:
                     pauses[chat] = until
                 elif chat == "*":
                     pauses.clear()
+                elif chat == "!*":
+                    for exempt in [c for c in pauses if c.startswith("!")]:
+                        del pauses[exempt]
                 else:
                     pauses.pop(chat, None)
             takeover.restore(pauses, time.time())
@@ -223,6 +226,9 @@ class Bot:
         self._pause_changes.pop(chat, None)
         if chat == "*" and until is None:
             self._pause_changes.clear()  # `resume all` ends every pause, those not written yet included
+        elif chat == "!*" and until is None:  # a new pause of all ends every exemption
+            for pending in [c for c in self._pause_changes if c.startswith("!")]:
+                del self._pause_changes[pending]
         self._pause_changes[chat] = until
         if self._pause_writer is None or self._pause_writer.done():
             self._pause_writer = self._background.spawn(self._write_pauses(), "save-pauses")

@@ -29,6 +29,8 @@ _ACTIONS = {
 }
 _EVERYWHERE = {"all", "todo", "todos", "todas"}
 MAX_PAUSE_MINUTES = 365 * 24 * 60  # a year; longer is a typo (no duration means until resumed)
+# In the store, "*" is the pause of every chat and "!<chat>" a chat resumed during it ("!*": all of those).
+EXEMPT = "!"
 # "30", "1.5", "1,5" (the Spanish decimal comma), "30m", "2h", "45 min": minutes unless hours are said.
 _DURATION = re.compile(
     r"(\d+(?:[.,]\d+)?)(m|min|mins|minuto|minutos|minute|minutes|h|hora|horas|hour|hours)?"
@@ -95,8 +97,9 @@ class Takeover:
         self._exempt: set[str] = set()  # chats resumed one by one during a pause of every chat
         self.global_until = 0.0
         self.takeovers = 0
-        # Told of every pause and resume (chat, or "*" for every chat; until in epoch seconds, math.inf
-        # without an end, None when it ends) so the store keeps them across restarts.
+        # Told of every pause and resume (chat, "*" for every chat, "!chat" for a chat resumed during a
+        # pause of all; until in epoch seconds, math.inf without an end, None when it ends) so the store
+        # keeps them across restarts.
         self.on_change: Callable[[str, float | None], None] | None = None
 
     def restore(self, pauses: dict[str, float], now: float) -> None:
@@ -107,9 +110,9 @@ class Takeover:
             return math.inf if math.isinf(until) else self._clock() + until - now
 
         self.global_until = mono(pauses["*"]) if "*" in pauses else 0.0
-        chats = sorted(((until, chat) for chat, until in pauses.items() if chat != "*"))[-self.max_chats :]
-        self._paused = OrderedDict((chat, mono(until)) for until, chat in chats)
-        self._exempt.clear()
+        chats = sorted((until, chat) for chat, until in pauses.items() if chat[:1] not in ("*", EXEMPT))
+        self._paused = OrderedDict((chat, mono(until)) for until, chat in chats[-self.max_chats :])
+        self._exempt = {chat[1:] for chat in pauses if chat.startswith(EXEMPT)} if "*" in pauses else set()
 
     def _changed(self, chat: str | None, until: float | None) -> None:
         if self.on_change is not None:
@@ -138,9 +141,13 @@ class Takeover:
         self._changed(chat, until)
         if chat is None:
             self.global_until = until
-            self._exempt.clear()
+            if self._exempt:
+                self._exempt.clear()
+                self._changed(EXEMPT + "*", None)  # a new pause of all covers every chat again
             return
-        self._exempt.discard(chat)
+        if chat in self._exempt:
+            self._exempt.discard(chat)
+            self._changed(EXEMPT + chat, None)
         self._paused[chat] = until
         self._paused.move_to_end(chat)
         while len(self._paused) > self.max_chats:
@@ -156,6 +163,7 @@ class Takeover:
             self._paused.pop(chat, None)
             if self._clock() < self.global_until and len(self._exempt) < self.max_chats:
                 self._exempt.add(chat)  # `!bot resume` in one chat during `!bot pause all`
+                self._changed(EXEMPT + chat, self.global_until)  # kept as long as the pause of all
 
     def is_paused(self, chat: str) -> bool:
         now = self._clock()

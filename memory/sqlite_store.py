@@ -401,6 +401,8 @@ class SQLiteStore:
             for chat_id, until, ended in (params for op, params in ops if op == "pause"):  # in order
                 if ended and chat_id == "*":
                     conn.execute("DELETE FROM bot_pauses")
+                elif ended and chat_id == "!*":
+                    conn.execute("DELETE FROM bot_pauses WHERE chat_id LIKE '!%'")
                 elif ended:
                     conn.execute("DELETE FROM bot_pauses WHERE chat_id = ?", (chat_id,))
                 else:

@@ -151,8 +151,9 @@ class Store(Protocol):
     async def flows(self) -> Sequence[Flow]: ...
 
     async def set_pause(self, chat_id: str, until: float | None) -> None:
-        """Keep a human takeover across restarts: `chat_id` ("*": every chat) is paused until `until` (epoch
-        seconds, math.inf until resumed); None ends it ("*" with None ends every pause)."""
+        """Keep a human takeover across restarts: `chat_id` ("*": every chat; "!<chat>": a chat exempt from
+        that) is paused until `until` (epoch seconds, math.inf until resumed); None ends it ("*" with None
+        ends every pause, "!*" with None every exemption)."""
         ...
 
     async def pauses(self, now: float) -> dict[str, float]:

@@ -777,6 +777,8 @@ class SupabaseStore:
         try:
             if until is None and chat_id == "*":
                 await self._table(table).delete().neq("chat_id", "").execute()
+            elif until is None and chat_id == "!*":
+                await self._table(table).delete().like("chat_id", "!%").execute()
             elif until is None:
                 await self._table(table).delete().eq("chat_id", chat_id).execute()
             else:

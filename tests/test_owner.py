@@ -346,3 +346,18 @@ async def test_one_change_that_cannot_be_saved_does_not_block_the_others(
 def test_a_pause_longer_than_a_year_is_read_as_a_typo() -> None:
     command = parse_command("!bot pausa 99999999999999999 h")
     assert command is not None and command.action == "help"
+
+
+async def test_a_chat_resumed_during_a_pause_of_all_stays_resumed_after_a_restart(
+    make_settings, fake_openai: FakeOpenAI
+) -> None:
+    settings = make_settings(**ai(fake_openai))
+    async with BotHarness(settings) as h:
+        await h.say(from_owner("!bot pause all"))
+        await h.say(from_owner("!bot resume", chat=CHAT))
+    async with BotHarness(settings) as again:
+        assert await again.say("hola") == ["echo: hola"]
+        assert await again.say(inbound("hola", chat=OTHER)) == []
+        await again.say(from_owner("!bot pause all"))  # a new pause of all covers that chat again
+    async with BotHarness(settings) as third:
+        assert await third.say("¿hola?") == []

@@ -395,6 +395,11 @@ async def test_pauses_survive_a_restart_and_end_when_told(backend: Backend) -> N
         pauses = await again.pauses(now)
         assert set(pauses) == {"c1@s.whatsapp.net", "*"}
         assert abs(pauses["c1@s.whatsapp.net"] - (now + 600)) < 0.01 and pauses["*"] == math.inf
+        await again.set_pause("!c4@s.whatsapp.net", math.inf)  # resumed during the pause of all
+        await again.set_pause("!c5@s.whatsapp.net", math.inf)
+        assert {"!c4@s.whatsapp.net", "!c5@s.whatsapp.net"} <= set(await again.pauses(now))
+        await again.set_pause("!*", None)  # a new pause of all ends every exemption, and only those
+        assert set(await again.pauses(now)) == {"c1@s.whatsapp.net", "*"}
         await again.set_pause("*", None)  # `!bot resume all` ends every pause
         assert await again.pauses(now) == {}
     finally:

@@ -318,7 +318,11 @@ class Bot:
         await self._restore_pauses()  # first: a message in a chat the owner has is not answered
         window = self.settings.recovery_window_minutes * 60
         fresh_since = time.time() - window
-        stale = await self.store.mark_stale(fresh_since)
+        try:
+            stale = await self.store.mark_stale(fresh_since)
+        except StoreUnavailable as error:  # e.g. a full journal during an outage: start all the same
+            logger.warning("could not mark old unanswered messages skipped: {}", error)
+            stale = 0
         # At most what may wait in memory; the rest is read back as the queue empties, like a spill.
         limit = self.pipeline.max_waiting
         try:

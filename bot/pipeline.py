@@ -756,7 +756,10 @@ class Pipeline:
         while self._accepting:
             await asyncio.sleep(every_s)
             if self.model_gate.is_set():
-                self._told_busy.clear()
+                # Forget only chats whose wait is over: memory going back and forth between warning and
+                # critical must not tell a chat that is still waiting a second time.
+                if self._told_busy:
+                    self._told_busy &= self._busy_since.keys() | self._spilled_chats.keys()
                 self._maybe_refill()  # also retries a refill that failed on the store
                 continue
             bound = time.monotonic() - self.busy_after_s

@@ -586,6 +586,9 @@ class SupabaseStore:
             result = await run()
         except _UNREACHABLE as error:
             self.read_failures += 1
+            if getattr(error, "code", None) in _SCHEMA_MISSING:  # Supabase answers: a migration is missing
+                logger.error("supabase: {}", _describe(error))
+                return None
             self._set_degraded(error)
             self._work.set()  # the flusher probes until Supabase answers
             return None
@@ -762,17 +765,31 @@ class SupabaseStore:
             return response.data
 
         data = await self._fetch(select)
-        if data is None:
-            raise StoreUnavailable("supabase unreachable: number lists not refreshed")
+        if data is not None:
+            await self._local(self.journal.put, "contacts", data)
+        else:  # the last lists read, kept in the journal file: a restart in an outage must not lose them
+            data = await self._local(self.journal.get, "contacts")
+            if data is None:
+                raise StoreUnavailable("supabase unreachable: number lists not refreshed")
+            self.hits["fallback"] += 1
         return (
             frozenset(row["number"] for row in data if row["list"] == "allow"),
             frozenset(row["number"] for row in data if row["list"] == "block"),
         )
 
     async def set_pause(self, chat_id: str, until: float | None) -> None:
-        """Written to Supabase at once, not journaled: a pause is short-lived, and during an outage the
-        running bot still holds it in memory (StoreUnavailable tells the caller it will not survive a
-        restart)."""
+        """Kept in the journal file at once (a restart during an outage still knows it), then written to
+        Supabase; StoreUnavailable when Supabase cannot be reached (the caller retries)."""
+        local = await self._local(self.journal.get, "pauses") or {}
+        if until is None and chat_id == "*":
+            local = {}
+        elif until is None and chat_id == "!*":
+            local = {chat: end for chat, end in local.items() if not chat.startswith("!")}
+        elif until is None:
+            local.pop(chat_id, None)
+        else:
+            local[chat_id] = None if math.isinf(until) else until
+        await self._local(self.journal.put, "pauses", local)
         table = "bot_pauses"
         try:
             if until is None and chat_id == "*":
@@ -799,9 +816,18 @@ class SupabaseStore:
             return (await query.execute()).data
 
         data = await self._fetch(select)
-        if data is None:
-            raise StoreUnavailable("supabase unreachable: pauses not read")
-        return {row["chat_id"]: math.inf if row["until"] is None else _ts(row["until"]) for row in data}
+        if data is None:  # during an outage, what this instance last knew (kept in the journal file)
+            local = await self._local(self.journal.get, "pauses") or {}
+            self.hits["fallback"] += 1
+            return {
+                chat: math.inf if end is None else end
+                for chat, end in local.items()
+                if end is None or end > now
+            }
+        pauses = {row["chat_id"]: math.inf if row["until"] is None else _ts(row["until"]) for row in data}
+        local = {chat: None if math.isinf(end) else end for chat, end in pauses.items()}
+        await self._local(self.journal.put, "pauses", local)
+        return pauses
 
     async def flows(self) -> Sequence[Flow]:
         """Enabled bot_flows by priority, refreshed from Supabase every flows_ttl_s seconds; during an
@@ -880,7 +906,9 @@ class SupabaseStore:
 
     @property
     def writes_failing(self) -> bool:
-        return False  # writes go to the local journal; a journal that cannot write raises at once
+        # Messages left in the store can only be read back page by page from Supabase: not during an
+        # outage, and not once the journal refuses rows.
+        return self._degraded or self.journal.size >= self.journal.hard_max_rows
 
     def stats(self) -> dict[str, Any]:
         return {

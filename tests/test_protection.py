@@ -391,3 +391,29 @@ async def test_the_bots_own_manager_polls_rss_and_drives_the_gate(harness, fake_
         assert await h.bot.pipeline.drain(5)
         assert h.transport.texts_to(CHAT) == ["echo: hola"]
         assert h.bot.memory.stats()["transitions"] == 2
+
+
+async def test_memory_going_back_and_forth_tells_a_waiting_chat_once(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """Each time the gate opened (warning) the set of chats told was cleared: one waiting chat got the
+    "busy" notice four times during one wait."""
+    fake_openai.delay_s = 0.6
+    async with harness(**ai(fake_openai, busy_reply_after_s=0.2)) as h:
+        manager, rss = inject_rss(h.bot)
+        rss[0] = 460
+        manager.check()  # critical
+        for text in ("uno", "dos", "tres", "cuatro"):
+            h.bot.pipeline.submit(inbound(text))
+        await asyncio.sleep(0.5)
+        for _ in range(3):  # warning for a moment, then critical again
+            rss[0] = 420
+            manager.check()
+            await asyncio.sleep(0.3)
+            rss[0] = 460
+            manager.check()
+            await asyncio.sleep(0.5)
+        rss[0] = 100
+        manager.check()
+        assert await h.bot.pipeline.drain(20)
+        assert h.transport.texts_to(CHAT).count(reply("busy", "es")) == 1

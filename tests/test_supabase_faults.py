@@ -503,3 +503,67 @@ def test_journal_keeps_order_across_reopen(tmp_path: Path) -> None:
         assert not complete  # never read from Supabase: not known to be the whole chat
     finally:
         journal.close()
+
+
+async def test_a_restart_during_an_outage_keeps_block_lists_and_takeovers(
+    db: SupabaseStack, tmp_path: Path
+) -> None:
+    """After a restart while PostgREST was down, bot_contacts and bot_pauses could not be read: blocked
+    numbers and chats a human had taken over were answered for the whole outage."""
+    import math
+
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data", flows_file=None)  # type: ignore[call-arg]
+    db.psql(f"insert into bot_contacts (number, list) values ('{CHATS[1].split('@')[0]}', 'block');")
+    transport = LoopbackTransport()
+
+    async def start_bot() -> Bot:
+        bot = Bot.build(settings, transport, store=make_store(db.url, db.key, tmp_path / "data"))
+        await bot.start()
+        return bot
+
+    def message(chat: str) -> Inbound:
+        n = next(_ids)
+        return Inbound(MessageId(f"IN{n}"), ChatId(chat), chat, MessageKind.TEXT, f"hola {n}", time.time())
+
+    try:
+        bot = await start_bot()
+        await bot.store.set_pause(CHATS[0], math.inf)  # the owner had taken this chat over
+        await bot.stop()
+        await asyncio.to_thread(db.stop_postgrest)
+        bot = await start_bot()  # a deploy during the outage
+        for chat in CHATS[:2]:
+            bot.pipeline.submit(message(chat))
+        assert await bot.pipeline.drain(10)
+        assert transport.texts_to(ChatId(CHATS[0])) == [] and transport.texts_to(ChatId(CHATS[1])) == []
+        await bot.stop()
+    finally:
+        await asyncio.to_thread(db.start_postgrest)
+        db.psql("truncate bot_contacts, bot_pauses;")
+
+
+async def test_a_flood_during_an_outage_waits_in_memory_not_in_an_unreadable_store(
+    db: SupabaseStack, tmp_path: Path
+) -> None:
+    """Past MAX_WAITING_MESSAGES messages wait in the store and are read back page by page from Supabase:
+    during an outage that read failed, and those messages (and every later one) waited for the outage."""
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data", flows_file=None, max_waiting_messages=10)  # type: ignore[call-arg]
+    transport = LoopbackTransport()
+    bot = Bot.build(settings, transport, store=make_store(db.url, db.key, tmp_path / "data"))
+    await bot.start()
+    await asyncio.to_thread(db.stop_postgrest)
+    try:
+        chat = CHATS[0]
+        bot.pipeline.submit(
+            Inbound(MessageId("FIRST"), ChatId(chat), chat, MessageKind.TEXT, "hola", time.time())
+        )
+        await wait_for(lambda: bot.store.stats()["state"] == "degraded")  # type: ignore[attr-defined]
+        for n in range(30):
+            chat = f"3460077{n:04d}@s.whatsapp.net"
+            bot.pipeline.submit(
+                Inbound(MessageId(f"F{n}"), ChatId(chat), chat, MessageKind.TEXT, "hola", time.time())
+            )
+        assert await bot.pipeline.drain(10), "messages waited for the outage to end"
+        assert len(transport.sent) == 31
+    finally:
+        await asyncio.to_thread(db.start_postgrest)
+        await bot.stop()

@@ -235,6 +235,11 @@ class Bot:
 
     async def _write_pauses(self) -> None:
         while self._pause_changes:
+            for chat, until in list(self._pause_changes.items()):  # where a restart finds them, at once
+                try:
+                    await self.store.note_pause(chat, until)
+                except Exception as error:
+                    logger.warning("a pause change is not kept locally: {}", error)
             chat, until = next(iter(self._pause_changes.items()))
             try:
                 await self.store.set_pause(chat, until)

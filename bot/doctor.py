@@ -87,20 +87,26 @@ def _check_session(settings: Settings) -> bool:
     if settings.supabase_url:
         return _line(True, "WhatsApp session: local file, snapshotted to Supabase (wa_sessions) every 60 s")
     path = Path(settings.session_database)
-    if _linked_devices(path):
+    devices = _linked_devices(path)
+    if devices is None:
+        return _line(True, f"WhatsApp session: {path} cannot be read now (a running bot may hold it)")
+    if devices:
         return _line(True, f"WhatsApp session: {path} holds a linked device (paired before)")
     return _line(True, f"WhatsApp session: none yet; `python -m bot` shows a QR to pair ({path})")
 
 
-def _linked_devices(path: Path) -> int:
-    """Devices in whatsmeow's session file; the file itself exists from the first start, paired or not."""
+def _linked_devices(path: Path) -> int | None:
+    """Devices in whatsmeow's session file (the file exists from the first start, paired or not); None
+    when it cannot be read now (locked by a running bot, say): unknown is not "never paired"."""
     if not path.exists():
         return 0
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)) as conn:
             return int(conn.execute("SELECT count(*) FROM whatsmeow_device").fetchone()[0])
+    except sqlite3.OperationalError as error:
+        return 0 if "no such table" in str(error) else None
     except sqlite3.Error:
-        return 0
+        return None
 
 
 def _check_admin_token(settings: Settings) -> bool:
@@ -156,7 +162,7 @@ async def run_logout(settings: Settings) -> int:
     if not settings.supabase_db_url and not path.exists():
         print("no local session: nothing to log out")
         return 0
-    if not settings.supabase_db_url and not _linked_devices(path):
+    if not settings.supabase_db_url and _linked_devices(path) == 0:
         # Never paired: nothing to unlink on WhatsApp's side (connecting would only retry and fail).
         for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
             leftover.unlink(missing_ok=True)

@@ -142,22 +142,24 @@ class GovernedTransport:
 
     # -- the limits ---------------------------------------------------------------------------------
 
-    async def pace(self, chat: ChatId, text: str) -> None:
-        """The typing pause and the per-minute budget, right before a message goes out; SendWithheld when
-        `hold` says the chat is no longer the bot's (the owner wrote while the bot was "typing")."""
+    async def pace(self, chat: ChatId, text: str) -> float:
+        """The typing pause and the per-minute budget, right before a message goes out; returns the budget
+        slot taken (for `unspend`). SendWithheld when `hold` says the chat is no longer the bot's (the owner
+        wrote while the bot was "typing")."""
         await self._typing_pause(chat, text)
         await self._check_hold(chat)
-        await self._take_budget()
+        slot = await self._take_budget()
         try:
             await self._check_hold(chat)
         except SendWithheld:
-            self.unspend()
+            self.unspend(slot)
             raise
+        return slot
 
-    def unspend(self) -> None:
-        """Give back the budget slot of a message that did not go out after all."""
-        if self._sent_at:
-            self._sent_at.pop()
+    def unspend(self, slot: float) -> None:
+        """Give back the budget slot `pace` took for a message that did not go out after all."""
+        with contextlib.suppress(ValueError):  # already out of the window
+            self._sent_at.remove(slot)
 
     async def _check_hold(self, chat: ChatId) -> None:
         if self.hold is None or chat == self.owner_chat or not self.hold(chat):
@@ -182,7 +184,8 @@ class GovernedTransport:
             logger.debug("typing indicator failed: {}", error)
         await self._sleep(pause)
 
-    async def _take_budget(self) -> None:
+    async def _take_budget(self) -> float:
+        """Wait for a slot of the per-minute budget; returns it (the time it was taken)."""
         async with self._budget_lock:  # one waiter at a time keeps the sends in order
             while True:
                 now = self._clock()
@@ -190,7 +193,7 @@ class GovernedTransport:
                     self._sent_at.popleft()
                 if len(self._sent_at) < self.limits.per_minute:
                     self._sent_at.append(now)
-                    return
+                    return now
                 self.counters["budget_waits"] += 1
                 await self._sleep(self._sent_at[0] + 60 - now)
 

@@ -303,8 +303,11 @@ class Pipeline:
         # message waiting behind others in its chat is already safe from a crash.
         row = self._inbound_row(message)
         persisted = self.store.add_message(row)
-        # Not while the database cannot write: it could not give the message back.
-        if (self._spilled or self._waiting >= self.max_waiting) and not self.store.writes_failing:
+        # Not while the database cannot write (it could not give the message back), unless this chat already
+        # has messages there: a new one must not overtake them.
+        if (self._spilled or self._waiting >= self.max_waiting) and (
+            not self.store.writes_failing or message.chat in self._spilled_chats
+        ):
             self._spill(message, row, persisted)
             return True
         return self._enqueue(message, persisted)

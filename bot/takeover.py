@@ -138,12 +138,12 @@ class Takeover:
 
     def pause(self, chat: str | None, seconds: float | None = None) -> None:
         until = math.inf if seconds is None else self._clock() + seconds
+        if chat is None and self._exempt:  # a new pause of all covers every chat again (said first, so a
+            self._exempt.clear()  # crash between the two writes cannot bring old exemptions back)
+            self._changed(EXEMPT + "*", None)
         self._changed(chat, until)
         if chat is None:
             self.global_until = until
-            if self._exempt:
-                self._exempt.clear()
-                self._changed(EXEMPT + "*", None)  # a new pause of all covers every chat again
             return
         if chat in self._exempt:
             self._exempt.discard(chat)

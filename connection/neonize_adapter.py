@@ -624,7 +624,7 @@ class NeonizeTransport:
             else None
         )
         self._pacer: Callable[[ChatId, str], Awaitable[None]] | None = None
-        self._unspend: Callable[[], None] = lambda: None
+        self._unspend: Callable[[Any], None] = lambda slot: None
         self._lids = LidToPhone()
         self._tasks = BackgroundTasks("whatsapp")
         self._flushing: asyncio.Task[None] | None = None
@@ -750,11 +750,13 @@ class NeonizeTransport:
         go out first so order holds. Raises TransportError when it can be neither sent nor queued.
         """
         if self._outbox is None or (self.state is ConnectionState.CONNECTED and not len(self._outbox)):
-            await self._pace(chat, text)  # SendWithheld: the owner has the chat, neither sent nor queued
+            slot = await self._pace(
+                chat, text
+            )  # SendWithheld: the owner has the chat, neither sent nor queued
             try:
                 return await self._send_now(chat, text)
             except TransportError:
-                self._unspend()  # it did not go out: its budget slot is the queued send's
+                self._unspend(slot)  # it did not go out: its budget slot is the queued send's
                 if self._outbox is None or await self.is_connected():
                     raise
         if self._outbox is None:  # pragma: no cover - the branch above raised
@@ -827,26 +829,26 @@ class NeonizeTransport:
         return MessageId(resp.ID)
 
     def set_pacer(
-        self, pacer: Callable[[ChatId, str], Awaitable[None]], unspend: Callable[[], None] | None = None
+        self, pacer: Callable[[ChatId, str], Awaitable[Any]], unspend: Callable[[Any], None] | None = None
     ) -> None:
         """Run `pacer` right before each message really goes out, queued ones included (the ban-risk
         governor's typing pause and per-minute budget: spent at queue time, a reconnect would send the
         whole outbox in one burst); `unspend` gives the slot back when the send then fails."""
         self._pacer = pacer
-        self._unspend = unspend or (lambda: None)
+        self._unspend = unspend or (lambda slot: None)
 
-    async def _pace(self, chat: ChatId, text: str) -> None:
-        if self._pacer is not None:
-            await self._pacer(chat, text)
+    async def _pace(self, chat: ChatId, text: str) -> Any:
+        """The pacer's budget slot (None without a pacer), for `_unspend` if the send then fails."""
+        return await self._pacer(chat, text) if self._pacer is not None else None
 
     async def _send_queued(self, chat: ChatId, text: str) -> None:
         if self.state is not ConnectionState.CONNECTED:
             raise SendDeferred("not connected")
-        await self._pace(chat, text)  # SendWithheld: the outbox drops it (the owner has the chat)
+        slot = await self._pace(chat, text)  # SendWithheld: the outbox drops it (the owner has the chat)
         try:
             await self._send_now(chat, text)
         except TransportError as exc:
-            self._unspend()
+            self._unspend(slot)
             if not await self.is_connected():
                 raise SendDeferred(str(exc)) from exc
             raise

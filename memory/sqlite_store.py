@@ -266,6 +266,9 @@ class SQLiteStore:
             "pause", (chat_id, None if until is None or math.isinf(until) else until, until is None)
         )
 
+    async def note_pause(self, chat_id: str, until: float | None) -> None:
+        return None  # set_pause is already local: queued and committed here
+
     async def pauses(self, now: float) -> dict[str, float]:
         await self._forget_ended_pauses(now)
         rows = await self._query(

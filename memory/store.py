@@ -156,6 +156,11 @@ class Store(Protocol):
         ends every pause, "!*" with None every exemption)."""
         ...
 
+    async def note_pause(self, chat_id: str, until: float | None) -> None:
+        """Keep a pause change (as `set_pause`) where a restart finds it even while the database is away;
+        nothing to do where the database is local."""
+        ...
+
     async def pauses(self, now: float) -> dict[str, float]:
         """The pauses still running at `now` (epoch seconds), math.inf for those without an end."""
         ...

@@ -780,16 +780,7 @@ class SupabaseStore:
     async def set_pause(self, chat_id: str, until: float | None) -> None:
         """Kept in the journal file at once (a restart during an outage still knows it), then written to
         Supabase; StoreUnavailable when Supabase cannot be reached (the caller retries)."""
-        local = await self._local(self.journal.get, "pauses") or {}
-        if until is None and chat_id == "*":
-            local = {}
-        elif until is None and chat_id == "!*":
-            local = {chat: end for chat, end in local.items() if not chat.startswith("!")}
-        elif until is None:
-            local.pop(chat_id, None)
-        else:
-            local[chat_id] = None if math.isinf(until) else until
-        await self._local(self.journal.put, "pauses", local)
+        await self.note_pause(chat_id, until)
         table = "bot_pauses"
         try:
             if until is None and chat_id == "*":
@@ -803,6 +794,18 @@ class SupabaseStore:
                 await self._table(table).upsert(row, on_conflict="chat_id").execute()
         except _UNREACHABLE as error:
             raise StoreUnavailable(f"supabase: pause not saved ({_describe(error)})") from error
+
+    async def note_pause(self, chat_id: str, until: float | None) -> None:
+        local = await self._local(self.journal.get, "pauses") or {}
+        if until is None and chat_id == "*":
+            local = {}
+        elif until is None and chat_id == "!*":
+            local = {chat: end for chat, end in local.items() if not chat.startswith("!")}
+        elif until is None:
+            local.pop(chat_id, None)
+        else:
+            local[chat_id] = None if math.isinf(until) else until
+        await self._local(self.journal.put, "pauses", local)
 
     async def pauses(self, now: float) -> dict[str, float]:
         if not self._degraded:  # rows past their end mean nothing: forget them (best effort)

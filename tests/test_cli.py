@@ -104,3 +104,22 @@ async def test_logout_of_a_session_never_paired_just_deletes_it(tmp_path: Path) 
     code, out = await bot(tmp_path, "logout", DATA_DIR=str(data))
     assert code == 0 and "never paired" in out and not session.exists()
     assert time.monotonic() - started < 15
+
+
+async def test_a_session_file_in_use_is_never_taken_for_one_never_paired(tmp_path: Path) -> None:
+    """Any read error counted as "no device": logout deleted a paired session a running bot held locked."""
+    import sqlite3
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with sqlite3.connect(data / "whatsapp-session.sqlite3") as conn:
+        conn.execute("CREATE TABLE whatsmeow_device (jid TEXT PRIMARY KEY)")
+        conn.execute("INSERT INTO whatsmeow_device VALUES ('34600111222:1@s.whatsapp.net')")
+    holder = sqlite3.connect(data / "whatsapp-session.sqlite3", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # as whatsmeow does in the middle of a write
+    try:
+        _, out = await bot(tmp_path, "doctor", DATA_DIR=str(data))
+    finally:
+        holder.rollback()
+        holder.close()
+    assert "cannot be read now" in out and "none yet" not in out

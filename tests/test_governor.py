@@ -104,3 +104,17 @@ async def test_what_it_remembers_is_only_what_its_windows_still_need() -> None:
     assert len(inner.sent) == 2_000
     assert stats["reply_chats_tracked"] <= 61  # the last hour of chats, not the 2,000 ever seen
     assert stats["texts_tracked"] <= 2  # the last minute of answers
+
+
+async def test_a_slot_given_back_is_the_failed_sends_own() -> None:
+    """The newest slot was popped: with A failing after B went out, B's slot came back and three messages
+    left within one minute under a cap of two."""
+    gov, _, time = governed(per_minute=2)
+    a = await gov.pace(chat(0), "a")  # taken at 0, then A's send hangs and fails
+    time.now = 20
+    await gov.pace(chat(1), "b")  # B goes out at 20
+    time.now = 30
+    gov.unspend(a)
+    await gov.pace(chat(2), "c")  # C may go at 30: A's slot is free
+    await gov.pace(chat(3), "d")  # D must wait for B's slot to leave the window, at 80
+    assert time.now == pytest.approx(80)

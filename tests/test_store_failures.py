@@ -13,6 +13,8 @@ from tests.conftest import inbound
 from tests.fake_openai import FakeOpenAI
 from tests.test_voice_notes import note, voice_note  # noqa: F401 (the fixture)
 
+CHAT = "34600111222@s.whatsapp.net"
+
 
 @pytest.fixture(autouse=True)
 def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -302,3 +304,28 @@ async def test_running_pauses_are_read_even_when_the_database_cannot_write(tmp_p
             other.rollback()
     finally:
         await store.close()
+
+
+async def test_a_chat_with_messages_in_the_store_keeps_its_order_when_writes_start_failing(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """While writes fail new messages wait in memory; one of a chat whose earlier messages wait in the
+    store overtook them."""
+    async with harness(
+        openai_api_key="k", openai_base_url=fake_openai.base_url, max_waiting_messages=10
+    ) as h:
+        await h.say(inbound("primero", id="FIRST", chat="34600000009@s.whatsapp.net"))
+        fake_openai.delay_s = 0.3
+        for n in range(12):  # 10 in memory, 2 of CHAT in the store
+            h.bot.pipeline.submit(
+                inbound(f"q{n}", chat=f"346000020{n:02d}@s.whatsapp.net" if n < 10 else CHAT)
+            )
+        await asyncio.sleep(0.05)
+        await full_disk(h.bot.store)
+        h.bot.pipeline.submit(inbound("x" * 3000, chat="34600000001@s.whatsapp.net"))  # the outage starts
+        await asyncio.sleep(0.3)
+        h.bot.pipeline.submit(inbound("q12", chat=CHAT))
+        await asyncio.sleep(1.0)
+        await room_again(h.bot.store)
+        assert await h.bot.pipeline.drain(20)
+    assert h.transport.texts_to(CHAT) == ["echo: q10", "echo: q11", "echo: q12"]

@@ -567,3 +567,39 @@ async def test_a_flood_during_an_outage_waits_in_memory_not_in_an_unreadable_sto
     finally:
         await asyncio.to_thread(db.start_postgrest)
         await bot.stop()
+
+
+async def test_pause_changes_made_during_an_outage_are_all_kept_for_a_restart(tmp_path: Path) -> None:
+    """Only the first change reached the local copy: the writer retried it and the later ones waited, so a
+    chat the owner had resumed was paused again after a restart during the outage."""
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data", flows_file=None)  # type: ignore[call-arg]
+    transport = LoopbackTransport()
+    customer = CHATS[1]
+
+    def said(text: str, chat: str, *, from_me: bool = False) -> Inbound:
+        n = next(_ids)
+        return Inbound(
+            MessageId(f"P{n}"), ChatId(chat), chat, MessageKind.TEXT, text, time.time(), from_me=from_me
+        )
+
+    async def start_bot() -> Bot:
+        store = make_store("http://127.0.0.1:9", "unreachable-key", tmp_path / "data")  # Supabase is away
+        bot = Bot.build(settings, transport, store=store)
+        await bot.start()
+        return bot
+
+    bot = await start_bot()
+    bot.pipeline.submit(said("te atiendo yo", customer, from_me=True))  # the owner takes the chat over
+    await asyncio.sleep(0.2)  # kept locally by the first (failing) write
+    bot.pipeline.submit(said("te atiendo yo", CHATS[2], from_me=True))  # then another chat...
+    await asyncio.sleep(0.1)
+    bot.pipeline.submit(said("!bot resume", customer, from_me=True))  # ...and gives the first one back
+    await asyncio.sleep(0.2)
+    await bot.stop()
+    bot = await start_bot()
+    try:
+        bot.pipeline.submit(said("hola", customer))
+        assert await bot.pipeline.drain(10)
+        assert transport.texts_to(ChatId(customer)), "the chat the owner gave back is paused again"
+    finally:
+        await bot.stop()

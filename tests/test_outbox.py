@@ -154,6 +154,20 @@ def transport(tmp_path: Path, **options: Any) -> NeonizeTransport:
     )
 
 
+def governed_on_a_fake_clock(inner: NeonizeTransport, per_minute: int) -> tuple[Any, list[float]]:
+    """The ban-risk governor over `inner`, on a clock whose sleeps pass at once (returned as [now])."""
+    from bot.governor import GovernedTransport, GovernorLimits
+
+    now = [1000.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+        await asyncio.sleep(0)
+
+    limits = GovernorLimits(per_minute=per_minute, typing_chars_per_s=0)
+    return GovernedTransport(inner, limits, clock=lambda: now[0], sleep=sleep), now
+
+
 async def test_messages_wait_while_disconnected_and_go_out_in_order(
     fake_client: type[FakeNewAClient], tmp_path: Path
 ) -> None:
@@ -298,20 +312,11 @@ async def test_a_reconnect_sends_the_outbox_within_the_per_minute_budget(
 ) -> None:
     """The governor spent its budget when a reply was queued; on reconnect the outbox sent everything in
     one burst (15 messages within a millisecond with a cap of 3 a minute): what the cap exists to avoid."""
-    from bot.governor import GovernedTransport, GovernorLimits
     from connection.types import Inbound, MessageId, MessageKind
 
     fake_client.script.extend(["ok"])
     t = transport(tmp_path)
-    now = [1000.0]
-
-    async def sleep(seconds: float) -> None:  # the governor's clock: minutes pass at once
-        now[0] += seconds
-        await asyncio.sleep(0)
-
-    governed = GovernedTransport(
-        t, GovernorLimits(per_minute=3, typing_chars_per_s=0), clock=lambda: now[0], sleep=sleep
-    )
+    governed, now = governed_on_a_fake_clock(t, per_minute=3)
     await t.start()
     try:
         await wait_state(t, ConnectionState.CONNECTED)
@@ -373,20 +378,11 @@ async def test_a_send_that_fails_gives_its_budget_slot_back(
 ) -> None:
     """Paced, failed on a blip, queued and paced again at the flush: it spent two slots of the per-minute
     budget and made the outbox wait a minute for nothing."""
-    from bot.governor import GovernedTransport, GovernorLimits
     from connection.types import Inbound, MessageKind
 
     fake_client.script.extend(["ok"])
     t = transport(tmp_path)
-    now = [1000.0]
-
-    async def sleep(seconds: float) -> None:
-        now[0] += seconds
-        await asyncio.sleep(0)
-
-    governed = GovernedTransport(
-        t, GovernorLimits(per_minute=1, typing_chars_per_s=0), clock=lambda: now[0], sleep=sleep
-    )
+    governed, now = governed_on_a_fake_clock(t, per_minute=1)
     await t.start()
     try:
         await wait_state(t, ConnectionState.CONNECTED)

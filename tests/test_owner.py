@@ -4,9 +4,13 @@ through the real pipeline on the loopback transport."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
+from bot.app import Bot
 from bot.config import Settings
 from bot.takeover import parse_command
 from connection.types import ChatId, Inbound, MessageKind
@@ -24,6 +28,23 @@ def ai(fake: FakeOpenAI, **extra: object) -> dict[str, object]:
 
 def from_owner(text: str, chat: str = ME) -> Inbound:
     return inbound(text, chat=chat, from_me=True, is_self_chat=chat == ME)
+
+
+@contextlib.asynccontextmanager
+async def governed_bot(settings: Settings, typing_chars_per_s: float = 0) -> AsyncIterator[tuple[Bot, Any]]:
+    """A bot behind the ban-risk governor, wired as bot.whatsapp wires it (the takeover holds sends)."""
+    from bot.governor import GovernedTransport, GovernorLimits
+    from connection.loopback import LoopbackTransport
+
+    limits = GovernorLimits(typing_chars_per_s=typing_chars_per_s, typing_jitter=0)
+    governed = GovernedTransport(LoopbackTransport(owner_chat=ChatId(ME)), limits)
+    bot = Bot.build(settings, governed)
+    governed.hold = bot.pipeline.takeover.is_paused
+    await bot.start()
+    try:
+        yield bot, governed
+    finally:
+        await bot.stop()
 
 
 async def while_stopping(settings: Settings, fake: FakeOpenAI, *messages: Inbound) -> None:
@@ -157,26 +178,17 @@ async def test_the_owner_writing_while_the_bot_types_stops_the_answer(
     make_settings, fake_openai: FakeOpenAI
 ) -> None:
     """The check came before the governor's typing pause (up to 6 s), exactly when an owner replies."""
-    from bot.app import Bot
-    from bot.governor import GovernedTransport, GovernorLimits
-    from connection.loopback import LoopbackTransport
-
-    loopback = LoopbackTransport()
-    governed = GovernedTransport(loopback, GovernorLimits(typing_chars_per_s=10, typing_jitter=0))
-    bot = Bot.build(make_settings(**ai(fake_openai)), governed)
-    governed.hold = bot.pipeline.takeover.is_paused  # as bot.whatsapp wires it
-    await bot.start()
-    try:
+    async with governed_bot(make_settings(**ai(fake_openai)), typing_chars_per_s=10) as (bot, governed):
         question = inbound("¿cuánto cuesta?")
         governed.note_inbound(question)
         bot.pipeline.submit(question)
         await asyncio.sleep(0.5)  # the answer is ready; the bot "types" it for about 2 s
         bot.pipeline.submit(inbound("Son 20 euros, soy Marta", from_me=True))
         assert await bot.pipeline.drain(10)
-        assert loopback.texts_to(CHAT) == []
+        assert governed.inner.texts_to(CHAT) == []
         assert governed.stats()["withheld"] == 1
-    finally:
-        await bot.stop()
+        # and no "typing…" left showing right after the owner's message
+        assert [typing for chat, typing in governed.inner.typing if chat == CHAT][-1] is False
 
 
 async def test_a_takeover_seen_by_the_old_instance_during_a_deploy_holds(
@@ -257,47 +269,12 @@ async def test_owner_commands_are_answered_during_a_pause_of_all(
     make_settings, fake_openai: FakeOpenAI
 ) -> None:
     """The governor held every chat during `!bot pause all`, the owner's own included: no answer came."""
-    from bot.app import Bot
-    from bot.governor import GovernedTransport, GovernorLimits
-    from connection.loopback import LoopbackTransport
-
-    loopback = LoopbackTransport(owner_chat=ChatId(ME))
-    governed = GovernedTransport(loopback, GovernorLimits(typing_chars_per_s=0))
-    bot = Bot.build(make_settings(**ai(fake_openai)), governed)
-    governed.hold = bot.pipeline.takeover.is_paused
-    await bot.start()
-    try:
+    async with governed_bot(make_settings(**ai(fake_openai))) as (bot, governed):
         for text in ("!bot pause all", "!bot status"):
             bot.pipeline.submit(from_owner(text))
             assert await bot.pipeline.drain(10)
             await asyncio.sleep(0.05)  # notices are sent in the background
-        assert len(loopback.texts_to(ME)) == 2
-    finally:
-        await bot.stop()
-
-
-async def test_the_answer_held_back_leaves_no_typing_indicator(
-    make_settings, fake_openai: FakeOpenAI
-) -> None:
-    from bot.app import Bot
-    from bot.governor import GovernedTransport, GovernorLimits
-    from connection.loopback import LoopbackTransport
-
-    loopback = LoopbackTransport()
-    governed = GovernedTransport(loopback, GovernorLimits(typing_chars_per_s=10, typing_jitter=0))
-    bot = Bot.build(make_settings(**ai(fake_openai)), governed)
-    governed.hold = bot.pipeline.takeover.is_paused
-    await bot.start()
-    try:
-        question = inbound("¿cuánto cuesta?")
-        governed.note_inbound(question)
-        bot.pipeline.submit(question)
-        await asyncio.sleep(0.5)
-        bot.pipeline.submit(inbound("Son 20 euros, soy Marta", from_me=True))
-        assert await bot.pipeline.drain(10)
-        assert [typing for chat, typing in loopback.typing if chat == CHAT][-1] is False
-    finally:
-        await bot.stop()
+        assert len(governed.inner.texts_to(ME)) == 2
 
 
 async def test_a_pause_not_saved_at_first_is_saved_by_the_stop(

@@ -195,7 +195,6 @@ async def test_a_takeover_seen_by_the_old_instance_during_a_deploy_holds(
     make_settings, fake_openai: FakeOpenAI
 ) -> None:
     """The new instance read the pauses before it held the session lease, while the old one still answered."""
-    from bot.app import Bot
     from connection.loopback import LoopbackTransport
 
     settings = make_settings(**ai(fake_openai))

@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +83,7 @@ class Bot:
     _background: BackgroundTasks = field(default_factory=lambda: BackgroundTasks("bot"))
     _pause_changes: dict[str, float | None] = field(default_factory=dict)
     _pause_writer: asyncio.Task[None] | None = None
+    _pause_notes: deque[tuple[str, float | None]] = field(default_factory=deque)
     _pause_wake: asyncio.Event = field(default_factory=asyncio.Event)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -230,24 +232,29 @@ class Bot:
             for pending in [c for c in self._pause_changes if c.startswith("!")]:
                 del self._pause_changes[pending]
         self._pause_changes[chat] = until
+        self._pause_notes.append((chat, until))
         if self._pause_writer is None or self._pause_writer.done():
             self._pause_writer = self._background.spawn(self._write_pauses(), "save-pauses")
 
     async def _write_pauses(self) -> None:
-        while self._pause_changes:
-            for chat, until in list(self._pause_changes.items()):  # where a restart finds them, at once
+        while self._pause_notes or self._pause_changes:
+            while self._pause_notes:  # each change kept where a restart finds it, once, in order
+                chat, until = self._pause_notes.popleft()
                 try:
                     await self.store.note_pause(chat, until)
                 except Exception as error:
                     logger.warning("a pause change is not kept locally: {}", error)
+            if not self._pause_changes:
+                break
             chat, until = next(iter(self._pause_changes.items()))
             try:
                 await self.store.set_pause(chat, until)
             except StoreUnavailable as error:
                 logger.warning("a pause is not saved yet (retrying in 5 s): {}", error)
+                if not self._pause_wake.is_set():  # stop() may have asked for a last try already
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._pause_wake.wait(), 5.0)
                 self._pause_wake.clear()
-                with contextlib.suppress(TimeoutError):  # stop() wakes it for a last try
-                    await asyncio.wait_for(self._pause_wake.wait(), 5.0)
                 continue
             except Exception as error:  # never let one change block the ones after it
                 logger.error("a pause could not be saved, dropped: {}", error)

@@ -457,7 +457,11 @@ class Pipeline:
             # a customer's chat the command was typed in.
             key, values = self.takeover.apply(command, None if message.is_self_chat else message.chat)
             logger.warning("owner command: {}", reply(key, "en", **values))
-            owner_chat = message.chat if message.is_self_chat else getattr(self.transport, "owner_chat", None)
+            # The linked number's own chat when the transport knows it (the self-chat may arrive keyed by
+            # its LID), else the chat the command came from if that is the owner's own.
+            owner_chat = getattr(self.transport, "owner_chat", None) or (
+                message.chat if message.is_self_chat else None
+            )
             if owner_chat:
                 self._spawn(self._send_notice(ChatId(owner_chat), reply(key, self.language, **values)))
             return

@@ -130,13 +130,14 @@ class Takeover:
         return message_id in self._sent
 
     def owner_wrote(self, chat: str) -> None:
-        """The owner answered a customer from the phone: hand the chat over for `pause_s`."""
+        """The owner answered a customer from the phone: hand the chat over for `pause_s` (a chat resumed
+        during a pause of all stays resumed after that)."""
         if self.pause_s <= 0:  # HUMAN_TAKEOVER_MINUTES=0 turns takeover off
             return
         self.takeovers += 1
-        self.pause(chat, self.pause_s)
+        self.pause(chat, self.pause_s, keep_exempt=True)
 
-    def pause(self, chat: str | None, seconds: float | None = None) -> None:
+    def pause(self, chat: str | None, seconds: float | None = None, *, keep_exempt: bool = False) -> None:
         until = math.inf if seconds is None else self._clock() + seconds
         if chat is None and self._exempt:  # a new pause of all covers every chat again (said first, so a
             self._exempt.clear()  # crash between the two writes cannot bring old exemptions back)
@@ -145,7 +146,7 @@ class Takeover:
         if chat is None:
             self.global_until = until
             return
-        if chat in self._exempt:
+        if chat in self._exempt and not keep_exempt:
             self._exempt.discard(chat)
             self._changed(EXEMPT + chat, None)
         self._paused[chat] = until

@@ -779,8 +779,8 @@ class SupabaseStore:
 
     async def set_pause(self, chat_id: str, until: float | None) -> None:
         """Kept in the journal file at once (a restart during an outage still knows it), then written to
-        Supabase; StoreUnavailable when Supabase cannot be reached (the caller retries)."""
-        await self.note_pause(chat_id, until)
+        Supabase; StoreUnavailable when Supabase cannot be reached (the caller retries, having kept the
+        change with `note_pause`)."""
         table = "bot_pauses"
         try:
             if until is None and chat_id == "*":
@@ -796,7 +796,9 @@ class SupabaseStore:
             raise StoreUnavailable(f"supabase: pause not saved ({_describe(error)})") from error
 
     async def note_pause(self, chat_id: str, until: float | None) -> None:
+        """Apply one change to the copy in the journal file, which a restart during an outage reads."""
         local = await self._local(self.journal.get, "pauses") or {}
+        local = {chat: end for chat, end in local.items() if end is None or end > time.time()}
         if until is None and chat_id == "*":
             local = {}
         elif until is None and chat_id == "!*":
@@ -829,7 +831,10 @@ class SupabaseStore:
             }
         pauses = {row["chat_id"]: math.inf if row["until"] is None else _ts(row["until"]) for row in data}
         local = {chat: None if math.isinf(end) else end for chat, end in pauses.items()}
-        await self._local(self.journal.put, "pauses", local)
+        try:  # best effort: a local disk that cannot write must not hide what Supabase says
+            await self._local(self.journal.put, "pauses", local)
+        except Exception as error:
+            logger.warning("supabase: pauses not copied to the journal file: {}", error)
         return pauses
 
     async def flows(self) -> Sequence[Flow]:

@@ -337,3 +337,17 @@ async def test_a_chat_resumed_during_a_pause_of_all_stays_resumed_after_a_restar
         await again.say(from_owner("!bot pause all"))  # a new pause of all covers that chat again
     async with BotHarness(settings) as third:
         assert await third.say("¿hola?") == []
+
+
+async def test_the_owner_writing_in_a_resumed_chat_hands_it_back_after_the_takeover(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """During `!bot pause all`, a chat given back with `!bot resume` lost that when the owner wrote in it:
+    silent until `resume all` instead of after the takeover's minutes."""
+    async with harness(**ai(fake_openai, human_takeover_minutes=0.002)) as h:
+        await h.say(from_owner("!bot pause all"))
+        await h.say(from_owner("!bot resume", chat=CHAT))
+        await h.say(from_owner("Hola, soy Marta", chat=CHAT))
+        assert await h.say("¿y ahora?") == []  # the takeover
+        await asyncio.sleep(0.2)
+        assert await h.say("¿hola?") == ["echo: ¿hola?"]  # over: the chat is the bot's again

@@ -527,7 +527,8 @@ async def test_a_restart_during_an_outage_keeps_block_lists_and_takeovers(
 
     try:
         bot = await start_bot()
-        await bot.store.set_pause(CHATS[0], math.inf)  # the owner had taken this chat over
+        await bot.store.note_pause(CHATS[0], math.inf)  # the owner had taken this chat over, as the
+        await bot.store.set_pause(CHATS[0], math.inf)  # bot keeps it: locally, then in Supabase
         await bot.stop()
         await asyncio.to_thread(db.stop_postgrest)
         bot = await start_bot()  # a deploy during the outage
@@ -601,5 +602,35 @@ async def test_pause_changes_made_during_an_outage_are_all_kept_for_a_restart(tm
         bot.pipeline.submit(said("hola", customer))
         assert await bot.pipeline.drain(10)
         assert transport.texts_to(ChatId(customer)), "the chat the owner gave back is paused again"
+    finally:
+        await bot.stop()
+
+
+async def test_a_takeover_after_a_resume_all_during_an_outage_survives_a_restart(tmp_path: Path) -> None:
+    """Each retry of the first queued change ('resume all') wiped the local copy again, takeovers queued
+    after it included."""
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data", flows_file=None)  # type: ignore[call-arg]
+    transport = LoopbackTransport()
+    me, customer = "34699999999@s.whatsapp.net", CHATS[1]
+
+    def said(text: str, chat: str, **fields: Any) -> Inbound:
+        n = next(_ids)
+        return Inbound(MessageId(f"R{n}"), ChatId(chat), chat, MessageKind.TEXT, text, time.time(), **fields)
+
+    async def start_bot() -> Bot:
+        bot = Bot.build(settings, transport, store=make_store("http://127.0.0.1:9", "k", tmp_path / "data"))
+        await bot.start()
+        return bot
+
+    bot = await start_bot()
+    bot.pipeline.submit(said("!bot resume all", me, from_me=True, is_self_chat=True))
+    bot.pipeline.submit(said("te atiendo yo", customer, from_me=True))
+    await asyncio.sleep(0.3)
+    await bot.stop()
+    bot = await start_bot()
+    try:
+        bot.pipeline.submit(said("hola", customer))
+        assert await bot.pipeline.drain(10)
+        assert transport.texts_to(ChatId(customer)) == []
     finally:
         await bot.stop()

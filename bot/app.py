@@ -253,7 +253,8 @@ class Bot:
                 logger.warning("a pause is not saved yet (retrying in 5 s): {}", error)
                 if not self._pause_wake.is_set():  # stop() may have asked for a last try already
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._pause_wake.wait(), 5.0)
+                        async with asyncio.timeout(5.0):
+                            await self._pause_wake.wait()
                 self._pause_wake.clear()
                 continue
             except Exception as error:  # never let one change block the ones after it
@@ -296,7 +297,8 @@ class Bot:
             else:
                 self.pipeline.responder.flows.replace(flows or file_flows)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), every_s)
+                async with asyncio.timeout(every_s):
+                    await self._stop.wait()
 
     async def _load_number_lists(self) -> None:
         """Allow and block lists: the settings' plus the bot_contacts table's (kept as they were if the
@@ -312,7 +314,8 @@ class Bot:
     async def _refresh_number_lists(self, every_s: float = 60) -> None:
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), every_s)
+                async with asyncio.timeout(every_s):
+                    await self._stop.wait()
             if not self._stop.is_set():
                 await self._load_number_lists()
 
@@ -323,7 +326,8 @@ class Bot:
             if removed:
                 logger.info("removed {} leftover temp file(s)", removed)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), every_s)
+                async with asyncio.timeout(every_s):
+                    await self._stop.wait()
 
     async def recover(self) -> None:
         """Answer what a crash left unanswered, if it is still fresh; mark the rest skipped."""

@@ -871,7 +871,8 @@ class NeonizeTransport:
                 if not len(self._outbox):
                     return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._flush_wanted.wait(), 10.0)
+                async with asyncio.timeout(10.0):
+                    await self._flush_wanted.wait()
 
     async def _ask_resend(self, chat: ChatId) -> None:
         if self._on_undecryptable is not None:

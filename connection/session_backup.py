@@ -252,7 +252,8 @@ class SessionBackup:
     async def _loop(self) -> None:
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.interval_s)
+                async with asyncio.timeout(self.interval_s):
+                    await self._stop.wait()
             if self._stop.is_set():
                 return
             try:

@@ -575,7 +575,10 @@ class Supervisor:
 
     async def _probe(self) -> bool:
         try:
-            return bool(await asyncio.wait_for(self._driver.is_connected(), 10.0))
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that lands as the
+            # call completes, and this runs in the watchdog loop that stop() cancels (a stop that hung).
+            async with asyncio.timeout(10.0):
+                return bool(await self._driver.is_connected())
         except Exception:
             return False
 

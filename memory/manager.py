@@ -146,7 +146,8 @@ class MemoryManager:
         while not stop.is_set():
             self.check()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval_s)
+                async with asyncio.timeout(self.interval_s):
+                    await stop.wait()
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -30,7 +30,7 @@ from memory.cache import TTLCache
 from memory.history import ChatHistory
 from memory.manager import MemoryManager, MemoryState
 from memory.sqlite_store import SQLiteStore
-from memory.store import Flow, Store, StoreUnavailable
+from memory.store import Flow, Store, StoreUnavailable, apply_pause, queue_pause_change
 
 
 def read_flows_file(settings: Settings) -> list[Flow]:
@@ -208,15 +208,7 @@ class Bot:
             logger.warning("could not read paused chats: {}", error)
         else:
             for chat, until in self._pause_changes.items():  # newer than the store: not written yet
-                if until is not None:
-                    pauses[chat] = until
-                elif chat == "*":
-                    pauses.clear()
-                elif chat == "!*":
-                    for exempt in [c for c in pauses if c.startswith("!")]:
-                        del pauses[exempt]
-                else:
-                    pauses.pop(chat, None)
+                apply_pause(pauses, chat, until)
             takeover.restore(pauses, time.time())
             if pauses:
                 logger.info("{} paused chat(s) restored", len(pauses))
@@ -225,13 +217,7 @@ class Bot:
     def _save_pause(self, chat: str, until: float | None) -> None:
         """Queue the change for the one task that writes them, in order, the latest per chat (concurrent
         requests to Supabase could land a 'pause all' after the 'resume all' that followed it)."""
-        self._pause_changes.pop(chat, None)
-        if chat == "*" and until is None:
-            self._pause_changes.clear()  # `resume all` ends every pause, those not written yet included
-        elif chat == "!*" and until is None:  # a new pause of all ends every exemption
-            for pending in [c for c in self._pause_changes if c.startswith("!")]:
-                del self._pause_changes[pending]
-        self._pause_changes[chat] = until
+        queue_pause_change(self._pause_changes, chat, until)
         self._pause_notes.append((chat, until))
         if self._pause_writer is None or self._pause_writer.done():
             self._pause_writer = self._background.spawn(self._write_pauses(), "save-pauses")

@@ -103,6 +103,30 @@ class Flow:
     enabled: bool = True
 
 
+def apply_pause(pauses: dict[str, Any], chat_id: str, until: Any) -> None:
+    """Apply one pause change (as `Store.set_pause` takes it) to a map of running pauses: a value sets
+    the chat's pause, None ends it, "*" with None ends every pause, "!*" with None every exemption."""
+    if until is not None:
+        pauses[chat_id] = until
+    elif chat_id == "*":
+        pauses.clear()
+    elif chat_id == "!*":
+        for exempt in [chat for chat in pauses if chat.startswith("!")]:
+            del pauses[exempt]
+    else:
+        pauses.pop(chat_id, None)
+
+
+def queue_pause_change(changes: dict[str, float | None], chat_id: str, until: float | None) -> None:
+    """Add a change to those not written yet, keeping what writing them in order must do: the latest
+    change per chat, ordered by when it was made. "*" with None (resume all) supersedes every change
+    before it, "!*" with None every exemption before it."""
+    changes.pop(chat_id, None)
+    if until is None and chat_id in ("*", "!*"):
+        apply_pause(changes, chat_id, None)
+    changes[chat_id] = until
+
+
 class StoreUnavailable(Exception):
     """The database cannot be reached; callers fall back or retry."""
 

@@ -42,7 +42,16 @@ from postgrest import APIError, CountMethod, ReturnMethod
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
 from memory.journal import Journal, JournalFull, Op, OpKind, Outcome
-from memory.store import Direction, Flow, MessageStatus, StoredMessage, StoreUnavailable, db_text
+from memory.store import (
+    Direction,
+    Flow,
+    MessageStatus,
+    StoredMessage,
+    StoreUnavailable,
+    apply_pause,
+    db_text,
+    queue_pause_change,
+)
 
 T = TypeVar("T")
 
@@ -62,6 +71,17 @@ def _iso(ts: float) -> str:
 
 def _ts(value: str) -> float:
     return datetime.fromisoformat(value).timestamp()
+
+
+def _encode_pauses(changes: dict[str, float | None]) -> list[list[Any]]:
+    """Pause changes as JSON (no infinity there): [chat, "inf" | epoch seconds | null (resumed)]."""
+    return [
+        [chat, "inf" if until is not None and math.isinf(until) else until] for chat, until in changes.items()
+    ]
+
+
+def _decode_pauses(rows: list[list[Any]]) -> dict[str, float | None]:
+    return {chat: math.inf if until == "inf" else until for chat, until in rows}
 
 
 def _us(ts: float) -> float:
@@ -266,6 +286,7 @@ class SupabaseStore:
         self._acked_seq = 0  # every operation up to this one is in Supabase
         self._gen = 0  # bumped by every write: a read that raced one does not fill memory
         self._degraded = False
+        self._pause_lock = asyncio.Lock()  # pause changes, their journal copies and reads, one at a time
         self._flows: list[Flow] | None = None
         self._flows_at = 0.0
         self.flush_batches = 0
@@ -778,9 +799,13 @@ class SupabaseStore:
         )
 
     async def set_pause(self, chat_id: str, until: float | None) -> None:
-        """Kept in the journal file at once (a restart during an outage still knows it), then written to
-        Supabase; StoreUnavailable when Supabase cannot be reached (the caller retries, having kept the
-        change with `note_pause`)."""
+        """Write one change to Supabase (the caller kept it first with `note_pause`); StoreUnavailable
+        when Supabase cannot be reached, and the caller retries."""
+        async with self._pause_lock:
+            await self._send_pause(chat_id, until)
+            await self._forget_unsent_pause(chat_id, until)
+
+    async def _send_pause(self, chat_id: str, until: float | None) -> None:
         table = "bot_pauses"
         try:
             if until is None and chat_id == "*":
@@ -796,46 +821,78 @@ class SupabaseStore:
             raise StoreUnavailable(f"supabase: pause not saved ({_describe(error)})") from error
 
     async def note_pause(self, chat_id: str, until: float | None) -> None:
-        """Apply one change to the copy in the journal file, which a restart during an outage reads."""
-        local = await self._local(self.journal.get, "pauses") or {}
-        local = {chat: end for chat, end in local.items() if end is None or end > time.time()}
-        if until is None and chat_id == "*":
-            local = {}
-        elif until is None and chat_id == "!*":
-            local = {chat: end for chat, end in local.items() if not chat.startswith("!")}
-        elif until is None:
-            local.pop(chat_id, None)
-        else:
-            local[chat_id] = None if math.isinf(until) else until
-        await self._local(self.journal.put, "pauses", local)
+        """Keep a change in the journal file: applied to the copy a restart during an outage reads, and
+        queued as not sent yet, so a restart after the outage sends it before it reads Supabase's rows."""
+        async with self._pause_lock:
+            local = await self._local(self.journal.get, "pauses") or {}
+            local = {chat: end for chat, end in local.items() if end is None or end > time.time()}
+            if until is None:
+                apply_pause(local, chat_id, None)
+            else:  # the copy is JSON: None stands for "until resumed"
+                local[chat_id] = None if math.isinf(until) else until
+            unsent = await self._unsent_pauses()
+            queue_pause_change(unsent, chat_id, until)
+            await self._local(self.journal.put, "pauses", local)
+            await self._local(self.journal.put, "pauses_unsent", _encode_pauses(unsent))
+
+    async def _unsent_pauses(self) -> dict[str, float | None]:
+        return _decode_pauses(await self._local(self.journal.get, "pauses_unsent") or [])
+
+    async def _forget_unsent_pause(self, chat_id: str, until: float | None) -> None:
+        unsent = await self._unsent_pauses()
+        if chat_id in unsent and unsent[chat_id] == until:
+            del unsent[chat_id]
+            with contextlib.suppress(Exception):  # sent twice at worst: the same change again
+                await self._local(self.journal.put, "pauses_unsent", _encode_pauses(unsent))
+
+    async def _send_unsent_pauses(self) -> bool:
+        """Send the changes a stop during an outage left in the journal file; False if Supabase is
+        still away (they stay queued)."""
+        unsent = await self._unsent_pauses()
+        for chat_id, until in unsent.items():
+            try:
+                await self._send_pause(chat_id, until)
+            except StoreUnavailable as error:
+                cause = error.__cause__ or error
+                logger.warning("supabase: {} pause change(s) made during an outage not sent yet", len(unsent))
+                if getattr(cause, "code", None) not in _SCHEMA_MISSING:  # a missing migration: no outage
+                    self._set_degraded(cause)
+                    self._work.set()  # the flusher probes until Supabase answers
+                return False
+            await self._forget_unsent_pause(chat_id, until)
+        return True
 
     async def pauses(self, now: float) -> dict[str, float]:
-        if not self._degraded:  # rows past their end mean nothing: forget them (best effort)
-            with contextlib.suppress(*_UNREACHABLE):
-                await self._table("bot_pauses").delete().lt("until", _iso(now)).execute()
+        async with self._pause_lock:
+            sent = not self._degraded and await self._send_unsent_pauses()
+            if sent:  # rows past their end mean nothing: forget them (best effort)
+                with contextlib.suppress(*_UNREACHABLE):
+                    await self._table("bot_pauses").delete().lt("until", _iso(now)).execute()
 
-        async def select() -> list[dict[str, Any]]:
-            query = (
-                self._table("bot_pauses").select("chat_id,until").or_(f"until.is.null,until.gt.{_iso(now)}")
-            )
-            return (await query.execute()).data
+            async def select() -> list[dict[str, Any]]:
+                query = (
+                    self._table("bot_pauses")
+                    .select("chat_id,until")
+                    .or_(f"until.is.null,until.gt.{_iso(now)}")
+                )
+                return (await query.execute()).data
 
-        data = await self._fetch(select)
-        if data is None:  # during an outage, what this instance last knew (kept in the journal file)
-            local = await self._local(self.journal.get, "pauses") or {}
-            self.hits["fallback"] += 1
-            return {
-                chat: math.inf if end is None else end
-                for chat, end in local.items()
-                if end is None or end > now
-            }
-        pauses = {row["chat_id"]: math.inf if row["until"] is None else _ts(row["until"]) for row in data}
-        local = {chat: None if math.isinf(end) else end for chat, end in pauses.items()}
-        try:  # best effort: a local disk that cannot write must not hide what Supabase says
-            await self._local(self.journal.put, "pauses", local)
-        except Exception as error:
-            logger.warning("supabase: pauses not copied to the journal file: {}", error)
-        return pauses
+            data = await self._fetch(select) if sent else None
+            if data is None:  # during an outage, what this instance last knew (kept in the journal file)
+                local = await self._local(self.journal.get, "pauses") or {}
+                self.hits["fallback"] += 1
+                return {
+                    chat: math.inf if end is None else end
+                    for chat, end in local.items()
+                    if end is None or end > now
+                }
+            pauses = {row["chat_id"]: math.inf if row["until"] is None else _ts(row["until"]) for row in data}
+            local = {chat: None if math.isinf(end) else end for chat, end in pauses.items()}
+            try:  # best effort: a local disk that cannot write must not hide what Supabase says
+                await self._local(self.journal.put, "pauses", local)
+            except Exception as error:
+                logger.warning("supabase: pauses not copied to the journal file: {}", error)
+            return pauses
 
     async def flows(self) -> Sequence[Flow]:
         """Enabled bot_flows by priority, refreshed from Supabase every flows_ttl_s seconds; during an

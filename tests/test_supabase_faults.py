@@ -542,6 +542,52 @@ async def test_a_restart_during_an_outage_keeps_block_lists_and_takeovers(
         db.psql("truncate bot_contacts, bot_pauses;")
 
 
+async def test_takeovers_made_during_an_outage_reach_supabase_after_a_restart(
+    db: SupabaseStack, tmp_path: Path
+) -> None:
+    """The owner took one chat over and gave another back while Supabase was away, and the bot stopped
+    before it came back. The next start found Supabase reachable and took its rows over the journal's
+    copy: the bot answered the chat the human had, and stayed silent in the one given back."""
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data", flows_file=None)  # type: ignore[call-arg]
+    transport = LoopbackTransport()
+    taken, given_back = CHATS[0], CHATS[1]
+
+    def said(text: str, chat: str, *, from_me: bool = False) -> Inbound:
+        n = next(_ids)
+        return Inbound(
+            MessageId(f"T{n}"), ChatId(chat), chat, MessageKind.TEXT, text, time.time(), from_me=from_me
+        )
+
+    async def start_bot() -> Bot:
+        bot = Bot.build(settings, transport, store=make_store(db.url, db.key, tmp_path / "data"))
+        await bot.start()
+        return bot
+
+    try:
+        bot = await start_bot()
+        bot.pipeline.submit(said("te atiendo yo", given_back, from_me=True))  # taken over, saved in Supabase
+        await wait_for(lambda: bool(db.query("select chat_id from bot_pauses")))
+        await asyncio.to_thread(db.stop_postgrest)
+        bot.pipeline.submit(said("!bot resume", given_back, from_me=True))  # during the outage: given back
+        bot.pipeline.submit(said("te atiendo yo", taken, from_me=True))  # and another one taken over
+        assert await bot.pipeline.drain(10)
+        await bot.stop()  # still during the outage: both changes only in the journal file
+        await asyncio.to_thread(db.start_postgrest)
+        bot = await start_bot()
+        await bot.recover()
+        for chat in (taken, given_back):
+            bot.pipeline.submit(said("hola", chat))
+        assert await bot.pipeline.drain(10)
+        assert transport.texts_to(ChatId(taken)) == [], "the bot talked over the owner"
+        assert transport.texts_to(ChatId(given_back)), "the chat the owner gave back got no answer"
+        rows = db.query("select chat_id from bot_pauses")
+        assert rows == [(taken,)], f"Supabase did not get the changes: {rows}"
+        await bot.stop()
+    finally:
+        await asyncio.to_thread(db.start_postgrest)
+        db.psql("truncate bot_pauses;")
+
+
 async def test_a_flood_during_an_outage_waits_in_memory_not_in_an_unreadable_store(
     db: SupabaseStack, tmp_path: Path
 ) -> None:

@@ -143,8 +143,13 @@ class Settings(BaseSettings):
     @classmethod
     def _number_list(cls, value: str) -> str:
         for number in _split_numbers(value):
-            if not number.isdigit() or not 6 <= len(number) <= 15:
+            if not number.isdigit():
                 raise ValueError(f"{number!r} is not a phone number: use digits, comma-separated")
+            if not 6 <= len(number) <= 15:
+                raise ValueError(
+                    f"{number!r} has {len(number)} digits: a phone number in international format has"
+                    " 6 to 15, country code included (e.g. 34600111222)"
+                )
         return value
 
     @field_validator("admin_token")

@@ -107,10 +107,12 @@ class ConsoleTransport(LoopbackTransport):
 
         threading.Thread(target=pump, name="stdin", daemon=True).start()
         bad = 0
+        number = 0  # of the input line, for error messages
         while True:
             line = await lines.get()
             if not line:
                 return bad
+            number += 1
             line = line.strip()
             if not line:
                 continue
@@ -119,6 +121,6 @@ class ConsoleTransport(LoopbackTransport):
                     submit(parse_jsonl(line))
                 except (BadLine, OSError) as error:
                     bad += 1
-                    print(f"error: line ignored: {error}", file=sys.stderr)
+                    print(f"error: line {number} ignored: {error}", file=sys.stderr)
             else:
                 submit(_inbound(uuid.uuid4().hex, DEFAULT_NUMBER, MessageKind.TEXT, line, None))

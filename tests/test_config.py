@@ -88,6 +88,8 @@ def test_env_example_loads_as_is(tmp_path: Path) -> None:
         ("AI_CIRCUIT_COOLDOWN_S", "inf", "AI_CIRCUIT_COOLDOWN_S='inf': Input should be a finite number"),
         ("DATA_DIR", "/proc/no-such-dir", "DATA_DIR=/proc/no-such-dir: No such file or directory"),
         ("FLOWS_FILE", "flujos.yaml", "FLOWS_FILE=flujos.yaml: no such file"),
+        ("ALLOWED_NUMBERS", "34600111222, 600-111", "'600-111' is not a phone number"),
+        ("BLOCKED_NUMBERS", "60011", "'60011' has 5 digits: a phone number in international format"),
     ],
 )
 def test_a_bad_value_stops_start_up_with_one_line(

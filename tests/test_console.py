@@ -70,7 +70,10 @@ async def test_jsonl_reports_bad_lines_and_keeps_going(tmp_path: Path) -> None:
     code, out, err = await run_chat(tmp_path, script, "--jsonl", FLOWS_FILE="")
     assert code == 0
     assert len(lines(out)) == 1 and "desactivadas" in lines(out)[0]["text"]
-    assert "not JSON" in err and '"from" must be a phone number' in err and '"text"' in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors[0].startswith("error: line 1 ignored: not JSON")
+    assert errors[1].startswith("error: line 2 ignored:") and '"from" must be a phone number' in errors[1]
+    assert errors[2].startswith("error: line 3 ignored:") and '"text"' in errors[2]
 
 
 async def test_jsonl_voice_note_without_ai_gets_a_clear_reply(tmp_path: Path) -> None:

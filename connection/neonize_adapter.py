@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import io
 import logging
@@ -186,6 +187,11 @@ def _bare_user(jid: str) -> str:
 
 def _is_pn(jid: nz.JID) -> bool:
     return bool(jid.User) and jid.Server == _PN_SERVER
+
+
+def _unresolved_lid(inbound: Inbound) -> bool:
+    """A 1:1 chat still keyed by a LID: neither the event nor an earlier one gave its phone number."""
+    return not inbound.is_group and not inbound.is_self_chat and inbound.chat.endswith("@" + _LID_SERVER)
 
 
 def _to_jid(value: str) -> nz.JID:
@@ -569,6 +575,7 @@ class NeonizeTransport:
     """
 
     ORIGIN_CACHE = 2048  # message id -> original (chat, sender) JIDs, for read receipts
+    LID_LOOKUP_TIMEOUT_S = 2.0  # a local database read in whatsmeow; never hold messages longer
 
     def __init__(
         self,
@@ -626,6 +633,7 @@ class NeonizeTransport:
         self._pacer: Callable[[ChatId, str], Awaitable[None]] | None = None
         self._unspend: Callable[[Any], None] = lambda slot: None
         self._lids = LidToPhone()
+        self._in_order: asyncio.Future[None] | None = None  # the last message waiting on a LID lookup
         self._tasks = BackgroundTasks("whatsapp")
         self._flushing: asyncio.Task[None] | None = None
         self._flush_wanted = asyncio.Event()
@@ -925,12 +933,46 @@ class NeonizeTransport:
 
         return handler
 
-    def _handle_message(self, ev: Any) -> None:
-        # Synchronous on purpose: nothing awaited before on_inbound, so order holds.
+    def _handle_message(self, ev: Any) -> Awaitable[None] | None:
+        # Synchronous on purpose: nothing awaited before on_inbound, so order holds. The one exception,
+        # a LID to look up, makes this message and every later one wait their turn behind it.
         self._supervisor.note_inbound()
         inbound = translate_message(ev, self._me(), self._lids)
         if inbound is None:
-            return
+            return None
+        behind = self._in_order if self._in_order is not None and not self._in_order.done() else None
+        if behind is None and not _unresolved_lid(inbound):
+            self._deliver(ev, inbound)
+            return None
+        self._in_order = asyncio.ensure_future(self._deliver_after(behind, ev, inbound))
+        return self._in_order
+
+    async def _deliver_after(self, behind: asyncio.Future[None] | None, ev: Any, inbound: Inbound) -> None:
+        if behind is not None:
+            await asyncio.wait({behind})  # its own errors are its handler's to log
+        if _unresolved_lid(inbound):
+            inbound = await self._phone_chat(inbound)
+        self._deliver(ev, inbound)
+
+    async def _phone_chat(self, inbound: Inbound) -> Inbound:
+        """Key a LID-only 1:1 message by the phone number whatsmeow knows for that LID. It keeps the
+        mapping in the session database, so this still works after a restart has emptied `_lids` (the
+        owner's reply from the phone is often LID-only, and must pause the customer's chat)."""
+        lid = inbound.chat
+        try:
+            async with asyncio.timeout(self.LID_LOOKUP_TIMEOUT_S):
+                found = await self._driver._require().get_pn_from_lid(_to_jid(lid))
+        except Exception as error:  # unknown, not connected, slow: the LID stays the chat's key
+            logger.debug("no phone number for a LID: {}", _scrub(str(error)))
+            return inbound
+        if not _is_pn(found):
+            return inbound
+        phone = _jid_str(found)
+        self._lids.learn(lid, phone)
+        sender = phone if inbound.sender == lid else inbound.sender
+        return dataclasses.replace(inbound, chat=ChatId(phone), sender=sender)
+
+    def _deliver(self, ev: Any, inbound: Inbound) -> None:
         if self._resend is not None:
             self._resend.arrived(inbound.id)
         src = ev.Info.MessageSource

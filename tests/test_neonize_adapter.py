@@ -471,11 +471,23 @@ class FakeNewAClient:
     async def reject_call(self, caller: JID, call_id: str) -> None:
         self.rejected.append((f"{caller.User}@{caller.Server}", call_id))
 
+    lid_map: ClassVar[dict[str, str]] = {}  # whatsmeow's LID -> phone table, kept in the session file
+    lid_delay_s: ClassVar[float] = 0.0
+
+    async def get_pn_from_lid(self, lid: JID) -> JID:
+        await asyncio.sleep(self.lid_delay_s)
+        if lid.User == "broken":
+            raise RuntimeError("database is locked")
+        phone = self.lid_map.get(lid.User, "")
+        return JID(User=phone, Server="s.whatsapp.net" if phone else "", Device=0, RawAgent=0, Integrator=0)
+
 
 @pytest.fixture
 def fake_neonize(monkeypatch: pytest.MonkeyPatch) -> type[FakeNewAClient]:
     FakeNewAClient.script = deque()
     FakeNewAClient.instances = []
+    FakeNewAClient.lid_map = {}
+    FakeNewAClient.lid_delay_s = 0.0
     monkeypatch.setattr(neonize_adapter, "NewAClient", FakeNewAClient)
     return FakeNewAClient
 
@@ -821,3 +833,49 @@ def test_a_lid_seen_once_with_its_phone_keeps_one_person_one_chat() -> None:
     chats = [translate_message(ev, me, lids) for ev in (customer, owner, later)]
     assert [m.chat for m in chats if m is not None] == [f"{PHONE}@s.whatsapp.net"] * 3
     assert chats[2] is not None and chats[2].sender == f"{PHONE}@s.whatsapp.net"
+
+
+async def test_after_a_restart_a_lid_only_reply_is_keyed_by_the_phone_whatsmeow_knows(
+    fake_neonize: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    """The map of LIDs seen with their phone is in memory: after a restart the owner's LID-only reply from
+    the phone was keyed as another chat, so the customer's chat was not paused and the bot talked over
+    the owner. whatsmeow keeps the mapping in the session file; it is asked, in order."""
+    lid = "123456789012345"
+    fake_neonize.script.extend(["ok"])
+    fake_neonize.lid_map = {lid: PHONE}
+    fake_neonize.lid_delay_s = 0.05  # slower than the messages after it
+    got: list[Inbound] = []
+    transport = NeonizeTransport(str(tmp_path / "s.db"), on_inbound=got.append, **FAST)
+    await transport.start()
+    try:
+        async with asyncio.timeout(5):
+            assert await transport.wait_connected() is True
+        client = fake_neonize.instances[0]
+        owner = event(
+            WAMessage(conversation="te atiendo yo"),
+            chat=jid(lid, "lid"),
+            sender=jid(ME_LID, "lid"),
+            from_me=True,
+            msg_id="OWNER",
+        )
+        customer = event(
+            WAMessage(conversation="gracias"), chat=jid(lid, "lid"), sender=jid(lid, "lid"), msg_id="C"
+        )
+        other = event(WAMessage(conversation="hola"), chat=jid("34611111111"), msg_id="OTHER")
+        unknown = event(
+            WAMessage(conversation="?"), chat=jid("999", "lid"), sender=jid("999", "lid"), msg_id="U"
+        )
+        broken = event(
+            WAMessage(conversation="!"), chat=jid("broken", "lid"), sender=jid("broken", "lid"), msg_id="B"
+        )
+        async with asyncio.timeout(5):
+            await asyncio.gather(*(client.fire(ev) for ev in (owner, other, customer, unknown, broken)))
+    finally:
+        await transport.stop()
+    assert [m.id for m in got] == ["OWNER", "OTHER", "C", "U", "B"], "order broken or a message lost"
+    by_id = {m.id: m for m in got}
+    assert by_id["OWNER"].chat == by_id["C"].chat == f"{PHONE}@s.whatsapp.net"
+    assert by_id["C"].sender == f"{PHONE}@s.whatsapp.net"
+    assert by_id["OTHER"].chat == "34611111111@s.whatsapp.net"
+    assert by_id["U"].chat == "999@lid" and by_id["B"].chat == "broken@lid"  # unknown: kept by LID

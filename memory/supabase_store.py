@@ -595,6 +595,13 @@ class SupabaseStore:
         if self._degraded:
             self._degraded = False
             logger.info("supabase reachable again; {} operations in the journal", self.journal.size)
+            # Pause changes an earlier run could not send (this run's own are retried by their writer).
+            self._tasks = [task for task in self._tasks if not task.done()]
+            self._tasks.append(asyncio.create_task(self._send_unsent_when_back(), name="supabase-pauses"))
+
+    async def _send_unsent_when_back(self) -> None:
+        async with self._pause_lock:
+            await self._send_unsent_pauses()
 
     # -- reads: memory -> local -> Supabase ------------------------------------------------------------
 

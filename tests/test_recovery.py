@@ -65,8 +65,14 @@ async def test_kill_9_mid_reply_then_restart_answers_each_message_once(
     ]
     first.stdin.write("".join(json.dumps(line) + "\n" for line in lines).encode())
     await first.stdin.drain()
+    def persisted() -> int:
+        try:
+            return len(rows(db))
+        except sqlite3.OperationalError:  # the file exists a moment before its tables do
+            return 0
+
     deadline = time.monotonic() + 30
-    while not (db.exists() and len(rows(db)) == 3 and fake_openai.chat_count >= 2):
+    while not (db.exists() and persisted() == 3 and fake_openai.chat_count >= 2):
         assert time.monotonic() < deadline, "messages were not persisted in time"
         await asyncio.sleep(0.1)
     first.send_signal(signal.SIGKILL)

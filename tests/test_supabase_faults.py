@@ -588,6 +588,43 @@ async def test_takeovers_made_during_an_outage_reach_supabase_after_a_restart(
         db.psql("truncate bot_pauses;")
 
 
+async def test_a_takeover_from_an_earlier_run_reaches_supabase_when_it_is_back(
+    db: SupabaseStack, tmp_path: Path
+) -> None:
+    """A run stopped during an outage left a takeover unsent; the next run started during the outage too.
+    When Supabase came back, only that run's own changes were retried: the takeover stayed out of
+    Supabase, where the next deploy reads it."""
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data", flows_file=None)  # type: ignore[call-arg]
+    transport = LoopbackTransport()
+    taken = CHATS[2]
+
+    async def start_bot() -> Bot:
+        bot = Bot.build(settings, transport, store=make_store(db.url, db.key, tmp_path / "data"))
+        await bot.start()
+        await bot.recover()
+        return bot
+
+    await asyncio.to_thread(db.stop_postgrest)
+    try:
+        bot = await start_bot()
+        owner = Inbound(
+            MessageId("TAKE"), ChatId(taken), taken, MessageKind.TEXT, "yo", time.time(), from_me=True
+        )
+        bot.pipeline.submit(owner)
+        assert await bot.pipeline.drain(10)
+        await bot.stop()
+        bot = await start_bot()  # still during the outage
+        await asyncio.to_thread(db.start_postgrest)
+        bot.pipeline.submit(  # a write, so the store notices Supabase is back
+            Inbound(MessageId("AFTER"), ChatId(CHATS[0]), CHATS[0], MessageKind.TEXT, "hola", time.time())
+        )
+        await wait_for(lambda: db.query("select chat_id from bot_pauses") == [(taken,)], timeout=20)
+        await bot.stop()
+    finally:
+        await asyncio.to_thread(db.start_postgrest)
+        db.psql("truncate bot_pauses;")
+
+
 async def test_a_flood_during_an_outage_waits_in_memory_not_in_an_unreadable_store(
     db: SupabaseStack, tmp_path: Path
 ) -> None:

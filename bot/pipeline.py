@@ -598,14 +598,20 @@ class Pipeline:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.set_status(message.id, MessageStatus.SKIPPED)
             return
+        went_out: list[tuple[MessageId, str]] = []  # the parts sent so far, filled by _send
         try:
-            sent_ids, answer_text = await self._send(message, answer_text)
+            sent_ids, answer_text = await self._send(message, answer_text, went_out)
         except SendWithheld:  # a human has the chat now
             logger.info("owner took over {} while its answer was typed: not sent", message.chat)
             self.counters.skipped += 1
             with contextlib.suppress(StoreUnavailable):
                 await self.store.set_status(message.id, MessageStatus.SKIPPED)
             return
+        except asyncio.CancelledError:
+            if went_out:  # stopped between the parts of an answer: without this a restart sends another one
+                partial = "\n".join(part for _, part in went_out)
+                await self._record_reply(message, [i for i, _ in went_out], partial, via_model=via_model)
+            raise
         # Overhead as the customer meets it: until the answer is handed to the transport.
         self._overhead.append(time.perf_counter() - started - model_time)
         await self._record_reply(message, sent_ids, answer_text, via_model=via_model)
@@ -687,8 +693,11 @@ class Pipeline:
         finally:
             await self._typing(message.chat, False)
 
-    async def _send(self, message: Inbound, text: str) -> tuple[list[MessageId], str]:
-        """Send the answer in parts; returns their ids and the text sent (shorter if it was cut)."""
+    async def _send(
+        self, message: Inbound, text: str, went_out: list[tuple[MessageId, str]]
+    ) -> tuple[list[MessageId], str]:
+        """Send the answer in parts; returns their ids and the text sent (shorter if it was cut).
+        `went_out` gets each part as it is sent, so a caller cancelled halfway knows what the customer has."""
         parts = split_message(text, self.max_reply_chars)
         if (
             len(parts) > MAX_REPLY_PARTS
@@ -707,6 +716,7 @@ class Pipeline:
                 return sent, "\n".join(parts[:number])
             self.takeover.note_sent(sent_id)
             sent.append(sent_id)
+            went_out.append((sent_id, part))
         return sent, text
 
     async def _record_reply(
@@ -819,6 +829,9 @@ class Pipeline:
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            with contextlib.suppress(TimeoutError):  # answers cut short are recorded (see _handle)
+                async with asyncio.timeout(2.0):
+                    await asyncio.gather(*self._reply_writes, return_exceptions=True)
         if self._refilling is not None:
             self._refilling.cancel()
 

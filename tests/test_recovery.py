@@ -14,7 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_openai import FakeOpenAI
+from bot.app import Bot
+from bot.config import Settings
+from connection.loopback import LoopbackTransport
+from connection.types import ChatId, Inbound, MessageId, MessageKind
+from tests.fake_openai import FakeOpenAI, InstantModel
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,6 +69,7 @@ async def test_kill_9_mid_reply_then_restart_answers_each_message_once(
     ]
     first.stdin.write("".join(json.dumps(line) + "\n" for line in lines).encode())
     await first.stdin.drain()
+
     def persisted() -> int:
         try:
             return len(rows(db))
@@ -129,3 +134,46 @@ async def test_sigterm_during_a_slow_model_reply_delivers_it_and_exits_0(
         {"to": "34600000001", "text": "echo: hola"}
     ]
     assert {r[0]: r[2] for r in rows(tmp_path / "data" / "bot.sqlite3")}["S1"] == "answered"
+
+
+class StallsAfterFirstPart(LoopbackTransport):
+    """The first part goes out, the next waits (a typing pause, a slow socket) until the stop."""
+
+    async def send_text(self, chat: ChatId, text: str) -> MessageId:
+        if self.sent:
+            await asyncio.Event().wait()
+        return await super().send_text(chat, text)
+
+
+async def test_a_stop_between_the_parts_of_an_answer_does_not_make_the_restart_answer_again(
+    tmp_path: Path,
+) -> None:
+    """The reply was recorded only after its last part: a deploy that stopped the bot between two parts
+    left the question unanswered in the store, and the restart sent the customer a second answer."""
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, data_dir=tmp_path, flows_file=None, max_reply_chars=200, human_takeover_minutes=0
+    )
+    chat = "34600000001@s.whatsapp.net"
+    question = Inbound(MessageId("Q1"), ChatId(chat), chat, MessageKind.TEXT, "x" * 300, time.time())
+    first = StallsAfterFirstPart()
+    bot = Bot.build(settings, first)
+    bot.pipeline.responder.model = bot.model = InstantModel()
+    await bot.start()
+    bot.pipeline.submit(question)
+    async with asyncio.timeout(10):
+        while not first.sent:
+            await asyncio.sleep(0.01)
+    await bot.stop(timeout=0.2)  # the worker is cancelled between the first and the second part
+    assert len(first.sent) == 1
+
+    again = LoopbackTransport()
+    bot = Bot.build(settings, again)
+    bot.pipeline.responder.model = bot.model = InstantModel()
+    await bot.start()
+    await bot.recover()
+    assert await bot.pipeline.drain(5)
+    await bot.stop()
+    assert again.sent == [], "the customer got a second answer after the restart"
+    status = {r[0]: (r[1], r[2]) for r in rows(tmp_path / "bot.sqlite3")}
+    assert status["Q1"] == ("in", "answered")
+    assert status[first.sent[0].id] == ("out", "sent")  # what the customer has, for the model's history

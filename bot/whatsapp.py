@@ -30,6 +30,7 @@ from connection.types import ChatId, ConnectionState, Inbound, MessageId, Messag
 if TYPE_CHECKING:
     from connection.session_backup import SessionBackup
 
+STOP_BUDGET_S = 13.0  # of Railway's 15 s between SIGTERM and SIGKILL (railway.json drainingSeconds)
 EX_TEMPFAIL = 75  # the lease went to another instance: exit so the platform restarts this one as a waiter
 
 
@@ -161,15 +162,25 @@ async def run_whatsapp(settings: Settings) -> int:
         for task in (acquiring, stopping):
             task.cancel()
         await asyncio.gather(acquiring, stopping, return_exceptions=True)
-        await bot.pipeline.stop(timeout=8.0)
+        # Railway kills the process `drainingSeconds` (15) after SIGTERM: every step shares one budget, so
+        # the lease is released before that (else the next instance waits out the lease's TTL).
+        deadline = loop.time() + STOP_BUDGET_S
+
+        def left(cap: float) -> float:
+            return max(0.5, min(cap, deadline - loop.time()))
+
+        await bot.pipeline.stop(timeout=left(8.0))
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(transport.stop(), 5.0)
+            await asyncio.wait_for(transport.stop(), left(5.0))
         if backup is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(backup.stop(), 10.0)  # the final snapshot, before the lease goes
-        await bot.save_pauses()  # the next instance reads them as soon as it holds the lease
+                await asyncio.wait_for(backup.stop(), left(10.0))  # the final snapshot, before the lease goes
+        await bot.save_pauses(left(5.0))  # the next instance reads them as soon as it holds the lease
+        # Replies recorded while draining must be in the database the next instance reads (Supabase
+        # without a volume): the store is closed, its writes flushed, before the lease goes.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(bot.stop(timeout=1.0), left(6.0))
         await bot.lease.release()  # disconnected and saved: the next instance may connect now
-        await bot.stop(timeout=1.0)
         await runner.cleanup()
     logger.info("stopped")
     if transport.hard_exit_needed:

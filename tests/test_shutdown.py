@@ -1,0 +1,95 @@
+"""`python -m bot run`'s shutdown, in process: neonize replaced by a loopback transport at its import, the
+session lease by a recording one. What the next instance reads must be saved before the lease goes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot import whatsapp
+from bot.config import Settings
+from connection import neonize_adapter
+from connection.lease import NoopLease
+from connection.loopback import LoopbackTransport
+from connection.types import ChatId, Inbound, MessageId, MessageKind
+
+CHAT = "34600111222@s.whatsapp.net"
+
+
+class FakeNeonize(LoopbackTransport):
+    """What run_whatsapp uses of NeonizeTransport, without a network."""
+
+    instance: FakeNeonize | None = None
+
+    def __init__(self, session: str, *, on_inbound: Any, **_: Any) -> None:
+        super().__init__()
+        self.on_inbound = on_inbound
+        self.hard_exit_needed = False
+        FakeNeonize.instance = self
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+class RecordingLease(NoopLease):
+    def __init__(self, events: list[str]) -> None:
+        super().__init__("test")
+        self.events = events
+
+    async def release(self) -> None:
+        self.events.append("lease released")
+        await super().release()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.timeout(60)
+async def test_the_store_is_closed_before_the_session_lease_is_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease went first: with Supabase, replies recorded while draining were still in the local journal
+    when the next instance took the lease and recovered, so it answered those messages again."""
+    events: list[str] = []
+    monkeypatch.setattr(neonize_adapter, "NeonizeTransport", FakeNeonize)
+    monkeypatch.setattr(whatsapp, "make_lease", lambda *a, **k: RecordingLease(events))
+    closes = whatsapp.Bot.stop
+
+    async def stop_and_note(self: Any, timeout: float = 10.0) -> None:
+        await closes(self, timeout)
+        events.append("store closed")
+
+    monkeypatch.setattr(whatsapp.Bot, "stop", stop_and_note)
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, data_dir=tmp_path, flows_file=None, port=free_port(), wa_typing_chars_per_s=0
+    )
+    run = asyncio.create_task(whatsapp.run_whatsapp(settings))
+    async with asyncio.timeout(20):
+        while FakeNeonize.instance is None:
+            await asyncio.sleep(0.01)
+        transport = FakeNeonize.instance
+        await asyncio.sleep(0.3)  # the lease is held and recovery done
+        transport.on_inbound(
+            Inbound(MessageId("M1"), ChatId(CHAT), CHAT, MessageKind.TEXT, "hola", time.time())
+        )
+        while not transport.sent:
+            await asyncio.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)  # as the platform stops it
+        assert await run == 0
+    assert events == ["store closed", "lease released"]

@@ -383,6 +383,9 @@ class Pipeline:
                     break
                 message = inbound_from_stored(row, self._spilled_media.pop(row.wa_message_id, None))
                 self._unspill_chat(message.chat)
+                if self._refused_number(message.sender):  # blocked while it waited
+                    self._skip_stored(message, "number not allowed")
+                    continue
                 if note_inbound is not None:
                     note_inbound(message)
                 self._enqueue(message, None)
@@ -399,7 +402,26 @@ class Pipeline:
     def resume(self, message: Inbound) -> bool:
         """Queue a message persisted before a restart but never answered (bypasses de-duplication)."""
         self.dedup.seen(message.id)
+        if self._refused_number(message.sender):  # blocked since: the owner's list holds at recovery too
+            self._skip_stored(message, "number not allowed")
+            return False
         return self._enqueue(message, None)
+
+    def _refused_number(self, sender: str) -> bool:
+        number = sender.split("@", 1)[0].split(":", 1)[0]
+        if number in self.blocked_numbers:
+            return True
+        return bool(self.allowed_numbers) and number not in self.allowed_numbers
+
+    def _skip_stored(self, message: Inbound, reason: str) -> None:
+        """Skip a message already in the store, and say so there (else every restart finds it again)."""
+        self._skip(message, reason)
+
+        async def mark() -> None:
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.set_status(message.id, MessageStatus.SKIPPED)
+
+        self._spawn(mark())
 
     def resume_rest_from_store(self, since: float) -> None:
         """Recovery found more unanswered messages than may wait in memory: the rest, from `since` on,
@@ -493,8 +515,7 @@ class Pipeline:
             return "group message"
         if message.kind in (MessageKind.REACTION, MessageKind.OTHER):
             return f"{message.kind.value} message"
-        number = message.sender.split("@", 1)[0].split(":", 1)[0]
-        if number in self.blocked_numbers or (self.allowed_numbers and number not in self.allowed_numbers):
+        if self._refused_number(message.sender):
             return "number not allowed"
         if self.takeover.is_paused(message.chat):
             return _HANDED_OVER

@@ -305,6 +305,23 @@ async def test_recovery_after_a_restart_goes_through_the_governor(harness, fake_
     assert loopback.texts_to(CHAT) == ["echo: hola"]
 
 
+async def test_a_number_blocked_before_a_restart_is_not_answered_by_recovery(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """Recovery queued saved messages without the number lists: an abusive number the owner blocked and
+    redeployed for was answered all the same, once per message it had left waiting."""
+    async with harness(**ai(fake_openai)) as h:
+        h.bot.pipeline.submit(inbound("insulto", id="B1"))
+        h.bot.pipeline.submit(inbound("hola", id="O1", chat=OTHER))
+        await h.bot.pipeline.stop(timeout=0)  # "crash": both saved, never answered
+    async with harness(**ai(fake_openai, blocked_numbers="34600111222")) as h:
+        assert await h.bot.pipeline.drain(10)
+        assert h.transport.texts_to(CHAT) == []
+        assert h.transport.texts_to(OTHER) == ["echo: hola"]
+        [row] = await h.bot.store.recent_messages(CHAT, 5)
+        assert row.status is MessageStatus.SKIPPED  # not found again by every later start
+
+
 async def test_a_message_arriving_during_shutdown_is_saved_for_the_next_start(
     harness, fake_openai: FakeOpenAI
 ) -> None:

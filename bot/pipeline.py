@@ -263,6 +263,10 @@ class Pipeline:
                 self._from_owner(message)  # the owner taking a chat over is kept for the next start too
             elif message.id and message.chat and not self.dedup.seen(message.id):
                 reason = self._filter(message)
+                limiter = self.rate_limiter
+                if reason is None and limiter is not None and limiter.check(message.chat) != "ok":
+                    self.counters.rate_limited += 1  # a flood while draining, as at any other time
+                    return False
                 if reason is None:
                     self._spawn(self._remember(self._inbound_row(message)))
                     logger.warning("shutting down: message {} saved for the next start", message.id)

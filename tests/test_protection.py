@@ -336,6 +336,21 @@ async def test_a_message_arriving_during_shutdown_is_saved_for_the_next_start(
         assert h.transport.texts_to(CHAT) == ["echo: ¿siguen ahí?"]
 
 
+async def test_a_flood_during_shutdown_is_rate_limited_like_any_other(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """Messages arriving while the bot drained skipped the rate limit: all 40 were saved, and the next
+    start answered every one of them."""
+    async with harness(**ai(fake_openai, rate_limit_max_messages=5)) as h:
+        await h.bot.pipeline.stop(timeout=1)
+        for n in range(40):
+            h.bot.pipeline.submit(inbound(f"spam {n}", id=f"F{n}"))
+        await h.bot.pipeline.drain(5)
+    async with harness(**ai(fake_openai)) as h:
+        assert await h.bot.pipeline.drain(10)
+        assert h.transport.texts_to(CHAT) == [f"echo: spam {n}" for n in range(5)]
+
+
 async def test_leaving_critical_for_warning_reopens_the_model(harness, fake_openai: FakeOpenAI) -> None:
     async with harness(**ai(fake_openai, busy_reply_after_s=30)) as h:
         manager, rss = inject_rss(h.bot)

@@ -857,6 +857,8 @@ class Pipeline:
             with contextlib.suppress(TimeoutError):  # answers cut short are recorded (see _handle)
                 async with asyncio.timeout(2.0):
                     await asyncio.gather(*self._reply_writes, return_exceptions=True)
+                    await self._background.wait_all()  # side writes; a notice can wait for the outbox
+            await self._background.cancel_all()
         if self._refilling is not None:
             self._refilling.cancel()
 

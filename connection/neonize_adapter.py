@@ -769,7 +769,10 @@ class NeonizeTransport:
                     raise
         if self._outbox is None:  # pragma: no cover - the branch above raised
             raise TransportError(f"not connected ({self.state.value})")
-        message_id = self._outbox.put(chat, text)
+        if len(self._outbox) >= self._outbox.max_items:
+            logger.debug("outbox full: a reply waits for room")
+            self._kick_flush()
+        message_id = await self._outbox.put_when_room(chat, text)
         self._kick_flush()
         return message_id
 

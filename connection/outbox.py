@@ -86,6 +86,7 @@ class Outbox:
         self._db.execute(_SCHEMA)
         self._count = int(self._db.execute("select count(*) from outbox").fetchone()[0])
         self._lock = asyncio.Lock()
+        self._room = asyncio.Event()  # set whenever a queued text leaves
         self.sent = 0
         self.dropped = 0
 
@@ -148,6 +149,15 @@ class Outbox:
     def _delete(self, item: Queued) -> None:
         self._db.execute("delete from outbox where seq = ?", (item.seq,))
         self._count -= 1
+        self._room.set()
+
+    async def put_when_room(self, chat: ChatId, text: str) -> MessageId:
+        """Queue a text, waiting while the outbox is full: the caller (a chat's worker) holds its message
+        until there is room, so a long disconnection makes answers wait, not fail. Cancel to give up."""
+        while len(self) >= self.max_items:
+            self._room.clear()
+            await self._room.wait()
+        return self.put(chat, text)
 
     def _drop(self, item: Queued, why: str) -> None:
         self._delete(item)

@@ -396,3 +396,25 @@ async def test_a_send_that_fails_gives_its_budget_slot_back(
         assert governed.counters["budget_waits"] == 0 and now[0] == 1000.0
     finally:
         await t.stop()
+
+
+async def test_a_full_outbox_makes_answers_wait_for_room_instead_of_failing(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    """Recovery runs before the connection: past the outbox's bound every answer raised OutboxFull and its
+    message was marked failed, never answered, not even after the next start."""
+    fake_client.script.extend(["fail", "ok"])  # disconnected at first, then connected
+    t = transport(tmp_path, outbox_max=3)
+    sends = [asyncio.create_task(t.send_text(CHAT, f"reply {i}")) for i in range(5)]
+    await asyncio.sleep(0.1)
+    assert sum(task.done() for task in sends) == 3  # queued; the other two wait for room
+    assert not any(task.done() and task.exception() for task in sends)
+    await t.start()
+    try:
+        async with asyncio.timeout(10):
+            await asyncio.gather(*sends)
+            while t.stats()["outbox_pending"]:
+                await asyncio.sleep(0.01)
+        assert fake_client.instances[0].sent == [(CHAT, f"reply {i}") for i in range(5)]
+    finally:
+        await t.stop()

@@ -107,6 +107,7 @@ def inbound_from_stored(stored: StoredMessage, media: MediaRef | None = None) ->
         text=stored.body,
         timestamp=stored.created_at,
         media=media,
+        received_at=stored.created_at,
     )
 
 
@@ -253,9 +254,8 @@ class Pipeline:
     def submit(self, message: Inbound) -> bool:
         """Take one inbound message; returns True if it was queued for an answer."""
         self.counters.received += 1
-        text = db_text(message.text)
-        if text is not message.text:  # half an emoji or a byte that was not UTF-8: no codec takes it
-            message = replace(message, text=text)
+        text = db_text(message.text)  # half an emoji or a byte that was not UTF-8: no codec takes it
+        message = replace(message, text=text, received_at=message.received_at or self.clock())
         if not self._accepting:
             # Saved unanswered: WhatsApp already acknowledged it, and recovery answers it at the next start.
             # Filtered first, like any message: recovery must not answer a group, a reaction, a blocked one.
@@ -453,7 +453,7 @@ class Pipeline:
             kind=message.kind.value,
             body=message.text[: self.max_inbound_chars],
             status=MessageStatus.RECEIVED,
-            created_at=message.timestamp or self.clock(),
+            created_at=message.received_at or message.timestamp or self.clock(),
         )
 
     def _enqueue(self, message: Inbound, persisted: Awaitable[None] | None) -> bool:

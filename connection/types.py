@@ -74,6 +74,9 @@ class Inbound:
     is_self_chat: bool = False  # the owner's "message yourself" chat
     push_name: str = ""
     media: MediaRef | None = None
+    # When the bot took it (set by the pipeline; WhatsApp's `timestamp` is the sender's, in whole seconds):
+    # what orders a chat's history, next to replies dated by this host's clock.
+    received_at: float = 0.0
 
 
 class TransportError(Exception):

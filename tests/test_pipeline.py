@@ -107,6 +107,20 @@ async def test_history_survives_a_restart(harness, fake_openai: FakeOpenAI) -> N
     assert [m["content"] for m in sent[1:]] == ["me llamo Ana", "echo: me llamo Ana", "¿cómo me llamo?"]
 
 
+async def test_history_read_back_keeps_the_last_answer_when_whatsapps_clock_is_behind(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """Inbound rows were dated by WhatsApp's whole-second timestamp, replies by this host's clock: a quick
+    follow-up (or a host clock a little ahead) sorted before the bot's last answer, and the history read
+    back from the store after a restart lost that answer."""
+    async with harness(**ai(fake_openai)) as h:
+        await h.say(inbound("me llamo Ana", timestamp=time.time() - 2))
+    async with harness(**ai(fake_openai)) as h:
+        await h.say(inbound("¿cómo me llamo?", timestamp=time.time() - 1))  # WhatsApp's clock: 1 s behind
+    sent = fake_openai.chat_requests[-1]["messages"]
+    assert [m["content"] for m in sent[1:]] == ["me llamo Ana", "echo: me llamo Ana", "¿cómo me llamo?"]
+
+
 async def test_history_depth_follows_the_setting(harness, fake_openai: FakeOpenAI) -> None:
     async with harness(**ai(fake_openai, max_chat_history=2)) as h:
         await h.say("a", "b", "c")

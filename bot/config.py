@@ -142,12 +142,13 @@ class Settings(BaseSettings):
     @field_validator("allowed_numbers", "blocked_numbers")
     @classmethod
     def _number_list(cls, value: str) -> str:
-        for number in _split_numbers(value):
+        for position, number in enumerate(_split_numbers(value), 1):
+            entry = f"entry {position} ({_masked(number)})"  # the line goes to the logs: no full numbers
             if not number.isdigit():
-                raise ValueError(f"{number!r} is not a phone number: use digits, comma-separated")
+                raise ValueError(f"{entry} is not a phone number: use digits, comma-separated")
             if not 6 <= len(number) <= 15:
                 raise ValueError(
-                    f"{number!r} has {len(number)} digits: a phone number in international format has"
+                    f"{entry} has {len(number)} digits: a phone number in international format has"
                     " 6 to 15, country code included (e.g. 34600111222)"
                 )
         return value
@@ -164,6 +165,14 @@ class Settings(BaseSettings):
     def _postgres_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("postgres://", "postgresql://")):
             raise ValueError("must be a Postgres URL starting with postgresql://")
+        if value is not None:
+            try:
+                urlsplit(value).port  # noqa: B018 - raises on a password that breaks the URL
+            except ValueError:
+                raise ValueError(
+                    "cannot be read: percent-encode the password's special characters"
+                    " (/ as %2F, # as %23, ? as %3F, @ as %40)"
+                ) from None
         if value is not None and ".pooler.supabase.com:6543" in value:
             raise ValueError(
                 "is Supabase's transaction pooler (port 6543): use the session pooler (port 5432)"
@@ -216,6 +225,10 @@ def _split_numbers(value: str) -> list[str]:
     return [n.strip().lstrip("+").replace(" ", "") for n in value.split(",") if n.strip()]
 
 
+def _masked(entry: str) -> str:
+    return entry if len(entry) <= 6 else entry[:2] + "*" * (len(entry) - 4) + entry[-2:]
+
+
 def describe_error(error: ValidationError) -> str:
     """One line naming the first bad variable and what it accepts (after "invalid configuration: ")."""
     first = error.errors()[0]
@@ -224,7 +237,8 @@ def describe_error(error: ValidationError) -> str:
     if not name:
         return message
     value = first.get("input")
-    shown = "" if name.endswith(("KEY", "TOKEN", "URL")) or isinstance(value, dict) else f"={value!r}"
+    hidden = ("KEY", "TOKEN", "URL", "NUMBERS", "PHONE")  # secrets, and customers' phone numbers
+    shown = "" if name.endswith(hidden) or isinstance(value, dict) else f"={value!r}"
     return f"{name}{shown}: {message}"
 
 

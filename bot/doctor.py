@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 from bot.config import Settings, data_dir_problem
+from connection.supervisor import scrub
 
 
 def _line(ok: bool, what: str, fix: str = "") -> bool:
@@ -35,7 +36,7 @@ async def _check_openai(settings: Settings) -> bool:
     except openai.AuthenticationError:
         return _line(False, "OpenAI: the API key was refused", "check OPENAI_API_KEY")
     except openai.OpenAIError as error:
-        where = settings.openai_base_url or "api.openai.com"
+        where = scrub(settings.openai_base_url or "api.openai.com")  # a proxy's URL may hold a password
         return _line(
             False,
             f"OpenAI: cannot reach {where} ({type(error).__name__})",

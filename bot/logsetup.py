@@ -25,6 +25,17 @@ def _patch(record: Record) -> None:
     record["message"] = mask_phone(record["message"])
 
 
+class _MaskedStderr:
+    """The sink: masks the finished text too, since a traceback or an exception's text (a library's error
+    quoting a JID) is not part of the message the patcher sees."""
+
+    def write(self, text: str) -> None:
+        sys.stderr.write(mask_phone(text))
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 class _InterceptHandler(logging.Handler):
     """Sends stdlib records (aiohttp, neonize, whatsmeow) to loguru."""
 
@@ -49,7 +60,7 @@ def setup_logging(level: str = "INFO", *, json: bool = False) -> None:
     logger.configure(patcher=_patch)
     fmt = "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> <cyan>{name}</cyan> {message}"
     logger.add(
-        sys.stderr,
+        _MaskedStderr(),
         level=level,
         format=fmt,
         serialize=json,

@@ -80,6 +80,17 @@ def _api_message(exc: openai.APIError) -> str:
     return message if isinstance(message, str) else exc.message
 
 
+# A server's error text may quote the credentials it refused ("Incorrect API key provided: sk-...").
+_CREDENTIAL = re.compile(r"(?i)\b(?:bearer\s+\S+|sk-[\w-]+|key[=:]\s*\S+)")
+
+
+def _api_detail(exc: openai.APIError, prefix: str) -> str:
+    """For logs: the status, the error code, a short message with anything like a key cut out."""
+    code = getattr(exc, "code", None)
+    message = _CREDENTIAL.sub("[redacted]", _api_message(exc))[:120]
+    return f"{prefix}{f' {code}' if code else ''}: {message}"
+
+
 class VoiceTranscriber:
     """Turns voice notes into text, or raises AudioRejected with a reason; keeps counters for /v1/metrics."""
 
@@ -244,7 +255,7 @@ class VoiceTranscriber:
             return await self._upload(client, _read_small(ogg), "voice.ogg", "audio/ogg")
         except openai.BadRequestError as exc:
             if not _FORMAT_REFUSED.search(_api_message(exc)):
-                raise AudioRejected("transcription_failed", f"HTTP 400: {_api_message(exc)[:120]}") from None
+                raise AudioRejected("transcription_failed", _api_detail(exc, "HTTP 400")) from None
             logger.warning("transcription server refused Ogg/Opus, retrying once in another format")
         # Once, in a format every Whisper server reads (a local whisper.cpp server may take only WAV).
         fmt: FallbackFormat = "wav" if duration is not None and duration <= _WAV_MAX_S else "mp3"
@@ -255,9 +266,7 @@ class VoiceTranscriber:
         try:
             return await self._upload(client, _read_small(alt), f"voice.{fmt}", mimetype)
         except openai.BadRequestError as exc:
-            raise AudioRejected(
-                "transcription_failed", f"HTTP 400 after fallback: {_api_message(exc)[:120]}"
-            ) from None
+            raise AudioRejected("transcription_failed", _api_detail(exc, "HTTP 400 after fallback")) from None
 
     async def _upload(self, client: openai.AsyncOpenAI, payload: bytes, filename: str, mimetype: str) -> str:
         """One transcription request. BadRequestError is left to the caller (it may fall back)."""
@@ -273,9 +282,7 @@ class VoiceTranscriber:
         except openai.APITimeoutError:
             raise AudioRejected("timeout", "transcription request timed out") from None
         except openai.APIStatusError as exc:
-            raise AudioRejected(
-                "transcription_failed", f"HTTP {exc.status_code}: {_api_message(exc)[:120]}"
-            ) from None
+            raise AudioRejected("transcription_failed", _api_detail(exc, f"HTTP {exc.status_code}")) from None
         except openai.APIError as exc:
             raise AudioRejected("transcription_failed", f"{type(exc).__name__}") from None
         except Exception as exc:  # an answer the SDK could not read: a proxy's HTML page, broken JSON

@@ -59,6 +59,14 @@ async def test_doctor_names_what_is_wrong_and_how_to_fix_it(tmp_path: Path, fake
     assert "service-role-key" not in out and "wrong-key" not in out
 
 
+async def test_doctor_does_not_print_the_password_of_an_unreachable_model_url(tmp_path: Path) -> None:
+    _, out = await bot(
+        tmp_path, "doctor", OPENAI_API_KEY="test-key", OPENAI_BASE_URL="http://llm:pw-Hq3Lz8@127.0.0.1:9/v1"
+    )
+    assert "[FAIL] OpenAI: cannot reach http://llm:***@127.0.0.1:9/v1" in out
+    assert "pw-Hq3Lz8" not in out
+
+
 async def test_doctor_without_admin_token_points_to_the_qr_in_the_logs(tmp_path: Path) -> None:
     _, out = await bot(tmp_path, "doctor", APP_ENV="production")
     assert "[ok  ] ADMIN_TOKEN not set: /qr is off; pairing relies on the QR drawn in the logs" in out

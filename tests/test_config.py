@@ -81,6 +81,11 @@ def test_env_example_loads_as_is(tmp_path: Path) -> None:
         ("OPENAI_API_KEY", "changeme", "OPENAI_API_KEY: is a placeholder"),
         ("ADMIN_TOKEN", "short", "ADMIN_TOKEN: must be at least 16 characters"),
         ("SUPABASE_DB_URL", "mysql://x", "SUPABASE_DB_URL: must be a Postgres URL"),
+        (
+            "SUPABASE_DB_URL",
+            "postgresql://bot:pw/Secret-KEY@127.0.0.1:5432/postgres",
+            "SUPABASE_DB_URL: cannot be read: percent-encode",
+        ),
         ("SUPABASE_URL", "https://x.supabase.co", "SUPABASE_URL and SUPABASE_KEY must be set together"),
         ("SUPABASE_URL", "notaurl", "SUPABASE_URL: must be an http:// or https:// URL"),
         ("OPENAI_BASE_URL", "localhost:11434/v1", "OPENAI_BASE_URL: must be an http:// or https:// URL"),
@@ -88,8 +93,9 @@ def test_env_example_loads_as_is(tmp_path: Path) -> None:
         ("AI_CIRCUIT_COOLDOWN_S", "inf", "AI_CIRCUIT_COOLDOWN_S='inf': Input should be a finite number"),
         ("DATA_DIR", "/proc/no-such-dir", "DATA_DIR=/proc/no-such-dir: No such file or directory"),
         ("FLOWS_FILE", "flujos.yaml", "FLOWS_FILE=flujos.yaml: no such file"),
-        ("ALLOWED_NUMBERS", "34600111222, 600-111", "'600-111' is not a phone number"),
-        ("BLOCKED_NUMBERS", "60011", "'60011' has 5 digits: a phone number in international format"),
+        ("ALLOWED_NUMBERS", "34611122233, 600-111", "ALLOWED_NUMBERS: entry 2 (60***11) is not a phone"),
+        ("BLOCKED_NUMBERS", "34611122233,60011", "entry 2 (60011) has 5 digits: a phone number in"),
+        ("WA_PAIR_PHONE", "+34 611-122-233", "WA_PAIR_PHONE: must be the phone number"),
     ],
 )
 def test_a_bad_value_stops_start_up_with_one_line(
@@ -110,8 +116,10 @@ def test_a_bad_value_stops_start_up_with_one_line(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("invalid configuration: ") and expected in lines[0]
-    if variable.endswith(("KEY", "TOKEN")):
-        assert value not in lines[0], "secrets are never echoed"
+    if variable.endswith(("KEY", "TOKEN", "URL")):
+        assert value not in lines[0] and "Secret" not in lines[0], "secrets are never echoed"
+    for number in ("34611122233", "611-122-233"):
+        assert number not in lines[0], "customers' numbers are never echoed"
 
 
 def test_production_logs_at_warning_unless_told(make_settings) -> None:

@@ -103,3 +103,28 @@ async def test_a_malformed_request_is_one_line_without_what_it_carried() -> None
         logger.remove(sink)
     refused = [line for line in lines if "bad HTTP request" in line]
     assert len(refused) == 1 and "Traceback" not in refused[0] and "SECRET" not in "".join(lines)
+
+
+@pytest.mark.parametrize("json_lines", [False, True])
+def test_numbers_in_an_exceptions_text_and_traceback_are_masked(
+    capsys: pytest.CaptureFixture[str], json_lines: bool
+) -> None:
+    """Only the message was masked: an error quoting a JID (whatsmeow's, say) printed the full number in
+    the traceback of an ERROR line."""
+    from loguru import logger
+
+    from bot.logsetup import setup_logging
+
+    setup_logging("WARNING", json=json_lines)
+    try:
+        try:
+            raise RuntimeError(f"failed to send to {PHONES[1]}@s.whatsapp.net")
+        except RuntimeError as error:
+            raise ConnectionError(f"send failed: {error}") from error
+    except ConnectionError:
+        logger.exception("could not answer a message in {}", f"{PHONES[0]}@s.whatsapp.net")
+    finally:
+        setup_logging("WARNING")
+    err = capsys.readouterr().err
+    assert "could not answer" in err and "Traceback" in err and "s.whatsapp.net" in err
+    assert_clean(err)

@@ -97,3 +97,28 @@ async def test_openai_timeout_bounds_the_whole_wait_retry_included(harness, fake
         waited = time.monotonic() - started
     assert "Lo siento" in apology
     assert waited < 1.8
+
+
+async def test_a_transcription_error_quoting_the_key_does_not_put_it_in_the_logs(
+    harness,
+    fake_openai: FakeOpenAI,
+    voice_note: Path,  # noqa: F811
+) -> None:
+    """The server's error text went into the DEBUG line as it was; some servers quote the key they refuse."""
+    from loguru import logger
+
+    key = "sk-proj-Zq8vN3kLw9RtY2pXc7Hs"
+    refused = f"Incorrect API key provided: Bearer {key}"
+    body = f'{{"error": {{"message": "{refused}", "code": "invalid_api_key"}}}}'
+    fake_openai.transcribe_raw_next.append((401, "application/json", body))
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="DEBUG", format="{message}")
+    try:
+        async with harness(**ai(fake_openai, openai_api_key=key)) as h:
+            [answer] = await h.say(note(voice_note))
+    finally:
+        logger.remove(sink)
+    assert "Lo siento" in answer
+    said = "".join(lines)
+    assert "HTTP 401 invalid_api_key" in said  # what went wrong is still there
+    assert "Zq8vN3kLw9RtY2pXc7Hs" not in said

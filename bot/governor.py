@@ -72,6 +72,7 @@ class GovernedTransport:
         self._inbound_at: OrderedDict[str, float] = OrderedDict()
         self._sent_at: deque[float] = deque()
         self._same_text: OrderedDict[str, deque[tuple[float, str]]] = OrderedDict()
+        self._spread_warned: OrderedDict[str, float] = OrderedDict()  # text -> when it was last warned of
         self._budget_lock = asyncio.Lock()
         self.counters = {
             "sent": 0,
@@ -221,9 +222,15 @@ class GovernedTransport:
                 self._forget_old_texts(now - window)
                 return
             self.counters["same_text_waits"] += 1
-            logger.warning(
-                "the same answer went to {} chats within {:.0f} s: spreading it out", len(chats), window
-            )
+            warned = self._spread_warned.get(key)
+            if warned is None or now - warned > window:  # once per text and window, not once per chat
+                self._spread_warned[key] = now
+                self._spread_warned.move_to_end(key)
+                while len(self._spread_warned) > 1000:
+                    self._spread_warned.popitem(last=False)
+                logger.warning(
+                    "the same answer went to {} chats within {:.0f} s: spreading it out", len(chats), window
+                )
             await self._sleep(sends[0][0] + window - now)
 
     def _forget_old_texts(self, before: float) -> None:
@@ -238,7 +245,8 @@ class GovernedTransport:
         return {
             **self.counters,
             "typing_pause_s": round(self.typing_s, 1),
-            "sent_last_minute": len(self._sent_at),
+            # Counted, not just sized: the deque is only trimmed when the next message goes out.
+            "sent_last_minute": sum(1 for at in self._sent_at if at > self._clock() - 60),
             "per_minute_budget": self.limits.per_minute,
             "reply_chats_tracked": len(self._inbound_at),
             "texts_tracked": len(self._same_text),

@@ -594,10 +594,13 @@ class Pipeline:
             self.counters.skipped += 1
             return
         self.history.append(inbound)
-        model_time = 0.0
+        model_time = 0.0  # the model's and the transcription's time: not the pipeline's overhead
         try:
             await self._mark_read(message)
+            understood = time.perf_counter()
             text, canned = await self._understand(message, persisted)
+            if message.kind is MessageKind.AUDIO:
+                model_time += time.perf_counter() - understood
             if canned is not None:
                 answer_text, via_model = canned, False
             else:
@@ -606,7 +609,7 @@ class Pipeline:
                 if answer is None:
                     model_started = time.perf_counter()
                     answer = await self._ask_model(message, inbound, text)
-                    model_time = time.perf_counter() - model_started
+                    model_time += time.perf_counter() - model_started
                 answer_text = answer.text
         except Exception:  # a bug or an odd input must cost the customer an apology, never the answer
             self.counters.failed += 1
@@ -623,6 +626,9 @@ class Pipeline:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.set_status(message.id, MessageStatus.SKIPPED)
             return
+        # Overhead as the customer meets it, until the answer is handed to the transport (the governor's
+        # typing pause in there is on purpose, not overhead).
+        self._overhead.append(time.perf_counter() - started - model_time)
         went_out: list[tuple[MessageId, str]] = []  # the parts sent so far, filled by _send
         try:
             sent_ids, answer_text = await self._send(message, answer_text, went_out)
@@ -637,8 +643,6 @@ class Pipeline:
                 partial = "\n".join(part for _, part in went_out)
                 await self._record_reply(message, [i for i, _ in went_out], partial, via_model=via_model)
             raise
-        # Overhead as the customer meets it: until the answer is handed to the transport.
-        self._overhead.append(time.perf_counter() - started - model_time)
         await self._record_reply(message, sent_ids, answer_text, via_model=via_model)
 
     async def _saved(self, message: Inbound, persisted: Awaitable[None]) -> None:

@@ -118,3 +118,45 @@ async def test_a_slot_given_back_is_the_failed_sends_own() -> None:
     await gov.pace(chat(2), "c")  # C may go at 30: A's slot is free
     await gov.pace(chat(3), "d")  # D must wait for B's slot to leave the window, at 80
     assert time.now == pytest.approx(80)
+
+
+async def test_spreading_one_text_warns_once_per_window_not_once_per_chat() -> None:
+    """100 chats getting the same cached answer at once printed one WARNING per waiting chat."""
+    import asyncio
+
+    from loguru import logger
+
+    class SharedTime(FakeTime):
+        async def sleep(self, seconds: float) -> None:  # every waiter wakes on one shared clock
+            target = self.now + seconds
+            await asyncio.sleep(0)
+            self.now = max(self.now, target)
+
+    inner, time = LoopbackTransport(), SharedTime()
+    gov = GovernedTransport(
+        inner,
+        GovernorLimits(typing_chars_per_s=0, same_text_max_chats=5, same_text_window_s=60, per_minute=10_000),
+        clock=time.clock,
+        sleep=time.sleep,
+    )
+    warnings: list[str] = []
+    sink = logger.add(warnings.append, level="WARNING", filter="bot.governor")
+    try:
+        for i in range(40):
+            gov.note_inbound(inbound("hola", chat=chat(i)))
+        await asyncio.gather(*(gov.send_text(chat(i), "Abrimos de 9 a 18 h.") for i in range(40)))
+    finally:
+        logger.remove(sink)
+    assert len(inner.sent) == 40
+    assert gov.counters["same_text_waits"] >= 35
+    assert 1 <= len(warnings) <= time.now / 60 + 1  # about one per window
+
+
+async def test_sent_last_minute_falls_to_zero_when_sending_stops() -> None:
+    gov, _, time = governed(per_minute=100)
+    for i in range(13):
+        gov.note_inbound(inbound("hola", chat=chat(i)))
+        await gov.send_text(chat(i), f"respuesta {i}")
+    assert gov.stats()["sent_last_minute"] == 13
+    time.now += 61
+    assert gov.stats()["sent_last_minute"] == 0

@@ -122,3 +122,17 @@ async def test_a_transcription_error_quoting_the_key_does_not_put_it_in_the_logs
     said = "".join(lines)
     assert "HTTP 401 invalid_api_key" in said  # what went wrong is still there
     assert "Zq8vN3kLw9RtY2pXc7Hs" not in said
+
+
+async def test_overhead_leaves_out_the_time_spent_on_the_model_and_the_transcription(
+    harness,
+    fake_openai: FakeOpenAI,
+    voice_note: Path,  # noqa: F811
+) -> None:
+    """The metric counted a voice note's transcription (and the governor's typing) as pipeline overhead."""
+    fake_openai.delay_s = 0.5  # each of the transcription and the model call
+    async with harness(**ai(fake_openai)) as h:
+        await h.say(note(voice_note))
+        await h.say("hola")
+        overhead = h.bot.metrics()["messages"]["overhead_ms"]
+    assert overhead["p99"] < 400, overhead  # the voice note alone spent 1,000 ms waiting on the server

@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,18 @@ def session_backup_for(settings: Settings) -> SessionBackup | None:
         key=settings.supabase_key,
         session_id=settings.wa_session_name,
     )
+
+
+def warn_if_the_journal_is_ephemeral(settings: Settings, environ: Mapping[str, str]) -> bool:
+    """On Railway without a volume, the Supabase store's local journal is on the container's disk."""
+    on_railway = bool(environ.get("RAILWAY_PROJECT_ID"))
+    if not (settings.supabase_url and on_railway) or environ.get("RAILWAY_VOLUME_MOUNT_PATH"):
+        return False
+    logger.warning(
+        "no volume: writes waiting in the local journal during a Supabase outage are lost if the"
+        " service is redeployed before Supabase is back; attach a volume to keep them"
+    )
+    return True
 
 
 async def run_whatsapp(settings: Settings) -> int:
@@ -129,6 +142,8 @@ async def run_whatsapp(settings: Settings) -> int:
         volume_path=os.environ.get("RAILWAY_VOLUME_MOUNT_PATH"),
         on_lost=lease_lost,
     )
+
+    warn_if_the_journal_is_ephemeral(settings, os.environ)
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

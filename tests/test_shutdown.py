@@ -93,3 +93,25 @@ async def test_the_store_is_closed_before_the_session_lease_is_released(
         os.kill(os.getpid(), signal.SIGTERM)  # as the platform stops it
         assert await run == 0
     assert events == ["store closed", "lease released"]
+
+
+def test_railway_without_a_volume_warns_that_the_supabase_journal_is_ephemeral(tmp_path: Path) -> None:
+    from loguru import logger
+
+    supabase = Settings(  # type: ignore[call-arg]
+        _env_file=None, data_dir=tmp_path, supabase_url="https://x.supabase.co", supabase_key="k" * 20
+    )
+    sqlite = Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
+    railway = {"RAILWAY_PROJECT_ID": "p"}
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="WARNING")
+    try:
+        assert whatsapp.warn_if_the_journal_is_ephemeral(supabase, railway)
+        assert not whatsapp.warn_if_the_journal_is_ephemeral(
+            supabase, {**railway, "RAILWAY_VOLUME_MOUNT_PATH": "/data"}
+        )
+        assert not whatsapp.warn_if_the_journal_is_ephemeral(sqlite, railway)  # the whole store is local
+        assert not whatsapp.warn_if_the_journal_is_ephemeral(supabase, {})  # not on Railway: unknown
+    finally:
+        logger.remove(sink)
+    assert len(lines) == 1 and "attach a volume" in lines[0]

@@ -319,7 +319,7 @@ class Bot:
         """Answer what a crash left unanswered, if it is still fresh; mark the rest skipped."""
         await self._restore_pauses()  # first: a message in a chat the owner has is not answered
         window = self.settings.recovery_window_minutes * 60
-        fresh_since = time.time() - window
+        fresh_since = time.time() - window if window else 0.0  # 0: no window, as for a live backlog
         try:
             stale = await self.store.mark_stale(fresh_since)
         except StoreUnavailable as error:  # e.g. a full journal during an outage: start all the same

@@ -322,6 +322,19 @@ async def test_a_number_blocked_before_a_restart_is_not_answered_by_recovery(
         assert row.status is MessageStatus.SKIPPED  # not found again by every later start
 
 
+async def test_a_recovery_window_of_zero_means_no_limit_as_it_does_for_a_live_backlog(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """0 turned the live filter off (any backlog answered) but made recovery skip every message."""
+    async with harness(**ai(fake_openai, recovery_window_minutes=0)) as h:
+        assert await h.say(inbound("¿seguís ahí?", timestamp=time.time() - 3600)) == ["echo: ¿seguís ahí?"]
+        h.bot.pipeline.submit(inbound("hola", id="Z1"))
+        await h.bot.pipeline.stop(timeout=0)  # "crash": saved, never answered
+    async with harness(**ai(fake_openai, recovery_window_minutes=0)) as h:
+        assert await h.bot.pipeline.drain(10)
+        assert h.transport.texts_to(CHAT) == ["echo: hola"]
+
+
 async def test_a_message_arriving_during_shutdown_is_saved_for_the_next_start(
     harness, fake_openai: FakeOpenAI
 ) -> None:

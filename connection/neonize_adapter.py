@@ -504,7 +504,8 @@ class NeonizeDriver:
             self._old_refs = [*self._old_refs[-3:], refs]
         wait_s = self._release_wait_s
         try:
-            await asyncio.wait_for(client.stop(), timeout=wait_s)
+            async with asyncio.timeout(wait_s):  # not wait_for: on 3.11 it can swallow a cancellation
+                await client.stop()
         except Exception as exc:
             logger.debug("neonize stop: {}", type(exc).__name__)
         task = client.connect_task
@@ -547,7 +548,8 @@ class NeonizeDriver:
         """TCP reachability check; neonize leaks a DB handle per failed connect()."""
         host, port = self._probe_address
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=10)
+            async with asyncio.timeout(10):
+                _, writer = await asyncio.open_connection(host, port)
         except (OSError, TimeoutError) as exc:
             raise ConnectionError(f"{host} unreachable ({type(exc).__name__}: {exc})") from exc
         writer.close()

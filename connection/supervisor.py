@@ -420,7 +420,9 @@ class Supervisor:
     # ------------------------------------------------------------------ the loop
 
     async def _run(self) -> None:
-        while True:
+        # Not `while True`: a cancellation swallowed somewhere below (3.11's wait_for, a library) must not
+        # keep a stopped supervisor reconnecting.
+        while not self._stopping:
             try:
                 end = await self._lifetime()
                 await self._release()
@@ -452,7 +454,7 @@ class Supervisor:
         except Exception as exc:
             self._finish(_End(_Why.RETRY, f"{type(exc).__name__}: {exc}"))
         watchdog = None
-        if self._heartbeat_s > 0 and not self._end.done():
+        if self._heartbeat_s > 0 and not self._end.done() and not self._stopping:
             watchdog = self._tasks.spawn(self._watchdog(), f"{self._name}-watchdog")
         try:
             return await self._end
@@ -519,7 +521,8 @@ class Supervisor:
 
     async def _release(self) -> None:
         try:
-            await asyncio.wait_for(self._driver.disconnect(), self._release_timeout_s)
+            async with asyncio.timeout(self._release_timeout_s):  # not wait_for: see _probe
+                await self._driver.disconnect()
         except Exception as exc:
             logger.debug("{}: disconnect: {}", self._name, type(exc).__name__)
 

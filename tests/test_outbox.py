@@ -275,7 +275,10 @@ async def test_undecryptable_message_gets_one_polite_request_unless_it_arrives(
         await client.fire(undecryptable("GROUP", group=True))  # groups are not asked
         await client.fire(undecryptable("RETRIED"))
         await client.fire(event(WAMessage(conversation="hola"), msg_id="RETRIED"))  # whatsmeow's retry worked
-        await asyncio.sleep(0.4)
+        async with asyncio.timeout(5):
+            while not client.sent:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # and nothing more after it
         assert client.sent == [(CHAT, text)]
         assert got == ["RETRIED"]
         stats = t.stats()
@@ -300,7 +303,9 @@ async def test_undecryptable_goes_to_the_callback_when_given(
     try:
         await wait_state(t, ConnectionState.CONNECTED)
         await fake_client.instances[0].fire(undecryptable("X"))
-        await asyncio.sleep(0.3)
+        async with asyncio.timeout(5):
+            while not chats:
+                await asyncio.sleep(0.01)
         assert chats == [CHAT]
         assert fake_client.instances[0].sent == []
     finally:

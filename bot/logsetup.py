@@ -25,12 +25,22 @@ def _patch(record: Record) -> None:
     record["message"] = mask_phone(record["message"])
 
 
+# A JSON string literal: with LOG_JSON only strings are masked (a timestamp is a number, and stays one).
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
 class _MaskedStderr:
     """The sink: masks the finished text too, since a traceback or an exception's text (a library's error
     quoting a JID) is not part of the message the patcher sees."""
 
+    def __init__(self, *, json: bool) -> None:
+        self.json = json
+
     def write(self, text: str) -> None:
-        sys.stderr.write(mask_phone(text))
+        if self.json:
+            sys.stderr.write(_JSON_STRING.sub(lambda m: mask_phone(m.group(0)), text))
+        else:
+            sys.stderr.write(mask_phone(text))
 
     def flush(self) -> None:
         sys.stderr.flush()
@@ -60,7 +70,7 @@ def setup_logging(level: str = "INFO", *, json: bool = False) -> None:
     logger.configure(patcher=_patch)
     fmt = "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> <cyan>{name}</cyan> {message}"
     logger.add(
-        _MaskedStderr(),
+        _MaskedStderr(json=json),
         level=level,
         format=fmt,
         serialize=json,

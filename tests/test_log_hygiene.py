@@ -128,3 +128,6 @@ def test_numbers_in_an_exceptions_text_and_traceback_are_masked(
     err = capsys.readouterr().err
     assert "could not answer" in err and "Traceback" in err and "s.whatsapp.net" in err
     assert_clean(err)
+    if json_lines:  # still JSON, numbers (a timestamp, a thread id) untouched
+        record = json.loads(err.strip())["record"]
+        assert isinstance(record["time"]["timestamp"], float) and isinstance(record["thread"]["id"], int)

@@ -777,6 +777,17 @@ class Pipeline:
             "model" if via_model else "canned",
         )
 
+    def reply_dropped(self, reply_id: MessageId, chat: ChatId) -> None:
+        """A reply recorded as sent will never go out (dropped from the outbox: the owner took the chat
+        over meanwhile, or it waited too long): it leaves the history, and is marked failed in the store."""
+        self.history.forget(chat, reply_id)
+
+        async def mark() -> None:
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.set_status(reply_id, MessageStatus.FAILED)
+
+        self._spawn(mark())
+
     def _reply_written(self, write: asyncio.Future[None], answered_id: str) -> None:
         self._reply_writes.discard(write)
         if not write.cancelled() and write.exception() is not None:

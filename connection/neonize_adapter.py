@@ -627,6 +627,12 @@ class NeonizeTransport:
             on_state=self._state_changed,
         )
         self._outbox = Outbox(outbox_path, max_items=outbox_max) if outbox_path is not None else None
+        # Set by the app: a queued reply that will never go out (see Outbox.on_drop).
+        self.on_reply_dropped: Callable[[MessageId, ChatId], None] | None = None
+        if self._outbox is not None:
+            self._outbox.on_drop = lambda message_id, chat: (
+                self.on_reply_dropped(message_id, chat) if self.on_reply_dropped is not None else None
+            )
         self._resend = (
             ResendRequests(self._ask_resend, grace_s=undecryptable_grace_s)
             if on_undecryptable is not None or resend_text

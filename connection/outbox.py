@@ -87,6 +87,9 @@ class Outbox:
         self._count = int(self._db.execute("select count(*) from outbox").fetchone()[0])
         self._lock = asyncio.Lock()
         self._room = asyncio.Event()  # set whenever a queued text leaves
+        # Told when a queued reply will never go out (its id is the one send_text returned): the bot has
+        # recorded it as sent, and must not remember, or tell its model, an answer nobody got.
+        self.on_drop: Callable[[MessageId, ChatId], None] | None = None
         self.sent = 0
         self.dropped = 0
 
@@ -163,6 +166,11 @@ class Outbox:
         self._delete(item)
         self.dropped += 1
         logger.warning("outbox: dropped a queued reply for {} ({})", scrub(item.chat), why)
+        if self.on_drop is not None:
+            try:
+                self.on_drop(item.id, item.chat)
+            except Exception:
+                logger.opt(exception=True).error("outbox: on_drop failed")
 
     def stats(self) -> dict[str, int]:
         return {"outbox_pending": len(self), "outbox_sent": self.sent, "outbox_dropped": self.dropped}

@@ -64,6 +64,16 @@ class ChatHistory:
             self._chats.move_to_end(message.chat_id)
             self._evict_over_bounds()
 
+    def forget(self, chat_id: str, wa_message_id: str) -> None:
+        """Drop one message from a chat in memory (a reply that never went out)."""
+        cached = self._chats.get(chat_id)
+        if cached is None:
+            return
+        for message in list(cached):
+            if message.wa_message_id == wa_message_id:
+                cached.remove(message)
+                self.chars -= len(message.body)
+
     def _remember(self, chat_id: str, messages: deque[StoredMessage]) -> None:
         self._chats[chat_id] = messages
         self.chars += sum(len(m.body) for m in messages)

@@ -486,8 +486,8 @@ class FakeNewAClient:
 def fake_neonize(monkeypatch: pytest.MonkeyPatch) -> type[FakeNewAClient]:
     FakeNewAClient.script = deque()
     FakeNewAClient.instances = []
-    FakeNewAClient.lid_map = {}
-    FakeNewAClient.lid_delay_s = 0.0
+    monkeypatch.setattr(FakeNewAClient, "lid_map", {})
+    monkeypatch.setattr(FakeNewAClient, "lid_delay_s", 0.0)
     monkeypatch.setattr(neonize_adapter, "NewAClient", FakeNewAClient)
     return FakeNewAClient
 

@@ -423,3 +423,62 @@ async def test_a_full_outbox_makes_answers_wait_for_room_instead_of_failing(
         assert fake_client.instances[0].sent == [(CHAT, f"reply {i}") for i in range(5)]
     finally:
         await t.stop()
+
+
+async def test_a_reply_dropped_from_the_outbox_is_not_remembered_as_sent(
+    fake_client: type[FakeNewAClient], tmp_path: Path, fake_openai: Any
+) -> None:
+    """Queued while disconnected, recorded as sent, then withheld at the reconnect because the owner took
+    the chat over: the store and the model's history kept an answer the customer never got."""
+    from bot.app import Bot
+    from bot.config import Settings
+    from bot.governor import GovernedTransport, GovernorLimits
+    from memory.store import MessageStatus
+    from tests.conftest import inbound
+
+    fake_client.script.extend(["ok"])
+    t = transport(tmp_path)
+    governed = GovernedTransport(t, GovernorLimits(typing_chars_per_s=0))
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        data_dir=tmp_path / "data",
+        flows_file=None,
+        openai_api_key="k",
+        openai_base_url=fake_openai.base_url,
+    )
+    bot = Bot.build(settings, governed)
+    governed.hold = bot.pipeline.takeover.is_paused
+    t.on_reply_dropped = bot.pipeline.reply_dropped  # as bot.whatsapp wires it
+    await bot.start()
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        client = fake_client.instances[0]
+        await client.drop()
+        question = inbound("¿tenéis talla M?", chat=CHAT)
+        governed.note_inbound(question)
+        bot.pipeline.submit(question)
+        assert await bot.pipeline.drain(5)
+        assert t.stats()["outbox_pending"] == 1  # "sent": queued for the reconnect
+        bot.pipeline.submit(inbound("te atiendo yo", chat=CHAT, from_me=True))  # the owner, from the phone
+        await client.back()
+        async with asyncio.timeout(5):
+            while t.stats()["outbox_pending"]:
+                await asyncio.sleep(0.01)
+        assert client.sent == []  # withheld: the owner has the chat
+        assert await bot.pipeline.drain(5)
+        rows = await bot.store.recent_messages(CHAT, 10)
+        replies = [r for r in rows if r.body == "echo: ¿tenéis talla M?"]
+        assert [r.status for r in replies] == [MessageStatus.FAILED]
+
+        bot.pipeline.takeover.resume(CHAT)  # the owner gives the chat back
+        later = inbound("¿y en azul?", chat=CHAT)
+        governed.note_inbound(later)
+        bot.pipeline.submit(later)
+        assert await bot.pipeline.drain(5)
+        history = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
+        assert "echo: ¿tenéis talla M?" not in history, "the model was told of an answer nobody got"
+        assert "te atiendo yo" in history  # what the human said is kept
+    finally:
+        await t.stop()
+        await bot.stop()

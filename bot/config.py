@@ -167,7 +167,10 @@ class Settings(BaseSettings):
             raise ValueError("must be a Postgres URL starting with postgresql://")
         if value is not None:
             try:
-                urlsplit(value).port  # noqa: B018 - raises on a password that breaks the URL
+                parts = urlsplit(value)
+                parts.port  # noqa: B018 - raises on a password that breaks the URL
+                if parts.netloc.count("@") > 1 or "@" in parts.path:  # read apart differently by drivers
+                    raise ValueError
             except ValueError:
                 raise ValueError(
                     "cannot be read: percent-encode the password's special characters"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -37,10 +38,16 @@ class _MaskedStderr:
         self.json = json
 
     def write(self, text: str) -> None:
-        if self.json:
-            sys.stderr.write(_JSON_STRING.sub(lambda m: mask_phone(m.group(0)), text))
+        if self.json:  # masked decoded: "\n34600111222" holds a line break, not the letter n
+            text = _JSON_STRING.sub(
+                lambda m: json.dumps(mask_phone(json.loads(m.group(0))), ensure_ascii=False), text
+            )
+            sys.stderr.write(text)
         else:
             sys.stderr.write(mask_phone(text))
+
+    def isatty(self) -> bool:  # loguru colours a terminal only
+        return sys.stderr.isatty()
 
     def flush(self) -> None:
         sys.stderr.flush()

@@ -626,8 +626,8 @@ class Pipeline:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.set_status(message.id, MessageStatus.SKIPPED)
             return
-        # Overhead as the customer meets it, until the answer is handed to the transport (the governor's
-        # typing pause in there is on purpose, not overhead).
+        # Overhead as the customer meets it, until the answer is ready to send: what follows (the governor's
+        # typing pause, the outbox) is on purpose, not overhead.
         self._overhead.append(time.perf_counter() - started - model_time)
         went_out: list[tuple[MessageId, str]] = []  # the parts sent so far, filled by _send
         try:
@@ -859,18 +859,22 @@ class Pipeline:
             if task is not None:
                 task.cancel()
         # What is still spilled stays persisted and unanswered: recovery takes it at the next start.
-        if not await self.drain(timeout):
+        # The last part of `timeout` (at most 2 s) is kept for the writes that follow a cancellation.
+        grace = min(2.0, timeout / 4)
+        started = time.monotonic()
+        if not await self.drain(timeout - grace):
             logger.warning(
                 "{} chat(s) still busy after {:.0f} s; cancelling",
                 len(self._workers),
-                timeout,
+                timeout - grace,
             )
             workers = list(self._workers.values())
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            left = max(0.1, timeout - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):  # answers cut short are recorded (see _handle)
-                async with asyncio.timeout(2.0):
+                async with asyncio.timeout(left):
                     await asyncio.gather(*self._reply_writes, return_exceptions=True)
                     await self._background.wait_all()  # side writes; a notice can wait for the outbox
             await self._background.cancel_all()

@@ -73,7 +73,7 @@ def mask_phone(phone: str) -> str:
     return f"+{digits[:2]}{'*' * (len(digits) - 4)}{digits[-2:]}"
 
 
-_URL_PASSWORD = re.compile(r"(://[^/\s:@]*):[^@\s/]*@")
+_URL_PASSWORD = re.compile(r"(://[^/\s:@]*):[^\s/]*@")  # up to the last @: a password may hold one
 
 
 def scrub(text: str, limit: int = 300) -> str:

@@ -86,6 +86,16 @@ def test_env_example_loads_as_is(tmp_path: Path) -> None:
             "postgresql://bot:pw/Secret-KEY@127.0.0.1:5432/postgres",
             "SUPABASE_DB_URL: cannot be read: percent-encode",
         ),
+        (
+            "SUPABASE_DB_URL",
+            "postgresql://bot:12/Secret@127.0.0.1:5432/postgres",
+            "SUPABASE_DB_URL: cannot be read: percent-encode",
+        ),
+        (
+            "SUPABASE_DB_URL",
+            "postgresql://bot:p@Secret@127.0.0.1:5432/postgres",
+            "SUPABASE_DB_URL: cannot be read: percent-encode",
+        ),
         ("SUPABASE_URL", "https://x.supabase.co", "SUPABASE_URL and SUPABASE_KEY must be set together"),
         ("SUPABASE_URL", "notaurl", "SUPABASE_URL: must be an http:// or https:// URL"),
         ("OPENAI_BASE_URL", "localhost:11434/v1", "OPENAI_BASE_URL: must be an http:// or https:// URL"),

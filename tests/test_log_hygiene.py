@@ -118,7 +118,7 @@ def test_numbers_in_an_exceptions_text_and_traceback_are_masked(
     setup_logging("WARNING", json=json_lines)
     try:
         try:
-            raise RuntimeError(f"failed to send to {PHONES[1]}@s.whatsapp.net")
+            raise RuntimeError(f"failed to send to:\n{PHONES[1]}@s.whatsapp.net")  # after a line break
         except RuntimeError as error:
             raise ConnectionError(f"send failed: {error}") from error
     except ConnectionError:

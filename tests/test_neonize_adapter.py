@@ -342,6 +342,8 @@ def test_mask_and_scrub() -> None:
     assert "10.255.255.53:53" in scrubbed
     url = _scrub('dial "postgresql://postgres.abc:s3cr3t-pw@db.example.co:5432/postgres": refused')
     assert "s3cr3t-pw" not in url and "postgresql://postgres.abc:***@db.example.co:5432" in url
+    proxy = _scrub("cannot reach https://user:p@ssw0rd@proxy:8080/v1 nor http://u:x@y/ok")
+    assert proxy == "cannot reach https://user:***@proxy:8080/v1 nor http://u:***@y/ok"
 
 
 # ---------------------------------------------------------------- connection events

@@ -115,3 +115,56 @@ def test_railway_without_a_volume_warns_that_the_supabase_journal_is_ephemeral(t
     finally:
         logger.remove(sink)
     assert len(lines) == 1 and "attach a volume" in lines[0]
+
+
+class StuckNeonize(FakeNeonize):
+    """A send that never completes (the socket hangs) and a stop that hangs too."""
+
+    async def send_text(self, chat: ChatId, text: str) -> MessageId:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def stop(self) -> None:
+        await asyncio.Event().wait()
+
+
+@pytest.mark.timeout(60)
+async def test_a_stop_with_every_step_stuck_keeps_to_its_budget_and_still_releases_the_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pipeline.stop(8) took 10 s (2 s more after its timeout) and squeezed the steps after it; the lease
+    must go before the platform's kill whatever hangs."""
+    events: list[str] = []
+    monkeypatch.setattr(neonize_adapter, "NeonizeTransport", StuckNeonize)
+    monkeypatch.setattr(whatsapp, "make_lease", lambda *a, **k: RecordingLease(events))
+    monkeypatch.setattr(whatsapp, "STOP_BUDGET_S", 3.0)
+    FakeNeonize.instance = None
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, data_dir=tmp_path, flows_file=None, port=free_port(), wa_typing_chars_per_s=0
+    )
+    run = asyncio.create_task(whatsapp.run_whatsapp(settings))
+    async with asyncio.timeout(20):
+        while FakeNeonize.instance is None:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        hola = Inbound(MessageId("M1"), ChatId(CHAT), CHAT, MessageKind.TEXT, "hola", time.time())
+        FakeNeonize.instance.on_inbound(hola)  # its answer's send hangs
+        me = "34699999999@s.whatsapp.net"
+        status = Inbound(
+            MessageId("M2"),
+            ChatId(me),
+            me,
+            MessageKind.TEXT,
+            "!bot status",
+            time.time(),
+            from_me=True,
+            is_self_chat=True,
+        )
+        FakeNeonize.instance.on_inbound(status)  # the owner's answer (a side task) hangs as well
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert await run == 0
+    took = time.monotonic() - started
+    assert events == ["lease released"]
+    assert took < 3.0 + 2.0, f"stopping took {took:.1f} s with a 3 s budget"

@@ -270,9 +270,12 @@ class LidToPhone:
     """LIDs seen together with their phone-number JID, so one person stays one chat when a later event
     carries only the LID (the owner's reply from the phone, say). Bounded, least recently seen out."""
 
+    UNKNOWN_FOR_S = 600.0  # a LID whatsmeow did not know is not asked about again for this long
+
     def __init__(self, max_items: int = 20_000) -> None:  # about 4 MB when full
         self.max_items = max_items
         self._phones: OrderedDict[str, str] = OrderedDict()
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # lid -> when a lookup found nothing
 
     def __len__(self) -> int:
         return len(self._phones)
@@ -280,8 +283,25 @@ class LidToPhone:
     def learn(self, lid: str, phone: str) -> None:
         self._phones[lid] = phone
         self._phones.move_to_end(lid)
+        self._unknown.pop(lid, None)
         while len(self._phones) > self.max_items:
             self._phones.popitem(last=False)
+
+    def note_unknown(self, lid: str) -> None:
+        self._unknown[lid] = time.monotonic()
+        self._unknown.move_to_end(lid)
+        while len(self._unknown) > self.max_items:
+            self._unknown.popitem(last=False)
+
+    def worth_asking(self, lid: str) -> bool:
+        """False while an earlier lookup of `lid` found nothing (a miss is not paid for at every message)."""
+        since = self._unknown.get(lid)
+        if since is None:
+            return True
+        if time.monotonic() - since > self.UNKNOWN_FOR_S:
+            del self._unknown[lid]
+            return True
+        return False
 
     def phone(self, lid: str) -> str:
         """The phone-number JID of `lid` when known, else `lid` itself."""
@@ -577,7 +597,8 @@ class NeonizeTransport:
     """
 
     ORIGIN_CACHE = 2048  # message id -> original (chat, sender) JIDs, for read receipts
-    LID_LOOKUP_TIMEOUT_S = 2.0  # a local database read in whatsmeow; never hold messages longer
+    LID_LOOKUP_TIMEOUT_S = 0.5  # a local database read in whatsmeow; never hold messages longer
+    MAX_LID_LOOKUPS_PENDING = 4  # the messages behind them wait: past this, a LID stays the chat's key
 
     def __init__(
         self,
@@ -642,6 +663,7 @@ class NeonizeTransport:
         self._unspend: Callable[[Any], None] = lambda slot: None
         self._lids = LidToPhone()
         self._in_order: asyncio.Future[None] | None = None  # the last message waiting on a LID lookup
+        self._lookups_pending = 0
         self._tasks = BackgroundTasks("whatsapp")
         self._flushing: asyncio.Task[None] | None = None
         self._flush_wanted = asyncio.Event()
@@ -952,17 +974,38 @@ class NeonizeTransport:
         if inbound is None:
             return None
         behind = self._in_order if self._in_order is not None and not self._in_order.done() else None
-        if behind is None and not _unresolved_lid(inbound):
+        lookup = self._should_look_up(inbound)
+        if behind is None and not lookup:
             self._deliver(ev, inbound)
             return None
-        self._in_order = asyncio.ensure_future(self._deliver_after(behind, ev, inbound))
+        if lookup:
+            self._lookups_pending += 1
+        self._in_order = asyncio.ensure_future(self._deliver_after(behind, ev, inbound, lookup))
         return self._in_order
 
-    async def _deliver_after(self, behind: asyncio.Future[None] | None, ev: Any, inbound: Inbound) -> None:
-        if behind is not None:
-            await asyncio.wait({behind})  # its own errors are its handler's to log
-        if _unresolved_lid(inbound):
-            inbound = await self._phone_chat(inbound)
+    def _should_look_up(self, inbound: Inbound) -> bool:
+        # Bounded: while whatsmeow is slow to answer, messages are keyed by LID rather than all waiting.
+        return (
+            _unresolved_lid(inbound)
+            and self._lids.worth_asking(inbound.chat)
+            and self._lookups_pending < self.MAX_LID_LOOKUPS_PENDING
+        )
+
+    async def _deliver_after(
+        self, behind: asyncio.Future[None] | None, ev: Any, inbound: Inbound, lookup: bool
+    ) -> None:
+        try:
+            if behind is not None:
+                await asyncio.wait({behind})  # its own errors are its handler's to log
+            if lookup:  # asked again now: the lookups before it may have learnt or missed this LID
+                known = self._lids.phone(inbound.chat)
+                if known != inbound.chat:
+                    inbound = self._keyed_by_phone(inbound, known)
+                elif self._lids.worth_asking(inbound.chat):
+                    inbound = await self._phone_chat(inbound)
+        finally:
+            if lookup:
+                self._lookups_pending -= 1
         self._deliver(ev, inbound)
 
     async def _phone_chat(self, inbound: Inbound) -> Inbound:
@@ -975,12 +1018,18 @@ class NeonizeTransport:
                 found = await self._driver._require().get_pn_from_lid(_to_jid(lid))
         except Exception as error:  # unknown, not connected, slow: the LID stays the chat's key
             logger.debug("no phone number for a LID: {}", _scrub(str(error)))
+            self._lids.note_unknown(lid)
             return inbound
         if not _is_pn(found):
+            self._lids.note_unknown(lid)
             return inbound
         phone = _jid_str(found)
         self._lids.learn(lid, phone)
-        sender = phone if inbound.sender == lid else inbound.sender
+        return self._keyed_by_phone(inbound, phone)
+
+    @staticmethod
+    def _keyed_by_phone(inbound: Inbound, phone: str) -> Inbound:
+        sender = phone if inbound.sender == inbound.chat else inbound.sender
         return dataclasses.replace(inbound, chat=ChatId(phone), sender=sender)
 
     def _deliver(self, ev: Any, inbound: Inbound) -> None:

@@ -882,3 +882,33 @@ async def test_after_a_restart_a_lid_only_reply_is_keyed_by_the_phone_whatsmeow_
     assert by_id["C"].sender == f"{PHONE}@s.whatsapp.net"
     assert by_id["OTHER"].chat == "34611111111@s.whatsapp.net"
     assert by_id["U"].chat == "999@lid" and by_id["B"].chat == "broken@lid"  # unknown: kept by LID
+
+
+async def test_a_slow_lid_lookup_holds_messages_once_not_at_every_message(
+    fake_neonize: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    """Each LID-only message waited up to 2 s for a lookup that then failed, and every later message, of
+    every chat, waited behind it: 2 s, 4 s, 6 s, 8 s..."""
+    fake_neonize.script.extend(["ok"])
+    fake_neonize.lid_delay_s = 30.0  # whatsmeow's database hangs
+    arrived: dict[str, float] = {}
+    transport = NeonizeTransport(
+        str(tmp_path / "s.db"), on_inbound=lambda m: arrived.setdefault(m.id, time.monotonic()), **FAST
+    )
+    await transport.start()
+    try:
+        async with asyncio.timeout(5):
+            assert await transport.wait_connected() is True
+        client = fake_neonize.instances[0]
+        lid = jid("555555555555555", "lid")
+        events = [
+            event(WAMessage(conversation=f"{i}"), chat=lid, sender=lid, msg_id=f"L{i}") for i in range(4)
+        ]
+        events.append(event(WAMessage(conversation="hola"), chat=jid("34611111111"), msg_id="OTHER"))
+        started = time.monotonic()
+        async with asyncio.timeout(10):
+            await asyncio.gather(*(client.fire(ev) for ev in events))
+    finally:
+        await transport.stop()
+    assert list(arrived) == ["L0", "L1", "L2", "L3", "OTHER"]  # in order, none lost
+    assert max(arrived.values()) - started < 1.5, {k: round(v - started, 2) for k, v in arrived.items()}

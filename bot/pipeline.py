@@ -225,6 +225,8 @@ class Pipeline:
         self._idle.set()
         self._accepting = True
         self._overhead: deque[float] = deque(maxlen=10000)
+        self._reply_of: OrderedDict[MessageId, MessageId] = OrderedDict()  # part id -> its reply's row id
+        self._dropped_early: OrderedDict[MessageId, None] = OrderedDict()  # dropped before being recorded
 
     async def start(self, *, dedup_since_s: float = 3 * 86400) -> None:
         ids = await self.store.recent_message_ids(self.clock() - dedup_since_s, self.dedup.max_ids)
@@ -751,13 +753,22 @@ class Pipeline:
     async def _record_reply(
         self, message: Inbound, sent_ids: list[MessageId], text: str, *, via_model: bool
     ) -> None:
+        row_id = sent_ids[0] if sent_ids else MessageId(f"{message.id}:reply")
+        dropped = False
+        for part_id in sent_ids:  # a queued part can still be dropped from the outbox: see reply_dropped
+            if part_id in self._dropped_early:
+                del self._dropped_early[part_id]
+                dropped = True
+            self._reply_of[part_id] = row_id
+            while len(self._reply_of) > 10_000:
+                self._reply_of.popitem(last=False)
         outbound = StoredMessage(
-            wa_message_id=sent_ids[0] if sent_ids else f"{message.id}:reply",
+            wa_message_id=row_id,
             chat_id=message.chat,
             direction=Direction.OUT,
             kind="text",
             body=text,
-            status=MessageStatus.SENT,
+            status=MessageStatus.FAILED if dropped else MessageStatus.SENT,
             created_at=self.clock(),
         )
         # Not awaited: the chat's next message can start while this commits (its history is in memory
@@ -766,7 +777,8 @@ class Pipeline:
         write = asyncio.ensure_future(self.store.add_reply(outbound, message.id))
         self._reply_writes.add(write)
         write.add_done_callback(lambda done: self._reply_written(done, message.id))
-        self.history.append(outbound)
+        if not dropped:
+            self.history.append(outbound)
         self.counters.answered += 1
         # One line per message at DEBUG; INFO gets a summary a minute (Railway drops logs past 500 lines/s).
         logger.debug(
@@ -777,9 +789,18 @@ class Pipeline:
             "model" if via_model else "canned",
         )
 
-    def reply_dropped(self, reply_id: MessageId, chat: ChatId) -> None:
-        """A reply recorded as sent will never go out (dropped from the outbox: the owner took the chat
-        over meanwhile, or it waited too long): it leaves the history, and is marked failed in the store."""
+    def reply_dropped(self, part_id: MessageId, chat: ChatId) -> None:
+        """A queued part of a reply will never go out (dropped from the outbox: the owner took the chat
+        over meanwhile, or it waited too long). The reply leaves the history and is marked failed in the
+        store, all of it even if parts before this one went out: the model is never told of an answer the
+        customer did not get. A drop can come before the reply is recorded (a later part still waiting
+        for room in the outbox): then it is recorded failed."""
+        reply_id = self._reply_of.pop(part_id, None)
+        if reply_id is None:
+            self._dropped_early[part_id] = None
+            while len(self._dropped_early) > 1_000:
+                self._dropped_early.popitem(last=False)
+            return
         self.history.forget(chat, reply_id)
 
         async def mark() -> None:

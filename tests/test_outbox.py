@@ -482,3 +482,83 @@ async def test_a_reply_dropped_from_the_outbox_is_not_remembered_as_sent(
     finally:
         await t.stop()
         await bot.stop()
+
+
+LONG_FIRST = "Primera frase bastante larga para ocupar sitio. " * 4
+LONG_SECOND = "Segunda frase que el cliente nunca recibe, la del final."
+
+
+@pytest.mark.parametrize("when", ["second part dropped", "dropped before the reply is recorded"])
+async def test_a_reply_with_a_part_dropped_from_the_outbox_is_not_remembered(
+    fake_client: type[FakeNewAClient], tmp_path: Path, fake_openai: Any, when: str
+) -> None:
+    """Only the first part's id was matched: a dropped second part, or a drop that came before the reply
+    was recorded (a part still waiting for room), left the whole answer recorded as sent."""
+    from bot.app import Bot
+    from bot.config import Settings
+    from bot.governor import GovernedTransport, GovernorLimits
+    from memory.store import Direction, MessageStatus
+    from tests.conftest import inbound
+
+    fake_client.script.extend(["ok"])
+    t = transport(tmp_path, outbox_max=2)
+    governed = GovernedTransport(t, GovernorLimits(typing_chars_per_s=0))
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        data_dir=tmp_path / "data",
+        flows_file=None,
+        openai_api_key="k",
+        openai_base_url=fake_openai.base_url,
+        max_reply_chars=200,
+    )
+    bot = Bot.build(settings, governed)
+    governed.hold = bot.pipeline.takeover.is_paused
+    t.on_reply_dropped = bot.pipeline.reply_dropped
+    await bot.start()
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        client = fake_client.instances[0]
+        await client.drop()
+        if when == "dropped before the reply is recorded":
+            t._outbox.put(OTHER, "an earlier reply to another chat")  # type: ignore[union-attr]
+        question = inbound(f"{LONG_FIRST}{LONG_SECOND}", chat=CHAT)
+        governed.note_inbound(question)
+        bot.pipeline.submit(question)
+        if when == "second part dropped":
+            assert await bot.pipeline.drain(5)
+            send = client.send_message
+
+            async def then_the_owner_writes(jid: Any, message: Any) -> Any:
+                result = await send(jid, message)
+                bot.pipeline.submit(inbound("te atiendo yo", chat=CHAT, from_me=True))
+                return result
+
+            client.send_message = then_the_owner_writes  # type: ignore[method-assign]
+        else:
+            async with asyncio.timeout(5):
+                while t.stats()["outbox_pending"] < 2:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # the second part waits for room
+            bot.pipeline.submit(inbound("te atiendo yo", chat=CHAT, from_me=True))
+        await client.back()
+        assert await bot.pipeline.drain(5)
+        async with asyncio.timeout(5):
+            while t.stats()["outbox_pending"]:
+                await asyncio.sleep(0.01)
+        assert await bot.pipeline.drain(5)
+        assert all(LONG_SECOND not in text for _, text in client.sent)
+        rows = await bot.store.recent_messages(CHAT, 10)
+        replies = [r for r in rows if r.direction is Direction.OUT and r.body.startswith("echo:")]
+        assert [r.status for r in replies] == [MessageStatus.FAILED]
+
+        bot.pipeline.takeover.resume(CHAT)
+        later = inbound("¿y en azul?", chat=CHAT)
+        governed.note_inbound(later)
+        bot.pipeline.submit(later)
+        assert await bot.pipeline.drain(5)
+        history = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
+        assert not any(h.startswith("echo: Primera") for h in history), "the model was told of it"
+    finally:
+        await t.stop()
+        await bot.stop()

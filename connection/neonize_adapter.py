@@ -785,7 +785,8 @@ class NeonizeTransport:
         """Send plain text (no neonize mention/link parsing); return the sent message id.
 
         While disconnected, with an outbox, the text is queued and a provisional id returned; queued texts
-        go out first so order holds. Raises TransportError when it can be neither sent nor queued.
+        go out first so order holds; with the outbox full, waits for room. Raises TransportError when it
+        can be neither sent nor queued (no outbox).
         """
         if self._outbox is None or (self.state is ConnectionState.CONNECTED and not len(self._outbox)):
             slot = await self._pace(

@@ -152,7 +152,9 @@ async def test_advisory_holder_process_killed_frees_the_lease_at_once(
         [sys.executable, "-c", child_code], env=env, cwd=REPO, stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
-    waiter = PostgresAdvisoryLease(stack.db_url, name, holder_id="waiter", **FAST)
+    # Only the lock going with the connection can hand it over within the bound: the waiter would not
+    # call a silent holder stale before 30 s.
+    waiter = PostgresAdvisoryLease(stack.db_url, name, holder_id="waiter", **{**FAST, "stale_after_s": 30.0})
     task: asyncio.Task[None] | None = None
     try:
         assert child.stdout is not None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import warnings
 from collections import deque
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -425,34 +427,49 @@ async def test_a_full_outbox_makes_answers_wait_for_room_instead_of_failing(
         await t.stop()
 
 
-async def test_a_reply_dropped_from_the_outbox_is_not_remembered_as_sent(
-    fake_client: type[FakeNewAClient], tmp_path: Path, fake_openai: Any
-) -> None:
-    """Queued while disconnected, recorded as sent, then withheld at the reconnect because the owner took
-    the chat over: the store and the model's history kept an answer the customer never got."""
+@contextlib.asynccontextmanager
+async def bot_behind_the_outbox(
+    tmp_path: Path, fake_openai: Any, *, outbox_max: int = 500, **settings: Any
+) -> AsyncIterator[tuple[Any, NeonizeTransport, Any]]:
+    """A bot on the real transport (fake neonize client) behind the governor, wired as bot.whatsapp wires
+    it; connected. Yields (bot, transport, governed)."""
     from bot.app import Bot
     from bot.config import Settings
     from bot.governor import GovernedTransport, GovernorLimits
-    from memory.store import MessageStatus
-    from tests.conftest import inbound
 
-    fake_client.script.extend(["ok"])
-    t = transport(tmp_path)
+    t = transport(tmp_path, outbox_max=outbox_max)
     governed = GovernedTransport(t, GovernorLimits(typing_chars_per_s=0))
-    settings = Settings(  # type: ignore[call-arg]
+    config = Settings(  # type: ignore[call-arg]
         _env_file=None,
         data_dir=tmp_path / "data",
         flows_file=None,
         openai_api_key="k",
         openai_base_url=fake_openai.base_url,
+        **settings,
     )
-    bot = Bot.build(settings, governed)
+    bot = Bot.build(config, governed)
     governed.hold = bot.pipeline.takeover.is_paused
-    t.on_reply_dropped = bot.pipeline.reply_dropped  # as bot.whatsapp wires it
+    t.on_reply_dropped = bot.pipeline.reply_dropped
     await bot.start()
     await t.start()
     try:
         await wait_state(t, ConnectionState.CONNECTED)
+        yield bot, t, governed
+    finally:
+        await t.stop()
+        await bot.stop()
+
+
+async def test_a_reply_dropped_from_the_outbox_is_not_remembered_as_sent(
+    fake_client: type[FakeNewAClient], tmp_path: Path, fake_openai: Any
+) -> None:
+    """Queued while disconnected, recorded as sent, then withheld at the reconnect because the owner took
+    the chat over: the store and the model's history kept an answer the customer never got."""
+    from memory.store import MessageStatus
+    from tests.conftest import inbound
+
+    fake_client.script.extend(["ok"])
+    async with bot_behind_the_outbox(tmp_path, fake_openai) as (bot, t, governed):
         client = fake_client.instances[0]
         await client.drop()
         question = inbound("¿tenéis talla M?", chat=CHAT)
@@ -479,9 +496,6 @@ async def test_a_reply_dropped_from_the_outbox_is_not_remembered_as_sent(
         history = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
         assert "echo: ¿tenéis talla M?" not in history, "the model was told of an answer nobody got"
         assert "te atiendo yo" in history  # what the human said is kept
-    finally:
-        await t.stop()
-        await bot.stop()
 
 
 LONG_FIRST = "Primera frase bastante larga para ocupar sitio. " * 4
@@ -494,30 +508,15 @@ async def test_a_reply_with_a_part_dropped_from_the_outbox_is_not_remembered(
 ) -> None:
     """Only the first part's id was matched: a dropped second part, or a drop that came before the reply
     was recorded (a part still waiting for room), left the whole answer recorded as sent."""
-    from bot.app import Bot
-    from bot.config import Settings
-    from bot.governor import GovernedTransport, GovernorLimits
     from memory.store import Direction, MessageStatus
     from tests.conftest import inbound
 
     fake_client.script.extend(["ok"])
-    t = transport(tmp_path, outbox_max=2)
-    governed = GovernedTransport(t, GovernorLimits(typing_chars_per_s=0))
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        data_dir=tmp_path / "data",
-        flows_file=None,
-        openai_api_key="k",
-        openai_base_url=fake_openai.base_url,
-        max_reply_chars=200,
-    )
-    bot = Bot.build(settings, governed)
-    governed.hold = bot.pipeline.takeover.is_paused
-    t.on_reply_dropped = bot.pipeline.reply_dropped
-    await bot.start()
-    await t.start()
-    try:
-        await wait_state(t, ConnectionState.CONNECTED)
+    async with bot_behind_the_outbox(tmp_path, fake_openai, outbox_max=2, max_reply_chars=200) as (
+        bot,
+        t,
+        governed,
+    ):
         client = fake_client.instances[0]
         await client.drop()
         if when == "dropped before the reply is recorded":
@@ -559,6 +558,3 @@ async def test_a_reply_with_a_part_dropped_from_the_outbox_is_not_remembered(
         assert await bot.pipeline.drain(5)
         history = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
         assert not any(h.startswith("echo: Primera") for h in history), "the model was told of it"
-    finally:
-        await t.stop()
-        await bot.stop()

@@ -60,6 +60,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+async def start_run(tmp_path: Path) -> tuple[asyncio.Task[int], FakeNeonize]:
+    """`run_whatsapp` on the embedded defaults, up: the lease held and recovery done."""
+    FakeNeonize.instance = None
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, data_dir=tmp_path, flows_file=None, port=free_port(), wa_typing_chars_per_s=0
+    )
+    run = asyncio.create_task(whatsapp.run_whatsapp(settings))
+    while FakeNeonize.instance is None:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)
+    return run, FakeNeonize.instance
+
+
 @pytest.mark.timeout(60)
 async def test_the_store_is_closed_before_the_session_lease_is_released(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -76,15 +89,8 @@ async def test_the_store_is_closed_before_the_session_lease_is_released(
         events.append("store closed")
 
     monkeypatch.setattr(whatsapp.Bot, "stop", stop_and_note)
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, data_dir=tmp_path, flows_file=None, port=free_port(), wa_typing_chars_per_s=0
-    )
-    run = asyncio.create_task(whatsapp.run_whatsapp(settings))
     async with asyncio.timeout(20):
-        while FakeNeonize.instance is None:
-            await asyncio.sleep(0.01)
-        transport = FakeNeonize.instance
-        await asyncio.sleep(0.3)  # the lease is held and recovery done
+        run, transport = await start_run(tmp_path)
         transport.on_inbound(
             Inbound(MessageId("M1"), ChatId(CHAT), CHAT, MessageKind.TEXT, "hola", time.time())
         )
@@ -138,17 +144,10 @@ async def test_a_stop_with_every_step_stuck_keeps_to_its_budget_and_still_releas
     monkeypatch.setattr(neonize_adapter, "NeonizeTransport", StuckNeonize)
     monkeypatch.setattr(whatsapp, "make_lease", lambda *a, **k: RecordingLease(events))
     monkeypatch.setattr(whatsapp, "STOP_BUDGET_S", 3.0)
-    FakeNeonize.instance = None
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, data_dir=tmp_path, flows_file=None, port=free_port(), wa_typing_chars_per_s=0
-    )
-    run = asyncio.create_task(whatsapp.run_whatsapp(settings))
     async with asyncio.timeout(20):
-        while FakeNeonize.instance is None:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.3)
+        run, transport = await start_run(tmp_path)
         hola = Inbound(MessageId("M1"), ChatId(CHAT), CHAT, MessageKind.TEXT, "hola", time.time())
-        FakeNeonize.instance.on_inbound(hola)  # its answer's send hangs
+        transport.on_inbound(hola)  # its answer's send hangs
         me = "34699999999@s.whatsapp.net"
         status = Inbound(
             MessageId("M2"),
@@ -160,7 +159,7 @@ async def test_a_stop_with_every_step_stuck_keeps_to_its_budget_and_still_releas
             from_me=True,
             is_self_chat=True,
         )
-        FakeNeonize.instance.on_inbound(status)  # the owner's answer (a side task) hangs as well
+        transport.on_inbound(status)  # the owner's answer (a side task) hangs as well
         await asyncio.sleep(0.2)
         started = time.monotonic()
         os.kill(os.getpid(), signal.SIGTERM)

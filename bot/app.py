@@ -85,6 +85,7 @@ class Bot:
     _pause_writer: asyncio.Task[None] | None = None
     _pause_notes: deque[tuple[str, float | None]] = field(default_factory=deque)
     _pause_wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _saving_pauses: bool = False  # stopping: the pause writer retries quickly
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
@@ -236,10 +237,13 @@ class Bot:
             try:
                 await self.store.set_pause(chat, until)
             except StoreUnavailable as error:
-                logger.warning("a pause is not saved yet (retrying in 5 s): {}", error)
+                # Every 5 s; while stopping (save_pauses waits), every 0.25 s: a store that writes again
+                # a moment later must still get the changes before the lease goes.
+                retry_s = 0.25 if self._saving_pauses else 5.0
+                logger.warning("a pause is not saved yet (retrying in {:g} s): {}", retry_s, error)
                 if not self._pause_wake.is_set():  # stop() may have asked for a last try already
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(5.0):
+                        async with asyncio.timeout(retry_s):
                             await self._pause_wake.wait()
                 self._pause_wake.clear()
                 continue
@@ -254,6 +258,7 @@ class Bot:
         writer = self._pause_writer
         if writer is None or writer.done():
             return
+        self._saving_pauses = True
         self._pause_wake.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(writer), timeout)

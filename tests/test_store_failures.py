@@ -329,3 +329,45 @@ async def test_a_chat_with_messages_in_the_store_keeps_its_order_when_writes_sta
         await room_again(h.bot.store)
         assert await h.bot.pipeline.drain(20)
     assert h.transport.texts_to(CHAT) == ["echo: q10", "echo: q11", "echo: q12"]
+
+
+async def test_pause_changes_made_while_the_disk_was_full_are_saved_at_a_stop_soon_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pause writer retried every 5 s: a stop less than that after the disk had room again gave up
+    on the changes, and after the restart the bot answered every chat the owner had paused."""
+    import time
+
+    from bot.app import Bot
+    from bot.config import Settings
+    from connection.loopback import LoopbackTransport
+    from connection.types import ChatId
+    from memory.store import Direction, StoredMessage
+    from tests.fake_openai import InstantModel
+
+    monkeypatch.setattr("memory.sqlite_store.RETRY_AFTER_S", 1.0)
+    me, other = "34699999999@s.whatsapp.net", "34600333444@s.whatsapp.net"
+    settings = Settings(_env_file=None, data_dir=tmp_path, flows_file=None)  # type: ignore[call-arg]
+    bot = Bot.build(settings, LoopbackTransport(owner_chat=ChatId(me)))
+    await bot.start()
+    await full_disk(bot.store)
+    big = StoredMessage("BIG", other, Direction.IN, "text", "x" * 200_000, MessageStatus.SKIPPED, time.time())
+    bot.store.add_message(big)  # needs a page: the store is now failing
+    await asyncio.sleep(0.1)
+    bot.pipeline.submit(inbound("ya te atiendo yo", chat=CHAT, from_me=True))  # the owner takes A over
+    bot.pipeline.submit(inbound("!bot pause", chat=me, from_me=True, is_self_chat=True))  # and every chat
+    await asyncio.sleep(0.3)
+    await room_again(bot.store)
+    await asyncio.sleep(0.2)  # the store's own retry has not come yet: a SIGTERM now
+    await bot.stop()
+
+    transport = LoopbackTransport(owner_chat=ChatId(me))
+    bot = Bot.build(settings, transport)
+    bot.model = bot.pipeline.responder.model = InstantModel()
+    await bot.start()
+    try:
+        bot.pipeline.submit(inbound("hola", chat=other))
+        assert await bot.pipeline.drain(5)
+        assert transport.texts_to(other) == [], "the bot talked in a chat the owner had paused"
+    finally:
+        await bot.stop()

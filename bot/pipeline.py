@@ -36,7 +36,15 @@ from connection.types import (
     TransportError,
 )
 from memory.history import ChatHistory
-from memory.store import Direction, MessageStatus, Store, StoredMessage, StoreUnavailable, db_text
+from memory.store import (
+    Direction,
+    MessageStatus,
+    Store,
+    StoredMessage,
+    StoreUnavailable,
+    StoreWriteKept,
+    db_text,
+)
 
 GroupPolicy = Literal["never", "mentioned", "always"]
 # WhatsApp messages one answer may take (15,000 characters with the default MAX_REPLY_CHARS).
@@ -342,8 +350,11 @@ class Pipeline:
         asyncio.ensure_future(persisted).add_done_callback(self._spill_written)
 
     def _spill_written(self, write: asyncio.Future[None]) -> None:
-        if not write.cancelled() and write.exception() is not None:
-            logger.error("a waiting message could not be saved: {}", write.exception())
+        if not write.cancelled() and (error := write.exception()) is not None:
+            if isinstance(error, StoreWriteKept):  # the store retries it, and logs the outage once
+                logger.debug("a waiting message is saved later: {}", error)
+            else:
+                logger.error("a waiting message could not be saved: {}", error)
 
     def _maybe_refill(self) -> None:
         if (
@@ -811,9 +822,12 @@ class Pipeline:
 
     def _reply_written(self, write: asyncio.Future[None], answered_id: str) -> None:
         self._reply_writes.discard(write)
-        if not write.cancelled() and write.exception() is not None:
+        if not write.cancelled() and (error := write.exception()) is not None:
             self._note_unrecorded(answered_id)
-            logger.error("a reply was sent but could not be recorded: {}", write.exception())
+            if isinstance(error, StoreWriteKept):  # the store retries it, and logs the outage once
+                logger.debug("a reply is recorded later: {}", error)
+            else:
+                logger.error("a reply was sent but could not be recorded: {}", error)
 
     async def _typing(self, chat: ChatId, on: bool) -> None:
         try:

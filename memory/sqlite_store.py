@@ -27,6 +27,7 @@ from memory.store import (
     MessageStatus,
     StoredMessage,
     StoreUnavailable,
+    StoreWriteKept,
     connect_wal,
     db_text,
     message_from_row,
@@ -244,7 +245,7 @@ class SQLiteStore:
         self._wakeup.set()
         if self._failing_since is not None and not wait_for_retry:
             failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            _fail(failed, StoreUnavailable(f"{self._last_failure} (kept for a retry)"))
+            _fail(failed, StoreWriteKept(f"{self._last_failure} (kept for a retry)"))
             return failed
         if self._batch_done is None or self._batch_done.done():
             self._batch_done = asyncio.get_running_loop().create_future()
@@ -317,6 +318,7 @@ class SQLiteStore:
                 _fail(done, StoreUnavailable("sqlite store closed"))
                 raise
             except Exception as error:  # a failed batch fails its callers, never the loop
+                dropped_before = self.dropped
                 kept = self._keep_for_retry(batch)
                 if self._failing_since is None or str(error) != self._last_failure:
                     logger.error(
@@ -327,7 +329,8 @@ class SQLiteStore:
                     )
                 self._failing_since = self._failing_since or time.monotonic()
                 self._last_failure = str(error)
-                _fail(done, StoreUnavailable(str(error)))
+                dropped_any = self.dropped != dropped_before
+                _fail(done, (StoreUnavailable if dropped_any else StoreWriteKept)(str(error)))
                 self._wakeup.set()  # the kept operations are tried again after the pause above
                 continue
             finally:

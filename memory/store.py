@@ -131,6 +131,10 @@ class StoreUnavailable(Exception):
     """The database cannot be reached; callers fall back or retry."""
 
 
+class StoreWriteKept(StoreUnavailable):
+    """The database cannot write now; the write is kept and the store retries it (it logs the outage)."""
+
+
 class Store(Protocol):
     async def open(self) -> None: ...
 

@@ -271,7 +271,9 @@ async def test_an_outage_is_one_error_line_however_many_retries(harness, fake_op
     from loguru import logger
 
     lines: list[str] = []
+    errors: list[str] = []
     sink = logger.add(lambda m: lines.append(m.record["message"]), level="WARNING")
+    error_sink = logger.add(lambda m: errors.append(m.record["message"]), level="ERROR")
     try:
         async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
             await h.say(inbound("primero", id="FIRST"))
@@ -283,8 +285,11 @@ async def test_an_outage_is_one_error_line_however_many_retries(harness, fake_op
             await h.bot.store.flush()
     finally:
         logger.remove(sink)
+        logger.remove(error_sink)
     assert len([line for line in lines if line.startswith("sqlite cannot write")]) == 1
     assert len([line for line in lines if line.startswith("sqlite writes again")]) == 1
+    # Not one more ERROR per reply kept for the retry ("a reply was sent but could not be recorded").
+    assert [line for line in errors if not line.startswith("sqlite cannot write")] == []
 
 
 async def test_running_pauses_are_read_even_when_the_database_cannot_write(tmp_path) -> None:

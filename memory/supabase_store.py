@@ -48,6 +48,7 @@ from memory.store import (
     MessageStatus,
     StoredMessage,
     StoreUnavailable,
+    StoreWriteKept,
     apply_pause,
     db_text,
     queue_pause_change,
@@ -57,6 +58,8 @@ T = TypeVar("T")
 
 JOURNAL_FILE = "supabase-journal.sqlite3"
 PAGE = 1000  # Supabase's default max rows per response
+JOURNAL_RETRY_S = 2.0  # while the journal file cannot be written (a full disk): how often to try again
+MAX_KEPT_FOR_RETRY = 10_000  # operations kept in memory meanwhile; the oldest go first past this
 _SELECT = "wa_message_id,chat_id,direction,kind,body,status,created_at"
 _MAX_IN_CHARS = 3000  # ids per `in.(...)` filter, so the URL stays far below gateways' 8 KB line limits
 _UNREACHABLE = (APIError, httpx.HTTPError)
@@ -286,6 +289,8 @@ class SupabaseStore:
         self._acked_seq = 0  # every operation up to this one is in Supabase
         self._gen = 0  # bumped by every write: a read that raced one does not fill memory
         self._degraded = False
+        self._journal_failing: str | None = None  # the journal file's last write error, while failing
+        self.dropped = 0  # operations dropped while the journal file could not write (past the bound)
         self._pause_lock = asyncio.Lock()  # pause changes, their journal copies and reads, one at a time
         self._flows: list[Flow] | None = None
         self._flows_at = 0.0
@@ -358,12 +363,16 @@ class SupabaseStore:
     # -- writes: into the journal (group commit) -------------------------------------------------------
 
     def _enqueue(self, ops: list[Op]) -> asyncio.Future[None]:
-        """Queue operations for the journal; the future resolves once they are committed there."""
+        """Queue operations for the journal; the future resolves once they are committed there. While the
+        journal file cannot be written (a full disk), they are kept for its retry and the caller learns at
+        once (StoreWriteKept), as with the SQLite store."""
         if not self._tasks:
             raise StoreUnavailable("supabase store is not open")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((ops, future))
         self._queued.set()
+        if self._journal_failing is not None and ops:  # an empty list is flush() waiting: it waits on
+            future.set_exception(StoreWriteKept(f"{self._journal_failing} (kept for a retry)"))
         return future
 
     def add_message(self, message: StoredMessage) -> asyncio.Future[None]:
@@ -394,18 +403,18 @@ class SupabaseStore:
             self._queued.clear()
             if not self._queue:
                 continue
+            if self._journal_failing is not None:  # retried every JOURNAL_RETRY_S, not at every write
+                await asyncio.sleep(JOURNAL_RETRY_S)
             batch, self._queue = self._queue, []
             ops = [op for caller_ops, _ in batch for op in caller_ops]
             try:
                 outcomes = await self._local(self.journal.append, ops) if ops else []
-            except Exception as error:  # a failed commit fails its callers, never the loop
-                logger.error("supabase journal write of {} operations failed: {}", len(ops), error)
-                self._gen += 1
-                self._memory.clear()  # it already shows those writes
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(StoreUnavailable(str(error)))
+            except Exception as error:  # a failed commit is kept for a retry; it never ends the loop
+                self._keep_for_retry(batch, error)
                 continue
+            if self._journal_failing is not None:
+                logger.warning("supabase journal writes again")
+                self._journal_failing = None
             self._last_seq = self.journal.last_seq
             if Outcome.JOURNALED in outcomes:
                 self._work.set()
@@ -581,6 +590,28 @@ class SupabaseStore:
     def _pulse(self) -> None:
         self._progress.set()
         self._progress = asyncio.Event()
+
+    def _keep_for_retry(self, batch: list[tuple[list[Op], asyncio.Future[None]]], error: Exception) -> None:
+        """Put a batch the journal file could not take back in front of the queue (its operations are
+        idempotent), keeping the newest MAX_KEPT_FOR_RETRY; its callers learn now (StoreWriteKept)."""
+        if self._journal_failing != str(error):  # one ERROR per outage, not per retry
+            logger.error("supabase journal cannot write ({}): operations kept, retried", error)
+        self._journal_failing = str(error)
+        kept = batch + self._queue
+        dropped = 0
+        while sum(len(ops) for ops, _ in kept) > MAX_KEPT_FOR_RETRY and len(kept) > 1:
+            ops, future = kept.pop(0)
+            dropped += len(ops)
+            if not future.done():
+                future.set_exception(StoreUnavailable(f"journal: {error} (dropped)"))
+        if dropped:
+            self.dropped += dropped
+            logger.error("supabase journal: {} unwritten operations dropped (kept the newest)", dropped)
+        self._queue = kept
+        for ops, future in batch:
+            if ops and not future.done():  # flush() (no operations) waits for the retry instead
+                future.set_exception(StoreWriteKept(f"journal: {error} (kept for a retry)"))
+        self._queued.set()
 
     def _set_degraded(self, error: BaseException) -> None:
         self.last_error = _describe(error)

@@ -717,3 +717,89 @@ async def test_a_takeover_after_a_resume_all_during_an_outage_survives_a_restart
         assert transport.texts_to(ChatId(customer)) == []
     finally:
         await bot.stop()
+
+
+async def fill_the_journal_disk(store: SupabaseStore, full: bool) -> None:
+    """Let the journal file grow no more and use up its free pages, also those of the tables a write
+    touches: its next write fails with SQLITE_FULL. `full=False` gives the room back."""
+
+    def fill(sql: str, rows: Iterator[tuple[Any, ...]]) -> None:
+        for row in rows:
+            try:
+                store.journal.conn.execute(sql, row)
+            except Exception:
+                return
+
+    def run() -> None:
+        conn = store.journal.conn
+        if not full:
+            conn.execute("PRAGMA max_page_count = 1073741823")
+            conn.execute("DELETE FROM kv WHERE key LIKE 'filler%'")
+            conn.execute("DELETE FROM journal WHERE kind = 'stale' AND payload = '0' AND queued_at = 0")
+            conn.execute("DELETE FROM mirror WHERE chat_id = 'filler'")
+            return
+        conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+        n = itertools.count()
+        for size in (2000, 300, 20):
+            fill("INSERT INTO kv VALUES (?, ?)", ((f"filler{next(n)}", "x" * size) for _ in range(20_000)))
+        fill(
+            "INSERT INTO journal (kind, payload, queued_at) VALUES ('stale', '0', 0)",
+            (() for _ in range(20_000)),
+        )
+        fill(
+            "INSERT INTO mirror VALUES (?, 'filler', 'in', 't', '', 'skipped', 0)",
+            ((f"filler{next(n)}",) for _ in range(20_000)),
+        )
+
+    await store._local(run)
+
+
+async def test_a_full_disk_under_the_journal_keeps_the_reply_for_a_retry(
+    db: SupabaseStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Supabase was up, the volume full for a moment as a reply was recorded: the journal write failed and
+    was dropped, Supabase never learnt the message was answered, and the next start answered it again."""
+    from memory import supabase_store
+    from tests.fake_openai import InstantModel
+
+    monkeypatch.setattr(supabase_store, "JOURNAL_RETRY_S", 0.1)
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data", flows_file=None)  # type: ignore[call-arg]
+    transport = LoopbackTransport()
+    gate = asyncio.Event()
+
+    def build() -> Bot:
+        bot = Bot.build(settings, transport, store=make_store(db.url, db.key, tmp_path / "data"))
+        model = InstantModel()
+        answer = model._call
+
+        async def when_let(messages: list[dict[str, Any]]) -> str:
+            await gate.wait()
+            return await answer(messages)
+
+        model._call = when_let  # type: ignore[method-assign]
+        bot.model = bot.pipeline.responder.model = model
+        return bot
+
+    try:
+        bot = build()
+        await bot.start()
+        chat = CHATS[0]
+        bot.pipeline.submit(
+            Inbound(MessageId("DISK1"), ChatId(chat), chat, MessageKind.TEXT, "hola", time.time())
+        )
+        assert await bot.store.flush(5)  # the question is in Supabase, 'received'
+        await fill_the_journal_disk(bot.store, True)
+        gate.set()
+        assert await bot.pipeline.drain(5)  # answered; its reply cannot be journaled for now
+        await fill_the_journal_disk(bot.store, False)
+        assert await bot.store.flush(5)
+        assert db.query("select status from chat_history where wa_message_id = 'DISK1'") == [("answered",)]
+        await bot.stop()
+        bot = build()  # a deploy
+        await bot.start()
+        await bot.recover()
+        assert await bot.pipeline.drain(5)
+        await bot.stop()
+        assert transport.texts_to(ChatId(chat)) == ["ok: hola"], "answered twice"
+    finally:
+        db.psql("truncate chat_history;")

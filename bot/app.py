@@ -8,7 +8,7 @@ import shutil
 import signal
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +30,7 @@ from memory.cache import TTLCache
 from memory.history import ChatHistory
 from memory.manager import MemoryManager, MemoryState
 from memory.sqlite_store import SQLiteStore
-from memory.store import Flow, Store, StoreUnavailable, apply_pause, queue_pause_change
+from memory.store import Flow, Store, StoredMessage, StoreUnavailable, apply_pause, queue_pause_change
 
 
 def read_flows_file(settings: Settings) -> list[Flow]:
@@ -61,6 +61,9 @@ def make_store(settings: Settings) -> Store:
             retention_days=settings.retention_days,
         )
     return SQLiteStore(settings.store_path, retention_days=settings.retention_days)
+
+
+_PAGE = 1000  # rows per read when counting what recovery leaves in the store
 
 
 @dataclass
@@ -332,12 +335,18 @@ class Bot:
             stale = 0
         # At most what may wait in memory; the rest is read back as the queue empties, like a spill.
         limit = self.pipeline.max_waiting
+        rest: Counter[str] | None = None  # chats with messages left in the store, and how many each
         try:
             pending = await self.store.unanswered_inbound(fresh_since, limit=limit)
         except StoreUnavailable:  # Supabase down: what the local journal knows, in one go
-            pending = (await self.store.unanswered_inbound(fresh_since))[:limit]
+            everything = await self.store.unanswered_inbound(fresh_since)
+            pending, rest = everything[:limit], Counter(row.chat_id for row in everything[limit:])
         if len(pending) == limit:
-            self.pipeline.resume_rest_from_store(fresh_since)
+            if rest is None:
+                rest = await self._count_the_rest(pending)
+            # Known to the pipeline, so a new message of those chats waits behind them even while the
+            # store cannot take it (it would be answered first otherwise).
+            self.pipeline.resume_rest_from_store(fresh_since, rest)
         resumed = 0
         for stored in pending:
             inbound = inbound_from_stored(stored)
@@ -351,6 +360,32 @@ class Bot:
                 resumed,
                 stale,
             )
+
+    async def _count_the_rest(self, first: list[StoredMessage]) -> Counter[str]:
+        """The chats of the unanswered messages after `first` (oldest first), page by page: counted, not
+        held, since there may be more than memory should take."""
+        counts: Counter[str] = Counter()
+        cursor = first[-1].created_at
+        at_cursor = {row.wa_message_id for row in first if row.created_at == cursor}  # counted already
+        size = _PAGE
+        try:
+            while True:
+                page = await self.store.unanswered_inbound(cursor, limit=size)
+                new = [row for row in page if row.wa_message_id not in at_cursor]
+                counts.update(row.chat_id for row in new)
+                at_cursor.update(row.wa_message_id for row in new)
+                if len(page) < size:
+                    return counts
+                if not new:  # a whole page of rows at one instant: read more at once
+                    size *= 2
+                    continue
+                last = page[-1].created_at
+                if last != cursor:
+                    at_cursor = {row.wa_message_id for row in page if row.created_at == last}
+                cursor = last
+        except StoreUnavailable as error:
+            logger.warning("could not count the messages left in the store: {}", error)
+            return counts
 
     async def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()

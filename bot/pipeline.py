@@ -13,7 +13,7 @@ import contextlib
 import re
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, Protocol
 
@@ -440,11 +440,16 @@ class Pipeline:
 
         self._spawn(mark())
 
-    def resume_rest_from_store(self, since: float) -> None:
+    def resume_rest_from_store(self, since: float, chats: Mapping[str, int] | None = None) -> None:
         """Recovery found more unanswered messages than may wait in memory: the rest, from `since` on,
-        are read back like spilled ones as the queue empties."""
+        are read back like spilled ones as the queue empties. `chats`: how many of them each chat has."""
         self._spilled, self._spill_since = True, since
         self._spill_seq += 1
+        now = time.monotonic()
+        for chat, count in (chats or {}).items():
+            waited, before = self._spilled_chats.get(ChatId(chat), (now, 0))
+            if before or len(self._spilled_chats) < 50_000:  # the bound _spill keeps
+                self._spilled_chats[ChatId(chat)] = (waited, before + count)
 
     def _unspill_chat(self, chat: ChatId) -> None:
         since, count = self._spilled_chats.pop(chat, (0.0, 0))

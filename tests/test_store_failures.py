@@ -376,3 +376,62 @@ async def test_pause_changes_made_while_the_disk_was_full_are_saved_at_a_stop_so
         assert transport.texts_to(other) == [], "the bot talked in a chat the owner had paused"
     finally:
         await bot.stop()
+
+
+@pytest.mark.parametrize("page", [1000, 2])  # 2: the count of the rest goes page by page, ties included
+async def test_after_a_large_recovery_a_new_message_waits_behind_its_chats_older_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, page: int
+) -> None:
+    """Recovery left the messages past MAX_WAITING_MESSAGES in the store without telling which chats they
+    belong to: with the store unable to write, a new message of such a chat was answered before them."""
+    import time
+
+    from bot import app
+    from bot.app import Bot
+    from bot.config import Settings
+    from connection.loopback import LoopbackTransport
+    from memory.sqlite_store import SQLiteStore
+    from memory.store import Direction, StoredMessage
+    from tests.fake_openai import InstantModel
+
+    monkeypatch.setattr(app, "_PAGE", page)
+    monkeypatch.setattr("memory.sqlite_store.RETRY_AFTER_S", 1.0)
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, data_dir=tmp_path, flows_file=None, max_waiting_messages=10
+    )
+    store = SQLiteStore(settings.store_path)
+    await store.open()
+    now = time.time()
+    for i in range(15):  # what a crash left: 15 unanswered messages of one chat, two by two in a second
+        at = now - 60 + i // 2
+        await store.add_message(
+            StoredMessage(f"OLD{i:02d}", CHAT, Direction.IN, "text", f"old {i}", MessageStatus.RECEIVED, at)
+        )
+    await store.close()
+
+    transport = LoopbackTransport()
+    bot = Bot.build(settings, transport)
+    model = InstantModel()
+    gate = asyncio.Event()
+    answer = model._call
+
+    async def when_let(messages: list[dict[str, object]]) -> str:
+        await gate.wait()
+        return await answer(messages)
+
+    model._call = when_let  # type: ignore[method-assign]
+    bot.model = bot.pipeline.responder.model = model
+    await bot.start()  # recovery: 10 wait in memory, 5 in the store
+    await full_disk(bot.store)
+    big = StoredMessage(
+        "BIG", "x@s.whatsapp.net", Direction.IN, "text", "x" * 200_000, MessageStatus.SKIPPED, now
+    )
+    bot.store.add_message(big)
+    await asyncio.sleep(0.1)
+    assert bot.store.writes_failing
+    bot.pipeline.submit(inbound("new", chat=CHAT))
+    await room_again(bot.store)
+    gate.set()
+    assert await bot.pipeline.drain(15)
+    await bot.stop()
+    assert transport.texts_to(CHAT) == [f"ok: old {i}" for i in range(15)] + ["ok: new"]

@@ -266,7 +266,13 @@ class Bot:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(writer), timeout)
         if not writer.done():
-            logger.error("{} pause change(s) not saved before stopping", len(self._pause_changes))
+            if getattr(self.store, "sends_unsent_pauses_later", False):  # in its journal file: not lost
+                logger.warning(
+                    "{} pause change(s) not in the database yet; sent at the next start",
+                    len(self._pause_changes),
+                )
+            else:
+                logger.error("{} pause change(s) not saved before stopping", len(self._pause_changes))
             writer.cancel()
 
     def _warn_missing_tools(self) -> None:

@@ -239,6 +239,8 @@ class _Memory:
 
 
 class SupabaseStore:
+    sends_unsent_pauses_later = True  # note_pause keeps them in the journal file (see pauses())
+
     def __init__(
         self,
         url: str,

@@ -30,7 +30,17 @@ from memory.cache import TTLCache
 from memory.history import ChatHistory
 from memory.manager import MemoryManager, MemoryState
 from memory.sqlite_store import SQLiteStore
-from memory.store import Flow, Store, StoredMessage, StoreUnavailable, apply_pause, queue_pause_change
+from memory.store import (
+    BUSY_KIND,
+    Direction,
+    Flow,
+    MessageStatus,
+    Store,
+    StoredMessage,
+    StoreUnavailable,
+    apply_pause,
+    queue_pause_change,
+)
 
 
 def read_flows_file(settings: Settings) -> list[Flow]:
@@ -64,6 +74,7 @@ def make_store(settings: Settings) -> Store:
 
 
 _PAGE = 1000  # rows per read when counting what recovery leaves in the store
+PROMISE_KEPT_S = 24 * 3600.0  # a chat told "busy, I will answer shortly" is answered at a restart this long
 
 
 @dataclass
@@ -334,11 +345,16 @@ class Bot:
         await self._restore_pauses()  # first: a message in a chat the owner has is not answered
         window = self.settings.recovery_window_minutes * 60
         fresh_since = time.time() - window if window else 0.0  # 0: no window, as for a live backlog
+        promised = await self._promised(fresh_since)  # before the window's cut, which skips them
         try:
             stale = await self.store.mark_stale(fresh_since)
         except StoreUnavailable as error:  # e.g. a full journal during an outage: start all the same
             logger.warning("could not mark old unanswered messages skipped: {}", error)
             stale = 0
+        for row in promised:  # not skipped after all: a second crash before the answer finds them again
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.set_status(row.wa_message_id, MessageStatus.RECEIVED)
+        stale = max(0, stale - len(promised))
         # At most what may wait in memory; the rest is read back as the queue empties, like a spill.
         limit = self.pipeline.max_waiting
         rest: Counter[str] | None = None  # chats with messages left in the store, and how many each
@@ -354,7 +370,7 @@ class Bot:
             # store cannot take it (it would be answered first otherwise).
             self.pipeline.resume_rest_from_store(fresh_since, rest)
         resumed = 0
-        for stored in pending:
+        for stored in [*promised, *pending]:  # the promised ones are older: first
             inbound = inbound_from_stored(stored)
             note_inbound = getattr(self.transport, "note_inbound", None)
             if note_inbound is not None:  # the governor forgot at restart that this chat wrote to us
@@ -366,6 +382,31 @@ class Bot:
                 resumed,
                 stale,
             )
+
+    async def _promised(self, fresh_since: float) -> list[StoredMessage]:
+        """Unanswered messages older than the recovery window in chats the bot told "busy, I will answer
+        shortly" after them (a crash under memory pressure, say): a promise is kept whatever the window,
+        up to PROMISE_KEPT_S. Bounded: the oldest MAX_WAITING_MESSAGES, in at most 200 chats."""
+        if not fresh_since:
+            return []  # no window: every unanswered message is answered anyway
+        try:
+            old = await self.store.unanswered_inbound(
+                fresh_since - PROMISE_KEPT_S, limit=self.pipeline.max_waiting
+            )
+            by_chat: dict[str, list[StoredMessage]] = {}
+            for row in old:
+                if row.created_at < fresh_since:
+                    by_chat.setdefault(row.chat_id, []).append(row)
+            kept: list[StoredMessage] = []
+            for chat, rows in list(by_chat.items())[:200]:
+                history = await self.store.recent_messages(chat, 50)
+                told = [m.created_at for m in history if m.direction is Direction.OUT and m.kind == BUSY_KIND]
+                if told and max(told) >= rows[0].created_at:
+                    kept.extend(rows)
+        except StoreUnavailable as error:
+            logger.warning("could not look for promised answers: {}", error)
+            return []
+        return sorted(kept, key=lambda row: row.created_at)
 
     async def _count_the_rest(self, first: list[StoredMessage]) -> Counter[str]:
         """The chats of the unanswered messages after `first` (oldest first), page by page: counted, not

@@ -37,6 +37,7 @@ from connection.types import (
 )
 from memory.history import ChatHistory
 from memory.store import (
+    BUSY_KIND,
     Direction,
     MessageStatus,
     Store,
@@ -550,6 +551,22 @@ class Pipeline:
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         self._background.spawn(coroutine, "pipeline-side-work")
 
+    async def _promise(self, chat: ChatId) -> None:
+        """Tell a waiting chat its answer is coming, and keep the promise in its history (kind BUSY_KIND,
+        left out of the model's context): recovery answers what it promised whatever the window."""
+        text = reply("busy", self.language)
+        try:
+            sent_id = await self.transport.send_text(chat, text)
+        except Exception as error:
+            logger.warning("could not send a notice: {}", error)
+            return
+        self.takeover.note_sent(sent_id)
+        row = StoredMessage(sent_id, chat, Direction.OUT, BUSY_KIND, text, MessageStatus.SENT, self.clock())
+        try:
+            await self.store.add_message(row)  # not in the history in memory: the model never sees it
+        except StoreUnavailable as error:
+            logger.debug("busy notice to {} not saved yet: {}", chat, error)
+
     async def _send_notice(self, chat: ChatId, text: str) -> None:
         try:
             self.takeover.note_sent(await self.transport.send_text(chat, text))
@@ -867,7 +884,7 @@ class Pipeline:
             for chat, since in waiting:
                 if since <= bound and chat not in self._told_busy:
                     self._told_busy.add(chat)
-                    self._spawn(self._send_notice(chat, reply("busy", self.language)))
+                    self._spawn(self._promise(chat))
 
     # -- lifecycle --------------------------------------------------------------------------------
 

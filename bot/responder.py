@@ -14,7 +14,7 @@ from bot.ai import AIError, ChatModel
 from bot.flows import FlowMatcher
 from bot.replies import Language, reply
 from memory.cache import TTLCache
-from memory.store import Direction, MessageStatus, StoredMessage
+from memory.store import BUSY_KIND, Direction, MessageStatus, StoredMessage
 
 
 class Source(enum.StrEnum):
@@ -39,8 +39,9 @@ def build_messages(system_prompt: str, history: Sequence[StoredMessage], text: s
     """System prompt, the chat's recent turns (user and bot alike), then the new message."""
     messages = [{"role": "system", "content": system_prompt}]
     for turn in history:
-        if turn.direction is Direction.OUT and turn.status is MessageStatus.FAILED:
-            continue  # a reply that never reached the customer (dropped from the outbox)
+        never_got = turn.status is MessageStatus.FAILED  # dropped from the outbox
+        if turn.direction is Direction.OUT and (never_got or turn.kind == BUSY_KIND):
+            continue  # not a turn of the conversation: a reply the customer never got, or a busy notice
         role = "user" if turn.direction is Direction.IN else "assistant"
         if turn.body:
             messages.append({"role": role, "content": turn.body})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from memory.store import Store, StoredMessage
+from memory.store import BUSY_KIND, Store, StoredMessage
 
 
 class ChatHistory:
@@ -48,7 +48,8 @@ class ChatHistory:
             ids = [row.wa_message_id for row in rows]
             if current.wa_message_id in ids:
                 rows = rows[: ids.index(current.wa_message_id)]
-            rows = [row for row in rows if row.created_at <= current.created_at]
+            # A "busy" notice is not a turn of the conversation: it would take one of the `depth` places.
+            rows = [row for row in rows if row.created_at <= current.created_at and row.kind != BUSY_KIND]
             cached = deque([*rows, current], maxlen=self.depth + 1)
             self._remember(chat_id, cached)
         return [m for m in cached if m.wa_message_id != current.wa_message_id][-self.depth :]

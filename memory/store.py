@@ -28,6 +28,11 @@ class MessageStatus(enum.StrEnum):
     SENT = "sent"  # outbound, delivered to the transport
 
 
+# The kind of an outbound row that is the "busy, I will answer shortly" notice: a promise recovery keeps
+# (bot.app.Bot.recover), and not a turn of the conversation the model is shown.
+BUSY_KIND = "busy"
+
+
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
     wa_message_id: str

@@ -179,6 +179,31 @@ async def test_every_waiting_chat_is_told_once_also_those_queued_beyond_the_work
         assert [h.transport.texts_to(chat) for chat in chats] == [[busy, "echo: one", "echo: two"]] * 6
 
 
+async def test_a_chat_told_busy_is_answered_after_a_restart_however_long_it_waited(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """A chat told "busy, I will answer shortly" under critical memory, then a crash (the platform's OOM
+    kill, say): past RECOVERY_WINDOW_MINUTES its message was skipped, and the promise broken."""
+    settings = ai(fake_openai, busy_reply_after_s=0.2, recovery_window_minutes=0.01)  # a 0.6 s window
+    async with harness(**settings) as h:
+        manager, rss = inject_rss(h.bot)
+        rss[0] = 460
+        assert manager.check() is MemoryState.CRITICAL
+        h.bot.pipeline.submit(inbound("¿tenéis cita hoy?", chat=CHAT))
+        await asyncio.sleep(0.5)
+        assert h.transport.texts_to(CHAT) == [reply("busy", "es")]
+        h.bot.pipeline.submit(inbound("hola", chat=OTHER))  # not waited long enough to be told
+        await h.bot.pipeline.stop(timeout=0)  # the crash
+    await asyncio.sleep(1.0)  # a restart past the window
+    async with harness(**ai(fake_openai, recovery_window_minutes=0.01)) as h:
+        assert await h.bot.pipeline.drain(5)
+        assert h.transport.texts_to(CHAT) == ["echo: ¿tenéis cita hoy?"], "the promise was broken"
+        history = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
+        assert history == ["¿tenéis cita hoy?"]  # the notice is not a turn the model is shown
+        [row] = [r for r in await h.bot.store.recent_messages(OTHER, 5) if r.direction.value == "in"]
+        assert row.status is MessageStatus.SKIPPED  # told nothing, too old: skipped as before
+
+
 async def test_past_the_waiting_bound_messages_wait_in_the_store_and_are_answered_once_in_order(
     harness, fake_openai: FakeOpenAI
 ) -> None:

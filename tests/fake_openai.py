@@ -154,10 +154,13 @@ class FakeOpenAI:
 class InstantModel(ChatModel):
     """A model that answers at once, in process: for measuring everything but the model."""
 
-    def __init__(self) -> None:
+    def __init__(self, gate: asyncio.Event | None = None) -> None:
         super().__init__(client=None, model="instant")  # type: ignore[arg-type]
+        self.gate = gate  # when given, answers wait until it is set
 
     async def _call(self, messages: list[dict[str, Any]]) -> str:
+        if self.gate is not None:
+            await self.gate.wait()
         self.requests += 1
         return f"ok: {messages[-1]['content']}"
 

@@ -411,16 +411,8 @@ async def test_after_a_large_recovery_a_new_message_waits_behind_its_chats_older
 
     transport = LoopbackTransport()
     bot = Bot.build(settings, transport)
-    model = InstantModel()
     gate = asyncio.Event()
-    answer = model._call
-
-    async def when_let(messages: list[dict[str, object]]) -> str:
-        await gate.wait()
-        return await answer(messages)
-
-    model._call = when_let  # type: ignore[method-assign]
-    bot.model = bot.pipeline.responder.model = model
+    bot.model = bot.pipeline.responder.model = InstantModel(gate)
     await bot.start()  # recovery: 10 wait in memory, 5 in the store
     await full_disk(bot.store)
     big = StoredMessage(

@@ -769,15 +769,7 @@ async def test_a_full_disk_under_the_journal_keeps_the_reply_for_a_retry(
 
     def build() -> Bot:
         bot = Bot.build(settings, transport, store=make_store(db.url, db.key, tmp_path / "data"))
-        model = InstantModel()
-        answer = model._call
-
-        async def when_let(messages: list[dict[str, Any]]) -> str:
-            await gate.wait()
-            return await answer(messages)
-
-        model._call = when_let  # type: ignore[method-assign]
-        bot.model = bot.pipeline.responder.model = model
+        bot.model = bot.pipeline.responder.model = InstantModel(gate)
         return bot
 
     try:

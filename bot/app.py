@@ -100,6 +100,7 @@ class Bot:
     _pause_notes: deque[tuple[str, float | None]] = field(default_factory=deque)
     _pause_wake: asyncio.Event = field(default_factory=asyncio.Event)
     _saving_pauses: bool = False  # stopping: the pause writer retries quickly
+    _pause_notes_failed: bool = False  # a change could not be kept locally either (see save_pauses)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
@@ -244,6 +245,7 @@ class Bot:
                 try:
                     await self.store.note_pause(chat, until)
                 except Exception as error:
+                    self._pause_notes_failed = True
                     logger.warning("a pause change is not kept locally: {}", error)
             if not self._pause_changes:
                 break
@@ -277,7 +279,8 @@ class Bot:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(writer), timeout)
         if not writer.done():
-            if getattr(self.store, "sends_unsent_pauses_later", False):  # in its journal file: not lost
+            kept = getattr(self.store, "sends_unsent_pauses_later", False) and not self._pause_notes_failed
+            if kept:  # in the store's journal file: not lost
                 logger.warning(
                     "{} pause change(s) not in the database yet; sent at the next start",
                     len(self._pause_changes),
@@ -356,16 +359,16 @@ class Bot:
                 await self.store.set_status(row.wa_message_id, MessageStatus.RECEIVED)
         stale = max(0, stale - len(promised))
         # At most what may wait in memory; the rest is read back as the queue empties, like a spill.
-        limit = self.pipeline.max_waiting
+        limit = max(0, self.pipeline.max_waiting - len(promised))  # the promised ones wait in memory too
         rest: Counter[str] | None = None  # chats with messages left in the store, and how many each
         try:
-            pending = await self.store.unanswered_inbound(fresh_since, limit=limit)
+            pending = await self.store.unanswered_inbound(fresh_since, limit=limit) if limit else []
         except StoreUnavailable:  # Supabase down: what the local journal knows, in one go
             everything = await self.store.unanswered_inbound(fresh_since)
             pending, rest = everything[:limit], Counter(row.chat_id for row in everything[limit:])
         if len(pending) == limit:
             if rest is None:
-                rest = await self._count_the_rest(pending)
+                rest = await self._count_the_rest(pending, fresh_since)
             # Known to the pipeline, so a new message of those chats waits behind them even while the
             # store cannot take it (it would be answered first otherwise).
             self.pipeline.resume_rest_from_store(fresh_since, rest)
@@ -389,10 +392,12 @@ class Bot:
         up to PROMISE_KEPT_S. Bounded: the oldest MAX_WAITING_MESSAGES, in at most 200 chats."""
         if not fresh_since:
             return []  # no window: every unanswered message is answered anyway
+        since, limit = fresh_since - PROMISE_KEPT_S, self.pipeline.max_waiting
         try:
-            old = await self.store.unanswered_inbound(
-                fresh_since - PROMISE_KEPT_S, limit=self.pipeline.max_waiting
-            )
+            try:
+                old = await self.store.unanswered_inbound(since, limit=limit)
+            except StoreUnavailable:  # Supabase down: what the local journal knows, in one go
+                old = (await self.store.unanswered_inbound(since))[:limit]
             by_chat: dict[str, list[StoredMessage]] = {}
             for row in old:
                 if row.created_at < fresh_since:
@@ -408,11 +413,11 @@ class Bot:
             return []
         return sorted(kept, key=lambda row: row.created_at)
 
-    async def _count_the_rest(self, first: list[StoredMessage]) -> Counter[str]:
-        """The chats of the unanswered messages after `first` (oldest first), page by page: counted, not
-        held, since there may be more than memory should take."""
+    async def _count_the_rest(self, first: list[StoredMessage], since: float) -> Counter[str]:
+        """The chats of the unanswered messages from `since` on after `first` (the oldest of them, maybe
+        none), page by page: counted, not held, since there may be more than memory should take."""
         counts: Counter[str] = Counter()
-        cursor = first[-1].created_at
+        cursor = first[-1].created_at if first else since
         at_cursor = {row.wa_message_id for row in first if row.created_at == cursor}  # counted already
         size = _PAGE
         try:

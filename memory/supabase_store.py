@@ -329,8 +329,14 @@ class SupabaseStore:
         """Send what the journal holds (for up to close_timeout_s; the rest is sent on the next start)."""
         if not self._tasks:
             return
-        await self._enqueue([])  # every write made so far is in the journal (local and quick)
-        if not await self.flush(self.close_timeout_s):
+        if self._journal_failing is None:
+            with contextlib.suppress(TimeoutError):  # every write made so far is in the journal (quick)
+                async with asyncio.timeout(self.close_timeout_s):
+                    await self._enqueue([])
+        if self._journal_failing is not None:  # a full disk: what it could not take is lost now
+            unwritten = sum(len(ops) for ops, _ in self._queue)
+            logger.error("supabase store closing with {} operations the journal could not take", unwritten)
+        elif not await self.flush(self.close_timeout_s):
             logger.warning(
                 "supabase store closing with {} operations in the journal; they are sent on the next start",
                 self.journal.size,
@@ -599,17 +605,22 @@ class SupabaseStore:
         if self._journal_failing != str(error):  # one ERROR per outage, not per retry
             logger.error("supabase journal cannot write ({}): operations kept, retried", error)
         self._journal_failing = str(error)
-        kept = batch + self._queue
-        dropped = 0
-        while sum(len(ops) for ops, _ in kept) > MAX_KEPT_FOR_RETRY and len(kept) > 1:
-            ops, future = kept.pop(0)
-            dropped += len(ops)
+        kept = [entry for entry in batch + self._queue if entry[0] or not entry[1].done()]
+        total = sum(len(ops) for ops, _ in kept)
+        first = 0
+        while total > MAX_KEPT_FOR_RETRY and first < len(kept) - 1:
+            ops, future = kept[first]
+            first += 1
+            total -= len(ops)
             if not future.done():
                 future.set_exception(StoreUnavailable(f"journal: {error} (dropped)"))
-        if dropped:
+        if first:
+            dropped = sum(len(ops) for ops, _ in kept[:first])
             self.dropped += dropped
+            self._gen += 1
+            self._memory.clear()  # it shows writes that will never be made
             logger.error("supabase journal: {} unwritten operations dropped (kept the newest)", dropped)
-        self._queue = kept
+        self._queue = kept[first:]
         for ops, future in batch:
             if ops and not future.done():  # flush() (no operations) waits for the retry instead
                 future.set_exception(StoreWriteKept(f"journal: {error} (kept for a retry)"))

@@ -427,3 +427,47 @@ async def test_after_a_large_recovery_a_new_message_waits_behind_its_chats_older
     assert await bot.pipeline.drain(15)
     await bot.stop()
     assert transport.texts_to(CHAT) == [f"ok: old {i}" for i in range(15)] + ["ok: new"]
+
+
+async def test_promised_and_fresh_messages_together_keep_to_the_waiting_bound(tmp_path: Path) -> None:
+    """Recovery took up to MAX_WAITING_MESSAGES promised messages and as many fresh ones: twice the bound
+    in memory. The fresh ones past it wait in the store, their chat known to the pipeline."""
+    import time
+
+    from bot.app import Bot
+    from bot.config import Settings
+    from connection.loopback import LoopbackTransport
+    from memory.sqlite_store import SQLiteStore
+    from memory.store import BUSY_KIND, Direction, StoredMessage
+
+    store = SQLiteStore(tmp_path / "bot.sqlite3", retention_days=None)
+    await store.open()
+    now, told, fresh = time.time(), "34600000001@s.whatsapp.net", "34600000002@s.whatsapp.net"
+    for i in range(10):  # two hours old, and told "busy" after them
+        store.add_message(
+            StoredMessage(f"A{i}", told, Direction.IN, "text", "q", MessageStatus.RECEIVED, now - 7200 + i)
+        )
+    store.add_message(
+        StoredMessage("BUSY", told, Direction.OUT, BUSY_KIND, "…", MessageStatus.SENT, now - 7000)
+    )
+    for i in range(25):
+        store.add_message(
+            StoredMessage(f"B{i}", fresh, Direction.IN, "text", "q", MessageStatus.RECEIVED, now - 60 + i)
+        )
+    await store.close()
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        data_dir=tmp_path,
+        flows_file=None,
+        max_waiting_messages=10,
+        recovery_window_minutes=60,
+    )
+    bot = Bot.build(settings, LoopbackTransport())
+    bot.pipeline.model_gate.clear()  # nothing is answered meanwhile
+    await bot.start(recover=False)
+    try:
+        await bot.recover()
+        assert bot.pipeline.waiting == 10
+        assert bot.pipeline._spilled_chats[fresh][1] == 25  # all of them wait in the store, chat known
+    finally:
+        await bot.stop(1)

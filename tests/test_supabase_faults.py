@@ -795,3 +795,51 @@ async def test_a_full_disk_under_the_journal_keeps_the_reply_for_a_retry(
         assert transport.texts_to(ChatId(chat)) == ["ok: hola"], "answered twice"
     finally:
         db.psql("truncate chat_history;")
+
+
+async def test_closing_while_the_journal_disk_is_full_does_not_hang(tmp_path: Path) -> None:
+    """close() waited for a journal write that only a retry could make: a stop on a full disk never ended."""
+    from memory import supabase_store
+
+    store = make_store("http://127.0.0.1:9", "unreachable-key", tmp_path / "data")
+    await store.open()
+    await fill_the_journal_disk(store, True)
+    with pytest.raises(StoreUnavailable):  # kept for a retry that will not come before the stop
+        await store.add_message(
+            StoredMessage(
+                "J1", CHATS[0], Direction.IN, "text", "x" * 5000, MessageStatus.RECEIVED, time.time()
+            )
+        )
+    assert supabase_store.MAX_KEPT_FOR_RETRY > 0
+    async with asyncio.timeout(5):
+        await store.close()
+
+
+async def test_a_promise_made_before_a_restart_during_an_outage_is_kept(tmp_path: Path) -> None:
+    """During an outage the store cannot page unanswered messages: the promised ones were not looked for,
+    and the window's cut skipped them."""
+    from memory.store import BUSY_KIND
+    from tests.fake_openai import InstantModel
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, data_dir=tmp_path / "data", flows_file=None, recovery_window_minutes=1.0
+    )
+    store = make_store("http://127.0.0.1:9", "unreachable-key", tmp_path / "data")  # Supabase is away
+    await store.open()
+    now, chat = time.time(), CHATS[0]
+    await store.add_message(
+        StoredMessage("OLD", chat, Direction.IN, "text", "¿hay cita?", MessageStatus.RECEIVED, now - 600)
+    )
+    await store.add_message(
+        StoredMessage("TOLD", chat, Direction.OUT, BUSY_KIND, "…", MessageStatus.SENT, now - 590)
+    )
+    await store.close()
+    transport = LoopbackTransport()
+    bot = Bot.build(settings, transport, store=make_store("http://127.0.0.1:9", "k", tmp_path / "data"))
+    bot.model = bot.pipeline.responder.model = InstantModel()
+    await bot.start()
+    try:
+        assert await bot.pipeline.drain(5)
+        assert transport.texts_to(ChatId(chat)) == ["ok: ¿hay cita?"]
+    finally:
+        await bot.stop()

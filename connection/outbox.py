@@ -14,7 +14,7 @@ import asyncio
 import sqlite3
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +87,7 @@ class Outbox:
         self._count = int(self._db.execute("select count(*) from outbox").fetchone()[0])
         self._lock = asyncio.Lock()
         self._room = asyncio.Event()  # set whenever a queued text leaves
+        self._waiting: deque[object] = deque()  # put_when_room callers, in arrival order
         # Told when a queued reply will never go out (its id is the one send_text returned): the bot has
         # recorded it as sent, and must not remember, or tell its model, an answer nobody got.
         self.on_drop: Callable[[MessageId, ChatId], None] | None = None
@@ -156,10 +157,19 @@ class Outbox:
 
     async def put_when_room(self, chat: ChatId, text: str) -> MessageId:
         """Queue a text, waiting while the outbox is full: the caller (a chat's worker) holds its message
-        until there is room, so a long disconnection makes answers wait, not fail. Cancel to give up."""
-        while len(self) >= self.max_items:
-            self._room.clear()
-            await self._room.wait()
+        until there is room, so a long disconnection makes answers wait, not fail. First come, first served:
+        a caller arriving while others wait queues behind them, even if a slot is free. Cancel to give up."""
+        if not self._waiting and len(self) < self.max_items:
+            return self.put(chat, text)
+        turn = object()
+        self._waiting.append(turn)
+        try:
+            while self._waiting[0] is not turn or len(self) >= self.max_items:
+                self._room.clear()
+                await self._room.wait()
+        finally:
+            self._waiting.remove(turn)
+            self._room.set()  # the next in line checks for a slot (or takes over a cancelled turn)
         return self.put(chat, text)
 
     def _drop(self, item: Queued, why: str) -> None:

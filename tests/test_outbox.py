@@ -74,6 +74,31 @@ async def test_full_outbox_refuses_with_a_transport_error(tmp_path: Path) -> Non
     box.close()
 
 
+async def test_answers_waiting_for_room_take_it_first_come_first_served(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", max_items=1)
+    box.put(CHAT, "queued while disconnected")
+    first = asyncio.create_task(box.put_when_room(CHAT, "first waiter"))
+    second = asyncio.create_task(box.put_when_room(OTHER, "second waiter"))
+    third = asyncio.create_task(box.put_when_room(OTHER, "third waiter"))
+    await asyncio.sleep(0.01)
+    assert not first.done() and not second.done()
+
+    send = Recorder()
+    await box.flush(send)  # a slot frees; a caller that runs before the waiters must not take it
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await box.put_when_room(OTHER, "barging in")
+    assert first.done() and [q.text for q in box.pending()] == ["first waiter"]
+
+    second.cancel()  # the next in line gives up: its turn passes on
+    await box.flush(send)
+    await asyncio.sleep(0.01)
+    assert third.done()
+    await box.flush(send)
+    assert [text for _, text in send.sent] == ["queued while disconnected", "first waiter", "third waiter"]
+    box.close()
+
+
 async def test_a_failure_stops_the_flush_and_keeps_the_order(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db", max_tries=3)
     for text in ("a", "b", "c"):

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from loguru import logger
 from multidict import CIMultiDict
 
 from bot.app import Bot
@@ -679,7 +680,17 @@ async def test_pause_changes_made_during_an_outage_are_all_kept_for_a_restart(tm
     await asyncio.sleep(0.1)
     bot.pipeline.submit(said("!bot resume", customer, from_me=True))  # ...and gives the first one back
     await asyncio.sleep(0.2)
-    await bot.stop()
+    said_at_stop: list[tuple[str, str]] = []
+    sink = logger.add(
+        lambda m: said_at_stop.append((m.record["level"].name, m.record["message"])), level="WARNING"
+    )
+    try:
+        await bot.stop()
+    finally:
+        logger.remove(sink)
+    about_pauses = [(level, text) for level, text in said_at_stop if "pause change" in text]
+    # kept in the journal file and sent at the next start: the owner is told so, not that they are lost
+    assert about_pauses and all(level == "WARNING" and "next start" in text for level, text in about_pauses)
     bot = await start_bot()
     try:
         bot.pipeline.submit(said("hola", customer))

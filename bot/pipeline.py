@@ -318,11 +318,11 @@ class Pipeline:
         # message waiting behind others in its chat is already safe from a crash.
         row = self._inbound_row(message)
         persisted = self.store.add_message(row)
+        # Past the waiting bound, or while memory keeps the model shut, a message waits in the store only.
         # Not while the database cannot write (it could not give the message back), unless this chat already
         # has messages there: a new one must not overtake them.
-        if (self._spilled or self._waiting >= self.max_waiting) and (
-            not self.store.writes_failing or message.chat in self._spilled_chats
-        ):
+        full = self._waiting >= self.max_waiting or not self.model_gate.is_set()
+        if (self._spilled or full) and (not self.store.writes_failing or message.chat in self._spilled_chats):
             self._spill(message, row, persisted)
             return True
         return self._enqueue(message, persisted)
@@ -579,9 +579,11 @@ class Pipeline:
         queue = self._queues[chat]
         try:
             while queue:
-                message, persisted = queue.popleft()
-                self._waiting -= 1
                 async with self._active:
+                    # Taken off the queue only with a slot: a message waiting for one is still counted
+                    # in `waiting`, so the bound (and the spill to the store past it) holds.
+                    message, persisted = queue.popleft()
+                    self._waiting -= 1
                     await self._handle_safely(message, persisted)
                 self._in_memory.discard(message.id)
                 self._maybe_refill()

@@ -9,6 +9,8 @@ import random
 import string
 import time
 
+import pytest
+
 from bot.app import Bot
 from bot.limits import CircuitBreaker, SlidingWindowLimiter
 from bot.replies import reply
@@ -18,7 +20,7 @@ from connection.types import ChatId, Inbound, MessageId, MessageKind
 from memory.manager import MemoryManager, MemoryState
 from memory.store import MessageStatus
 from tests.conftest import inbound
-from tests.fake_openai import FakeOpenAI
+from tests.fake_openai import FakeOpenAI, InstantModel
 
 CHAT = "34600111222@s.whatsapp.net"
 OTHER = "5491122334455@s.whatsapp.net"
@@ -217,9 +219,10 @@ async def test_past_the_waiting_bound_messages_wait_in_the_store_and_are_answere
         for n in range(4):
             for chat in chats:
                 h.bot.pipeline.submit(inbound(f"m{n}", chat=chat))
-        assert h.bot.pipeline.waiting == 20
+        # While memory keeps the model shut, new work waits in the store only, not in memory.
+        assert h.bot.pipeline.waiting == 0
         messages = h.bot.metrics()["messages"]
-        assert messages["waiting_in_store"] is True and messages["spilled"] == 80
+        assert messages["waiting_in_store"] is True and messages["spilled"] == 100
         await asyncio.sleep(1.0)
         busy = reply("busy", "es")
         # Chats whose messages all wait in the store are told too.
@@ -250,6 +253,35 @@ async def test_a_flood_without_memory_pressure_is_also_held_to_the_waiting_bound
             assert h.transport.texts_to(chat) == [f"echo: m{n}" for n in range(20)]
         assert h.bot.pipeline.counters.spilled > 100 and peak[0] <= 20
         assert h.bot.pipeline.counters.answered == 200
+
+
+@pytest.mark.parametrize("critical", [False, True])
+async def test_messages_arriving_one_by_one_are_held_to_the_waiting_bound(
+    harness, fake_openai: FakeOpenAI, critical: bool
+) -> None:
+    """A real transport delivers one message per loop turn: each chat's worker took its message off the
+    count before waiting for a slot (or for memory), so nothing ever spilled and every chat kept a task
+    and its message in memory, under critical memory too."""
+    async with harness(**ai(fake_openai, max_waiting_messages=20, max_active_chats=4)) as h:
+        manager, rss = inject_rss(h.bot)
+        slow = asyncio.Event()
+        h.bot.pipeline.responder.model = h.bot.model = InstantModel(slow)  # a model that has not answered yet
+        if critical:
+            rss[0] = 460
+            assert manager.check() is MemoryState.CRITICAL
+        chats = [f"3460088{i:04d}@s.whatsapp.net" for i in range(200)]
+        held = 0
+        for n, chat in enumerate(chats):
+            h.bot.pipeline.submit(inbound(f"hola {n}", chat=chat))
+            await asyncio.sleep(0)
+            held = max(held, len(h.bot.pipeline._workers))
+        assert h.bot.pipeline.waiting <= 20 and held <= 20 + 4
+        assert h.bot.metrics()["messages"]["spilled"] >= 200 - 24
+        rss[0] = 100
+        manager.check()
+        slow.set()
+        assert await h.bot.pipeline.drain(30)
+        assert [h.transport.texts_to(chat) for chat in chats] == [[f"ok: hola {n}"] for n in range(200)]
 
 
 async def test_warning_forgets_ended_chat_state_but_keeps_live_pauses_and_windows(

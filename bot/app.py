@@ -449,7 +449,7 @@ class Bot:
             await self.model.close()
 
     def metrics(self) -> dict[str, Any]:
-        self.memory.check()
+        self.memory.sample()  # a fresh figure; a scrape never changes the state (only the poller does)
         connection = (
             self.connection_stats()
             if self.connection_stats

@@ -2,7 +2,8 @@
 
 The limit is MEMORY_LIMIT (MB), else the container's cgroup limit, else 512 MB.
 States: normal, warning (>= 80 %), critical (>= 90 %). On a change of state the
-registered callbacks run, so caches can shrink and intake can slow down.
+registered callbacks run, so caches can shrink and intake can slow down. A state is entered at the first
+reading over its threshold and left after three readings in a row under it (15 s by default).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class MemoryState(enum.StrEnum):
     NORMAL = "normal"
     WARNING = "warning"
     CRITICAL = "critical"
+
+
+_RANK = {MemoryState.NORMAL: 0, MemoryState.WARNING: 1, MemoryState.CRITICAL: 2}
 
 
 def cgroup_limit_files(root: Path = _CGROUP_ROOT, proc_cgroup: Path = _PROC_CGROUP) -> list[Path]:
@@ -93,12 +97,17 @@ class MemoryManager:
         warning: float = 0.8,
         critical: float = 0.9,
         interval_s: float = 5.0,
+        settle_readings: int = 3,
         read_rss_mb: Callable[[], float] = rss_mb,
     ) -> None:
         self.limit_mb, self.limit_source = resolve_limit_mb(limit_mb)
         self.warning = warning
         self.critical = critical
         self.interval_s = interval_s
+        # Readings in a row that a lower state needs before the bot moves down to it: a reading that
+        # hovers at a threshold must not shrink the caches again and run the collector at every crossing.
+        self.settle_readings = max(1, settle_readings)
+        self._lower_readings = 0
         self._read = read_rss_mb
         self.state = MemoryState.NORMAL
         self.rss_mb = 0.0
@@ -110,11 +119,15 @@ class MemoryManager:
     def on_change(self, listener: Callable[[MemoryState, MemoryState], None]) -> None:
         self._listeners.append(listener)
 
-    def check(self) -> MemoryState:
-        """Read RSS once and move to the matching state."""
+    def sample(self) -> float:
+        """Read RSS (for the metrics) without acting on it: only the poller's `check` changes the state."""
         self.rss_mb = self._read()
         self.peak_rss_mb = max(self.peak_rss_mb, self.rss_mb)
-        ratio = self.rss_mb / self.limit_mb
+        return self.rss_mb
+
+    def check(self) -> MemoryState:
+        """Read RSS once and move to the matching state: up at once, down after `settle_readings` in a row."""
+        ratio = self.sample() / self.limit_mb
         new = (
             MemoryState.CRITICAL
             if ratio >= self.critical
@@ -122,6 +135,11 @@ class MemoryManager:
             if ratio >= self.warning
             else MemoryState.NORMAL
         )
+        if _RANK[new] < _RANK[self.state]:
+            self._lower_readings += 1
+            if self._lower_readings < self.settle_readings:
+                return self.state
+        self._lower_readings = 0
         if new is not self.state:
             old, self.state, self.since = self.state, new, time.time()
             self.transitions += 1

@@ -12,7 +12,7 @@ import pytest
 from connection.types import ChatId, Inbound, MessageId, MessageKind
 from memory.manager import MemoryManager, MemoryState, cgroup_limit_files, cgroup_limit_mb
 from tests.conftest import inbound
-from tests.fake_openai import InstantModel
+from tests.fake_openai import FakeOpenAI, InstantModel
 
 
 def test_the_limit_comes_from_the_setting_then_the_cgroup_then_a_default(tmp_path: Path) -> None:
@@ -59,9 +59,13 @@ def test_states_follow_rss_with_configurable_thresholds() -> None:
     manager.on_change(lambda old, new: seen.append((old.value, new.value)))
     for value, state in [
         (100, "normal"),
-        (550, "warning"),
+        (550, "warning"),  # up at once
         (710, "critical"),
+        (600, "critical"),  # down only after three readings in a row under the threshold
+        (600, "critical"),
         (600, "warning"),
+        (10, "warning"),
+        (10, "warning"),
         (10, "normal"),
     ]:
         rss[0] = value
@@ -73,6 +77,43 @@ def test_states_follow_rss_with_configurable_thresholds() -> None:
         ("warning", "normal"),
     ]
     assert manager.stats()["percent"] == 1.0 and manager.stats()["peak_rss_mb"] == 710
+
+
+async def test_a_reading_hovering_at_a_threshold_does_not_flap_nor_empty_the_cache(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """Every crossing was a transition: warning halved the cache each time (emptying it), ran the
+    collector and logged, for RSS moving a megabyte around the threshold."""
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        manager = MemoryManager(500, read_rss_mb=lambda: rss[0])
+        manager.on_change(h.bot._on_memory_state)
+        for n in range(100):
+            h.bot.cache.set(f"question {n}", f"answer {n}")
+        rss = [400.5]
+        for _ in range(10):
+            rss[0] = 400.5
+            manager.check()
+            rss[0] = 399.5
+            manager.check()
+        assert manager.transitions == 1 and manager.state is MemoryState.WARNING
+        assert len(h.bot.cache) == 50  # halved once (MEMORY_SHRINK_FRACTION), not ten times
+        for _ in range(3):
+            manager.check()
+        assert manager.state is MemoryState.NORMAL
+
+
+async def test_scraping_the_metrics_never_changes_the_memory_state(harness) -> None:
+    """A GET of /v1/metrics ran the state machine: one scrape at high RSS shut the model off."""
+    async with harness() as h:
+        rss = [460.0]
+        manager = MemoryManager(500, read_rss_mb=lambda: rss[0])
+        manager.on_change(h.bot._on_memory_state)
+        h.bot.memory = manager
+        figures = h.bot.metrics()["memory"]
+        assert figures["rss_mb"] == 460.0 and figures["percent"] == 92.0
+        assert figures["state"] == "normal" and h.bot.pipeline.model_gate.is_set()
+        manager.check()  # the poller's reading does act
+        assert h.bot.metrics()["memory"]["state"] == "critical"
 
 
 def structure_sizes(bot: Any) -> dict[str, int]:

@@ -39,9 +39,10 @@ def ai(fake: FakeOpenAI, **extra: object) -> dict[str, object]:
 
 
 def inject_rss(bot: Bot) -> tuple[MemoryManager, list[float]]:
-    """Give the bot a memory manager (500 MB limit) that reads RSS from the returned list, 100 MB first."""
+    """Give the bot a memory manager (500 MB limit) that reads RSS from the returned list, 100 MB first;
+    it moves down a state at the first reading under the threshold (settling is tested in test_memory)."""
     rss = [100.0]
-    manager = MemoryManager(500, read_rss_mb=lambda: rss[0])
+    manager = MemoryManager(500, settle_readings=1, read_rss_mb=lambda: rss[0])
     manager.on_change(bot._on_memory_state)
     bot.memory = manager
     return manager, rss

@@ -170,7 +170,7 @@ class Bot:
         full = self.settings.openai_max_concurrency
         if new is not MemoryState.CRITICAL:
             # Python seldom returns memory to the system: waiting for NORMAL could wait forever.
-            self.pipeline.model_gate.set()
+            self.pipeline.open_model_gate()
         if new is MemoryState.NORMAL:
             self._resize_model_limit(full)
             logger.info("memory normal: caps restored, waiting messages go to the model")

@@ -224,6 +224,8 @@ class Pipeline:
         self._busy_since: dict[ChatId, float] = {}
         self._spilled_chats: dict[ChatId, tuple[float, int]] = {}
         self._told_busy: set[ChatId] = set()
+        self._to_tell: deque[ChatId] = deque()  # told "busy" next, one at a time (see _tell_busy)
+        self._telling: asyncio.Task[None] | None = None
         self._busy_watch: asyncio.Task[None] | None = None
         self._notice_only: set[str] = set()
         self._background = BackgroundTasks("pipeline")
@@ -356,6 +358,11 @@ class Pipeline:
                 logger.debug("a waiting message is saved later: {}", error)
             else:
                 logger.error("a waiting message could not be saved: {}", error)
+
+    def open_model_gate(self) -> None:
+        """Memory allows the model again: what waits in the store comes back now, not at the next check."""
+        self.model_gate.set()
+        self._maybe_refill()
 
     def _maybe_refill(self) -> None:
         if (
@@ -554,6 +561,8 @@ class Pipeline:
     async def _promise(self, chat: ChatId) -> None:
         """Tell a waiting chat its answer is coming, and keep the promise in its history (kind BUSY_KIND,
         left out of the model's context): recovery answers what it promised whatever the window."""
+        if await self._promise_stands(chat):
+            return
         text = reply("busy", self.language)
         try:
             sent_id = await self.transport.send_text(chat, text)
@@ -566,6 +575,16 @@ class Pipeline:
             await self.store.add_message(row)  # not in the history in memory: the model never sees it
         except StoreUnavailable as error:
             logger.debug("busy notice to {} not saved yet: {}", chat, error)
+
+    async def _promise_stands(self, chat: ChatId) -> bool:
+        """The chat was told "busy" and has had no answer since (told before a restart, say): once is
+        enough. Unknown when the store cannot say: then it is told again rather than not at all."""
+        try:
+            rows = await self.store.recent_messages(chat, 20)
+        except Exception:
+            return False
+        last_out = next((row for row in reversed(rows) if row.direction is Direction.OUT), None)
+        return last_out is not None and last_out.kind == BUSY_KIND
 
     async def _send_notice(self, chat: ChatId, text: str) -> None:
         try:
@@ -886,7 +905,18 @@ class Pipeline:
             for chat, since in waiting:
                 if since <= bound and chat not in self._told_busy:
                     self._told_busy.add(chat)
-                    self._spawn(self._promise(chat))
+                    self._to_tell.append(chat)
+            if self._to_tell and (self._telling is None or self._telling.done()):
+                self._telling = self._background.spawn(self._tell_busy(), "busy-notices")
+
+    async def _tell_busy(self) -> None:
+        """The notices go one at a time, and only while memory still keeps the model shut: they share the
+        send budget with the answers, and once the answers flow again a notice would only delay them."""
+        while self._to_tell and self._accepting and not self.model_gate.is_set():
+            await self._promise(self._to_tell.popleft())
+        if self.model_gate.is_set():  # never told: a later wait may tell them
+            self._told_busy.difference_update(self._to_tell)
+            self._to_tell.clear()
 
     # -- lifecycle --------------------------------------------------------------------------------
 

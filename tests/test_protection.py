@@ -207,6 +207,67 @@ async def test_a_chat_told_busy_is_answered_after_a_restart_however_long_it_wait
         assert row.status is MessageStatus.SKIPPED  # told nothing, too old: skipped as before
 
 
+async def test_a_chat_told_busy_before_a_restart_is_not_told_again(harness, fake_openai: FakeOpenAI) -> None:
+    """The chats told "busy" were only remembered in memory: still short of memory after a restart, the
+    customer was told a second time for the same wait."""
+    settings = ai(fake_openai, busy_reply_after_s=0.2)
+    busy = reply("busy", "es")
+    async with harness(**settings) as h:
+        manager, rss = inject_rss(h.bot)
+        rss[0] = 460
+        assert manager.check() is MemoryState.CRITICAL
+        h.bot.pipeline.submit(inbound("¿tenéis cita hoy?", chat=CHAT))
+        await asyncio.sleep(0.5)
+        assert h.transport.texts_to(CHAT) == [busy]
+        await h.bot.pipeline.stop(timeout=0)  # the crash
+    h = harness(**settings)
+    manager, rss = inject_rss(h.bot)
+    rss[0] = 460  # still short of memory when it starts again
+    assert manager.check() is MemoryState.CRITICAL
+    async with h:
+        h.bot.pipeline.submit(inbound("hola", chat=OTHER))  # a chat never told: it is
+        await asyncio.sleep(0.6)
+        assert h.transport.texts_to(CHAT) == [] and h.transport.texts_to(OTHER) == [busy]
+        rss[0] = 100
+        assert manager.check() is MemoryState.NORMAL
+        assert await h.bot.pipeline.drain(5)
+        assert h.transport.texts_to(CHAT) == ["echo: ¿tenéis cita hoy?"]
+
+
+async def test_busy_notices_not_sent_when_answering_resumes_are_not_sent_at_all(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """Every waiting chat's notice was queued for the send budget at once: after memory came back they
+    still went out, telling customers "I will answer shortly" after the wait, ahead of their answers."""
+    busy = reply("busy", "es")
+    release = asyncio.Event()
+
+    class SlowSends(LoopbackTransport):  # as the send budget paces them: one notice takes a while
+        async def send_text(self, chat: ChatId, text: str) -> MessageId:
+            if text == busy:
+                await release.wait()
+            return await super().send_text(chat, text)
+
+    h = harness(**ai(fake_openai, busy_reply_after_s=0.2))
+    h.transport = SlowSends()
+    h.bot = Bot.build(h.settings, h.transport)
+    async with h:
+        manager, rss = inject_rss(h.bot)
+        rss[0] = 460
+        assert manager.check() is MemoryState.CRITICAL
+        chats = [f"3460099{i:04d}@s.whatsapp.net" for i in range(5)]
+        for chat in chats:
+            h.bot.pipeline.submit(inbound("hola", chat=chat))
+        await asyncio.sleep(0.6)
+        rss[0] = 100
+        assert manager.check() is MemoryState.NORMAL
+        release.set()
+        assert await h.bot.pipeline.drain(5)
+        notices = [chat for chat in chats if busy in h.transport.texts_to(chat)]
+        assert len(notices) == 1  # the one already on its way
+        assert all(h.transport.texts_to(chat)[-1] == "echo: hola" for chat in chats)
+
+
 async def test_past_the_waiting_bound_messages_wait_in_the_store_and_are_answered_once_in_order(
     harness, fake_openai: FakeOpenAI
 ) -> None:

@@ -73,6 +73,8 @@ class VoiceTranscriber(Protocol):
 
 _HANDED_OVER = "chat handed to a human"
 _STALE = "too old to answer (offline backlog)"
+_RATE_LIMITED = "over the chat's rate limit"
+_KEPT_UNANSWERED = (_HANDED_OVER, _STALE, _RATE_LIMITED)  # stored as SKIPPED: part of the chat's history
 
 
 def _done() -> asyncio.Future[None]:
@@ -279,14 +281,12 @@ class Pipeline:
                 limiter = self.rate_limiter
                 if reason is None and limiter is not None and limiter.check(message.chat) != "ok":
                     self.counters.rate_limited += 1  # a flood while draining, as at any other time
-                    return False
+                    reason = _RATE_LIMITED
                 if reason is None:
                     self._spawn(self._remember(self._inbound_row(message)))
                     logger.warning("shutting down: message {} saved for the next start", message.id)
-                elif reason in (_HANDED_OVER, _STALE):  # kept, unanswered, for the history, as at any time
-                    self._spawn(
-                        self._remember(replace(self._inbound_row(message), status=MessageStatus.SKIPPED))
-                    )
+                elif reason in _KEPT_UNANSWERED:  # kept, unanswered, for the history, as at any time
+                    self._keep_unanswered(message)
             return False
         if not message.id or not message.chat:
             self._skip(message, "malformed (no id or chat)")
@@ -301,13 +301,16 @@ class Pipeline:
         reason = self._filter(message)
         if reason is not None:
             self._skip(message, reason)
-            if reason in (_HANDED_OVER, _STALE):
-                self._spawn(self._remember(replace(self._inbound_row(message), status=MessageStatus.SKIPPED)))
+            if reason in _KEPT_UNANSWERED:
+                self._keep_unanswered(message)
             return False
         if self.rate_limiter is not None:
             verdict = self.rate_limiter.check(message.chat)
             if verdict != "ok":
                 self.counters.rate_limited += 1
+                # Kept, unanswered, in the database (lost before): the owner finds it there. Not in the
+                # history in memory, where it would sit before the answers to the messages still queued.
+                self._keep_unanswered(message, in_history=False)
                 if verdict == "silent":
                     logger.debug("rate limited: message {} in {} not answered", message.id, message.chat)
                     return False
@@ -525,13 +528,14 @@ class Pipeline:
             self._spawn(self._remember(row))
         self._skip(message, "own message")
 
-    async def _remember(self, row: StoredMessage) -> None:
+    async def _remember(self, row: StoredMessage, *, in_history: bool = True) -> None:
         try:
             await self.store.add_message(row)
         except Exception as error:
             logger.warning("could not store message {}: {}", row.wa_message_id, error)
             return
-        self.history.append(row)
+        if in_history:
+            self.history.append(row)
 
     def _filter(self, message: Inbound) -> str | None:
         if message.is_status:
@@ -550,6 +554,10 @@ class Pipeline:
         if self.takeover.is_paused(message.chat):
             return _HANDED_OVER
         return None
+
+    def _keep_unanswered(self, message: Inbound, *, in_history: bool = True) -> None:
+        row = replace(self._inbound_row(message), status=MessageStatus.SKIPPED)
+        self._spawn(self._remember(row, in_history=in_history))
 
     def _skip(self, message: Inbound, reason: str) -> None:
         self.counters.skipped += 1

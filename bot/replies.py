@@ -70,8 +70,8 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "(Your message was very long; I only read the beginning.)",
     },
     "rate_limited": {
-        "es": "Estás enviando muchos mensajes seguidos. Dame un momento y te respondo.",
-        "en": "You're sending a lot of messages in a row. Give me a moment and I'll answer.",
+        "es": "Estás enviando muchos mensajes seguidos. Espera un poco y vuelve a escribirme, por favor.",
+        "en": "You're sending a lot of messages in a row. Please wait a little and write to me again.",
     },
     "busy": {
         "es": "Estoy atendiendo muchas consultas ahora mismo; te respondo en breve.",

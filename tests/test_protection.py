@@ -18,7 +18,7 @@ from bot.takeover import Takeover
 from connection.loopback import LoopbackTransport
 from connection.types import ChatId, Inbound, MessageId, MessageKind
 from memory.manager import MemoryManager, MemoryState
-from memory.store import MessageStatus
+from memory.store import Direction, MessageStatus
 from tests.conftest import inbound
 from tests.fake_openai import FakeOpenAI, InstantModel
 
@@ -61,6 +61,29 @@ async def test_rate_limit_gives_one_notice_then_silence_until_the_window_frees(
         clock.now += 61
         assert await h.say("ya puedo?") == ["echo: ya puedo?"]
         assert h.bot.metrics()["messages"]["rate_limited"] == 3
+
+
+async def test_messages_over_the_rate_limit_are_kept_and_the_notice_promises_nothing(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """Over the limit, the customer was told "give me a moment and I'll answer", and the messages were
+    neither answered nor stored: gone, even for the owner looking at the chat in the database."""
+    clock = Clock()
+    async with harness(**ai(fake_openai)) as h:
+        h.bot.pipeline.rate_limiter = SlidingWindowLimiter(3, 60, clock=clock)
+        assert await h.say("m0") == ["echo: m0"]
+        replies = await h.say(*[f"m{i}" for i in range(1, 6)])  # a burst: m3 on are over the limit
+        assert replies[2] == reply("rate_limited", "es") and "te respondo" not in replies[2]
+        rows = [r for r in await h.bot.store.recent_messages(CHAT, 20) if r.direction is Direction.IN]
+        assert [(r.body, r.status) for r in rows][3:] == [
+            ("m3", MessageStatus.SKIPPED),
+            ("m4", MessageStatus.SKIPPED),
+            ("m5", MessageStatus.SKIPPED),
+        ]
+        m2_call = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
+        assert m2_call[-1] == "m2" and "m3" not in m2_call  # kept at once, yet not shown as said before m2
+        clock.now += 61
+        assert await h.say("¿y ahora?") == ["echo: ¿y ahora?"]
 
 
 async def test_the_owner_writing_from_the_phone_silences_the_bot_in_that_chat(

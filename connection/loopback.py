@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ class LoopbackTransport:
     record: bool = True
     owner_chat: ChatId | None = None  # the owner's "message yourself" chat, where owner commands are answered
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    # Unique per run: the replies of an earlier console session are in the same database, under their ids.
+    _run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
     @property
     def state(self) -> ConnectionState:
@@ -46,7 +49,7 @@ class LoopbackTransport:
         if self.fail_sends > 0:
             self.fail_sends -= 1
             raise TransportError("loopback: scripted send failure")
-        sent = Sent(chat, text, MessageId(f"out-{next(self._ids)}"))
+        sent = Sent(chat, text, MessageId(f"out-{self._run}-{next(self._ids)}"))
         if self.record:
             self.sent.append(sent)
         if self.on_send is not None:

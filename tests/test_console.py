@@ -36,6 +36,27 @@ def lines(text: str) -> list[dict[str, str]]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+async def test_every_console_session_keeps_its_replies_in_the_history(
+    tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    """Each session numbered its replies from 1 again: from the second session on, a reply clashed with
+    the first session's id in the database and was not saved, so the model never saw it again."""
+    env = {"OPENAI_API_KEY": "test-key", "OPENAI_BASE_URL": fake_openai.base_url}
+    for text in ("hola, soy Ana", "busco una mesa para dos", "¿qué te pedí?"):
+        code, _, err = await run_chat(
+            tmp_path, json.dumps({"from": "34600111222", "text": text}) + "\n", "--jsonl", **env
+        )
+        assert code == 0, err
+    seen = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
+    assert seen == [
+        "hola, soy Ana",
+        "echo: hola, soy Ana",
+        "busco una mesa para dos",
+        "echo: busco una mesa para dos",
+        "¿qué te pedí?",
+    ]
+
+
 async def test_jsonl_answers_a_scripted_conversation(tmp_path: Path, fake_openai: FakeOpenAI) -> None:
     (tmp_path / "flows.yaml").write_text("- keywords: [horario]\n  answer: De 9 a 18.\n", encoding="utf-8")
     script = "\n".join(

@@ -552,7 +552,10 @@ async def run_chat(settings: Settings, *, jsonl: bool) -> int:
             bad = reading.result()
             if bad:
                 print(f"{bad} line(s) could not be read (see the errors above)", file=sys.stderr)
-            await bot.pipeline.drain()
+            # Every reply out before exiting, unless a signal says stop (a model that hangs, say).
+            draining = asyncio.create_task(bot.pipeline.drain(), name="drain")
+            await asyncio.wait({draining, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            draining.cancel()
     finally:
         for task in (reading, stopping):
             task.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -55,6 +56,48 @@ async def test_every_console_session_keeps_its_replies_in_the_history(
         "echo: busco una mesa para dos",
         "¿qué te pedí?",
     ]
+
+
+async def test_a_stop_signal_ends_the_console_also_after_stdin_closed(
+    tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    """Once stdin had closed, the console waited for every reply with no way out: with a model that
+    hangs, SIGTERM and Ctrl-C did nothing and only kill -9 ended it."""
+    fake_openai.delay_s = 120
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_"))}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        "chat",
+        "--jsonl",
+        cwd=tmp_path,
+        env={
+            **base,
+            "PYTHONPATH": str(REPO),
+            "DATA_DIR": str(tmp_path / "data"),
+            "OPENAI_API_KEY": "test-key",
+            "OPENAI_BASE_URL": fake_openai.base_url,
+            "OPENAI_TIMEOUT": "300",
+        },
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdin is not None
+    process.stdin.write(json.dumps({"from": "34600111222", "text": "hola"}).encode() + b"\n")
+    process.stdin.close()
+    deadline = asyncio.get_running_loop().time() + 30
+    while fake_openai.chat_count == 0:  # the question is at the model, which does not answer
+        assert asyncio.get_running_loop().time() < deadline, "the model was never asked"
+        await asyncio.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), 30)  # it takes at most its 8-s stop budget
+    except TimeoutError:
+        process.kill()
+        raise AssertionError("SIGTERM did not end the console") from None
+    assert process.returncode == 0
 
 
 async def test_jsonl_answers_a_scripted_conversation(tmp_path: Path, fake_openai: FakeOpenAI) -> None:

@@ -74,6 +74,7 @@ class VoiceTranscriber(Protocol):
 _HANDED_OVER = "chat handed to a human"
 _STALE = "too old to answer (offline backlog)"
 _RATE_LIMITED = "over the chat's rate limit"
+_OUR_SIDE_FAILURES = ("transcription_failed", "timeout")  # voice notes: not the customer's doing
 _KEPT_UNANSWERED = (_HANDED_OVER, _STALE, _RATE_LIMITED)  # stored as SKIPPED: part of the chat's history
 
 
@@ -226,6 +227,7 @@ class Pipeline:
         self._busy_since: dict[ChatId, float] = {}
         self._spilled_chats: dict[ChatId, tuple[float, int]] = {}
         self._told_busy: set[ChatId] = set()
+        self._transcription_warned_at = -60.0
         self._to_tell: deque[ChatId] = deque()  # told "busy" next, one at a time (see _tell_busy)
         self._telling: asyncio.Task[None] | None = None
         self._busy_watch: asyncio.Task[None] | None = None
@@ -753,14 +755,29 @@ class Pipeline:
             reason = getattr(error, "reason", None)
             if reason is None:
                 raise
-            logger.debug("voice note {} not transcribed: {} ({})", message.id, reason, error)
+            if reason in _OUR_SIDE_FAILURES:
+                self._warn_transcription_failing(reason, error)
+            else:  # the customer's note (too long, corrupt, ...): they are told why
+                logger.debug("voice note {} not transcribed: {} ({})", message.id, reason, error)
             return "", self._audio_reply(reason, getattr(error, "limit", None))
         self.counters.transcribed += 1
         try:
-            await self.store.set_status(message.id, MessageStatus.RECEIVED, body=text)
+            await self.store.set_status(
+                message.id, MessageStatus.RECEIVED, body=text[: self.max_inbound_chars]
+            )
         except StoreUnavailable as error:  # kept for a retry by the store; the answer does not wait for it
             logger.debug("transcript of {} not saved yet: {}", message.id, error)
         return clean_text(text, self.max_inbound_chars)[0], None
+
+    def _warn_transcription_failing(self, reason: str, error: Exception) -> None:
+        """A transcription server that fails (a wrong OPENAI_TRANSCRIBE_MODEL, an outage) is the owner's to
+        fix: said at WARNING, once a minute at most, not only to the customers as an apology."""
+        now = time.monotonic()
+        if now - self._transcription_warned_at < 60:
+            logger.debug("voice note not transcribed: {} ({})", reason, error)
+            return
+        self._transcription_warned_at = now
+        logger.warning("voice notes are not transcribed ({}); customers get an apology", error)
 
     def _audio_reply(self, reason: str, limit: float | None) -> str:
         if reason == "too_large":
@@ -771,7 +788,7 @@ class Pipeline:
             return reply("audio_empty", self.language)
         if reason == "ai_off":
             return reply("audio_ai_off", self.language)
-        if reason in ("transcription_failed", "timeout"):
+        if reason in _OUR_SIDE_FAILURES:
             return reply("ai_error", self.language)
         return reply("audio_unreadable", self.language)
 

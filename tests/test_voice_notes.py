@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
 from connection.types import MediaRef, MessageKind
 from memory.store import Direction
@@ -110,13 +111,22 @@ async def test_corrupt_audio_gets_a_clear_reply_and_the_chat_keeps_working(
         assert await h.say("hola") == ["echo: hola"]
 
 
-async def test_a_transcription_failure_gets_an_apology(
+async def test_a_transcription_failure_gets_an_apology_and_the_owner_a_warning(
     harness, fake_openai: FakeOpenAI, voice_note: Path
 ) -> None:
-    fake_openai.transcribe_fail_next.extend([500, 500])
-    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
-        [answer] = await h.say(note(voice_note))
-    assert "Lo siento" in answer
+    """The customer got the apology, and the operator nothing above DEBUG: a wrong transcription model or
+    an outage went unnoticed."""
+    said: list[str] = []
+    sink = logger.add(lambda m: said.append(m.record["message"]), level="WARNING")
+    try:
+        fake_openai.transcribe_fail_next.extend([404] * 4)  # two notes, each tried twice
+        async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+            answers = await h.say(note(voice_note), note(voice_note))
+    finally:
+        logger.remove(sink)
+    assert len(answers) == 2 and all("Lo siento" in answer for answer in answers)
+    about_notes = [line for line in said if "voice notes are not transcribed" in line]
+    assert len(about_notes) == 1  # once a minute at most, not once per note
 
 
 async def test_console_jsonl_accepts_audio(tmp_path: Path, fake_openai: FakeOpenAI, voice_note: Path) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import re
 import time
+import unicodedata
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -150,6 +151,7 @@ class DedupWindow:
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_BLANK = frozenset("\u2800\u3164\u115f\u1160\uffa0")  # letters that show as nothing (braille, Hangul fillers)
 
 
 def clean_text(text: str, max_chars: int) -> tuple[str, bool]:
@@ -158,6 +160,8 @@ def clean_text(text: str, max_chars: int) -> tuple[str, bool]:
     Only C0/C1 controls go: format characters such as the zero-width joiner hold emoji together.
     """
     cleaned = _CONTROL.sub("", text).strip()
+    if all(ch.isspace() or ch in _BLANK or unicodedata.category(ch) == "Cf" for ch in cleaned):
+        return "", False  # nothing visible (zero-width characters only, say): an empty message
     if len(cleaned) > max_chars:
         return cleaned[:max_chars], True
     return cleaned, False

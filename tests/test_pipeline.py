@@ -255,8 +255,12 @@ async def test_empty_and_control_character_messages(harness, fake_openai: FakeOp
     async with harness(**ai(fake_openai)) as h:
         [empty] = await h.say("   \n\t ")
         [clean] = await h.say("ho\x00la\x1b[31m")
-    assert "No he recibido texto" in empty
+        [invisible] = await h.say("\u200b\u200c\u200d\ufeff\u2060 \u2800")  # cost a model call before
+        [emoji] = await h.say("\U0001f468\u200d\U0001f469\u200d\U0001f467")  # joined by zero-width joiners
+    assert "No he recibido texto" in empty and invisible == empty
     assert clean == "echo: hola[31m"
+    assert emoji == "echo: \U0001f468\u200d\U0001f469\u200d\U0001f467"
+    assert fake_openai.chat_count == 2
 
 
 async def test_a_huge_message_is_trimmed_before_the_model(harness, fake_openai: FakeOpenAI) -> None:

@@ -161,11 +161,20 @@ class MemoryManager:
         return new
 
     async def run(self, stop: asyncio.Event) -> None:
+        if self.check() is not MemoryState.NORMAL:  # a limit the bot cannot work under: say why at once
+            logger.error(
+                "memory: {:.0f} of {} MB ({}) in use already at start: the bot holds messages back from the "
+                "start; give it more memory (MEMORY_LIMIT, or the service's memory limit)",
+                self.rss_mb,
+                self.limit_mb,
+                self.limit_source,
+            )
         while not stop.is_set():
-            self.check()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval_s):
                     await stop.wait()
+            if not stop.is_set():
+                self.check()
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -3,11 +3,13 @@ messages from 50,000 chats keeps every in-memory structure bounded."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from loguru import logger
 
 from connection.types import ChatId, Inbound, MessageId, MessageKind
 from memory.manager import MemoryManager, MemoryState, cgroup_limit_files, cgroup_limit_mb
@@ -114,6 +116,32 @@ async def test_scraping_the_metrics_never_changes_the_memory_state(harness) -> N
         assert figures["state"] == "normal" and h.bot.pipeline.model_gate.is_set()
         manager.check()  # the poller's reading does act
         assert h.bot.metrics()["memory"]["state"] == "critical"
+
+
+async def test_a_limit_the_bot_cannot_work_under_is_an_error_at_start() -> None:
+    """MEMORY_LIMIT=100 with the bot taking 92 MB idle: critical from the first reading, every customer told
+    "busy" and never answered, and nothing in the logs above a WARNING saying why."""
+    said: list[tuple[str, str]] = []
+    sink = logger.add(lambda m: said.append((m.record["level"].name, m.record["message"])), level="ERROR")
+    stop = asyncio.Event()
+    try:
+        manager = MemoryManager(100, read_rss_mb=lambda: 92.0, interval_s=0.01)
+        running = asyncio.create_task(manager.run(stop))
+        await asyncio.sleep(0.05)
+        stop.set()
+        await running
+        healthy = MemoryManager(500, read_rss_mb=lambda: 92.0, interval_s=0.01)
+        stop.clear()
+        running = asyncio.create_task(healthy.run(stop))
+        await asyncio.sleep(0.05)
+        stop.set()
+        await running
+    finally:
+        logger.remove(sink)
+    assert manager.state is MemoryState.CRITICAL
+    [(level, text)] = said
+    assert level == "ERROR"
+    assert "92 of 100 MB" in text and "MEMORY_LIMIT" in text
 
 
 def structure_sizes(bot: Any) -> dict[str, int]:

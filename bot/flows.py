@@ -36,16 +36,41 @@ def normalize(text: str) -> str:
     return " ".join(_NON_WORD.sub(" ", folded).split())
 
 
+# Bounds on the flows file: a real one is a few KB. A huge one took half a minute to load and kept hundreds
+# of MB for good (the memory manager then stayed critical), so start-up refuses it instead.
+MAX_FLOWS_FILE_BYTES = 1_000_000
+MAX_FLOWS = 5_000
+
+# libyaml's loader when PyYAML was built with it: several times faster than the pure-Python one.
+_YAML_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _read_bounded(path: Path) -> str:
+    with path.open("rb") as file:  # read at most one byte past the bound, whatever the file's size
+        raw = file.read(MAX_FLOWS_FILE_BYTES + 1)
+    if len(raw) > MAX_FLOWS_FILE_BYTES:
+        raise FlowsFileError(
+            f"flows file {path}: larger than {MAX_FLOWS_FILE_BYTES // 1_000_000} MB "
+            f"(a flows file holds at most {MAX_FLOWS:,} short flows)"
+        )
+    return raw.decode("utf-8")
+
+
 def load_flows_file(path: Path) -> list[Flow]:
+    """Read and check a flows file; FlowsFileError names the file and the entry."""
     try:
-        raw = path.read_text(encoding="utf-8")
-        data = json.loads(raw) if path.suffix == ".json" else yaml.safe_load(raw)
+        raw = _read_bounded(path)
+        data = json.loads(raw) if path.suffix == ".json" else yaml.load(raw, Loader=_YAML_LOADER)
+    except FlowsFileError:
+        raise
     except (OSError, ValueError, yaml.YAMLError) as error:
         raise FlowsFileError(f"flows file {path}: {error}") from error
     if data is None:
         return []
     if not isinstance(data, list):
         raise FlowsFileError(f"flows file {path}: expected a list of {{keywords, answer}} entries")
+    if len(data) > MAX_FLOWS:
+        raise FlowsFileError(f"flows file {path}: {len(data):,} flows, at most {MAX_FLOWS:,}")
     flows = []
     for index, entry in enumerate(data, start=1):
         if not isinstance(entry, dict):

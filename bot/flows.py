@@ -40,6 +40,7 @@ def normalize(text: str) -> str:
 # of MB for good (the memory manager then stayed critical), so start-up refuses it instead.
 MAX_FLOWS_FILE_BYTES = 1_000_000
 MAX_FLOWS = 5_000
+MAX_KEYWORDS = 50_000  # all flows together
 
 # libyaml's loader when PyYAML was built with it: several times faster than the pure-Python one.
 _YAML_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -72,18 +73,36 @@ def load_flows_file(path: Path) -> list[Flow]:
     if len(data) > MAX_FLOWS:
         raise FlowsFileError(f"flows file {path}: {len(data):,} flows, at most {MAX_FLOWS:,}")
     flows = []
+    owner: dict[str, int] = {}  # normalised keyword -> the enabled entry that has it
+    total_keywords = 0
     for index, entry in enumerate(data, start=1):
+        where = f"flows file {path}: entry {index}"
         if not isinstance(entry, dict):
-            raise FlowsFileError(f"flows file {path}: entry {index} is not a mapping")
+            raise FlowsFileError(f"{where} is not a mapping")
         keywords = entry.get("keywords")
-        answer = entry.get("answer")
         if isinstance(keywords, str):
             keywords = [keywords]
-        if not keywords or not all(isinstance(k, str) and k.strip() for k in keywords):
-            raise FlowsFileError(f"flows file {path}: entry {index} needs a non-empty list of keywords")
+        if not isinstance(keywords, list) or not keywords:
+            raise FlowsFileError(f"{where}: 'keywords' must be a string or a non-empty list of strings")
+        total_keywords += len(keywords)
+        if total_keywords > MAX_KEYWORDS:  # YAML aliases can repeat one long list in every entry
+            raise FlowsFileError(f"flows file {path}: more than {MAX_KEYWORDS:,} keywords in all")
+        answer = entry.get("answer")
         if not isinstance(answer, str) or not answer.strip():
-            raise FlowsFileError(f"flows file {path}: entry {index} needs a non-empty answer")
-        flows.append(Flow(tuple(keywords), answer.strip(), bool(entry.get("enabled", True))))
+            raise FlowsFileError(f"{where}: 'answer' must be a non-empty string")
+        enabled = entry.get("enabled", True)
+        if not isinstance(enabled, bool):  # bool("false") is True: a quoted "false" left the flow on
+            raise FlowsFileError(f"{where}: 'enabled' must be true or false (unquoted), not {enabled!r}")
+        for keyword in keywords:
+            if not isinstance(keyword, str):
+                raise FlowsFileError(f"{where}: 'keywords' must hold strings only, not {keyword!r}")
+            normal = normalize(keyword)
+            if not normal:  # "¿?" or "": it could never match
+                raise FlowsFileError(f"{where}: keyword {keyword!r} has no letters or digits")
+            first = owner.setdefault(normal, index) if enabled else index
+            if first != index:  # the first flow would always win: this one never answers it
+                raise FlowsFileError(f"{where}: keyword {keyword!r} is already a keyword of entry {first}")
+        flows.append(Flow(tuple(keywords), answer.strip(), enabled))
     return flows
 
 

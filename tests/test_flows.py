@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,74 @@ def test_the_bounds_allow_a_full_file(tmp_path: Path) -> None:
 @pytest.mark.skipif(not yaml.__with_libyaml__, reason="PyYAML built without libyaml")
 def test_yaml_is_read_with_libyaml() -> None:
     assert flows_module._YAML_LOADER is yaml.CSafeLoader
+
+
+# -- the file's entries -----------------------------------------------------------------------------------
+
+
+def test_keywords_of_the_wrong_type_stop_start_up_with_one_line(tmp_path: Path) -> None:
+    """`keywords: 123` was a traceback (TypeError: 'int' object is not iterable)."""
+    write(tmp_path, "- keywords: [horario]\n  answer: Abrimos a las 9.\n- keywords: 123\n  answer: Hola.\n")
+    result = run_bot(tmp_path, "chat", "--jsonl", FLOWS_FILE="flows.yaml")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == (
+        "invalid configuration: FLOWS_FILE: flows file flows.yaml: entry 2: "
+        "'keywords' must be a string or a non-empty list of strings"
+    )
+
+
+@pytest.mark.parametrize(
+    ("entries", "error"),
+    [
+        ("- {keywords: true, answer: Hola}", "entry 1: 'keywords' must be a string or a non-empty list"),
+        ("- {keywords: {horario: 1}, answer: Hola}", "entry 1: 'keywords' must be a string or a non-empty"),
+        ("- {keywords: [], answer: Hola}", "entry 1: 'keywords' must be a string or a non-empty list"),
+        ("- {keywords: [horario, 5], answer: Hola}", "entry 1: 'keywords' must hold strings only, not 5"),
+        ("- {keywords: [horario, [a]], answer: Hola}", "entry 1: 'keywords' must hold strings only"),
+        ("- {keywords: horario, answer: 5}", "entry 1: 'answer' must be a non-empty string"),
+        ("- {keywords: horario}", "entry 1: 'answer' must be a non-empty string"),
+        ('- {keywords: horario, answer: Hola, enabled: "false"}', "entry 1: 'enabled' must be true or false"),
+        ('- {keywords: horario, answer: Hola, enabled: "no"}', "entry 1: 'enabled' must be true or false"),
+        ("- {keywords: horario, answer: Hola, enabled: 0}", "entry 1: 'enabled' must be true or false"),
+        ("- {keywords: [horario, '¿?'], answer: Hola}", "entry 1: keyword '¿?' has no letters or digits"),
+        ("- {keywords: ['  '], answer: Hola}", "entry 1: keyword '  ' has no letters or digits"),
+        (
+            "- {keywords: [horario], answer: Hola}\n- {keywords: [precio, 'HORÁRIO'], answer: Adiós}",
+            "entry 2: keyword 'HORÁRIO' is already a keyword of entry 1",
+        ),
+    ],
+)
+def test_a_malformed_entry_is_named_with_its_field(tmp_path: Path, entries: str, error: str) -> None:
+    with pytest.raises(FlowsFileError, match=r"^flows file .*flows\.yaml: " + re.escape(error)):
+        load_flows_file(write(tmp_path, entries + "\n"))
+
+
+def test_enabled_false_in_json_must_be_a_boolean(tmp_path: Path) -> None:
+    path = write(tmp_path, '[{"keywords": ["precio"], "answer": "10 euros", "enabled": "false"}]', "f.json")
+    with pytest.raises(FlowsFileError, match=r"entry 1: 'enabled' must be true or false .*not 'false'$"):
+        load_flows_file(path)
+
+
+def test_real_booleans_switch_a_flow_and_a_disabled_flow_may_share_keywords(tmp_path: Path) -> None:
+    """A disabled flow is a spare (the summer hours, say): it may repeat an enabled flow's keyword."""
+    path = write(
+        tmp_path,
+        "- {keywords: [horario, Horario], answer: Invierno}\n"
+        "- {keywords: [horario], answer: Verano, enabled: false}\n"
+        "- {keywords: [precio], answer: Caro, enabled: no}\n"  # YAML's own boolean
+        "- {keywords: envio, answer: Gratis, enabled: true}\n",
+    )
+    assert [(flow.answer, flow.enabled) for flow in load_flows_file(path)] == [
+        ("Invierno", True),
+        ("Verano", False),
+        ("Caro", False),
+        ("Gratis", True),
+    ]
+
+
+def test_yaml_aliases_cannot_multiply_the_keywords(tmp_path: Path) -> None:
+    many = ", ".join(f"k{i}" for i in range(20_000))
+    entries = "".join("- {keywords: *k, answer: a, enabled: false}\n" for _ in range(10))
+    path = write(tmp_path, f"- {{keywords: &k [{many}], answer: a, enabled: false}}\n{entries}")
+    with pytest.raises(FlowsFileError, match="more than 50,000 keywords in all"):
+        load_flows_file(path)

@@ -1,5 +1,9 @@
 """Keyword flows: fixed answers for known questions, checked before the cache and the model.
 
+A flow answers on its own only a short message (at most MAX_FLOW_WORDS words): "¿horario?" is that
+question, while "¿horario del sábado? y quiero cancelar el pedido 123" asks more than the flow knows, so it
+goes to the model with the answers of the flows it matched as facts.
+
 The flows file is YAML or JSON:
 
     - keywords: [horario, horarios, "a qué hora"]
@@ -8,10 +12,11 @@ The flows file is YAML or JSON:
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import yaml
@@ -106,8 +111,15 @@ def load_flows_file(path: Path) -> list[Flow]:
     return flows
 
 
+# A message of at most this many words that contains a keyword is that flow's question; a longer one asks
+# something more (or something else: "my order is 3 hours late, I want a refund"), so the model answers it.
+MAX_FLOW_WORDS = 6
+# At most this many flow answers go to the model as facts for one message (they lengthen every such call).
+MAX_FACTS = 3
+
+
 class FlowMatcher:
-    """Finds the first enabled flow with a keyword that appears as whole words in the text."""
+    """Finds the enabled flows with a keyword that appears as whole words in the text, in file order."""
 
     def __init__(self, flows: Iterable[Flow] = ()) -> None:
         self.replace(flows)
@@ -126,8 +138,18 @@ class FlowMatcher:
         return len(self._flows)
 
     def match(self, text: str) -> str | None:
-        padded = f" {normalize(text)} "
+        """The first matching flow's answer when the text is short enough to be just its question."""
+        normal = normalize(text)
+        if normal.count(" ") >= MAX_FLOW_WORDS:  # words are single-space separated after normalize
+            return None
+        return next(self._matches(f" {normal} "), None)
+
+    def facts(self, text: str) -> list[str]:
+        """The answers of the first MAX_FACTS flows the text matches, whatever its length: facts for the
+        model when a flow does not answer the message on its own."""
+        return list(itertools.islice(self._matches(f" {normalize(text)} "), MAX_FACTS))
+
+    def _matches(self, padded: str) -> Iterator[str]:
         for keywords, answer in self._flows:
             if any(keyword in padded for keyword in keywords):
-                return answer
-        return None
+                yield answer

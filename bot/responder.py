@@ -49,6 +49,19 @@ def build_messages(system_prompt: str, history: Sequence[StoredMessage], text: s
     return messages
 
 
+def with_facts(system_prompt: str, facts: Sequence[str]) -> str:
+    """The system prompt plus the answers of the flows a message matched, when a flow did not answer it
+    alone ("¿horario del sábado? y quiero cancelar el pedido 123"): the model then gives the business's own
+    hours and answers the rest."""
+    if not facts:
+        return system_prompt
+    listed = "\n".join(f"- {fact}" for fact in facts)
+    return (
+        f"{system_prompt}\n\nFacts from the business that bear on the customer's message; where they apply, "
+        f"use them as they are and do not contradict them:\n{listed}"
+    )
+
+
 def cache_key(model: str, messages: list[dict[str, str]]) -> str:
     """The whole context is the key, so an answer is only reused for an identical conversation.
 
@@ -79,7 +92,8 @@ class Responder:
         self.by_source: dict[str, int] = {source.value: 0 for source in Source}
 
     def quick_answer(self, text: str) -> Answer | None:
-        """A flow answer, or None when the text needs the history and the model."""
+        """A flow answer, or None when the text needs the history and the model (no flow matches, or the
+        message is too long to be just a flow's question)."""
         answer = self.flows.match(text)
         if answer is None:
             return None
@@ -91,15 +105,18 @@ class Responder:
         return self.quick_answer(text) or await self.model_answer(text, history)
 
     async def model_answer(self, text: str, history: Sequence[StoredMessage]) -> Answer:
-        """The cache, then the model (or the polite reply when AI is off, or an apology on failure)."""
+        """The cache, then the model, told the answers of the flows the text matched (or the polite reply
+        when AI is off, after those answers, or an apology on failure)."""
         result = await self._from_model(text, history)
         self.by_source[result.source.value] += 1
         return result
 
     async def _from_model(self, text: str, history: Sequence[StoredMessage]) -> Answer:
-        if self.model is None:
-            return Answer(reply("ai_off", self.language), Source.AI_OFF)
-        messages = build_messages(self.system_prompt, history, text)
+        facts = self.flows.facts(text)
+        if self.model is None:  # what the flows know, and that someone will answer the rest
+            return Answer("\n\n".join([*facts, reply("ai_off", self.language)]), Source.AI_OFF)
+        messages = build_messages(with_facts(self.system_prompt, facts), history, text)
+        # The facts are in the key (the system prompt): an answer is reused only with the same facts.
         key = cache_key(self.model.model, messages)
         cached = self.cache.get(key)
         if cached is not None:

@@ -9,7 +9,19 @@ import pytest
 import yaml
 
 from bot import flows as flows_module
-from bot.flows import MAX_FLOWS, MAX_FLOWS_FILE_BYTES, FlowsFileError, load_flows_file
+from bot.flows import (
+    MAX_FACTS,
+    MAX_FLOW_WORDS,
+    MAX_FLOWS,
+    MAX_FLOWS_FILE_BYTES,
+    FlowMatcher,
+    FlowsFileError,
+    load_flows_file,
+)
+from bot.replies import reply
+from memory.store import Flow
+from tests.conftest import inbound
+from tests.fake_openai import FakeOpenAI
 from tests.test_config import run_bot
 
 
@@ -121,3 +133,85 @@ def test_yaml_aliases_cannot_multiply_the_keywords(tmp_path: Path) -> None:
     path = write(tmp_path, f"- {{keywords: &k [{many}], answer: a, enabled: false}}\n{entries}")
     with pytest.raises(FlowsFileError, match="more than 50,000 keywords in all"):
         load_flows_file(path)
+
+
+# -- which messages a flow answers ------------------------------------------------------------------------
+
+HOURS = "Abrimos de lunes a viernes de 9:00 a 18:00 y los sábados de 10:00 a 14:00."
+PLACE = "Estamos en Calle Mayor 1, Madrid."
+TWO_FLOWS = (
+    f'- keywords: [horario, "a que hora abren"]\n  answer: "{HOURS}"\n'
+    f'- keywords: ["donde estais", "vuestra direccion"]\n  answer: "{PLACE}"\n'
+)
+
+
+def ai(fake: FakeOpenAI, flows: Path, **extra: object) -> dict[str, object]:
+    return {"openai_api_key": "test-key", "openai_base_url": fake.base_url, "flows_file": flows, **extra}
+
+
+def test_a_flow_answers_alone_only_a_short_message() -> None:
+    matcher = FlowMatcher([Flow(("horario",), HOURS)])
+    assert matcher.match("¿Cuál es el HORARIO del sábado?") == HOURS  # 6 words
+    assert matcher.match("hola, ¿cuál es el horario del sábado?") is None  # 7 words
+    assert matcher.facts("hola, ¿cuál es el horario del sábado?") == [HOURS]
+    assert MAX_FLOW_WORDS == 6
+
+
+def test_facts_are_the_matched_flows_in_file_order_and_bounded() -> None:
+    flows = [Flow((f"tema{i}",), f"respuesta {i}") for i in range(MAX_FACTS + 2)]
+    matcher = FlowMatcher([Flow(("nada",), "x"), *reversed(flows), Flow(("tema0", "otro"), "y", False)])
+    text = " ".join(f"tema{i}" for i in range(MAX_FACTS + 2))
+    assert MAX_FACTS == 3
+    assert matcher.facts(text) == ["respuesta 4", "respuesta 3", "respuesta 2"]
+    assert matcher.facts("de otra cosa") == []
+
+
+async def test_a_long_message_goes_to_the_model_with_the_flows_answers_as_facts(
+    harness, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """ "¿horario del sábado? Y quiero cancelar mi pedido 123" got only the hours: the cancellation never
+    reached the model. Now the model answers it all, told the business's hours."""
+    question = "Hola, ¿horario del sábado? Y quiero cancelar mi pedido 123"
+    async with harness(**ai(fake_openai, write(tmp_path, TWO_FLOWS))) as h:
+        assert await h.say(question) == [f"echo: {question}"]
+        assert await h.say("¿horario?") == [HOURS]  # a short question is still the flow's, without the model
+    [request] = fake_openai.chat_requests
+    system, user = request["messages"][0], request["messages"][-1]
+    assert system["role"] == "system" and system["content"].startswith(h.settings.bot_system_prompt)
+    assert f"\n- {HOURS}" in system["content"] and PLACE not in system["content"]
+    assert user == {"role": "user", "content": question}
+
+
+async def test_a_long_message_without_a_flow_keyword_has_no_facts(
+    harness, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    async with harness(**ai(fake_openai, write(tmp_path, TWO_FLOWS))) as h:
+        await h.say("quiero cancelar mi pedido 123 por favor")
+    assert fake_openai.chat_requests[0]["messages"][0]["content"] == h.settings.bot_system_prompt
+
+
+async def test_a_cached_answer_is_reused_only_with_the_same_facts(
+    harness, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    question = "hola, ¿a que hora abren el sábado y hacen envíos?"
+    answers = iter(["primera", "segunda", "tercera"])
+    fake_openai.reply = lambda messages: next(answers)
+    async with harness(**ai(fake_openai, write(tmp_path, TWO_FLOWS))) as h:
+        assert await h.say(inbound(question, chat="34600000001@s.whatsapp.net")) == ["primera"]
+        assert await h.say(inbound(question, chat="34600000002@s.whatsapp.net")) == ["primera"]  # cached
+        # The hours change (bot_flows is re-read every minute): the cached answer told the old ones.
+        h.bot.pipeline.responder.flows.replace([Flow(("a que hora abren",), "Abrimos a las 8.")])
+        assert await h.say(inbound(question, chat="34600000003@s.whatsapp.net")) == ["segunda"]
+        h.bot.pipeline.responder.flows.replace([])
+        assert await h.say(inbound(question, chat="34600000004@s.whatsapp.net")) == ["tercera"]
+    assert fake_openai.chat_count == 3
+    systems = [request["messages"][0]["content"] for request in fake_openai.chat_requests]
+    assert HOURS in systems[0] and "Abrimos a las 8." in systems[1] and "Abrimos" not in systems[2]
+
+
+async def test_without_a_key_a_long_message_gets_the_flows_answers_and_the_polite_reply(
+    harness, tmp_path: Path
+) -> None:
+    async with harness(flows_file=write(tmp_path, TWO_FLOWS)) as h:
+        [answer] = await h.say("Hola, ¿horario del sábado? Y quiero cancelar mi pedido 123")
+    assert answer == f"{HOURS}\n\n{reply('ai_off', 'es')}"

@@ -215,3 +215,49 @@ async def test_without_a_key_a_long_message_gets_the_flows_answers_and_the_polit
     async with harness(flows_file=write(tmp_path, TWO_FLOWS)) as h:
         [answer] = await h.say("Hola, ¿horario del sábado? Y quiero cancelar mi pedido 123")
     assert answer == f"{HOURS}\n\n{reply('ai_off', 'es')}"
+
+
+# -- the shipped flows.yaml -------------------------------------------------------------------------------
+
+SHIPPED = Path(__file__).resolve().parent.parent / "flows.yaml"
+
+
+@pytest.mark.parametrize(
+    ("question", "topic"),
+    [
+        ("horario", "Abrimos"),
+        ("¿Cuál es vuestro horario?", "Abrimos"),
+        ("¿A qué hora abren?", "Abrimos"),
+        ("¿a qué hora cerráis hoy?", "Abrimos"),
+        ("opening hours?", "Abrimos"),
+        ("What time do you open?", "Abrimos"),
+        ("¿Dónde estáis?", "Calle Mayor"),
+        ("¿Cuál es vuestra dirección?", "Calle Mayor"),
+        ("¿cómo llegar?", "Calle Mayor"),
+        ("Where are you located?", "Calle Mayor"),
+    ],
+)
+def test_the_shipped_flows_answer_their_questions(question: str, topic: str) -> None:
+    answer = FlowMatcher(load_flows_file(SHIPPED)).match(question)
+    assert answer is not None and topic in answer
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "My order is 3 hours late, I want a refund",
+        "3 hours late",
+        "No me llega la ubicacion de mi pedido",
+        "ubicacion del pedido?",
+        "Quiero cambiar la dirección de entrega",
+        "mi dirección ha cambiado",
+        "¿A qué hora llega mi pedido?",
+        "Where is my order? Its location says Madrid",
+        "can I change my address?",
+        "¿Dónde están mis paquetes?",
+    ],
+)
+def test_the_shipped_keywords_stay_out_of_unrelated_questions(question: str) -> None:
+    """ "hours", "location", "ubicacion", "direccion" and "donde estan" answered late or lost orders."""
+    matcher = FlowMatcher(load_flows_file(SHIPPED))
+    assert matcher.match(question) is None and matcher.facts(question) == []

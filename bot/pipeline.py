@@ -877,13 +877,16 @@ class Pipeline:
         over meanwhile, or it waited too long). The reply leaves the history and is marked failed in the
         store, all of it even if parts before this one went out: the model is never told of an answer the
         customer did not get. A drop can come before the reply is recorded (a later part still waiting
-        for room in the outbox): then it is recorded failed."""
+        for room in the outbox): then it is recorded failed. After a restart only a reply's first part
+        leads to its row (a later part dropped alone, after failing three times, is not marked)."""
         reply_id = self._reply_of.pop(part_id, None)
         if reply_id is None:
+            # Not a reply this process recorded: one it records later (recorded failed then), or one queued
+            # by an earlier process (a stop while disconnected), whose row id is its first part's id.
             self._dropped_early[part_id] = None
             while len(self._dropped_early) > 1_000:
                 self._dropped_early.popitem(last=False)
-            return
+            reply_id = part_id
         self.history.forget(chat, reply_id)
 
         async def mark() -> None:

@@ -523,6 +523,46 @@ async def test_a_reply_dropped_from_the_outbox_is_not_remembered_as_sent(
         assert "te atiendo yo" in history  # what the human said is kept
 
 
+async def test_a_reply_queued_before_a_restart_and_dropped_after_it_is_not_remembered_as_sent(
+    fake_client: type[FakeNewAClient], tmp_path: Path, fake_openai: Any
+) -> None:
+    """Queued while disconnected, the bot stopped (the outbox is a file: it waits for the next start), and
+    the next process dropped it at the reconnect (the owner had taken the chat over): that process did not
+    know the reply, so it stayed recorded as sent and the model was told of it."""
+    from memory.store import Direction, MessageStatus
+    from tests.conftest import inbound
+
+    fake_client.script.extend(["ok"])
+    async with bot_behind_the_outbox(tmp_path, fake_openai) as (bot, t, governed):
+        client = fake_client.instances[0]
+        await client.drop()
+        question = inbound("¿tenéis talla M?", chat=CHAT)
+        governed.note_inbound(question)
+        bot.pipeline.submit(question)
+        assert await bot.pipeline.drain(5)
+        assert t.stats()["outbox_pending"] == 1
+        bot.pipeline.submit(inbound("te atiendo yo", chat=CHAT, from_me=True))  # the owner, from the phone
+        await asyncio.sleep(0.2)
+    fake_client.script.extend(["ok"])  # the next start, connected: the queued reply meets the takeover
+    async with bot_behind_the_outbox(tmp_path, fake_openai) as (bot, t, governed):
+        async with asyncio.timeout(5):
+            while t.stats()["outbox_pending"]:
+                await asyncio.sleep(0.01)
+        assert fake_client.instances[-1].sent == []  # withheld
+        assert await bot.pipeline.drain(5)
+        rows = await bot.store.recent_messages(CHAT, 10)
+        replies = [r for r in rows if r.direction is Direction.OUT and r.body.startswith("echo:")]
+        assert [r.status for r in replies] == [MessageStatus.FAILED]
+
+        bot.pipeline.takeover.resume(CHAT)
+        later = inbound("¿y en azul?", chat=CHAT)
+        governed.note_inbound(later)
+        bot.pipeline.submit(later)
+        assert await bot.pipeline.drain(5)
+        history = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
+        assert "echo: ¿tenéis talla M?" not in history, "the model was told of an answer nobody got"
+
+
 LONG_FIRST = "Primera frase bastante larga para ocupar sitio. " * 4
 LONG_SECOND = "Segunda frase que el cliente nunca recibe, la del final."
 

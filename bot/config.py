@@ -16,6 +16,9 @@ PLACEHOLDERS = {"changeme", "your-key-here", "sk-...", "xxx", "<your key>"}
 
 
 class Settings(BaseSettings):
+    """Every number has a lower and an upper bound: an absurd value is one line naming the variable at
+    start-up, not an OverflowError from SQLite (or an hour-long sleep) once the bot runs."""
+
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", env_ignore_empty=True, extra="ignore", allow_inf_nan=False
     )
@@ -43,38 +46,38 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         default_factory=lambda: Path(os.environ.get("RAILWAY_VOLUME_MOUNT_PATH") or "data")
     )
-    retention_days: int = Field(30, ge=1)
+    retention_days: int = Field(30, ge=1, le=36_500)
 
     # Process
     port: int = Field(8080, ge=1, le=65535)
     app_env: Literal["development", "production"] = "development"
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] | None = None
     log_json: bool = False
-    memory_limit: int | None = Field(None, ge=64, description="MB")
+    memory_limit: int | None = Field(None, ge=64, le=1_048_576, description="MB")
 
     # Conversation
     max_chat_history: int = Field(5, ge=0, le=100)
     max_reply_chars: int = Field(1500, ge=200, le=60000)
     max_inbound_chars: int = Field(4000, ge=100, le=100000)
-    recovery_window_minutes: float = Field(10.0, ge=0)
+    recovery_window_minutes: float = Field(10.0, ge=0, le=43_200)
     reply_to_groups: Literal["never", "mentioned", "always"] = "never"
-    cache_ttl_s: float = Field(3600.0, ge=0)
-    cache_max_entries: int = Field(1000, ge=0)
-    rate_limit_max_messages: int = Field(30, ge=1)
-    rate_limit_cooldown: int = Field(60000, ge=1000, description="ms")
-    human_takeover_minutes: float = Field(30.0, ge=0)
+    cache_ttl_s: float = Field(3600.0, ge=0, le=2_592_000)
+    cache_max_entries: int = Field(1000, ge=0, le=1_000_000)
+    rate_limit_max_messages: int = Field(30, ge=1, le=1_000_000)
+    rate_limit_cooldown: int = Field(60000, ge=1000, le=86_400_000, description="ms")
+    human_takeover_minutes: float = Field(30.0, ge=0, le=525_600)
     allowed_numbers: str = ""
     blocked_numbers: str = ""
-    ai_circuit_failures: int = Field(5, ge=1)
-    ai_circuit_cooldown_s: float = Field(30.0, gt=0)
+    ai_circuit_failures: int = Field(5, ge=1, le=1000)
+    ai_circuit_cooldown_s: float = Field(30.0, gt=0, le=3600)
 
     # Memory
     memory_warning: float = Field(0.8, gt=0, lt=1)
     memory_critical: float = Field(0.9, gt=0, lt=1)
     memory_shrink_fraction: float = Field(0.5, gt=0, le=1)
-    busy_reply_after_s: float = Field(30.0, gt=0)
-    max_active_chats: int = Field(1024, ge=1)
-    max_waiting_messages: int = Field(10_000, ge=10)
+    busy_reply_after_s: float = Field(30.0, gt=0, le=86_400)
+    max_active_chats: int = Field(1024, ge=1, le=100_000)
+    max_waiting_messages: int = Field(10_000, ge=10, le=1_000_000)
 
     # Media
     audio_max_mb: float = Field(25.0, gt=0, le=100)
@@ -83,12 +86,12 @@ class Settings(BaseSettings):
     # WhatsApp
     wa_pair_phone: str | None = None
     wa_session_name: str = "bot"
-    wa_heartbeat_s: float = Field(30.0, ge=5)
+    wa_heartbeat_s: float = Field(30.0, ge=5, le=3600)
     wa_presence_ping: bool = False
     wa_reject_calls: bool = False
     wa_send_per_minute: int = Field(40, ge=1, le=1000)
-    wa_typing_chars_per_s: float = Field(25.0, ge=0)
-    wa_same_text_max_chats: int = Field(5, ge=1)
+    wa_typing_chars_per_s: float = Field(25.0, ge=0, le=1000)
+    wa_same_text_max_chats: int = Field(5, ge=1, le=10_000)
     admin_token: str | None = None
 
     @field_validator("log_level", mode="before")

@@ -1,0 +1,66 @@
+"""Every numeric setting is bounded on both sides: an absurd value is a one-line configuration error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import annotated_types
+import pytest
+from pydantic import ValidationError
+
+from bot.config import Settings, describe_error
+
+REPO = Path(__file__).resolve().parent.parent
+NUMERIC = sorted(
+    name
+    for name, field in Settings.model_fields.items()
+    if field.annotation in (int, float, int | None, float | None)
+)
+
+
+def test_the_numeric_settings_are_found() -> None:
+    expected = {"max_waiting_messages", "retention_days", "port", "openai_timeout", "memory_limit"}
+    assert expected <= set(NUMERIC)
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_every_numeric_setting_has_a_lower_and_an_upper_bound(name: str) -> None:
+    kinds = {type(rule) for rule in Settings.model_fields[name].metadata}
+    assert kinds & {annotated_types.Ge, annotated_types.Gt}, f"{name.upper()} has no lower bound"
+    assert kinds & {annotated_types.Le, annotated_types.Lt}, f"{name.upper()} has no upper bound"
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999", "-99999999999999999999", "1e300"])
+@pytest.mark.parametrize("name", NUMERIC)
+def test_an_absurd_number_is_refused_naming_the_variable(name: str, value: str) -> None:
+    if Settings.model_fields[name].annotation in (int, int | None) and "e" in value:
+        value = "1" + "0" * 300  # the integer spelling of the same absurdity
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=None, **{name: value})  # type: ignore[arg-type]
+    assert describe_error(caught.value).startswith(f"{name.upper()}=")
+
+
+def test_a_huge_max_waiting_messages_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    """It used to get past the settings and end in an OverflowError from SQLite (a 40-line traceback)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_", "WA_"))}
+    env.update(
+        PYTHONPATH=str(REPO), DATA_DIR=str(tmp_path / "data"), MAX_WAITING_MESSAGES="99999999999999999999"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "chat", "--jsonl"],
+        cwd=tmp_path,
+        env=env,
+        input='{"from": "34600111222", "text": "hola"}\n',
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0] == (
+        "invalid configuration: MAX_WAITING_MESSAGES='99999999999999999999':"
+        " Input should be less than or equal to 1000000"
+    )

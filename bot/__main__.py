@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from bot.config import config_error, data_dir_problem, load_settings
+from bot.config import Settings, config_error, data_dir_problem, load_settings, sqlite_file_problem
 from bot.logsetup import setup_logging
 
 
@@ -43,6 +43,20 @@ def drop_privileges(data_dir: Path) -> None:
     os.environ["HOME"] = entry.pw_dir
 
 
+def check_local_databases(settings: Settings, *, outbox: bool) -> None:
+    """A SQLite file that cannot be opened stops start-up with one line that says what to do, before
+    anything else starts (else: a traceback, and on Railway a restart loop with HTTP never up)."""
+    for path, loses in settings.local_databases(outbox=outbox):
+        if problem := sqlite_file_problem(path):
+            fix = "move it aside to start fresh"
+            if "read-only" in problem or "permission" in problem:
+                fix = "give the bot's user write access, or " + fix
+            config_error(
+                f"{path}: {problem}; {fix} (without {loses}); the WhatsApp session"
+                f" is {settings.session_whereabouts} and is kept"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     settings = load_settings()
@@ -51,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "run"
     if command in ("run", "chat") and (problem := data_dir_problem(settings.data_dir)):
         config_error(f"DATA_DIR={settings.data_dir}: {problem}")
+    if command in ("run", "chat"):
+        check_local_databases(settings, outbox=command == "run")
     if command == "chat":
         from bot.app import run_chat
 

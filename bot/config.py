@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import sys
 import tempfile
 from pathlib import Path
@@ -226,6 +228,31 @@ class Settings(BaseSettings):
     def store_path(self) -> Path:
         return self.data_dir / "bot.sqlite3"
 
+    @property
+    def journal_path(self) -> Path:
+        """The Supabase store's local journal (memory.supabase_store.JOURNAL_FILE)."""
+        return self.data_dir / "supabase-journal.sqlite3"
+
+    @property
+    def outbox_path(self) -> Path:
+        """Replies waiting for the WhatsApp connection (`run` only)."""
+        return self.data_dir / "outbox.sqlite3"
+
+    def local_databases(self, *, outbox: bool) -> list[tuple[Path, str]]:
+        """The SQLite files the bot opens at start, each with what a fresh start without it goes without."""
+        if self.supabase_url:
+            files = [(self.journal_path, "its writes not yet sent to Supabase")]
+        else:
+            files = [(self.store_path, "its message history")]
+        if outbox:
+            files.append((self.outbox_path, "its replies waiting for the connection"))
+        return files
+
+    @property
+    def session_whereabouts(self) -> str:
+        """Where the WhatsApp session is, for a message (never the Postgres URL: it holds a password)."""
+        return "in Postgres (SUPABASE_DB_URL)" if self.supabase_db_url else f"in {self.session_database}"
+
 
 def _split_numbers(value: str) -> list[str]:
     return [n.strip().lstrip("+").replace(" ", "") for n in value.split(",") if n.strip()]
@@ -273,6 +300,39 @@ def data_dir_problem(data_dir: Path) -> str | None:
             pass
     except OSError as error:
         return error.strerror or type(error).__name__
+    return None
+
+
+def sqlite_file_problem(path: Path, *, thorough: bool = False) -> str | None:
+    """Why the SQLite file at `path` cannot be opened for writing (a folder, read-only, not a database), or
+    None; a missing file is no problem (it is created). `thorough` also runs `PRAGMA quick_check`, which
+    reads every page (for `doctor`); without it only the header and the schema are read (start-up).
+    A file that is locked now (a running bot holds it) counts as no problem: unknown is not broken."""
+    if path.is_dir():
+        return "is a directory, not a database file"
+    if not path.exists():
+        return None
+    for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        name = "" if part == path else f"{part.name} "
+        if part.exists() and not os.access(part, os.R_OK):
+            return f"{name}cannot be read (permission denied)"
+        if part.exists() and not os.access(part, os.W_OK):
+            return f"{name}is read-only"
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=2)
+        ) as conn:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            if thorough:
+                found = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+                if found != ["ok"]:
+                    return f"is damaged ({'; '.join(found)})"
+    except sqlite3.OperationalError as error:
+        if "locked" in str(error) or "busy" in str(error):
+            return None
+        return str(error)
+    except sqlite3.Error as error:  # "file is not a database", "database disk image is malformed"
+        return str(error)
     return None
 
 

@@ -1,0 +1,158 @@
+"""A local SQLite file that cannot be opened stops `chat` and `run` with one line saying what to do."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bot.config import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def run_bot(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_", "WA_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        cwd=tmp_path,
+        env={
+            **base,
+            "PYTHONPATH": str(REPO),
+            "DATA_DIR": str(tmp_path / "data"),
+            "PORT": str(free_port()),
+            **env,
+        },
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def a_database(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE t (x)")
+        conn.commit()
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """Read-only for this user: root writes through file modes, so as root the file is made immutable."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        yield
+        return
+    made = subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False)
+    if made.returncode != 0:
+        pytest.skip("running as root and chattr +i is not available here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], *expected: str) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("invalid configuration: "), lines[0]
+    for part in expected:
+        assert part in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["chat", "run"])
+def test_a_file_that_is_not_a_database_stops_start_up_with_one_line(tmp_path: Path, command: str) -> None:
+    store = tmp_path / "data" / "bot.sqlite3"
+    store.parent.mkdir()
+    store.write_text("garbage\n")
+    result = run_bot(tmp_path, command, *(["--jsonl"] if command == "chat" else []))
+    assert_one_line(
+        result,
+        f"{store}: file is not a database; move it aside to start fresh",
+        f"the WhatsApp session is in {tmp_path / 'data' / 'whatsapp-session.sqlite3'} and is kept",
+    )
+    assert store.read_text() == "garbage\n", "the file is left as it was"
+
+
+def test_a_directory_where_the_database_goes_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    store = tmp_path / "data" / "bot.sqlite3"
+    store.mkdir(parents=True)
+    result = run_bot(tmp_path, "chat", "--jsonl")
+    assert_one_line(result, f"{store}: is a directory, not a database file; move it aside to start fresh")
+
+
+def test_a_read_only_database_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    store = tmp_path / "data" / "bot.sqlite3"
+    a_database(store)
+    with read_only(store):
+        result = run_bot(tmp_path, "run")
+    assert_one_line(result, f"{store}: is read-only; give the bot's user write access, or move it aside")
+
+
+def test_with_supabase_the_journal_is_checked_and_the_session_url_never_shown(tmp_path: Path) -> None:
+    journal = Settings(_env_file=None, data_dir=tmp_path / "data").journal_path  # type: ignore[call-arg]
+    journal.parent.mkdir()
+    journal.write_bytes(b"\x00" * 4096)
+    result = run_bot(
+        tmp_path,
+        "chat",
+        "--jsonl",
+        SUPABASE_URL="http://127.0.0.1:9",
+        SUPABASE_KEY="service-role-key",
+        SUPABASE_DB_URL="postgresql://bot:Secret-pw@127.0.0.1:9/postgres",
+    )
+    line = assert_one_line(
+        result,
+        f"{journal}: file is not a database",
+        "without its writes not yet sent to Supabase",
+        "the WhatsApp session is in Postgres (SUPABASE_DB_URL) and is kept",
+    )
+    assert "Secret-pw" not in line
+
+
+def test_run_checks_the_outbox_too(tmp_path: Path) -> None:
+    outbox = tmp_path / "data" / "outbox.sqlite3"
+    outbox.parent.mkdir()
+    outbox.write_text("garbage\n")
+    result = run_bot(tmp_path, "run")
+    assert_one_line(result, f"{outbox}: file is not a database", "without its replies waiting")
+
+
+def test_the_journal_named_in_the_settings_is_the_one_the_store_opens(tmp_path: Path) -> None:
+    from memory.supabase_store import JOURNAL_FILE
+
+    assert Settings(_env_file=None, data_dir=tmp_path).journal_path == tmp_path / JOURNAL_FILE  # type: ignore[call-arg]
+
+
+def test_a_healthy_database_from_a_crashed_run_still_starts(tmp_path: Path) -> None:
+    """A WAL file left by a kill -9 is a normal state, not a problem."""
+    store = tmp_path / "data" / "bot.sqlite3"
+    store.parent.mkdir()
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('PRAGMA journal_mode=WAL');"
+            " c.execute('CREATE TABLE t (x)'); c.commit(); os._exit(0)",
+            str(store),
+        ],
+        check=True,
+    )
+    assert store.with_name("bot.sqlite3-wal").exists()
+    result = run_bot(tmp_path, "chat", "--jsonl")
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from bot.config import Settings, config_error, data_dir_problem, load_settings, sqlite_file_problem
+from bot.config import Settings, config_error, data_dir_problem, load_settings, local_database_problems
 from bot.logsetup import setup_logging
 
 
@@ -46,15 +46,8 @@ def drop_privileges(data_dir: Path) -> None:
 def check_local_databases(settings: Settings, *, outbox: bool) -> None:
     """A SQLite file that cannot be opened stops start-up with one line that says what to do, before
     anything else starts (else: a traceback, and on Railway a restart loop with HTTP never up)."""
-    for path, loses in settings.local_databases(outbox=outbox):
-        if problem := sqlite_file_problem(path):
-            fix = "move it aside to start fresh"
-            if "read-only" in problem or "permission" in problem:
-                fix = "give the bot's user write access, or " + fix
-            config_error(
-                f"{path}: {problem}; {fix} (without {loses}); the WhatsApp session"
-                f" is {settings.session_whereabouts} and is kept"
-            )
+    for path, problem, fix in local_database_problems(settings, outbox=outbox):
+        config_error(f"{path}: {problem}; {fix}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -336,6 +336,23 @@ def sqlite_file_problem(path: Path, *, thorough: bool = False) -> str | None:
     return None
 
 
+def local_database_problems(
+    settings: Settings, *, outbox: bool, thorough: bool = False
+) -> list[tuple[Path, str, str]]:
+    """(file, problem, what to do) for each local SQLite file the bot opens at start that it could not."""
+    found = []
+    for path, without in settings.local_databases(outbox=outbox):
+        if problem := sqlite_file_problem(path, thorough=thorough):
+            fix = "move it aside to start fresh"
+            if "read-only" in problem or "permission" in problem:
+                fix = "give the bot's user write access, or " + fix
+            where = settings.session_whereabouts
+            found.append(
+                (path, problem, f"{fix} (without {without}); the WhatsApp session is {where} and is kept")
+            )
+    return found
+
+
 def _text_file_problem(path: Path) -> str | None:
     try:
         path.read_text(encoding="utf-8")

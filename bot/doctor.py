@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import shutil
 import sqlite3
 from pathlib import Path
 
-from bot.config import Settings, data_dir_problem
+from bot.config import Settings, data_dir_problem, local_database_problems
+from bot.flows import FlowsFileError, load_flows_file
 from connection.supervisor import scrub
 
 
@@ -32,7 +34,7 @@ async def _check_openai(settings: Settings) -> bool:
         max_retries=0,
     )
     try:
-        await client.models.list()
+        page = await client.models.list()
     except openai.AuthenticationError:
         return _line(False, "OpenAI: the API key was refused", "check OPENAI_API_KEY")
     except openai.OpenAIError as error:
@@ -42,12 +44,76 @@ async def _check_openai(settings: Settings) -> bool:
             f"OpenAI: cannot reach {where} ({type(error).__name__})",
             "check the network",
         )
-    return _line(True, f"OpenAI: reachable, model {settings.openai_model}")
+    model = settings.openai_model
+    listed = sorted({str(m.id) for m in getattr(page, "data", None) or () if getattr(m, "id", None)})
+    if not listed:  # some OpenAI-compatible servers list nothing: nothing to check the name against
+        return _line(True, f"OpenAI: reachable, model {model} (the server lists no models to check it)")
+    if not _offered(model, listed):
+        where = scrub(settings.openai_base_url or "api.openai.com")
+        close = difflib.get_close_matches(model, listed, n=3, cutoff=0.6)
+        return _line(
+            False,
+            f"OpenAI: model {model} is not among the {len(listed)} model(s) {where} lists"
+            + (f"; close names: {', '.join(close)}" if close else ""),
+            "set OPENAI_MODEL to a model the server offers",
+        )
+    return _line(True, f"OpenAI: reachable, model {model}")
+
+
+def _offered(model: str, listed: list[str]) -> bool:
+    """Whether the server lists the model, under any name servers use for it: Gemini lists
+    `models/gemini-2.0-flash` and takes `gemini-2.0-flash`; Ollama lists `llama3:latest`, takes `llama3`."""
+    names = set()
+    for name in listed:
+        names.update((name, name.rsplit("/", 1)[-1], name.removesuffix(":latest")))
+    return model in names or model.removesuffix(":latest") in names
+
+
+def _check_local_databases(settings: Settings) -> list[bool]:
+    """Every SQLite file the bot opens at start, read through (`PRAGMA quick_check`): `run` refuses to
+    start with one that is not a database, damaged, read-only or a directory."""
+    problems = {
+        path: (problem, fix)
+        for path, problem, fix in local_database_problems(settings, outbox=True, thorough=True)
+    }
+    results = []
+    for path, _ in settings.local_databases(outbox=True):
+        if path in problems:
+            problem, fix = problems[path]
+            results.append(_line(False, f"SQLite file {path}: {problem}", fix))
+        elif path == settings.store_path:
+            new = "" if path.exists() else ", created at the first start"
+            results.append(_line(True, f"database: SQLite at {path} (Supabase not configured{new})"))
+        elif path.exists():
+            results.append(_line(True, f"SQLite file {path} reads through"))
+    return results
+
+
+def _check_flows(settings: Settings) -> bool:
+    """The flows file as the bot reads it at start (the same loader): `run` refuses a malformed one."""
+    path = settings.flows_file
+    if path is None:
+        return _line(True, "keyword flows: none (FLOWS_FILE is empty)")
+    if not path.exists():
+        if "flows_file" in settings.model_fields_set:  # named on purpose: the bot refuses to start
+            return _line(
+                False,
+                f"keyword flows: FLOWS_FILE={path}: no such file",
+                "create it, or leave FLOWS_FILE empty",
+            )
+        return _line(True, f"keyword flows: none ({path} not found)")
+    try:
+        flows = load_flows_file(path)
+    except FlowsFileError as error:
+        return _line(
+            False,
+            f"keyword flows: {' '.join(str(error).split())}",  # a YAML error spans lines
+            "fix the file: a YAML or JSON list of {keywords, answer} entries",
+        )
+    return _line(True, f"keyword flows: {len(flows)} in {path}")
 
 
 async def _check_supabase(settings: Settings) -> bool:
-    if not settings.supabase_url:
-        return _line(True, f"database: SQLite at {settings.store_path} (Supabase not configured)")
     import aiohttp
 
     try:
@@ -140,8 +206,10 @@ async def run_doctor(settings: Settings) -> int:
             "apt-get install ffmpeg",
         ),
         _check_data_dir(settings),
+        *_check_local_databases(settings),
+        _check_flows(settings),
         await _check_openai(settings),
-        await _check_supabase(settings),
+        *([await _check_supabase(settings)] if settings.supabase_url else []),
         _check_session(settings),
         _check_admin_token(settings),
     ]

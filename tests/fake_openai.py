@@ -49,6 +49,8 @@ class FakeOpenAI:
     # Raw answers (status, content type, body) for the next requests: a proxy's HTML page, broken JSON...
     raw_next: deque[tuple[int, str, str]] = field(default_factory=deque)
     transcribe_raw_next: deque[tuple[int, str, str]] = field(default_factory=deque)
+    # What /v1/models lists (some OpenAI-compatible servers list nothing, or other names for a model).
+    models: list[str] = field(default_factory=lambda: ["gpt-4o-mini"])
     port: int = 0
     _runner: web.AppRunner | None = None
 
@@ -115,7 +117,9 @@ class FakeOpenAI:
     async def _models(self, request: web.Request) -> web.Response:
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return web.json_response({"error": {"message": "Incorrect API key provided"}}, status=401)
-        return web.json_response({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": name, "object": "model"} for name in self.models]}
+        )
 
     async def _transcribe(self, request: web.Request) -> web.Response:
         form = await request.post()

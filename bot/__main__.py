@@ -18,7 +18,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     commands.add_parser("run", help="connect to WhatsApp and answer (the default)")
     chat = commands.add_parser("chat", help="talk to the bot on the console, through the same pipeline")
     chat.add_argument("--jsonl", action="store_true", help="read and write one JSON object per line")
-    commands.add_parser("doctor", help="check ffmpeg, data dir, OpenAI, Supabase and the session")
+    commands.add_parser("doctor", help="check ffmpeg, data dir, databases, OpenAI, flows, Supabase, session")
     commands.add_parser("logout", help="unlink this device from WhatsApp and delete the local session")
     return parser.parse_args(argv)
 

@@ -104,7 +104,7 @@ async def run_whatsapp(settings: Settings) -> int:
         heartbeat_s=settings.wa_heartbeat_s,
         presence_ping=settings.wa_presence_ping,
         on_state=on_state,
-        outbox_path=settings.data_dir / "outbox.sqlite3",
+        outbox_path=settings.outbox_path,
         on_undecryptable=ask_to_resend,
         on_call=tell_caller if settings.wa_reject_calls else None,
         print_qr=not settings.log_json,

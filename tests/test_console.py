@@ -14,9 +14,10 @@ from tests.fake_openai import FakeOpenAI
 REPO = Path(__file__).resolve().parent.parent
 
 
-async def run_chat(tmp_path: Path, stdin: str, *args: str, **env: str) -> tuple[int, str, str]:
+async def start_chat(tmp_path: Path, *args: str, **env: str) -> asyncio.subprocess.Process:
+    """`python -m bot chat [args]` in `tmp_path` (DATA_DIR under it), pipes on stdin, stdout and stderr."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_"))}
-    process = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "bot",
@@ -28,6 +29,10 @@ async def run_chat(tmp_path: Path, stdin: str, *args: str, **env: str) -> tuple[
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def run_chat(tmp_path: Path, stdin: str, *args: str, **env: str) -> tuple[int, str, str]:
+    process = await start_chat(tmp_path, *args, **env)
     out, err = await asyncio.wait_for(process.communicate(stdin.encode()), 60)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
@@ -64,25 +69,12 @@ async def test_a_stop_signal_ends_the_console_also_after_stdin_closed(
     """Once stdin had closed, the console waited for every reply with no way out: with a model that
     hangs, SIGTERM and Ctrl-C did nothing and only kill -9 ended it."""
     fake_openai.delay_s = 120
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_"))}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot",
-        "chat",
+    process = await start_chat(
+        tmp_path,
         "--jsonl",
-        cwd=tmp_path,
-        env={
-            **base,
-            "PYTHONPATH": str(REPO),
-            "DATA_DIR": str(tmp_path / "data"),
-            "OPENAI_API_KEY": "test-key",
-            "OPENAI_BASE_URL": fake_openai.base_url,
-            "OPENAI_TIMEOUT": "300",
-        },
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        OPENAI_API_KEY="test-key",
+        OPENAI_BASE_URL=fake_openai.base_url,
+        OPENAI_TIMEOUT="300",
     )
     assert process.stdin is not None
     process.stdin.write(json.dumps({"from": "34600111222", "text": "hola"}).encode() + b"\n")

@@ -485,12 +485,30 @@ async def bot_behind_the_outbox(
         await bot.stop()
 
 
+async def assert_not_remembered(bot: Any, governed: Any, fake_openai: Any, answer: str) -> list[str]:
+    """The dropped answer (its text starts with `answer`) is recorded failed, and once the owner gives the
+    chat back and the customer writes again, the model is not told of it. Returns what the model was shown."""
+    from memory.store import Direction, MessageStatus
+    from tests.conftest import inbound
+
+    rows = await bot.store.recent_messages(CHAT, 10)
+    replies = [r for r in rows if r.direction is Direction.OUT and r.body.startswith("echo:")]
+    assert [r.status for r in replies] == [MessageStatus.FAILED]
+    bot.pipeline.takeover.resume(CHAT)
+    later = inbound("¿y en azul?", chat=CHAT)
+    governed.note_inbound(later)
+    bot.pipeline.submit(later)
+    assert await bot.pipeline.drain(5)
+    history = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
+    assert not any(text.startswith(answer) for text in history), "the model was told of an answer nobody got"
+    return history
+
+
 async def test_a_reply_dropped_from_the_outbox_is_not_remembered_as_sent(
     fake_client: type[FakeNewAClient], tmp_path: Path, fake_openai: Any
 ) -> None:
     """Queued while disconnected, recorded as sent, then withheld at the reconnect because the owner took
     the chat over: the store and the model's history kept an answer the customer never got."""
-    from memory.store import MessageStatus
     from tests.conftest import inbound
 
     fake_client.script.extend(["ok"])
@@ -509,17 +527,7 @@ async def test_a_reply_dropped_from_the_outbox_is_not_remembered_as_sent(
                 await asyncio.sleep(0.01)
         assert client.sent == []  # withheld: the owner has the chat
         assert await bot.pipeline.drain(5)
-        rows = await bot.store.recent_messages(CHAT, 10)
-        replies = [r for r in rows if r.body == "echo: ¿tenéis talla M?"]
-        assert [r.status for r in replies] == [MessageStatus.FAILED]
-
-        bot.pipeline.takeover.resume(CHAT)  # the owner gives the chat back
-        later = inbound("¿y en azul?", chat=CHAT)
-        governed.note_inbound(later)
-        bot.pipeline.submit(later)
-        assert await bot.pipeline.drain(5)
-        history = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
-        assert "echo: ¿tenéis talla M?" not in history, "the model was told of an answer nobody got"
+        history = await assert_not_remembered(bot, governed, fake_openai, "echo: ¿tenéis talla M?")
         assert "te atiendo yo" in history  # what the human said is kept
 
 
@@ -529,7 +537,6 @@ async def test_a_reply_queued_before_a_restart_and_dropped_after_it_is_not_remem
     """Queued while disconnected, the bot stopped (the outbox is a file: it waits for the next start), and
     the next process dropped it at the reconnect (the owner had taken the chat over): that process did not
     know the reply, so it stayed recorded as sent and the model was told of it."""
-    from memory.store import Direction, MessageStatus
     from tests.conftest import inbound
 
     fake_client.script.extend(["ok"])
@@ -550,17 +557,7 @@ async def test_a_reply_queued_before_a_restart_and_dropped_after_it_is_not_remem
                 await asyncio.sleep(0.01)
         assert fake_client.instances[-1].sent == []  # withheld
         assert await bot.pipeline.drain(5)
-        rows = await bot.store.recent_messages(CHAT, 10)
-        replies = [r for r in rows if r.direction is Direction.OUT and r.body.startswith("echo:")]
-        assert [r.status for r in replies] == [MessageStatus.FAILED]
-
-        bot.pipeline.takeover.resume(CHAT)
-        later = inbound("¿y en azul?", chat=CHAT)
-        governed.note_inbound(later)
-        bot.pipeline.submit(later)
-        assert await bot.pipeline.drain(5)
-        history = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
-        assert "echo: ¿tenéis talla M?" not in history, "the model was told of an answer nobody got"
+        await assert_not_remembered(bot, governed, fake_openai, "echo: ¿tenéis talla M?")
 
 
 LONG_FIRST = "Primera frase bastante larga para ocupar sitio. " * 4
@@ -573,7 +570,6 @@ async def test_a_reply_with_a_part_dropped_from_the_outbox_is_not_remembered(
 ) -> None:
     """Only the first part's id was matched: a dropped second part, or a drop that came before the reply
     was recorded (a part still waiting for room), left the whole answer recorded as sent."""
-    from memory.store import Direction, MessageStatus
     from tests.conftest import inbound
 
     fake_client.script.extend(["ok"])
@@ -612,14 +608,4 @@ async def test_a_reply_with_a_part_dropped_from_the_outbox_is_not_remembered(
                 await asyncio.sleep(0.01)
         assert await bot.pipeline.drain(5)
         assert all(LONG_SECOND not in text for _, text in client.sent)
-        rows = await bot.store.recent_messages(CHAT, 10)
-        replies = [r for r in rows if r.direction is Direction.OUT and r.body.startswith("echo:")]
-        assert [r.status for r in replies] == [MessageStatus.FAILED]
-
-        bot.pipeline.takeover.resume(CHAT)
-        later = inbound("¿y en azul?", chat=CHAT)
-        governed.note_inbound(later)
-        bot.pipeline.submit(later)
-        assert await bot.pipeline.drain(5)
-        history = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
-        assert not any(h.startswith("echo: Primera") for h in history), "the model was told of it"
+        await assert_not_remembered(bot, governed, fake_openai, "echo: Primera")

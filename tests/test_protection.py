@@ -48,6 +48,14 @@ def inject_rss(bot: Bot) -> tuple[MemoryManager, list[float]]:
     return manager, rss
 
 
+def critical_memory(bot: Bot) -> tuple[MemoryManager, list[float]]:
+    """`inject_rss`, with RSS at 92 % of the limit: memory critical."""
+    manager, rss = inject_rss(bot)
+    rss[0] = 460
+    assert manager.check() is MemoryState.CRITICAL
+    return manager, rss
+
+
 async def test_rate_limit_gives_one_notice_then_silence_until_the_window_frees(
     harness, fake_openai: FakeOpenAI
 ) -> None:
@@ -188,9 +196,7 @@ async def test_every_waiting_chat_is_told_once_also_those_queued_beyond_the_work
 ) -> None:
     settings = ai(fake_openai, busy_reply_after_s=0.2, max_active_chats=2, bot_language="en")
     async with harness(**settings) as h:
-        manager, rss = inject_rss(h.bot)
-        rss[0] = 460
-        assert manager.check() is MemoryState.CRITICAL
+        manager, rss = critical_memory(h.bot)
         chats = [f"3460022{i:04d}@s.whatsapp.net" for i in range(6)]  # three times the two slots
         for chat in chats:
             for text in ("one", "two"):
@@ -212,9 +218,7 @@ async def test_a_chat_told_busy_is_answered_after_a_restart_however_long_it_wait
     kill, say): past RECOVERY_WINDOW_MINUTES its message was skipped, and the promise broken."""
     settings = ai(fake_openai, busy_reply_after_s=0.2, recovery_window_minutes=0.01)  # a 0.6 s window
     async with harness(**settings) as h:
-        manager, rss = inject_rss(h.bot)
-        rss[0] = 460
-        assert manager.check() is MemoryState.CRITICAL
+        critical_memory(h.bot)
         h.bot.pipeline.submit(inbound("¿tenéis cita hoy?", chat=CHAT))
         await asyncio.sleep(0.5)
         assert h.transport.texts_to(CHAT) == [reply("busy", "es")]
@@ -236,9 +240,7 @@ async def test_a_chat_told_busy_before_a_restart_is_not_told_again(harness, fake
     settings = ai(fake_openai, busy_reply_after_s=0.2)
     busy = reply("busy", "es")
     async with harness(**settings) as h:
-        manager, rss = inject_rss(h.bot)
-        rss[0] = 460
-        assert manager.check() is MemoryState.CRITICAL
+        manager, rss = critical_memory(h.bot)
         h.bot.pipeline.submit(inbound("¿tenéis cita hoy?", chat=CHAT))
         await asyncio.sleep(0.5)
         assert h.transport.texts_to(CHAT) == [busy]
@@ -275,9 +277,7 @@ async def test_busy_notices_not_sent_when_answering_resumes_are_not_sent_at_all(
     h.transport = SlowSends()
     h.bot = Bot.build(h.settings, h.transport)
     async with h:
-        manager, rss = inject_rss(h.bot)
-        rss[0] = 460
-        assert manager.check() is MemoryState.CRITICAL
+        manager, rss = critical_memory(h.bot)
         chats = [f"3460099{i:04d}@s.whatsapp.net" for i in range(5)]
         for chat in chats:
             h.bot.pipeline.submit(inbound("hola", chat=chat))

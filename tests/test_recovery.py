@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
@@ -19,8 +17,7 @@ from bot.config import Settings
 from connection.loopback import LoopbackTransport
 from connection.types import ChatId, Inbound, MessageId, MessageKind
 from tests.fake_openai import FakeOpenAI, InstantModel
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.test_console import start_chat as start_console
 
 
 def rows(db: Path) -> list[tuple[str, str, str, str]]:
@@ -31,26 +28,13 @@ def rows(db: Path) -> list[tuple[str, str, str, str]]:
 
 
 async def start_chat(tmp_path: Path, fake: FakeOpenAI) -> asyncio.subprocess.Process:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_"))}
-    env.update(
-        PYTHONPATH=str(REPO),
-        DATA_DIR=str(tmp_path / "data"),
+    return await start_console(
+        tmp_path,
+        "--jsonl",
         OPENAI_API_KEY="test-key",
         OPENAI_BASE_URL=fake.base_url,
         OPENAI_TIMEOUT="60",
         FLOWS_FILE="",
-    )
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot",
-        "chat",
-        "--jsonl",
-        cwd=tmp_path,
-        env=env,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
 
 

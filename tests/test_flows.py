@@ -235,6 +235,9 @@ SHIPPED = Path(__file__).resolve().parent.parent / "flows.yaml"
         ("¿Cuál es vuestra dirección?", "Calle Mayor"),
         ("¿cómo llegar?", "Calle Mayor"),
         ("Where are you located?", "Calle Mayor"),
+        ("What are your hours?", "Abrimos"),
+        ("¿Cuál es la dirección? 📍", "Calle Mayor"),
+        ("¿Dónde se encuentran?", "Calle Mayor"),
     ],
 )
 def test_the_shipped_flows_answer_their_questions(question: str, topic: str) -> None:

@@ -332,11 +332,22 @@ class Pipeline:
         # Past the waiting bound, or while memory keeps the model shut, a message waits in the store only.
         # Not while the database cannot write (it could not give the message back), unless this chat already
         # has messages there: a new one must not overtake them.
+        if self._waiting < self.max_waiting and self._flow_question(message):
+            return self._enqueue(message, persisted)  # answered without the model, whatever memory says
         full = self._waiting >= self.max_waiting or not self.model_gate.is_set()
         if (self._spilled or full) and (not self.store.writes_failing or message.chat in self._spilled_chats):
             self._spill(message, row, persisted)
             return True
         return self._enqueue(message, persisted)
+
+    def _flow_question(self, message: Inbound) -> bool:
+        """A keyword flow's question, from a chat with nothing waiting in the store: answered at once while
+        memory keeps the model shut (it needs neither the model nor memory to speak of)."""
+        if self.model_gate.is_set() or message.kind is not MessageKind.TEXT:
+            return False
+        if message.chat in self._spilled_chats:  # its turn comes after those
+            return False
+        return self.responder.flows.match(clean_text(message.text, self.max_inbound_chars)[0]) is not None
 
     def _spill(self, message: Inbound, row: StoredMessage, persisted: Awaitable[None]) -> None:
         """Leave the message in the store only; `_refill` takes it back in order. Everything after it

@@ -234,6 +234,22 @@ async def test_a_chat_told_busy_is_answered_after_a_restart_however_long_it_wait
         assert row.status is MessageStatus.SKIPPED  # told nothing, too old: skipped as before
 
 
+async def test_a_keyword_flows_question_is_answered_while_memory_is_critical(
+    harness, fake_openai: FakeOpenAI, tmp_path
+) -> None:
+    """Critical memory sent every new message to the store: "¿horario?", which needs no model, got "busy,
+    I will answer shortly" and its answer only when memory came back."""
+    flows = tmp_path / "flows.yaml"
+    flows.write_text('- keywords: [horario]\n  answer: "Abrimos de 9 a 18."\n', encoding="utf-8")
+    async with harness(**ai(fake_openai, flows_file=flows, busy_reply_after_s=0.2)) as h:
+        critical_memory(h.bot)
+        h.bot.pipeline.submit(inbound("hola, ¿me ayudas con un pedido?", chat=OTHER))  # needs the model
+        h.bot.pipeline.submit(inbound("¿horario?", chat=CHAT))
+        await asyncio.sleep(0.6)
+        assert h.transport.texts_to(CHAT) == ["Abrimos de 9 a 18."]
+        assert h.transport.texts_to(OTHER) == [reply("busy", "es")]
+
+
 async def test_a_chat_told_busy_before_a_restart_is_not_told_again(harness, fake_openai: FakeOpenAI) -> None:
     """The chats told "busy" were only remembered in memory: still short of memory after a restart, the
     customer was told a second time for the same wait."""

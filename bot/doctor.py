@@ -48,6 +48,9 @@ async def _check_openai(settings: Settings) -> bool:
     listed = sorted({str(m.id) for m in getattr(page, "data", None) or () if getattr(m, "id", None)})
     if not listed:  # some OpenAI-compatible servers list nothing: nothing to check the name against
         return _line(True, f"OpenAI: reachable, model {model} (the server lists no models to check it)")
+    if len(listed) == 1 and settings.openai_base_url and not _offered(model, listed):
+        # llama.cpp's server (one model loaded) lists it by its file name and answers to any name
+        return _line(True, f"OpenAI: reachable, model {model} (the server lists one model, {listed[0]})")
     if not _offered(model, listed):
         where = scrub(settings.openai_base_url or "api.openai.com")
         close = difflib.get_close_matches(model, listed, n=3, cutoff=0.6)

@@ -78,6 +78,17 @@ async def test_a_server_that_lists_no_models_is_not_held_against_the_model(
     assert "[ok  ] OpenAI: reachable, model x (the server lists no models to check it)" in out
 
 
+async def test_a_server_that_lists_one_model_answers_to_any_name(
+    tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    """llama.cpp's server, one model loaded, lists it by its file name and answers whatever OPENAI_MODEL
+    says: the bot works, so doctor must not fail it."""
+    fake_openai.models = ["/models/llama-3.2-3b-instruct-q4_k_m.gguf"]
+    code, out = await bot(tmp_path, "doctor", OPENAI_API_KEY="test-key", OPENAI_BASE_URL=fake_openai.base_url)
+    assert code == 0, out
+    assert "[ok  ] OpenAI: reachable, model gpt-4o-mini (the server lists one model, /models/llama-3.2" in out
+
+
 @pytest.mark.parametrize(
     ("listed", "model"),
     [

@@ -354,10 +354,13 @@ class Pipeline:
         is spilled too until then, so no chat's messages overtake each other."""
         if not self._spilled:
             self._spilled, self._spill_since = True, row.created_at
-            logger.warning(
-                "{} messages waiting in memory: new ones wait in the store until half are answered",
-                self._waiting,
-            )
+            if self.model_gate.is_set():
+                logger.warning(
+                    "{} messages waiting in memory: new ones wait in the store until half are answered",
+                    self._waiting,
+                )
+            else:
+                logger.warning("memory is critical: new messages wait in the store until it is back")
         self._spill_since = min(self._spill_since, row.created_at)
         self._spill_seq += 1
         self.counters.spilled += 1

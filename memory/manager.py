@@ -161,13 +161,17 @@ class MemoryManager:
         return new
 
     async def run(self, stop: asyncio.Event) -> None:
-        if self.check() is not MemoryState.NORMAL:  # a limit the bot cannot work under: say why at once
-            logger.error(
-                "memory: {:.0f} of {} MB ({}) in use already at start: the bot holds messages back from the "
-                "start; give it more memory (MEMORY_LIMIT, or the service's memory limit)",
+        state = self.check()
+        if state is not MemoryState.NORMAL:  # a limit the bot cannot work well under: say why at once
+            effect = "holds messages back" if state is MemoryState.CRITICAL else "keeps its caches small"
+            log = logger.error if state is MemoryState.CRITICAL else logger.warning
+            log(
+                "memory: {:.0f} of {} MB ({}) in use already at start: the bot {} from the start; give it "
+                "more memory (MEMORY_LIMIT, or the service's memory limit)",
                 self.rss_mb,
                 self.limit_mb,
                 self.limit_source,
+                effect,
             )
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):

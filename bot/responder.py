@@ -171,12 +171,14 @@ def _fit(segment: str, limit: int) -> list[str]:
     pieces: list[str] = []
     current = ""
     for word in segment.split():
-        while len(word) > limit:
-            if current:
+        while len(word) > limit:  # cut hard, filling the piece begun (no lone "Mira:" before a long URL)
+            room = limit - len(current) - 1 if current else limit
+            if room < 1:  # the piece begun is full already
                 pieces.append(current)
                 current = ""
-            pieces.append(word[:limit])
-            word = word[limit:]
+                continue
+            pieces.append(f"{current} {word[:room]}" if current else word[:room])
+            current, word = "", word[room:]
         candidate = f"{current} {word}" if current else word
         if len(candidate) <= limit:
             current = candidate

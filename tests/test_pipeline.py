@@ -209,6 +209,19 @@ async def test_long_answers_are_split_at_sentence_boundaries(harness, fake_opena
     assert rows[-1].body == " ".join([sentence] * 60)  # stored once, whole
 
 
+async def test_a_word_longer_than_a_message_is_cut_without_leaving_a_lonely_start(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """The words before an over-long one (a URL, a token the model repeated) went out as a message of
+    their own: "Mira:" alone, then the cut word."""
+    long_word = "x" * 1200
+    fake_openai.reply = lambda messages: f"Mira: {long_word}"
+    async with harness(**ai(fake_openai, max_reply_chars=500)) as h:
+        parts = await h.say("dame el enlace")
+    assert parts[0].startswith("Mira: xxx") and all(len(p) <= 500 for p in parts)
+    assert "".join(parts) == f"Mira: {long_word}"
+
+
 async def test_inbound_and_outbound_are_persisted(harness, fake_openai: FakeOpenAI) -> None:
     async with harness(**ai(fake_openai)) as h:
         await h.say(inbound("hola", id="WAID-9"))

@@ -205,6 +205,7 @@ class Bot:
         await self.pipeline.start()
         await self._load_number_lists()
         self._warn_missing_tools()
+        self.memory.check()  # a start short of memory holds recovered messages back from the first one
         if recover:
             await self.recover()
         self._tasks.append(asyncio.create_task(self.memory.run(self._stop), name="memory-manager"))

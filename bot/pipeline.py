@@ -231,6 +231,7 @@ class Pipeline:
         self._busy_since: dict[ChatId, float] = {}
         self._spilled_chats: dict[ChatId, tuple[float, int]] = {}
         self._told_busy: set[ChatId] = set()
+        self._answering: set[ChatId] = set()  # chats whose message is past the model gate: no "busy" now
         self._transcription_warned_at = -60.0
         self._to_tell: deque[ChatId] = deque()  # told "busy" next, one at a time (see _tell_busy)
         self._telling: asyncio.Task[None] | None = None
@@ -343,9 +344,13 @@ class Pipeline:
     def _flow_question(self, message: Inbound) -> bool:
         """A keyword flow's question, from a chat with nothing waiting in the store: answered at once while
         memory keeps the model shut (it needs neither the model nor memory to speak of)."""
+        return message.chat not in self._spilled_chats and self._is_flow_question(message)
+
+    def _is_flow_question(self, message: Inbound) -> bool:
+        """While memory keeps the model shut: a text a keyword flow answers on its own."""
         if self.model_gate.is_set() or message.kind is not MessageKind.TEXT:
             return False
-        if message.chat in self._spilled_chats:  # its turn comes after those
+        if message.id in self._notice_only:  # over the rate limit: a notice, not a flow's answer
             return False
         return self.responder.flows.match(clean_text(message.text, self.max_inbound_chars)[0]) is not None
 
@@ -589,7 +594,8 @@ class Pipeline:
     async def _promise(self, chat: ChatId) -> None:
         """Tell a waiting chat its answer is coming, and keep the promise in its history (kind BUSY_KIND,
         left out of the model's context): recovery answers what it promised whatever the window."""
-        if await self._promise_stands(chat):
+        if await self._promise_stands(chat) or not self._still_waiting(chat):
+            self._told_busy.discard(chat)  # a later wait may tell it
             return
         text = reply("busy", self.language)
         try:
@@ -603,6 +609,13 @@ class Pipeline:
             await self.store.add_message(row)  # not in the history in memory: the model never sees it
         except StoreUnavailable as error:
             logger.debug("busy notice to {} not saved yet: {}", chat, error)
+
+    def _still_waiting(self, chat: ChatId) -> bool:
+        """Memory still keeps the model shut and the chat's message waits for it (it is not being answered:
+        a notice then would come after the answer, or between its parts)."""
+        if self.model_gate.is_set() or chat in self._answering:
+            return False
+        return chat in self._busy_since or chat in self._spilled_chats
 
     async def _promise_stands(self, chat: ChatId) -> bool:
         """The chat was told "busy" and has had no answer since (told before a restart, say): once is
@@ -626,12 +639,18 @@ class Pipeline:
         queue = self._queues[chat]
         try:
             while queue:
-                async with self._active:
-                    # Taken off the queue only with a slot: a message waiting for one is still counted
-                    # in `waiting`, so the bound (and the spill to the store past it) holds.
+                if self._is_flow_question(queue[0][0]):  # no model: not behind the chats waiting for memory
                     message, persisted = queue.popleft()
                     self._waiting -= 1
                     await self._handle_safely(message, persisted)
+                else:
+                    async with self._active:
+                        # Taken off the queue only with a slot: a message waiting for one is still counted
+                        # in `waiting`, so the bound (and the spill to the store past it) holds.
+                        message, persisted = queue.popleft()
+                        self._waiting -= 1
+                        await self._handle_safely(message, persisted)
+                self._answering.discard(chat)
                 self._in_memory.discard(message.id)
                 self._maybe_refill()
         finally:
@@ -640,6 +659,7 @@ class Pipeline:
             del self._queues[chat]
             del self._workers[chat]
             del self._busy_since[chat]
+            self._answering.discard(chat)
             if not self._workers:
                 self._idle.set()
 
@@ -742,6 +762,7 @@ class Pipeline:
         if message.kind is MessageKind.AUDIO:
             await self._saved(message, persisted)  # the transcript updates the stored row
             await self.model_gate.wait()  # downloading, converting and transcribing all take memory
+            self._answering.add(message.chat)
             return await self._transcribe(message)
         text, trimmed = clean_text(message.text, self.max_inbound_chars)
         if message.kind in _MEDIA_KINDS:
@@ -814,6 +835,7 @@ class Pipeline:
         # Memory is critical while the gate is shut: the message is persisted and waits, in order
         # (_watch_busy tells the customer once if that lasts).
         await self.model_gate.wait()
+        self._answering.add(message.chat)
         history = await self.history.recent(inbound)
         await self._typing(message.chat, True)
         try:
@@ -949,7 +971,7 @@ class Pipeline:
                 *((c, since) for c, (since, _) in self._spilled_chats.items()),
             ]
             for chat, since in waiting:
-                if since <= bound and chat not in self._told_busy:
+                if since <= bound and chat not in self._told_busy and chat not in self._answering:
                     self._told_busy.add(chat)
                     self._to_tell.append(chat)
             if self._to_tell and (self._telling is None or self._telling.done()):

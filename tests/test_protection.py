@@ -250,6 +250,65 @@ async def test_a_keyword_flows_question_is_answered_while_memory_is_critical(
         assert h.transport.texts_to(OTHER) == [reply("busy", "es")]
 
 
+async def test_a_keyword_flows_question_does_not_wait_behind_chats_holding_every_slot(
+    harness, fake_openai: FakeOpenAI, tmp_path
+) -> None:
+    """The chats waiting for memory held every worker slot: a flow question from another chat waited for
+    one until memory was back, and was told "busy" meanwhile."""
+    flows = tmp_path / "flows.yaml"
+    flows.write_text('- keywords: [horario]\n  answer: "Abrimos de 9 a 18."\n', encoding="utf-8")
+    settings = ai(fake_openai, flows_file=flows, busy_reply_after_s=0.2, max_active_chats=2)
+    async with harness(**settings) as h:
+        for n in range(2):  # they take both slots, then wait at the model for memory
+            h.bot.pipeline.submit(inbound(f"una pregunta larga {n}", chat=f"3460012{n:04d}@s.whatsapp.net"))
+        critical_memory(h.bot)
+        await asyncio.sleep(0.05)
+        assert h.bot.pipeline.active_chats == 2 and fake_openai.chat_count == 0
+        h.bot.pipeline.submit(inbound("¿horario?", chat=CHAT))
+        await asyncio.sleep(0.6)
+        assert h.transport.texts_to(CHAT) == ["Abrimos de 9 a 18."]
+
+
+async def test_no_busy_notice_once_the_chats_answer_is_on_its_way(harness, fake_openai: FakeOpenAI) -> None:
+    """A chat queued for the notice while its answer was already past the model (memory went critical
+    meanwhile) was told "busy, I will answer shortly" after the answer, or between its parts."""
+    fake_openai.delay_s = 0.5
+    async with harness(**ai(fake_openai, busy_reply_after_s=0.2)) as h:
+        manager, rss = inject_rss(h.bot)
+        h.bot.pipeline.submit(inbound("una pregunta para el modelo", chat=CHAT))
+        await asyncio.sleep(0.1)  # at the model
+        rss[0] = 460
+        assert manager.check() is MemoryState.CRITICAL
+        await asyncio.sleep(1.0)  # past BUSY_REPLY_AFTER_S, and the answer has gone out
+        assert h.transport.texts_to(CHAT) == ["echo: una pregunta para el modelo"]
+
+
+async def test_a_start_short_of_memory_holds_recovered_messages_back(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """Recovery ran before the first memory reading: the messages a crash left could reach the model
+    although memory was already critical."""
+    async with harness(**ai(fake_openai)) as h:
+        critical_memory(h.bot)
+        for n in range(3):
+            h.bot.pipeline.submit(inbound(f"pregunta {n}", chat=f"3460013{n:04d}@s.whatsapp.net"))
+        await asyncio.sleep(0.1)
+        await h.bot.pipeline.stop(timeout=0)  # the crash
+    h = harness(**ai(fake_openai))
+    rss = [460.0]
+    h.bot.memory = MemoryManager(500, read_rss_mb=lambda: rss[0])
+    h.bot.memory.on_change(h.bot._on_memory_state)
+    async with h:  # start() recovers the three
+        assert not h.bot.pipeline.model_gate.is_set(), "recovered messages were handed out with the gate open"
+        await asyncio.sleep(0.3)
+        assert fake_openai.chat_count == 0
+        rss[0] = 100
+        for _ in range(3):
+            h.bot.memory.check()
+        assert await h.bot.pipeline.drain(5)
+        assert fake_openai.chat_count == 3
+
+
 async def test_a_chat_told_busy_before_a_restart_is_not_told_again(harness, fake_openai: FakeOpenAI) -> None:
     """The chats told "busy" were only remembered in memory: still short of memory after a restart, the
     customer was told a second time for the same wait."""

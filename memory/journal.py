@@ -370,9 +370,12 @@ class Journal:
         )
 
     def _trim_chat(self, chat_id: str) -> None:
+        """Keep a chat's latest `depth` rows, and its unanswered messages whatever their age: during an
+        outage they are what recovery reads (a flood of rate-limited rows pushed them out, and a restart
+        then left them unanswered)."""
         self.conn.execute(
-            f"DELETE FROM mirror WHERE chat_id = ? AND rowid NOT IN"
-            f" (SELECT rowid FROM mirror WHERE chat_id = ? {_ORDER} LIMIT ?)",
+            f"DELETE FROM mirror WHERE chat_id = ? AND NOT (direction = 'in' AND status = 'received')"
+            f" AND rowid NOT IN (SELECT rowid FROM mirror WHERE chat_id = ? {_ORDER} LIMIT ?)",
             (chat_id, chat_id, self.depth),
         )
 
@@ -391,7 +394,7 @@ class Journal:
         known to be the chat's latest rows."""
         conn = self.conn
         rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM mirror WHERE chat_id = ? {_ORDER}", (chat_id,)
+            f"SELECT {_COLUMNS} FROM mirror WHERE chat_id = ? {_ORDER} LIMIT ?", (chat_id, self.depth)
         ).fetchall()
         flag = conn.execute("SELECT complete FROM mirror_chats WHERE chat_id = ?", (chat_id,)).fetchone()
         return [message_from_row(r) for r in reversed(rows)], bool(flag and flag[0])

@@ -854,3 +854,53 @@ async def test_a_promise_made_before_a_restart_during_an_outage_is_kept(tmp_path
         assert transport.texts_to(ChatId(chat)) == ["ok: ¿hay cita?"]
     finally:
         await bot.stop()
+
+
+async def test_messages_waiting_before_a_flood_are_recovered_at_a_restart_during_an_outage(
+    db: SupabaseStack, tmp_path: Path
+) -> None:
+    """The journal's local copy keeps a chat's latest 20 rows: a rate-limited flood (saved, unanswered)
+    pushed the chat's waiting messages out of it, so a restart during an outage did not find them, and
+    nothing read them back when Supabase returned."""
+    from memory.manager import MemoryManager
+    from tests.fake_openai import InstantModel
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        data_dir=tmp_path / "data",
+        flows_file=None,
+        openai_api_key="k",
+        rate_limit_max_messages=3,
+        rate_limit_cooldown=600_000,
+    )
+    chat = CHATS[0]
+
+    def start_bot(rss: list[float]) -> tuple[Bot, LoopbackTransport]:
+        transport = LoopbackTransport()
+        bot = Bot.build(settings, transport, store=make_store(db.url, db.key, tmp_path / "data"))
+        bot.model = bot.pipeline.responder.model = InstantModel()
+        bot.memory = MemoryManager(500, settle_readings=1, read_rss_mb=lambda: rss[0])
+        bot.memory.on_change(bot._on_memory_state)
+        return bot, transport
+
+    bot, _ = start_bot([460.0])  # memory critical: the first three wait in the store
+    await bot.start()
+    for n in range(28):  # then 25 over the rate limit, saved unanswered
+        bot.pipeline.submit(
+            Inbound(MessageId(f"FL{n}"), ChatId(chat), chat, MessageKind.TEXT, f"pregunta {n}", time.time())
+        )
+    await asyncio.sleep(0.3)
+    assert await bot.store.flush(5)
+    await bot.stop(timeout=2)
+    await asyncio.to_thread(db.stop_postgrest)
+    try:
+        bot, transport = start_bot([100.0])
+        await bot.start()  # recovers from the journal's copy: Supabase is away
+        assert await bot.pipeline.drain(10)
+        assert transport.texts_to(ChatId(chat)) == [f"ok: pregunta {n}" for n in range(3)]
+    finally:
+        await asyncio.to_thread(db.start_postgrest)
+    await bot.stop(timeout=5)
+    statuses = dict(db.query("select wa_message_id, status from chat_history where direction = 'in'"))
+    assert [statuses[f"FL{n}"] for n in range(3)] == ["answered"] * 3
+    assert {statuses[f"FL{n}"] for n in range(3, 28)} == {"skipped"}

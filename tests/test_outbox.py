@@ -504,23 +504,32 @@ async def assert_not_remembered(bot: Any, governed: Any, fake_openai: Any, answe
     return history
 
 
+async def answer_while_disconnected_then_the_owner_writes(
+    bot: Any, t: Any, governed: Any, client: Any
+) -> None:
+    """WhatsApp drops; a customer asks; the answer is queued in the outbox (recorded as sent); then the
+    owner writes in the chat from the phone (a takeover)."""
+    from tests.conftest import inbound
+
+    await client.drop()
+    question = inbound("¿tenéis talla M?", chat=CHAT)
+    governed.note_inbound(question)
+    bot.pipeline.submit(question)
+    assert await bot.pipeline.drain(5)
+    assert t.stats()["outbox_pending"] == 1  # "sent": queued for the reconnect
+    bot.pipeline.submit(inbound("te atiendo yo", chat=CHAT, from_me=True))
+
+
 async def test_a_reply_dropped_from_the_outbox_is_not_remembered_as_sent(
     fake_client: type[FakeNewAClient], tmp_path: Path, fake_openai: Any
 ) -> None:
     """Queued while disconnected, recorded as sent, then withheld at the reconnect because the owner took
     the chat over: the store and the model's history kept an answer the customer never got."""
-    from tests.conftest import inbound
 
     fake_client.script.extend(["ok"])
     async with bot_behind_the_outbox(tmp_path, fake_openai) as (bot, t, governed):
         client = fake_client.instances[0]
-        await client.drop()
-        question = inbound("¿tenéis talla M?", chat=CHAT)
-        governed.note_inbound(question)
-        bot.pipeline.submit(question)
-        assert await bot.pipeline.drain(5)
-        assert t.stats()["outbox_pending"] == 1  # "sent": queued for the reconnect
-        bot.pipeline.submit(inbound("te atiendo yo", chat=CHAT, from_me=True))  # the owner, from the phone
+        await answer_while_disconnected_then_the_owner_writes(bot, t, governed, client)
         await client.back()
         async with asyncio.timeout(5):
             while t.stats()["outbox_pending"]:
@@ -537,18 +546,10 @@ async def test_a_reply_queued_before_a_restart_and_dropped_after_it_is_not_remem
     """Queued while disconnected, the bot stopped (the outbox is a file: it waits for the next start), and
     the next process dropped it at the reconnect (the owner had taken the chat over): that process did not
     know the reply, so it stayed recorded as sent and the model was told of it."""
-    from tests.conftest import inbound
 
     fake_client.script.extend(["ok"])
     async with bot_behind_the_outbox(tmp_path, fake_openai) as (bot, t, governed):
-        client = fake_client.instances[0]
-        await client.drop()
-        question = inbound("¿tenéis talla M?", chat=CHAT)
-        governed.note_inbound(question)
-        bot.pipeline.submit(question)
-        assert await bot.pipeline.drain(5)
-        assert t.stats()["outbox_pending"] == 1
-        bot.pipeline.submit(inbound("te atiendo yo", chat=CHAT, from_me=True))  # the owner, from the phone
+        await answer_while_disconnected_then_the_owner_writes(bot, t, governed, fake_client.instances[0])
         await asyncio.sleep(0.2)
     fake_client.script.extend(["ok"])  # the next start, connected: the queued reply meets the takeover
     async with bot_behind_the_outbox(tmp_path, fake_openai) as (bot, t, governed):

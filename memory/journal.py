@@ -65,6 +65,8 @@ CREATE TABLE IF NOT EXISTS mirror (
 );
 CREATE INDEX IF NOT EXISTS mirror_chat ON mirror (chat_id, created_at);
 CREATE INDEX IF NOT EXISTS mirror_created ON mirror (created_at);
+CREATE INDEX IF NOT EXISTS mirror_unanswered ON mirror (chat_id)
+    WHERE direction = 'in' AND status = 'received';
 CREATE TABLE IF NOT EXISTS mirror_chats (
     chat_id TEXT PRIMARY KEY,
     complete INTEGER NOT NULL DEFAULT 0,  -- the mirror holds the chat's latest rows (loaded from Supabase)
@@ -382,9 +384,12 @@ class Journal:
     def _evict_chats(self) -> None:
         conn = self.conn
         excess = conn.execute("SELECT count(*) FROM mirror_chats").fetchone()[0] - self.max_chats
-        if excess > 0:
+        if excess > 0:  # the least recently touched chats go, but not one with unanswered messages
             old = conn.execute(
-                "SELECT chat_id FROM mirror_chats ORDER BY touched_at LIMIT ?", (excess,)
+                "SELECT chat_id FROM mirror_chats c WHERE NOT EXISTS (SELECT 1 FROM mirror m"
+                " WHERE m.chat_id = c.chat_id AND m.direction = 'in' AND m.status = 'received')"
+                " ORDER BY touched_at LIMIT ?",
+                (excess,),
             ).fetchall()
             conn.executemany("DELETE FROM mirror WHERE chat_id = ?", old)
             conn.executemany("DELETE FROM mirror_chats WHERE chat_id = ?", old)

@@ -467,6 +467,25 @@ async def test_missing_tables_are_named_as_unapplied_migrations(db: SupabaseStac
 # -- the journal on its own (no stack needed) ------------------------------------------------------------
 
 
+def test_the_journals_copy_never_evicts_a_chat_with_unanswered_messages(tmp_path: Path) -> None:
+    """Past its bound of chats the local copy dropped the least recently touched ones whole, unanswered
+    messages included: recovery during an outage reads them from there."""
+    journal = Journal(tmp_path / "journal.sqlite3", max_rows=100, max_chats=2)
+    journal.open()
+    try:
+        waiting = "34600000009@s.whatsapp.net"
+        journal.append([Op.insert(inbound_row(0, chat=waiting))])  # unanswered, touched first
+        for n in range(1, 4):
+            chat = f"3460000000{n}@s.whatsapp.net"
+            journal.append(
+                [Op.insert(inbound_row(n, chat=chat)), Op.set_status(f"IN{n}", MessageStatus.ANSWERED)]
+            )
+        assert [row.wa_message_id for row in journal.chat_rows(waiting)[0]] == ["IN0"]
+        assert journal.chat_rows("34600000001@s.whatsapp.net")[0] == []  # an answered chat went instead
+    finally:
+        journal.close()
+
+
 def test_journal_keeps_order_across_reopen(tmp_path: Path) -> None:
     path = tmp_path / "journal.sqlite3"
     journal = Journal(path, max_rows=100)

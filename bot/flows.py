@@ -62,6 +62,9 @@ def _read_bounded(path: Path) -> str:
     return raw.decode("utf-8")
 
 
+_FIELDS = frozenset({"keywords", "answer", "enabled"})
+
+
 def load_flows_file(path: Path) -> list[Flow]:
     """Read and check a flows file; FlowsFileError names the file and the entry."""
     try:
@@ -84,6 +87,10 @@ def load_flows_file(path: Path) -> list[Flow]:
         where = f"flows file {path}: entry {index}"
         if not isinstance(entry, dict):
             raise FlowsFileError(f"{where} is not a mapping")
+        unknown = sorted(str(key) for key in entry if key not in _FIELDS)
+        if unknown:  # a typo ("enable: false") would leave the flow on without a word
+            fields = ", ".join(unknown)
+            raise FlowsFileError(f"{where}: unknown field(s) {fields} (known: keywords, answer, enabled)")
         keywords = entry.get("keywords")
         if isinstance(keywords, str):
             keywords = [keywords]

@@ -93,6 +93,7 @@ def test_keywords_of_the_wrong_type_stop_start_up_with_one_line(tmp_path: Path) 
         ("- {keywords: horario, answer: Hola, enabled: 0}", "entry 1: 'enabled' must be true or false"),
         ("- {keywords: [horario, '¿?'], answer: Hola}", "entry 1: keyword '¿?' has no letters or digits"),
         ("- {keywords: ['  '], answer: Hola}", "entry 1: keyword '  ' has no letters or digits"),
+        ("- {keywords: horario, answer: Hola, enable: false}", "entry 1: unknown field(s) enable (known: "),
         (
             "- {keywords: [horario], answer: Hola}\n- {keywords: [precio, 'HORÁRIO'], answer: Adiós}",
             "entry 2: keyword 'HORÁRIO' is already a keyword of entry 1",

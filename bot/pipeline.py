@@ -656,6 +656,9 @@ class Pipeline:
         finally:
             # No await between the emptiness check above and this cleanup, so nothing is lost.
             self._waiting -= len(queue)  # only when cancelled at stop: they stay persisted, unanswered
+            for _, persisted in queue:  # their writes' outcome is still said (not "never retrieved")
+                if persisted is not None:
+                    asyncio.ensure_future(persisted).add_done_callback(self._spill_written)
             del self._queues[chat]
             del self._workers[chat]
             del self._busy_since[chat]

@@ -284,6 +284,7 @@ class SupabaseStore:
         self._client: AsyncClient | None = None
         self._queue: list[tuple[list[Op], asyncio.Future[None]]] = []
         self._queued = asyncio.Event()
+        self._retry_now = asyncio.Event()  # close() does not wait JOURNAL_RETRY_S for a disk with room again
         self._work = asyncio.Event()  # the flusher has something to do
         self._progress = asyncio.Event()  # replaced after each ack; flush() waits on it
         self._tasks: list[asyncio.Task[None]] = []
@@ -329,11 +330,14 @@ class SupabaseStore:
         """Send what the journal holds (for up to close_timeout_s; the rest is sent on the next start)."""
         if not self._tasks:
             return
-        if self._journal_failing is None:
-            with contextlib.suppress(TimeoutError):  # every write made so far is in the journal (quick)
-                async with asyncio.timeout(self.close_timeout_s):
-                    await self._enqueue([])
-        if self._journal_failing is not None:  # a full disk: what it could not take is lost now
+        # Every write made so far into the journal (quick). After a full disk, retried now: the disk may
+        # have room again, and the last retry's verdict is up to JOURNAL_RETRY_S old (a reply dropped here
+        # left its question unanswered in Supabase, and the next start answered it again).
+        self._retry_now.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.close_timeout_s):
+                await self._enqueue([])
+        if self._journal_failing is not None:  # a full disk still: what it could not take is lost now
             unwritten = sum(len(ops) for ops, _ in self._queue)
             logger.error("supabase store closing with {} operations the journal could not take", unwritten)
         elif not await self.flush(self.close_timeout_s):
@@ -412,7 +416,10 @@ class SupabaseStore:
             if not self._queue:
                 continue
             if self._journal_failing is not None:  # retried every JOURNAL_RETRY_S, not at every write
-                await asyncio.sleep(JOURNAL_RETRY_S)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(JOURNAL_RETRY_S):
+                        await self._retry_now.wait()
+                self._retry_now.clear()
             batch, self._queue = self._queue, []
             ops = [op for caller_ops, _ in batch for op in caller_ops]
             try:

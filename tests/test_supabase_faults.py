@@ -827,6 +827,46 @@ async def test_a_full_disk_under_the_journal_keeps_the_reply_for_a_retry(
         db.psql("truncate chat_history;")
 
 
+async def test_a_stop_right_after_the_journal_disk_has_room_again_keeps_the_reply(
+    db: SupabaseStack, tmp_path: Path
+) -> None:
+    """close() trusted the last retry's verdict (up to JOURNAL_RETRY_S old): a stop soon after the disk had
+    room again dropped the kept reply, and the next start answered the question a second time."""
+    from tests.fake_openai import InstantModel
+
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data", flows_file=None)  # type: ignore[call-arg]
+    transport = LoopbackTransport()
+    gate = asyncio.Event()
+
+    def build() -> Bot:
+        bot = Bot.build(settings, transport, store=make_store(db.url, db.key, tmp_path / "data"))
+        bot.model = bot.pipeline.responder.model = InstantModel(gate)
+        return bot
+
+    try:
+        bot = build()
+        await bot.start()
+        chat = CHATS[0]
+        bot.pipeline.submit(
+            Inbound(MessageId("DISK2"), ChatId(chat), chat, MessageKind.TEXT, "hola", time.time())
+        )
+        assert await bot.store.flush(5)
+        await fill_the_journal_disk(bot.store, True)
+        gate.set()
+        assert await bot.pipeline.drain(5)  # answered; the reply is kept for the journal's retry
+        await fill_the_journal_disk(bot.store, False)
+        await bot.stop()  # a deploy, before the retry's next turn
+        bot = build()
+        await bot.start()
+        await bot.recover()
+        assert await bot.pipeline.drain(5)
+        await bot.stop()
+        assert transport.texts_to(ChatId(chat)) == ["ok: hola"], "answered twice"
+        assert db.query("select status from chat_history where wa_message_id = 'DISK2'") == [("answered",)]
+    finally:
+        db.psql("truncate chat_history;")
+
+
 async def test_closing_while_the_journal_disk_is_full_does_not_hang(tmp_path: Path) -> None:
     """close() waited for a journal write that only a retry could make: a stop on a full disk never ended."""
     from memory import supabase_store

@@ -784,15 +784,13 @@ async def fill_the_journal_disk(store: SupabaseStore, full: bool) -> None:
     await store._local(run)
 
 
-async def test_a_full_disk_under_the_journal_keeps_the_reply_for_a_retry(
-    db: SupabaseStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Supabase was up, the volume full for a moment as a reply was recorded: the journal write failed and
-    was dropped, Supabase never learnt the message was answered, and the next start answered it again."""
-    from memory import supabase_store
+async def answered_while_the_journal_disk_was_full(
+    db: SupabaseStack, tmp_path: Path, message_id: str
+) -> tuple[Callable[[], Bot], Bot, LoopbackTransport]:
+    """A bot whose question `message_id` ("hola", in Supabase as received) was answered while the journal's
+    disk was full, the disk then given room again. Returns (build another bot, the bot, the transport)."""
     from tests.fake_openai import InstantModel
 
-    monkeypatch.setattr(supabase_store, "JOURNAL_RETRY_S", 0.1)
     settings = Settings(_env_file=None, data_dir=tmp_path / "data", flows_file=None)  # type: ignore[call-arg]
     transport = LoopbackTransport()
     gate = asyncio.Event()
@@ -802,67 +800,47 @@ async def test_a_full_disk_under_the_journal_keeps_the_reply_for_a_retry(
         bot.model = bot.pipeline.responder.model = InstantModel(gate)
         return bot
 
+    bot = build()
+    await bot.start()
+    chat = CHATS[0]
+    bot.pipeline.submit(
+        Inbound(MessageId(message_id), ChatId(chat), chat, MessageKind.TEXT, "hola", time.time())
+    )
+    assert await bot.store.flush(5)  # the question is in Supabase, 'received'
+    await fill_the_journal_disk(bot.store, True)
+    gate.set()
+    assert await bot.pipeline.drain(5)  # answered; its reply cannot be journaled for now
+    await fill_the_journal_disk(bot.store, False)
+    return build, bot, transport
+
+
+@pytest.mark.parametrize("stop", ["after the journal's retry", "before the journal's retry"])
+async def test_a_full_disk_under_the_journal_keeps_the_reply_for_a_retry(
+    db: SupabaseStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    """Supabase was up, the volume full for a moment as a reply was recorded: the journal write failed and
+    was dropped, Supabase never learnt the message was answered, and the next start answered it again.
+    Then close() trusted the last retry's verdict (up to JOURNAL_RETRY_S old): a stop soon after the disk had
+    room again dropped the kept reply, with the same result."""
+    from memory import supabase_store
+
+    if stop == "after the journal's retry":
+        monkeypatch.setattr(supabase_store, "JOURNAL_RETRY_S", 0.1)
     try:
-        bot = build()
-        await bot.start()
-        chat = CHATS[0]
-        bot.pipeline.submit(
-            Inbound(MessageId("DISK1"), ChatId(chat), chat, MessageKind.TEXT, "hola", time.time())
-        )
-        assert await bot.store.flush(5)  # the question is in Supabase, 'received'
-        await fill_the_journal_disk(bot.store, True)
-        gate.set()
-        assert await bot.pipeline.drain(5)  # answered; its reply cannot be journaled for now
-        await fill_the_journal_disk(bot.store, False)
-        assert await bot.store.flush(5)
-        assert db.query("select status from chat_history where wa_message_id = 'DISK1'") == [("answered",)]
+        build, bot, transport = await answered_while_the_journal_disk_was_full(db, tmp_path, "DISK1")
+        if stop == "after the journal's retry":
+            assert await bot.store.flush(5)
+            assert db.query("select status from chat_history where wa_message_id = 'DISK1'") == [
+                ("answered",)
+            ]
         await bot.stop()
         bot = build()  # a deploy
         await bot.start()
         await bot.recover()
         assert await bot.pipeline.drain(5)
         await bot.stop()
-        assert transport.texts_to(ChatId(chat)) == ["ok: hola"], "answered twice"
-    finally:
-        db.psql("truncate chat_history;")
-
-
-async def test_a_stop_right_after_the_journal_disk_has_room_again_keeps_the_reply(
-    db: SupabaseStack, tmp_path: Path
-) -> None:
-    """close() trusted the last retry's verdict (up to JOURNAL_RETRY_S old): a stop soon after the disk had
-    room again dropped the kept reply, and the next start answered the question a second time."""
-    from tests.fake_openai import InstantModel
-
-    settings = Settings(_env_file=None, data_dir=tmp_path / "data", flows_file=None)  # type: ignore[call-arg]
-    transport = LoopbackTransport()
-    gate = asyncio.Event()
-
-    def build() -> Bot:
-        bot = Bot.build(settings, transport, store=make_store(db.url, db.key, tmp_path / "data"))
-        bot.model = bot.pipeline.responder.model = InstantModel(gate)
-        return bot
-
-    try:
-        bot = build()
-        await bot.start()
-        chat = CHATS[0]
-        bot.pipeline.submit(
-            Inbound(MessageId("DISK2"), ChatId(chat), chat, MessageKind.TEXT, "hola", time.time())
-        )
-        assert await bot.store.flush(5)
-        await fill_the_journal_disk(bot.store, True)
-        gate.set()
-        assert await bot.pipeline.drain(5)  # answered; the reply is kept for the journal's retry
-        await fill_the_journal_disk(bot.store, False)
-        await bot.stop()  # a deploy, before the retry's next turn
-        bot = build()
-        await bot.start()
-        await bot.recover()
-        assert await bot.pipeline.drain(5)
-        await bot.stop()
-        assert transport.texts_to(ChatId(chat)) == ["ok: hola"], "answered twice"
-        assert db.query("select status from chat_history where wa_message_id = 'DISK2'") == [("answered",)]
+        assert transport.texts_to(ChatId(CHATS[0])) == ["ok: hola"], "answered twice"
+        assert db.query("select status from chat_history where wa_message_id = 'DISK1'") == [("answered",)]
     finally:
         db.psql("truncate chat_history;")
 

@@ -350,6 +350,16 @@ def local_database_problems(
             found.append(
                 (path, problem, f"{fix} (without {without}); the WhatsApp session is {where} and is kept")
             )
+    if outbox and not settings.supabase_db_url:  # `run` opens the session file too (else it is in Postgres)
+        session = Path(settings.session_database)
+        if problem := sqlite_file_problem(session, thorough=thorough):
+            if "read-only" in problem or "permission" in problem:
+                fix = "give the bot's user write access"
+            elif settings.supabase_url and settings.supabase_key:
+                fix = "move it aside: the next start restores the session from its backup in Supabase"
+            else:
+                fix = "move it aside and pair the number again (a new QR code or pairing code)"
+            found.append((session, problem, f"{fix}; the message history is kept"))
     return found
 
 

@@ -156,3 +156,35 @@ def test_a_healthy_database_from_a_crashed_run_still_starts(tmp_path: Path) -> N
     assert store.with_name("bot.sqlite3-wal").exists()
     result = run_bot(tmp_path, "chat", "--jsonl")
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_damaged_whatsapp_session_file_stops_run_with_one_line(tmp_path: Path) -> None:
+    """Else whatsmeow fails every connect ("file is not a database") and the bot retries it for ever."""
+    session = tmp_path / "data" / "whatsapp-session.sqlite3"
+    session.parent.mkdir()
+    session.write_bytes(b"\x13" * 50_000)
+    result = run_bot(tmp_path, "run")
+    assert_one_line(
+        result,
+        f"{session}: file is not a database; move it aside and pair the number again",
+        "the message history is kept",
+    )
+    assert session.read_bytes() == b"\x13" * 50_000, "the file is left as it was"
+
+
+def test_with_a_session_backup_in_supabase_a_damaged_session_file_is_said_to_be_restored(
+    tmp_path: Path,
+) -> None:
+    session = tmp_path / "data" / "whatsapp-session.sqlite3"
+    session.parent.mkdir()
+    session.write_text("garbage\n")
+    result = run_bot(tmp_path, "run", SUPABASE_URL="http://127.0.0.1:9", SUPABASE_KEY="service-role-key")
+    assert_one_line(result, f"{session}: file is not a database; move it aside: the next start restores")
+
+
+def test_chat_does_not_open_the_whatsapp_session(tmp_path: Path) -> None:
+    session = tmp_path / "data" / "whatsapp-session.sqlite3"
+    session.parent.mkdir()
+    session.write_text("garbage\n")
+    result = run_bot(tmp_path, "chat", "--jsonl")
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -292,14 +293,26 @@ def load_settings(**overrides: object) -> Settings:
     return settings
 
 
+MIN_FREE_BYTES = 1 << 20
+"""Below this much free space in DATA_DIR the bot does not start: SQLite cannot even open a database in WAL
+mode (its shared-memory file needs room), and the errors it gives ("disk I/O error") do not say why."""
+
+
 def data_dir_problem(data_dir: Path) -> str | None:
-    """Why DATA_DIR cannot hold the bot's files (missing and not creatable, read-only, a file), or None."""
+    """Why DATA_DIR cannot hold the bot's files (missing and not creatable, read-only, a file, a full
+    disk), or None."""
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=data_dir):
             pass
+        free = shutil.disk_usage(data_dir).free
     except OSError as error:
         return error.strerror or type(error).__name__
+    if free < MIN_FREE_BYTES:
+        return (
+            f"the disk is full ({free // 1024} KB free, the bot needs at least {MIN_FREE_BYTES >> 20} MB to"
+            " start); free some space or give the volume more room (the bot's files are kept)"
+        )
     return None
 
 

@@ -147,7 +147,8 @@ async def _check_supabase(settings: Settings) -> bool:
 def _check_data_dir(settings: Settings) -> bool:
     problem = data_dir_problem(settings.data_dir)
     if problem:
-        return _line(False, f"data dir {settings.data_dir}: {problem}", "set DATA_DIR to a writable folder")
+        fix = "" if "disk is full" in problem else "set DATA_DIR to a writable folder"
+        return _line(False, f"data dir {settings.data_dir}: {problem}", fix)
     return _line(True, f"data dir {settings.data_dir.resolve()} is writable")
 
 

@@ -188,3 +188,52 @@ def test_chat_does_not_open_the_whatsapp_session(tmp_path: Path) -> None:
     session.write_text("garbage\n")
     result = run_bot(tmp_path, "chat", "--jsonl")
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 400 KB filesystem (tmpfs): a real full disk, without filling the machine's."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)], capture_output=True, check=False
+    )
+    if made.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> None:
+    descriptor = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(descriptor, b"\0" * 4096):
+            pass
+    except OSError:  # no space left on the device: full
+        pass
+    finally:
+        os.close(descriptor)
+
+
+@pytest.mark.parametrize("command", ["chat", "run"])
+def test_a_full_disk_at_start_is_said_and_the_history_is_not_called_broken(
+    tmp_path: Path, small_disk: Path, command: str
+) -> None:
+    """SQLite says "disk I/O error" there (its WAL index cannot be created): the line used to tell the
+    operator to move the message history aside."""
+    data = small_disk / "data"
+    a_database(data / "bot.sqlite3")
+    fill(small_disk)
+    result = run_bot(tmp_path, command, *(["--jsonl"] if command == "chat" else []), DATA_DIR=str(data))
+    line = assert_one_line(result, f"DATA_DIR={data}: the disk is full (", "free some space")
+    assert "move it aside" not in line
+    assert (data / "bot.sqlite3").exists()
+
+
+def test_doctor_says_the_disk_is_full(tmp_path: Path, small_disk: Path) -> None:
+    fill(small_disk)
+    result = run_bot(tmp_path, "doctor", DATA_DIR=str(small_disk))
+    assert result.returncode == 1
+    assert f"[FAIL] data dir {small_disk}: the disk is full" in result.stdout, result.stdout

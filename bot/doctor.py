@@ -13,9 +13,10 @@ from bot.flows import FlowsFileError, load_flows_file
 from connection.supervisor import scrub
 
 
-def _line(ok: bool, what: str, fix: str = "") -> bool:
-    mark = "ok  " if ok else "FAIL"
-    print(f"[{mark}] {what}" + (f"\n       fix: {fix}" if fix and not ok else ""))
+def _line(ok: bool, what: str, fix: str = "", *, warn: bool = False) -> bool:
+    """Print one check; `warn` marks something that works only in part (it does not fail `doctor`)."""
+    mark = "FAIL" if not ok else "warn" if warn else "ok  "
+    print(f"[{mark}] {what}" + (f"\n       fix: {fix}" if fix and (warn or not ok) else ""))
     return ok
 
 
@@ -60,7 +61,23 @@ async def _check_openai(settings: Settings) -> bool:
             + (f"; close names: {', '.join(close)}" if close else ""),
             "set OPENAI_MODEL to a model the server offers",
         )
-    return _line(True, f"OpenAI: reachable, model {model}")
+    _line(True, f"OpenAI: reachable, model {model}")
+    return _check_transcribe_model(settings, listed)
+
+
+def _check_transcribe_model(settings: Settings, listed: list[str]) -> bool:
+    """Voice notes go to OPENAI_TRANSCRIBE_MODEL on the same server; a server without it (Ollama has no
+    speech-to-text) answers every voice note with an apology, but texts work: a warning, not a failure."""
+    model = settings.openai_transcribe_model
+    if _offered(model, listed):
+        return _line(True, f"OpenAI: voice notes transcribed by {model}")
+    return _line(
+        True,
+        f"OpenAI: transcription model {model} is not among the models the server lists:"
+        " voice notes will get an apology asking for text",
+        "set OPENAI_TRANSCRIBE_MODEL to a speech-to-text model the server offers",
+        warn=True,
+    )
 
 
 def _offered(model: str, listed: list[str]) -> bool:

@@ -111,6 +111,36 @@ async def test_the_names_servers_list_a_model_under_count(
     assert code == 0 and f"[ok  ] OpenAI: reachable, model {model}" in out, out
 
 
+async def test_a_transcription_model_the_server_does_not_list_is_a_warning(
+    tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    """Ollama serves chat models but no speech-to-text: texts work, every voice note gets an apology."""
+    fake_openai.models = ["llama3:latest", "qwen2.5:7b"]
+    code, out = await bot(
+        tmp_path,
+        "doctor",
+        OPENAI_API_KEY="test-key",
+        OPENAI_BASE_URL=fake_openai.base_url,
+        OPENAI_MODEL="llama3",
+    )
+    assert code == 0, out
+    assert "[warn] OpenAI: transcription model whisper-1 is not among the models the server lists" in out
+    assert "fix: set OPENAI_TRANSCRIBE_MODEL to a speech-to-text model the server offers" in out
+
+
+async def test_a_listed_transcription_model_is_ok(tmp_path: Path, fake_openai: FakeOpenAI) -> None:
+    fake_openai.models = ["gpt-4o-mini", "gpt-4o-mini-transcribe"]
+    code, out = await bot(
+        tmp_path,
+        "doctor",
+        OPENAI_API_KEY="test-key",
+        OPENAI_BASE_URL=fake_openai.base_url,
+        OPENAI_TRANSCRIBE_MODEL="gpt-4o-mini-transcribe",
+    )
+    assert code == 0 and "[ok  ] OpenAI: voice notes transcribed by gpt-4o-mini-transcribe" in out, out
+    assert "[warn]" not in out
+
+
 async def test_a_file_that_is_not_a_database_is_a_problem(tmp_path: Path) -> None:
     store = tmp_path / "data" / "bot.sqlite3"
     store.parent.mkdir()

@@ -17,7 +17,7 @@ from loguru import logger
 
 from bot.ai import ChatModel, make_client
 from bot.config import Settings, config_error
-from bot.flows import FlowMatcher, FlowsFileError, load_flows_file
+from bot.flows import FlowMatcher, FlowsFileError, load_flows_file, unusable
 from bot.limits import CircuitBreaker, SlidingWindowLimiter
 from bot.pipeline import Pipeline, inbound_from_stored
 from bot.responder import Responder
@@ -304,12 +304,22 @@ class Bot:
     async def _refresh_flows(self, every_s: float = 60) -> None:
         """With Supabase, bot_flows is the source of keyword flows (the file only while it is empty)."""
         file_flows = read_flows_file(self.settings)
+        seen: list[Flow] | None = None
         while not self._stop.is_set():
             try:
                 flows = list(await self.store.flows())
             except Exception as error:
                 logger.warning("could not read bot_flows: {}", error)
             else:
+                if flows != seen:  # said once per change of the table, not every minute
+                    seen = flows
+                    for flow in flows:
+                        if flow.enabled and (why := unusable(flow)):
+                            logger.warning(
+                                "bot_flows: the flow with keywords {} is skipped: {}",
+                                list(flow.keywords),
+                                why,
+                            )
                 self.pipeline.responder.flows.replace(flows or file_flows)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(every_s):

@@ -118,6 +118,17 @@ def load_flows_file(path: Path) -> list[Flow]:
     return flows
 
 
+def unusable(flow: Flow) -> str | None:
+    """Why a flow can never answer, or None. The flows file is refused for these at start; the bot_flows
+    table (edited live in Supabase) is not, so its rows are checked here: a blank answer sent the customer
+    nothing at all."""
+    if not flow.answer.strip():
+        return "its answer is empty"
+    if not any(normalize(keyword) for keyword in flow.keywords):
+        return "none of its keywords has letters or digits"
+    return None
+
+
 # A message of at most this many words that contains a keyword is that flow's question; a longer one asks
 # something more (or something else: "my order is 3 hours late, I want a refund"), so the model answers it.
 MAX_FLOW_WORDS = 6
@@ -132,13 +143,14 @@ class FlowMatcher:
         self.replace(flows)
 
     def replace(self, flows: Iterable[Flow]) -> None:
+        """Use these flows from now on; a flow that cannot answer (see `unusable`) is left out."""
         self._flows: Sequence[tuple[tuple[str, ...], str]] = [
             (
                 tuple(f" {normalize(k)} " for k in flow.keywords if normalize(k)),
-                flow.answer,
+                flow.answer.strip(),
             )
             for flow in flows
-            if flow.enabled
+            if flow.enabled and unusable(flow) is None
         ]
 
     def __len__(self) -> int:

@@ -941,3 +941,42 @@ async def test_messages_waiting_before_a_flood_are_recovered_at_a_restart_during
     statuses = dict(db.query("select wa_message_id, status from chat_history where direction = 'in'"))
     assert [statuses[f"FL{n}"] for n in range(3)] == ["answered"] * 3
     assert {statuses[f"FL{n}"] for n in range(3, 28)} == {"skipped"}
+
+
+async def test_a_bot_flows_row_with_a_blank_answer_is_skipped_and_said(
+    db: SupabaseStack, tmp_path: Path
+) -> None:
+    """bot_flows is edited live in Supabase, past the flows file's checks: a row with a blank answer sent
+    the customer nothing at all."""
+    from bot.replies import reply
+
+    db.psql(
+        "insert into bot_flows (keywords, answer) values"
+        " ('{envio}', '  '), ('{¿?}', 'nunca'), ('{horario}', 'Abrimos a las 9.');"
+    )
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, data_dir=tmp_path / "data", flows_file=None, supabase_url=db.url, supabase_key=db.key
+    )
+    transport = LoopbackTransport()
+    warnings: list[str] = []
+    sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING", filter="bot.app")
+    bot = Bot.build(settings, transport, store=make_store(db.url, db.key, tmp_path / "data"))
+    await bot.start()
+    try:
+        await wait_for(lambda: len(bot.pipeline.responder.flows) > 0)
+        for n, text in enumerate(["envio", "horario"]):
+            message = Inbound(
+                MessageId(f"FL{n}"), ChatId(CHATS[n]), CHATS[n], MessageKind.TEXT, text, time.time()
+            )
+            bot.pipeline.submit(message)
+        assert await bot.pipeline.drain(10)
+    finally:
+        await bot.stop()
+        logger.remove(sink)
+        db.psql("truncate bot_flows;")
+    assert transport.texts_to(ChatId(CHATS[0])) == [reply("ai_off", "es")]  # not silence
+    assert transport.texts_to(ChatId(CHATS[1])) == ["Abrimos a las 9."]
+    assert warnings == [
+        "bot_flows: the flow with keywords ['envio'] is skipped: its answer is empty",
+        "bot_flows: the flow with keywords ['¿?'] is skipped: none of its keywords has letters or digits",
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import annotated_types
@@ -49,3 +50,30 @@ def test_a_huge_max_waiting_messages_stops_start_up_with_one_line(tmp_path: Path
         "invalid configuration: MAX_WAITING_MESSAGES='99999999999999999999':"
         " Input should be less than or equal to 1000000"
     )
+
+
+def example_comments() -> dict[str, str]:
+    """Each variable of .env.example with the comment lines above it (up to the previous variable)."""
+    comments: dict[str, str] = {}
+    block: list[str] = []
+    for line in (Path(__file__).resolve().parent.parent / ".env.example").read_text().splitlines():
+        if line.startswith("#"):
+            block.append(line)
+        elif "=" in line:
+            comments[line.split("=", 1)[0]] = " ".join(block)
+            block = []
+        else:
+            block = []
+    return comments
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_env_example_states_every_numeric_settings_range(name: str) -> None:
+    """An operator reads the ranges where they set the values, not in an error at the next deploy."""
+    comment = example_comments().get(name.upper())
+    assert comment is not None, f"{name.upper()} is missing from .env.example"
+    stated = {float(number.replace(",", "")) for number in re.findall(r"\d[\d,]*(?:\.\d+)?", comment)}
+    for rule in Settings.model_fields[name].metadata:
+        for bound in ("ge", "gt", "le", "lt"):
+            if (value := getattr(rule, bound, None)) is not None:
+                assert float(value) in stated, f".env.example does not state {name.upper()}'s bound {value}"

@@ -1,8 +1,9 @@
 """Keyword flows: fixed answers for known questions, checked before the cache and the model.
 
-A flow answers on its own only a short message (at most MAX_FLOW_WORDS words): "¿horario?" is that
-question, while "¿horario del sábado? y quiero cancelar el pedido 123" asks more than the flow knows, so it
-goes to the model with the answers of the flows it matched as facts.
+A flow answers on its own only a message that is just its question: its keywords and words that ask
+nothing by themselves ("hola, ¿cuál es el horario?"). "¿Horario de entrega?" or "¿horario del sábado? y
+quiero cancelar el pedido 123" ask more than the flow knows, so they go to the model with the answers of the
+flows they matched as facts.
 
 The flows file is YAML or JSON:
 
@@ -129,9 +130,26 @@ def unusable(flow: Flow) -> str | None:
     return None
 
 
-# A message of at most this many words that contains a keyword is that flow's question; a longer one asks
-# something more (or something else: "my order is 3 hours late, I want a refund"), so the model answers it.
-MAX_FLOW_WORDS = 6
+# Words that ask nothing by themselves (greetings, courtesy, question words, articles, pronouns), Spanish
+# and English, normalised. A message made of a flow's keywords and these words is that flow's question
+# ("hola, ¿cuál es vuestro horario, por favor?"); any other word asks something more or else ("horario de
+# entrega", "my order is 3 hours late"), so the model answers it, told the flow's answer as a fact. "mi" and
+# "my" are not filler: "¿mi dirección?" is the customer's address, not the shop's.
+FILLER_WORDS = frozenset(
+    """
+    hola buenas buenos buen dia dias tardes noches saludos hey hi hello good morning afternoon evening
+    por favor porfa porfavor gracias muchas thanks thank thx please pls plz ok okay vale oye perdon
+    disculpa disculpe sorry excuse
+    que cual cuales como cuando donde what which whats when where how
+    es son esta estan sera is are was be
+    el la lo los las un una unos unas de del a al en y e o u para con the an of in at on to for and or
+    su sus tu tus vuestro vuestra vuestros vuestras me te nos le les usted ustedes your you me i we us
+    se hay tienen teneis tiene tienes do does can could would will
+    saber quisiera queria quiero necesito puedes puede podrias podria pueden decir dime digame decirme
+    tell know want need like about info informacion information
+    hoy today
+    """.split()  # noqa: SIM905 (a word list reads better as text)
+)
 # At most this many flow answers go to the model as facts for one message (they lengthen every such call).
 MAX_FACTS = 3
 
@@ -157,11 +175,17 @@ class FlowMatcher:
         return len(self._flows)
 
     def match(self, text: str) -> str | None:
-        """The first matching flow's answer when the text is short enough to be just its question."""
-        normal = normalize(text)
-        if normal.count(" ") >= MAX_FLOW_WORDS:  # words are single-space separated after normalize
-            return None
-        return next(self._matches(f" {normal} "), None)
+        """The answer of the first flow the text is just the question of: its keywords and filler words
+        (FILLER_WORDS), nothing else."""
+        padded = f" {normalize(text)} "
+        for keywords, answer in self._flows:
+            rest = padded
+            for keyword in keywords:
+                while keyword in rest:  # repeated ("horario horario"): every occurrence goes
+                    rest = rest.replace(keyword, " ")
+            if rest != padded and FILLER_WORDS.issuperset(rest.split()):
+                return answer
+        return None
 
     def facts(self, text: str) -> list[str]:
         """The answers of the first MAX_FACTS flows the text matches, whatever its length: facts for the

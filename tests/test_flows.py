@@ -11,7 +11,6 @@ import yaml
 from bot import flows as flows_module
 from bot.flows import (
     MAX_FACTS,
-    MAX_FLOW_WORDS,
     MAX_FLOWS,
     MAX_FLOWS_FILE_BYTES,
     FlowMatcher,
@@ -150,12 +149,39 @@ def ai(fake: FakeOpenAI, flows: Path, **extra: object) -> dict[str, object]:
     return {"openai_api_key": "test-key", "openai_base_url": fake.base_url, "flows_file": flows, **extra}
 
 
-def test_a_flow_answers_alone_only_a_short_message() -> None:
+def test_a_flow_answers_alone_only_a_message_that_is_just_its_question() -> None:
     matcher = FlowMatcher([Flow(("horario",), HOURS)])
-    assert matcher.match("¿Cuál es el HORARIO del sábado?") == HOURS  # 6 words
-    assert matcher.match("hola, ¿cuál es el horario del sábado?") is None  # 7 words
-    assert matcher.facts("hola, ¿cuál es el horario del sábado?") == [HOURS]
-    assert MAX_FLOW_WORDS == 6
+    for question in (
+        "¿horario?",
+        "¿Cuál es el HORARIO?",
+        "Hola buenas tardes, quisiera saber cuál es su horario por favor, muchas gracias",
+        "horario horario",
+        "what is your horario please",
+    ):
+        assert matcher.match(question) == HOURS, question
+    for question in (
+        "¿cuál es el horario de entrega?",  # got the opening hours
+        "¿Cuál es el HORARIO del sábado?",
+        "horario 2",
+        "no quiero el horario, quiero cancelar",
+        "hola",
+    ):
+        assert matcher.match(question) is None, question
+    assert matcher.facts("¿cuál es el horario de entrega?") == [HOURS]
+
+
+def test_a_more_specific_flow_answers_what_a_broader_one_does_not() -> None:
+    delivery = "Repartimos de 10:00 a 20:00."
+    matcher = FlowMatcher([Flow(("horario",), HOURS), Flow(("horario de entrega",), delivery)])
+    assert matcher.match("¿cuál es el horario de entrega?") == delivery
+    assert matcher.match("¿horario?") == HOURS
+
+
+def test_the_customers_own_things_are_not_the_shops() -> None:
+    matcher = FlowMatcher([Flow(("direccion",), PLACE)])
+    assert matcher.match("¿cuál es su dirección?") == PLACE
+    assert matcher.match("¿mi dirección?") is None
+    assert matcher.match("my direccion") is None
 
 
 def test_facts_are_the_matched_flows_in_file_order_and_bounded() -> None:

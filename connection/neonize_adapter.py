@@ -455,6 +455,17 @@ def _configure_neonize_logging(level: str) -> None:
 # --------------------------------------------------------------------------- driver
 
 
+def _retrieve(what: str) -> Callable[[asyncio.Future[Any]], None]:
+    """A done-callback for a Go call nobody awaits to the end: its error is logged at DEBUG, not left to
+    asyncio's "exception was never retrieved"."""
+
+    def retrieve(call: asyncio.Future[Any]) -> None:
+        if not call.cancelled() and (error := call.exception()) is not None:
+            logger.debug("{}: {}", what, _scrub(f"{type(error).__name__}: {error}"))
+
+    return retrieve
+
+
 def _delete_sqlite(path: str) -> None:
     for suffix in ("", "-wal", "-shm", "-journal"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
@@ -468,6 +479,7 @@ class NeonizeDriver:
     """
 
     PROBE_AFTER_FAILURES = 3
+    STOP_WAIT_S = 10.0  # how long a connect waits for the last Stop() before it counts as a failed attempt
 
     def __init__(
         self,
@@ -486,12 +498,26 @@ class NeonizeDriver:
         self._unconnected = 0  # connects since the last Connected
         self._old_refs: list[Any] = []
         self.abandoned_calls = 0  # Go calls left blocking a worker thread (see hard_exit_needed)
+        # neonize keys its Go clients by uuid: Stop() deletes the entry, the next connect (Neonize()) adds
+        # it again. `live`: between Connected and the next disconnect, when lookups are safe (see
+        # phone_for_lid). `_stopping`: a Stop() still running; the next connect waits for it, since a late
+        # Stop() acts on whatever client holds the uuid by then: it would orphan the next one, connected
+        # to WhatsApp and taking customers' messages that never reach the bot.
+        self.live = False
+        self._lookups: set[asyncio.Future[Any]] = set()
+        self._stopping: asyncio.Future[Any] | None = None
 
     def connected(self) -> None:
         self._unconnected = 0
+        self.live = True
 
     async def connect(self) -> None:
         client = self._require()
+        self.live = False
+        if self._stopping is not None and not self._stopping.done():
+            await asyncio.wait({self._stopping}, timeout=self.STOP_WAIT_S)
+            if not self._stopping.done():  # whatsmeow is mid-dial (its Disconnect waits for the dial)
+                raise ConnectionError("the last connection is still closing; the next attempt waits for it")
         # neonize keeps the loop of the first connect() in a module global and only sets it once;
         # point it at ours so events are not sent to a loop that is gone.
         _nz_events.event_global_loop = asyncio.get_running_loop()
@@ -523,11 +549,19 @@ class NeonizeDriver:
         if refs is not None and all(refs is not r for r in self._old_refs):
             self._old_refs = [*self._old_refs[-3:], refs]
         wait_s = self._release_wait_s
-        try:
-            async with asyncio.timeout(wait_s):  # not wait_for: on 3.11 it can swallow a cancellation
-                await client.stop()
-        except Exception as exc:
-            logger.debug("neonize stop: {}", type(exc).__name__)
+        self.live = False
+        if self._lookups:  # a lookup reads Go's client map: not while Stop() deletes from it
+            await asyncio.wait(set(self._lookups), timeout=wait_s)
+        if self._stopping is None or self._stopping.done():
+            self._stopping = asyncio.ensure_future(client.stop())
+            self._stopping.add_done_callback(_retrieve("neonize stop"))
+        # A task, and waited for without cancelling it: a cancelled wait must not lose track of a Stop() that
+        # is still running in Go (the next connect checks it).
+        await asyncio.wait({self._stopping}, timeout=wait_s)
+        if not self._stopping.done():
+            logger.warning(
+                "whatsapp: neonize Stop() is slow (whatsmeow is mid-dial); the next connect waits for it"
+            )
         task = client.connect_task
         if task is None:
             return
@@ -542,6 +576,21 @@ class NeonizeDriver:
             await asyncio.gather(task, return_exceptions=True)
         elif not task.cancelled():
             task.exception()  # mark retrieved; the supervisor already has it
+
+    async def phone_for_lid(self, lid: Any, timeout_s: float) -> Any:
+        """whatsmeow's phone JID for a LID (from the session database). Only while `live`: neonize's
+        GetPNFromLID dereferences its client map unchecked, so a call after Stop() (or before the next
+        Neonize() registers the client) is a Go nil-pointer panic that kills the process."""
+        if not self.live:
+            raise TransportError("not connected")
+        lookup = asyncio.ensure_future(self._require().get_pn_from_lid(lid))
+        self._lookups.add(lookup)
+        lookup.add_done_callback(self._lookups.discard)
+        lookup.add_done_callback(_retrieve("LID lookup"))
+        await asyncio.wait({lookup}, timeout=timeout_s)  # a slow one runs on; disconnect waits for it
+        if not lookup.done():
+            raise TimeoutError(f"no answer in {timeout_s:g} s")
+        return lookup.result()
 
     async def is_connected(self) -> bool:
         if self.client is None:
@@ -680,9 +729,11 @@ class NeonizeTransport:
 
     @property
     def hard_exit_needed(self) -> bool:
-        """True when a neonize Go call had to be abandoned (stopped while a QR code was showing): its worker
-        thread never ends, and `asyncio.run` would wait for it forever at exit. End with `os._exit(code)`."""
-        return self._driver.abandoned_calls > 0
+        """True when a neonize Go call had to be abandoned (stopped while a QR code was showing) or a Stop()
+        still runs (whatsmeow mid-dial): its worker thread blocks, and `asyncio.run` would wait for it at
+        exit. End with `os._exit(code)`."""
+        stopping = self._driver._stopping
+        return self._driver.abandoned_calls > 0 or (stopping is not None and not stopping.done())
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1015,9 +1066,10 @@ class NeonizeTransport:
         owner's reply from the phone is often LID-only, and must pause the customer's chat)."""
         lid = inbound.chat
         try:
-            async with asyncio.timeout(self.LID_LOOKUP_TIMEOUT_S):
-                found = await self._driver._require().get_pn_from_lid(_to_jid(lid))
-        except Exception as error:  # unknown, not connected, slow: the LID stays the chat's key
+            found = await self._driver.phone_for_lid(_to_jid(lid), self.LID_LOOKUP_TIMEOUT_S)
+        except TransportError:  # between two connections: asked again at its next message
+            return inbound
+        except Exception as error:  # unknown, slow: the LID stays the chat's key
             logger.debug("no phone number for a LID: {}", _scrub(str(error)))
             self._lids.note_unknown(lid)
             return inbound

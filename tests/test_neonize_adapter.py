@@ -8,6 +8,7 @@ import threading
 import time
 import warnings
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -387,6 +388,12 @@ class FakeNewAClient:
 
     script: ClassVar[deque[str]] = deque()
     instances: ClassVar[list[FakeNewAClient]] = []
+    # neonize's Go side keys clients by uuid: connect (Neonize()) registers this one, stop() unregisters
+    # whatever holds the uuid when it returns. A LID lookup on an unregistered client is a Go nil-pointer
+    # panic, and a connect while a stop is still running orphans the new client: both kill or break the
+    # real process, so the fake records them here instead.
+    go_crashes: ClassVar[list[str]] = []
+    stop_gate: ClassVar[asyncio.Event | None] = None  # set: stop() blocks until it is (whatsmeow mid-dial)
 
     def __init__(self, name: str, uuid: str | None = None) -> None:
         self.name, self.uuid = name, uuid
@@ -402,6 +409,8 @@ class FakeNewAClient:
         self.rejected: list[tuple[str, str]] = []
         self._stopped = asyncio.Event()
         self._ids = itertools.count(1)
+        self.registered = False
+        self.stops_running = 0
         FakeNewAClient.instances.append(self)
 
     def event(self, event_type: type) -> Any:
@@ -414,6 +423,9 @@ class FakeNewAClient:
         self.qr_handler = fn
 
     async def connect(self) -> asyncio.Task[None]:
+        if self.stops_running:
+            self.go_crashes.append("Neonize() while Stop() runs: the new client is orphaned")
+        self.registered = True
         self.connects += 1
         self._stopped = asyncio.Event()
         self._connect_refs = object()
@@ -444,6 +456,13 @@ class FakeNewAClient:
         await self.fire(Connected(status=True))
 
     async def stop(self) -> None:
+        self.stops_running += 1
+        try:
+            if self.stop_gate is not None:
+                await self.stop_gate.wait()
+        finally:
+            self.stops_running -= 1
+        self.registered = False
         self.online = False
         self._stopped.set()
 
@@ -477,6 +496,8 @@ class FakeNewAClient:
     lid_delay_s: ClassVar[float] = 0.0
 
     async def get_pn_from_lid(self, lid: JID) -> JID:
+        if not self.registered:
+            self.go_crashes.append("GetPNFromLID on an unregistered client: nil pointer dereference")
         await asyncio.sleep(self.lid_delay_s)
         if lid.User == "broken":
             raise RuntimeError("database is locked")
@@ -485,13 +506,16 @@ class FakeNewAClient:
 
 
 @pytest.fixture
-def fake_neonize(monkeypatch: pytest.MonkeyPatch) -> type[FakeNewAClient]:
+def fake_neonize(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FakeNewAClient]]:
     FakeNewAClient.script = deque()
     FakeNewAClient.instances = []
+    FakeNewAClient.go_crashes = []
+    FakeNewAClient.stop_gate = None
     monkeypatch.setattr(FakeNewAClient, "lid_map", {})
     monkeypatch.setattr(FakeNewAClient, "lid_delay_s", 0.0)
     monkeypatch.setattr(neonize_adapter, "NewAClient", FakeNewAClient)
-    return FakeNewAClient
+    yield FakeNewAClient
+    assert FakeNewAClient.go_crashes == [], "a Go call that kills or breaks the real process"
 
 
 async def wait_state(transport: NeonizeTransport, state: ConnectionState, timeout: float = 5.0) -> None:
@@ -627,6 +651,60 @@ async def test_replaced_stops_for_good(fake_neonize: type[FakeNewAClient], tmp_p
     finally:
         await transport.stop()
     assert transport.state is ConnectionState.REPLACED
+
+
+async def test_a_lid_message_handled_after_the_connection_ended_does_not_call_go(
+    fake_neonize: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    """neonize runs each event as its own task: a message of an offline backlog can be handled after the
+    connection ended (replaced, logged out, a takeover) and Stop() ran. Its LID lookup then hit Go's
+    unchecked client map: a nil-pointer panic, the process gone (exit 134) with nothing flushed."""
+    fake_neonize.script.extend(["ok"])
+    fake_neonize.lid_map = {"123456789012345": PHONE}
+    got: list[Inbound] = []
+    transport = NeonizeTransport(str(tmp_path / "s.db"), on_inbound=got.append, **FAST)
+    await transport.start()
+    try:
+        await wait_state(transport, ConnectionState.CONNECTED)
+        client = fake_neonize.instances[0]
+        await client.fire(StreamReplaced())
+        async with asyncio.timeout(2):
+            while client.registered:  # the supervisor released the connection: Go's Stop() ran
+                await asyncio.sleep(0.01)
+        lid = jid("123456789012345", "lid")
+        await client.fire(event(WAMessage(conversation="hola"), chat=lid, sender=lid, msg_id="LATE"))
+    finally:
+        await transport.stop()
+    assert [m.id for m in got] == ["LATE"], "the message is delivered all the same"
+    assert got[0].chat == "123456789012345@lid"  # keyed by its LID: no one to ask
+
+
+async def test_a_slow_stop_is_waited_for_before_the_next_connection(
+    fake_neonize: type[FakeNewAClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """whatsmeow's Disconnect waits for a dial in progress (up to a minute). The next connect went ahead
+    meanwhile, and the late Stop() then unregistered the new client: connected to WhatsApp, acking customers'
+    messages, and out of the bot's reach."""
+    monkeypatch.setattr(neonize_adapter.NeonizeDriver, "STOP_WAIT_S", 0.05, raising=False)
+    fake_neonize.script.extend(["fail", "ok"])
+    fake_neonize.stop_gate = asyncio.Event()
+    transport = NeonizeTransport(str(tmp_path / "s.db"), on_inbound=lambda _: None, **FAST)
+    transport._driver._release_wait_s = 0.05  # the release gives up waiting at once
+    await transport.start()
+    try:
+        client = fake_neonize.instances[0]
+        async with asyncio.timeout(2):
+            while not client.stops_running:  # the failed attempt is being released; Stop() hangs
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # several retries come due meanwhile
+        assert client.connects == 1, "a new connection while the last Stop() still ran"
+        assert transport.state is not ConnectionState.CONNECTED
+        fake_neonize.stop_gate.set()
+        await wait_state(transport, ConnectionState.CONNECTED)
+        assert client.connects == 2 and client.registered
+    finally:
+        fake_neonize.stop_gate.set()
+        await transport.stop()
 
 
 async def test_the_qr_reaches_production_logs_without_a_terminal(

@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from connection.session_backup import SessionBackup
 
 STOP_BUDGET_S = 13.0  # of Railway's 15 s between SIGTERM and SIGKILL (railway.json drainingSeconds)
+# The longest a pairing code lives: a QR code 60 s (later ones 20 s), a pairing code until the login
+# websocket closes (160 s). Older ones are not shown on /qr while the bot rests between pairings.
+CODE_LIFE_S = {"qr": 60.0, "pair_code": 160.0}
 EX_TEMPFAIL = 75  # the lease went to another instance: exit so the platform restarts this one as a waiter
 
 
@@ -69,6 +73,20 @@ async def run_whatsapp(settings: Settings) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     background = BackgroundTasks("whatsapp-run")
     pairing: dict[str, Any] = {"qr": None, "pair_code": None}
+    made_at: dict[str, float] = {}  # when each code came: /qr hides one older than any WhatsApp takes
+
+    def new_code(kind: str, code: str) -> None:
+        pairing[kind] = code
+        made_at[kind] = time.monotonic()
+
+    def qr_state() -> dict[str, Any]:
+        transport.pair_now()  # someone is at /qr: a rest between unscanned pairings ends
+        now = time.monotonic()
+        live = {
+            kind: code for kind, code in pairing.items() if now - made_at.get(kind, now) < CODE_LIFE_S[kind]
+        }
+        return {**live, "state": transport.state.value}
+
     stop = asyncio.Event()
     exit_code = 0
 
@@ -98,8 +116,8 @@ async def run_whatsapp(settings: Settings) -> int:
         on_inbound=on_inbound,
         name=settings.wa_session_name,
         pair_phone=settings.wa_pair_phone,
-        on_qr=lambda code: pairing.update(qr=code),
-        on_pair_code=lambda code: pairing.update(pair_code=code),
+        on_qr=lambda code: new_code("qr", code),
+        on_pair_code=lambda code: new_code("pair_code", code),
         log_level=settings.effective_log_level,
         heartbeat_s=settings.wa_heartbeat_s,
         presence_ping=settings.wa_presence_ping,
@@ -152,9 +170,7 @@ async def run_whatsapp(settings: Settings) -> int:
 
     await bot.start(recover=False)
     runner = await start_http(
-        build_app(
-            bot.metrics, lambda: {**pairing, "state": transport.state.value}, admin_token=settings.admin_token
-        ),
+        build_app(bot.metrics, qr_state, admin_token=settings.admin_token),
         settings.port,
     )
     logger.info("HTTP on port {}: /health, /v1/metrics, /qr", settings.port)

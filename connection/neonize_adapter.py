@@ -832,6 +832,10 @@ class NeonizeTransport:
     def state(self) -> ConnectionState:
         return self._supervisor.state
 
+    def pair_now(self) -> None:
+        """GET /qr: end a rest between unscanned pairings, so a fresh code comes at once."""
+        self._supervisor.pair_now()
+
     async def send_text(self, chat: ChatId, text: str) -> MessageId:
         """Send plain text (no neonize mention/link parsing); return the sent message id.
 

@@ -209,7 +209,7 @@ class Backoff:
 
 class _Why(enum.Enum):
     RETRY = "retry"  # a failure: backoff
-    NOW = "now"  # not a failure (an expired pairing QR): go again at once
+    QR_EXPIRED = "qr_expired"  # not a failure: a new pairing (at once, then resting; see _after_unscanned)
     OUTDATED = "outdated"
     LOGGED_OUT = "logged_out"
     REPLACED = "replaced"
@@ -241,6 +241,11 @@ _LEVELS = {
 
 class Supervisor:
     """Runs connection lifetimes (driver.connect, watchdog, events) and decides what follows each one."""
+
+    PAIRINGS_AT_ONCE = 3  # expired pairings followed at once by a new one (about 12 minutes of codes)
+    PAIRING_REST_S = 300.0  # then a rest before each new pairing, doubling...
+    PAIRING_MAX_REST_S = 3600.0  # ...up to an hour
+    OUTDATED_MAX_WAIT_S = 3600.0  # "client outdated": retried after 60 s, doubling up to an hour
 
     def __init__(
         self,
@@ -291,6 +296,10 @@ class Supervisor:
         self._changed = asyncio.Event()
 
         self._failures = 0  # consecutive failed attempts; reset once a connection stayed up
+        self._outdated = 0  # consecutive "client outdated" ends
+        self._unscanned = 0  # consecutive pairings whose QR codes expired; reset by a scan
+        self._resting = False  # waiting between unscanned pairings: GET /qr may end it
+        self._wake = asyncio.Event()
         self._attempts_total = 0
         self._reconnects = 0
         self._ever_connected = False
@@ -368,6 +377,7 @@ class Supervisor:
                 if self._ever_connected:
                     self._reconnects += 1
                 self._ever_connected = True
+                self._unscanned = self._outdated = 0
                 self._connected_at, self._connected_wall = now, time.time()
                 self._down_since = None
                 self._dead_probes = 0
@@ -396,6 +406,7 @@ class Supervisor:
                 self._last_qr_at = now
                 self._set_state(ConnectionState.PAIRING)
             case Paired():
+                self._unscanned = 0
                 self._lifetime_started = now  # the connect timeout starts over for the login
                 self._set_state(ConnectionState.CONNECTING)
             case LoggedOut(reason=reason):
@@ -435,10 +446,16 @@ class Supervisor:
                 return
             if delay > 0:
                 self._next_retry_at = self._clock() + delay
+                self._wake.clear()
+                sleeping = asyncio.ensure_future(self._sleep(delay))
+                woken = asyncio.ensure_future(self._wake.wait())
                 try:
-                    await self._sleep(delay)
+                    await asyncio.wait({sleeping, woken}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
+                    sleeping.cancel()
+                    woken.cancel()
                     self._next_retry_at = None
+                    self._resting = False
 
     async def _lifetime(self) -> _End:
         """One connection: connect, then wait for its end while the watchdog runs."""
@@ -501,16 +518,45 @@ class Supervisor:
                 return self._retry_in(self.backoff.delay(self._failures, self._rand), reason)
             self._failures = 0
             return 0.0
-        if end.why is _Why.NOW:
-            logger.info("{}: {}", self._name, reason)
-            return 0.0
+        if end.why is _Why.QR_EXPIRED:
+            return self._after_unscanned(reason)
 
         self._failures += 1
         self._last_error = reason
-        if end.why is _Why.OUTDATED:
+        if end.why is _Why.OUTDATED:  # only an upgrade helps: each attempt costs neonize a database handle
+            self._outdated += 1
             logger.error("{}: {}", self._name, reason)
-            return self._retry_in(self.backoff.cap_s, reason)
+            return self._retry_in(
+                min(self.OUTDATED_MAX_WAIT_S, self.backoff.cap_s * 2 ** (self._outdated - 1)), reason
+            )
         return self._retry_in(self.backoff.delay(self._failures, self._rand), reason)
+
+    def _after_unscanned(self, reason: str) -> float:
+        """A new pairing at once for the first few expired ones; then rest between pairings (each one
+        costs neonize a database handle and the owner's phone a notification in pairing-code mode),
+        until GET /qr asks for a code (`pair_now`)."""
+        self._unscanned += 1
+        if self._unscanned <= self.PAIRINGS_AT_ONCE:
+            logger.info("{}: {}; starting a new pairing", self._name, reason)
+            return 0.0
+        rest = min(
+            self.PAIRING_MAX_REST_S, self.PAIRING_REST_S * 2 ** (self._unscanned - self.PAIRINGS_AT_ONCE - 1)
+        )
+        logger.warning(
+            "{}: {} ({} pairings in a row); the next pairing in {:.0f} min, or at once when /qr is opened",
+            self._name,
+            reason,
+            self._unscanned,
+            rest / 60,
+        )
+        self._resting = True
+        return rest
+
+    def pair_now(self) -> None:
+        """Someone wants a pairing code now (GET /qr): end a rest between unscanned pairings. Never cuts a
+        backoff after failures or a ban short."""
+        if self._resting:
+            self._wake.set()
 
     def _retry_in(self, delay: float, reason: str) -> float:
         self._set_state(ConnectionState.RECONNECTING)
@@ -541,7 +587,7 @@ class Supervisor:
         state = self._state
         if state is ConnectionState.PAIRING:
             if now - self._last_qr_at > self._qr_timeout_s:
-                self._finish(_End(_Why.NOW, "the pairing QR codes expired; starting a new pairing"))
+                self._finish(_End(_Why.QR_EXPIRED, "the pairing QR codes expired without a scan"))
             return
         if state is ConnectionState.CONNECTING:
             if now - self._lifetime_started > self._connect_timeout_s:

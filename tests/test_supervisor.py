@@ -91,7 +91,7 @@ class FakeClock:
 
 
 class ScriptedDriver:
-    """Each connect() takes the next outcome: fail (raises), lost (task dies), ok, stall, qr."""
+    """Each connect() takes the next outcome: fail (raises), lost (task dies), ok, stall, qr, outdated."""
 
     def __init__(self, clock: FakeClock, script: list[str], default: str = "fail") -> None:
         self.clock = clock
@@ -124,6 +124,8 @@ class ScriptedDriver:
             loop.call_soon(self.push, Connected())
         elif outcome == "qr":
             loop.call_soon(self.push, QrShown())
+        elif outcome == "outdated":
+            loop.call_soon(self.push, ClientOutdated())
 
     async def disconnect(self) -> None:
         self.alive = False
@@ -380,7 +382,7 @@ async def test_temporary_ban_waits_until_it_expires() -> None:
 
 
 async def test_client_outdated_names_the_upgrade_and_does_not_hammer() -> None:
-    sup, driver, clock, _ = make(["ok"], default="ok")
+    sup, driver, clock, _ = make(["ok"], default="outdated")
     await sup.start()
     await clock.run_until(lambda: sup.state is S.CONNECTED)
     driver.push(ClientOutdated())
@@ -388,6 +390,10 @@ async def test_client_outdated_names_the_upgrade_and_does_not_hammer() -> None:
     stats = sup.stats()
     assert "pip install -U neonize" in stats["last_error"] and stats["last_error"] == OUTDATED_HELP
     assert stats["next_retry_in_s"] == pytest.approx(60)
+    # It stays outdated until an upgrade, and each attempt costs neonize a database handle: 60 s doubling
+    # to an hour, not a minute for ever (1,440 handles a day).
+    await clock.run_until(lambda: len(driver.connects) == 9, limit_s=20_000)
+    assert gaps(driver.connects) == pytest.approx([60, 120, 240, 480, 960, 1920, 3600, 3600])
     await sup.stop()
 
 
@@ -398,6 +404,48 @@ async def test_expired_pairing_qr_starts_a_new_pairing_without_penalty() -> None
     await clock.run_until(lambda: len(driver.connects) == 2, limit_s=200)
     assert 90 <= driver.connects[1] <= 120
     assert sup.stats()["attempts"] == 0
+    await sup.stop()
+
+
+async def test_unscanned_pairings_rest_longer_each_time_until_qr_is_opened() -> None:
+    """An unpaired bot made a new pairing every ~100 s for ever: each cost neonize a database handle that
+    is never closed (300 made +300 file descriptors and +53 MB), and in pairing-code mode a notification
+    on the owner's phone."""
+    sup, driver, clock, _ = make([], default="qr", heartbeat_s=30, qr_timeout_s=90)
+    await sup.start()
+    await clock.run_until(lambda: len(driver.connects) == 4, limit_s=1000)
+    at_once = gaps(driver.connects)
+    assert all(gap <= 120 for gap in at_once), at_once  # three expired pairings: a new one at once
+    await clock.run_until(lambda: len(driver.connects) == 6, limit_s=3000)
+    rests = gaps(driver.connects)[3:]
+    assert 300 <= rests[0] - 90 <= 330 and 600 <= rests[1] - 90 <= 630, rests  # 5 min, then 10 min
+    assert sup.stats()["attempts"] == 0, "not failures"
+    await clock.run_until(lambda: sup.stats()["next_retry_in_s"] is not None, limit_s=200)
+    sup.pair_now()  # someone opened /qr
+    await clock.settle()
+    assert len(driver.connects) == 7 and driver.connects[6] - driver.connects[5] < 150
+    await sup.stop()
+
+
+async def test_a_scan_ends_the_rests() -> None:
+    sup, driver, clock, _ = make(["qr"] * 5 + ["ok"], default="qr", heartbeat_s=30, qr_timeout_s=90)
+    await sup.start()
+    await clock.run_until(lambda: sup.state is S.CONNECTED, limit_s=3000)
+    driver.push(ConnectionLost("stream end"))  # pairing again later (say, after a logout): no rest
+    await clock.run_until(lambda: len(driver.connects) == 8, limit_s=300)
+    assert driver.connects[7] - driver.connects[6] <= 120
+    await sup.stop()
+
+
+async def test_opening_qr_does_not_cut_a_failure_backoff_short() -> None:
+    sup, driver, clock, _ = make([], default="fail")
+    await sup.start()
+    await clock.run_until(lambda: len(driver.connects) == 8, limit_s=1000)
+    await clock.settle()
+    assert sup.stats()["next_retry_in_s"] is not None
+    sup.pair_now()
+    await clock.settle()
+    assert len(driver.connects) == 8
     await sup.stop()
 
 

@@ -1,0 +1,76 @@
+"""`/qr` in `python -m bot run`: it shows the codes WhatsApp still takes, and opening it starts a pairing the
+bot was resting from (after unscanned ones)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bot import whatsapp
+from bot.config import Settings
+from connection import neonize_adapter
+from connection.types import ConnectionState
+from tests.test_shutdown import FakeNeonize, free_port
+
+TOKEN = "t" * 24
+
+
+class PairingNeonize(FakeNeonize):
+    def __init__(self, session: str, *, on_inbound: Any, on_qr: Any, on_pair_code: Any, **_: Any) -> None:
+        super().__init__(session, on_inbound=on_inbound)
+        self.on_qr, self.on_pair_code = on_qr, on_pair_code
+        self.pairings_asked = 0
+
+    @property
+    def state(self) -> ConnectionState:
+        return ConnectionState.PAIRING
+
+    def pair_now(self) -> None:
+        self.pairings_asked += 1
+
+
+@pytest.mark.timeout(60)
+async def test_qr_shows_live_codes_only_and_asks_for_a_pairing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(neonize_adapter, "NeonizeTransport", PairingNeonize)
+    monkeypatch.setattr(whatsapp, "CODE_LIFE_S", {"qr": 0.5, "pair_code": 0.5})
+    port = free_port()
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, data_dir=tmp_path, flows_file=None, port=port, admin_token=TOKEN
+    )
+    FakeNeonize.instance = None
+    run = asyncio.create_task(whatsapp.run_whatsapp(settings))
+    try:
+        async with asyncio.timeout(20):
+            while FakeNeonize.instance is None:
+                await asyncio.sleep(0.01)
+            transport = FakeNeonize.instance
+            assert isinstance(transport, PairingNeonize)
+            url = f"http://127.0.0.1:{port}/qr?token={TOKEN}"
+            async with aiohttp.ClientSession() as http:
+                while True:
+                    try:
+                        async with http.get(url) as response:
+                            page = await response.text()
+                        break
+                    except aiohttp.ClientConnectionError:
+                        await asyncio.sleep(0.05)
+                assert "No code yet" in page and transport.pairings_asked == 1
+                transport.on_pair_code("ABCD-EFGH")
+                async with http.get(url) as response:
+                    assert "ABCD-EFGH" in await response.text()
+                await asyncio.sleep(0.6)  # WhatsApp no longer takes it
+                async with http.get(url) as response:
+                    page = await response.text()
+                assert "ABCD-EFGH" not in page and "No code yet" in page
+                assert transport.pairings_asked == 3
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await run

@@ -143,6 +143,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "must be the phone number in international format, digits only (e.g. 34600111222)"
             )
+        if digits.startswith("0"):  # whatsmeow refuses it at every pairing, in a log line only
+            raise ValueError(
+                "starts with 0: use the international format, country code first, without 00 or a trunk"
+                " 0 (e.g. 34600111222, not 0034600111222 or 0600111222)"
+            )
         return digits
 
     @field_validator("allowed_numbers", "blocked_numbers")

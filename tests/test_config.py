@@ -106,6 +106,8 @@ def test_env_example_loads_as_is(tmp_path: Path) -> None:
         ("ALLOWED_NUMBERS", "34611122233, 600-111", "ALLOWED_NUMBERS: entry 2 (60***11) is not a phone"),
         ("BLOCKED_NUMBERS", "34611122233,60011", "entry 2 (60011) has 5 digits: a phone number in"),
         ("WA_PAIR_PHONE", "+34 611-122-233", "WA_PAIR_PHONE: must be the phone number"),
+        ("WA_PAIR_PHONE", "0034611122233", "WA_PAIR_PHONE: starts with 0: use the international format"),
+        ("WA_PAIR_PHONE", "0611122233", "WA_PAIR_PHONE: starts with 0"),
     ],
 )
 def test_a_bad_value_stops_start_up_with_one_line(

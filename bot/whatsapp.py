@@ -9,6 +9,7 @@ flight, disconnect, save the session, release the lease, flush the store.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -36,6 +37,7 @@ STOP_BUDGET_S = 13.0  # of Railway's 15 s between SIGTERM and SIGKILL (railway.j
 # The longest a pairing code lives: a QR code 60 s (later ones 20 s), a pairing code until the login
 # websocket closes (160 s). Older ones are not shown on /qr while the bot rests between pairings.
 CODE_LIFE_S = {"qr": 60.0, "pair_code": 160.0}
+BLOCKING_THREADS = 32
 EX_TEMPFAIL = 75  # the lease went to another instance: exit so the platform restarts this one as a waiter
 
 
@@ -71,6 +73,13 @@ async def run_whatsapp(settings: Settings) -> int:
     from connection.neonize_adapter import NeonizeTransport
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # neonize runs every Go call on asyncio's default executor, which has 6 threads on 2 cores: the
+    # connection's own call holds one for its whole life, and sends waiting for their ack (up to 80 s) could
+    # take the rest, leaving the watchdog's probe to time out behind them (a false "socket dead"). Threads
+    # start only when needed.
+    asyncio.get_running_loop().set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(max_workers=BLOCKING_THREADS, thread_name_prefix="blocking")
+    )
     background = BackgroundTasks("whatsapp-run")
     pairing: dict[str, Any] = {"qr": None, "pair_code": None}
     made_at: dict[str, float] = {}  # when each code came: /qr hides one older than any WhatsApp takes

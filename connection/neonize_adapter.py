@@ -123,6 +123,10 @@ __all__ = ["NeonizeDriver", "NeonizeTransport", "translate_connection_event", "t
 
 # Every call into whatsmeow is bounded: a Go call that hangs must fail one message, not stall its chat.
 CALL_TIMEOUT_S = 30.0
+# A send waits for the server's ack up to 75 s in whatsmeow, which also sends the frame again after a
+# reconnect within that time. Giving up sooner queued the reply again while whatsmeow still delivered the
+# first: the customer got it twice.
+SEND_TIMEOUT_S = 80.0
 DOWNLOAD_TIMEOUT_S = 120.0
 
 STATUS_BROADCAST = "status@broadcast"
@@ -919,7 +923,7 @@ class NeonizeTransport:
     async def _send_now(self, chat: ChatId, text: str) -> MessageId:
         client = self._driver._require()
         try:
-            async with asyncio.timeout(CALL_TIMEOUT_S):
+            async with asyncio.timeout(SEND_TIMEOUT_S):
                 resp = await client.send_message(_to_jid(chat), WAMessage(conversation=text))
         except Exception as exc:
             raise TransportError(f"send failed: {_scrub(str(exc))}") from exc

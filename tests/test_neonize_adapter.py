@@ -831,7 +831,7 @@ async def test_a_hanging_whatsmeow_call_fails_the_send_instead_of_stalling(
     fake_neonize: type[FakeNewAClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake_neonize.script.extend(["ok"])
-    monkeypatch.setattr(neonize_adapter, "CALL_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(neonize_adapter, "SEND_TIMEOUT_S", 0.2)
     transport = NeonizeTransport(str(tmp_path / "s.db"), on_inbound=lambda _: None, **FAST)
     await transport.start()
     try:
@@ -848,6 +848,34 @@ async def test_a_hanging_whatsmeow_call_fails_the_send_instead_of_stalling(
                 await transport.send_text(ChatId(f"{PHONE}@s.whatsapp.net"), "hola")
     finally:
         await transport.stop()
+
+
+async def test_a_send_whatsmeow_still_waits_on_is_not_given_up_and_queued_again(
+    fake_neonize: type[FakeNewAClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """whatsmeow waits 75 s for a send's ack; the adapter gave up at 30 s and queued the reply again while
+    whatsmeow still delivered the first: two copies. Times scaled down: other calls 0.1 s, the ack 0.3 s."""
+    fake_neonize.script.extend(["ok"])
+    monkeypatch.setattr(neonize_adapter, "CALL_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(neonize_adapter, "SEND_TIMEOUT_S", 1.0, raising=False)
+    transport = NeonizeTransport(str(tmp_path / "s.db"), on_inbound=lambda _: None, **FAST)
+    await transport.start()
+    try:
+        async with asyncio.timeout(5):
+            assert await transport.wait_connected() is True
+        client = fake_neonize.instances[0]
+        sends = client.send_message
+
+        async def slow_ack(*args: Any) -> Any:
+            await asyncio.sleep(0.3)
+            return await sends(*args)
+
+        client.send_message = slow_ack  # type: ignore[method-assign]
+        async with asyncio.timeout(5):
+            await transport.send_text(ChatId(f"{PHONE}@s.whatsapp.net"), "hola")
+    finally:
+        await transport.stop()
+    assert client.sent == [(f"{PHONE}@s.whatsapp.net", "hola")]
 
 
 def test_text_that_is_not_valid_utf8_is_read_with_a_replacement_character() -> None:

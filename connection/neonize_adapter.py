@@ -422,7 +422,11 @@ def translate_connection_event(ev: Any, now: float | None = None) -> DriverEvent
             case StreamReplacedEv():
                 return StreamReplaced()
             case TemporaryBanEv():
-                reason = _reason_name(nz.TemporaryBan.TempBanReason, int(ev.Code))
+                # A code neonize does not know is left unset, which would read as the enum's first name.
+                known = ev.HasField("Code")
+                reason = (
+                    _reason_name(nz.TemporaryBan.TempBanReason, int(ev.Code)) if known else "reason not given"
+                )
                 return TemporaryBan(reason=reason, expire_s=float(max(0, int(ev.Expire))))
             case ClientOutdatedEv():
                 return ClientOutdated()

@@ -506,7 +506,17 @@ class Supervisor:
             return wait
         if end.why is _Why.LOGGED_OUT:
             logger.error("=" * 72)
-            logger.error("{}: LOGGED OUT ({}): the device was unlinked from the phone", self._name, reason)
+            if "logged_out" in reason:  # 401: unlinked under Linked devices on the phone
+                logger.error(
+                    "{}: LOGGED OUT ({}): the device was unlinked from the phone", self._name, reason
+                )
+            else:  # 403 main_device_gone, 406 unknown_logout: also how locked and banned accounts end
+                logger.error(
+                    "{}: LOGGED OUT by WhatsApp ({}): check that WhatsApp still works on the phone (the"
+                    " account may have been removed, locked or banned) before pairing again",
+                    self._name,
+                    reason,
+                )
             logger.error("{}: local session deleted next; scan the new QR (GET /qr) to pair", self._name)
             logger.error("=" * 72)
             try:

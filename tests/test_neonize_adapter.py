@@ -359,6 +359,8 @@ def test_connection_events_translate_to_supervisor_events() -> None:
     assert t(ClientOutdated()) == sv.ClientOutdated()
     assert t(LoggedOut(OnConnect=False, Reason=4)) == sv.LoggedOut("logged out: main_device_gone")
     assert t(TemporaryBan(Code=1, Expire=3600)) == sv.TemporaryBan("send_to_too_many_people", 3600.0)
+    # a code neonize does not know arrives unset: not read as the enum's first reason
+    assert t(TemporaryBan(Expire=86400)) == sv.TemporaryBan("reason not given", 86400.0)
     assert t(KeepAliveTimeout(ErrorCount=2, LastSuccess=int(now) - 40), now=now) == sv.KeepAliveTimeout(
         2, 40.0
     )

@@ -316,6 +316,34 @@ async def test_a_stalled_connect_is_abandoned_and_retried() -> None:
     await sup.stop()
 
 
+@pytest.mark.parametrize(
+    ("reason", "said"),
+    [
+        ("connect failure: logged_out", "the device was unlinked from the phone"),
+        ("logged out: unknown_logout", "check that WhatsApp still works on the phone"),
+    ],
+)
+async def test_a_logout_says_whether_the_phone_unlinked_it_or_whatsapp_ended_it(
+    reason: str, said: str
+) -> None:
+    """406 (unknown_logout) is also how WhatsApp ends a banned account: "unlinked from the phone" sent the
+    operator to scan a QR for an account that may be banned."""
+    from loguru import logger
+
+    errors: list[str] = []
+    sink = logger.add(lambda m: errors.append(m.record["message"]), level="ERROR")
+    sup, driver, clock, _ = make(["ok", "qr"])
+    try:
+        await sup.start()
+        await clock.run_until(lambda: sup.state is S.CONNECTED)
+        driver.push(LoggedOut(reason))
+        await clock.run_until(lambda: sup.state is S.PAIRING)
+    finally:
+        logger.remove(sink)
+        await sup.stop()
+    assert any(said in line for line in errors), errors
+
+
 async def test_logged_out_deletes_the_session_and_pairs_again_at_once() -> None:
     sup, driver, clock, states = make(["ok", "qr"])
     await sup.start()

@@ -17,6 +17,11 @@ def failures(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("[FAIL]")]
 
 
+async def doctor_against(tmp_path: Path, fake: FakeOpenAI, **env: str) -> tuple[int, str]:
+    """`doctor` with an API key, pointed at the fake OpenAI-compatible server."""
+    return await bot(tmp_path, "doctor", OPENAI_API_KEY="test-key", OPENAI_BASE_URL=fake.base_url, **env)
+
+
 async def test_a_malformed_flows_file_is_a_problem(tmp_path: Path) -> None:
     (tmp_path / "flows.yaml").write_text("- keywords: [horario\n  answer: Abrimos\n")
     code, out = await bot(tmp_path, "doctor", FLOWS_FILE="flows.yaml")
@@ -50,13 +55,7 @@ async def test_a_model_the_server_does_not_list_is_a_problem_with_the_close_name
     tmp_path: Path, fake_openai: FakeOpenAI
 ) -> None:
     fake_openai.models = ["gpt-4o-mini", "gpt-4o", "whisper-1", "text-embedding-3-small"]
-    code, out = await bot(
-        tmp_path,
-        "doctor",
-        OPENAI_API_KEY="test-key",
-        OPENAI_BASE_URL=fake_openai.base_url,
-        OPENAI_MODEL="gpt-4o-mni",
-    )
+    code, out = await doctor_against(tmp_path, fake_openai, OPENAI_MODEL="gpt-4o-mni")
     assert code == 1, out
     assert "reachable, model gpt-4o-mni" not in out
     line = next(line for line in failures(out) if "OpenAI" in line)
@@ -71,9 +70,7 @@ async def test_a_server_that_lists_no_models_is_not_held_against_the_model(
     tmp_path: Path, fake_openai: FakeOpenAI
 ) -> None:
     fake_openai.models = []
-    code, out = await bot(
-        tmp_path, "doctor", OPENAI_API_KEY="test-key", OPENAI_BASE_URL=fake_openai.base_url, OPENAI_MODEL="x"
-    )
+    code, out = await doctor_against(tmp_path, fake_openai, OPENAI_MODEL="x")
     assert code == 0, out
     assert "[ok  ] OpenAI: reachable, model x (the server lists no models to check it)" in out
 
@@ -84,7 +81,7 @@ async def test_a_server_that_lists_one_model_answers_to_any_name(
     """llama.cpp's server, one model loaded, lists it by its file name and answers whatever OPENAI_MODEL
     says: the bot works, so doctor must not fail it."""
     fake_openai.models = ["/models/llama-3.2-3b-instruct-q4_k_m.gguf"]
-    code, out = await bot(tmp_path, "doctor", OPENAI_API_KEY="test-key", OPENAI_BASE_URL=fake_openai.base_url)
+    code, out = await doctor_against(tmp_path, fake_openai)
     assert code == 0, out
     assert "[ok  ] OpenAI: reachable, model gpt-4o-mini (the server lists one model, /models/llama-3.2" in out
 
@@ -101,13 +98,7 @@ async def test_the_names_servers_list_a_model_under_count(
     tmp_path: Path, fake_openai: FakeOpenAI, listed: str, model: str
 ) -> None:
     fake_openai.models = [listed, "other-model"]
-    code, out = await bot(
-        tmp_path,
-        "doctor",
-        OPENAI_API_KEY="test-key",
-        OPENAI_BASE_URL=fake_openai.base_url,
-        OPENAI_MODEL=model,
-    )
+    code, out = await doctor_against(tmp_path, fake_openai, OPENAI_MODEL=model)
     assert code == 0 and f"[ok  ] OpenAI: reachable, model {model}" in out, out
 
 
@@ -116,13 +107,7 @@ async def test_a_transcription_model_the_server_does_not_list_is_a_warning(
 ) -> None:
     """Ollama serves chat models but no speech-to-text: texts work, every voice note gets an apology."""
     fake_openai.models = ["llama3:latest", "qwen2.5:7b"]
-    code, out = await bot(
-        tmp_path,
-        "doctor",
-        OPENAI_API_KEY="test-key",
-        OPENAI_BASE_URL=fake_openai.base_url,
-        OPENAI_MODEL="llama3",
-    )
+    code, out = await doctor_against(tmp_path, fake_openai, OPENAI_MODEL="llama3")
     assert code == 0, out
     assert "[warn] OpenAI: transcription model whisper-1 is not among the models the server lists" in out
     assert "fix: set OPENAI_TRANSCRIBE_MODEL to a speech-to-text model the server offers" in out
@@ -130,13 +115,7 @@ async def test_a_transcription_model_the_server_does_not_list_is_a_warning(
 
 async def test_a_listed_transcription_model_is_ok(tmp_path: Path, fake_openai: FakeOpenAI) -> None:
     fake_openai.models = ["gpt-4o-mini", "gpt-4o-mini-transcribe"]
-    code, out = await bot(
-        tmp_path,
-        "doctor",
-        OPENAI_API_KEY="test-key",
-        OPENAI_BASE_URL=fake_openai.base_url,
-        OPENAI_TRANSCRIBE_MODEL="gpt-4o-mini-transcribe",
-    )
+    code, out = await doctor_against(tmp_path, fake_openai, OPENAI_TRANSCRIBE_MODEL="gpt-4o-mini-transcribe")
     assert code == 0 and "[ok  ] OpenAI: voice notes transcribed by gpt-4o-mini-transcribe" in out, out
     assert "[warn]" not in out
 

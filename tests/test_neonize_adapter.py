@@ -829,39 +829,18 @@ async def test_an_incoming_call_is_declined_and_the_caller_told(
     assert told == [f"{PHONE}@s.whatsapp.net"]  # the chat keyed by phone number, like its messages
 
 
-async def test_a_hanging_whatsmeow_call_fails_the_send_instead_of_stalling(
-    fake_neonize: type[FakeNewAClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    fake_neonize.script.extend(["ok"])
-    monkeypatch.setattr(neonize_adapter, "SEND_TIMEOUT_S", 0.2)
-    transport = NeonizeTransport(str(tmp_path / "s.db"), on_inbound=lambda _: None, **FAST)
-    await transport.start()
-    try:
-        async with asyncio.timeout(5):
-            assert await transport.wait_connected() is True
-        client = fake_neonize.instances[0]
-
-        async def hang(*args: Any) -> Any:
-            await asyncio.Event().wait()
-
-        client.send_message = hang  # type: ignore[method-assign]
-        with pytest.raises(TransportError, match="send failed"):
-            async with asyncio.timeout(5):
-                await transport.send_text(ChatId(f"{PHONE}@s.whatsapp.net"), "hola")
-    finally:
-        await transport.stop()
-
-
-async def test_a_send_whatsmeow_still_waits_on_is_not_given_up_and_queued_again(
+async def test_a_send_waits_for_whatsmeows_ack_and_a_hanging_one_fails_instead_of_stalling(
     fake_neonize: type[FakeNewAClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """whatsmeow waits 75 s for a send's ack; the adapter gave up at 30 s and queued the reply again while
-    whatsmeow still delivered the first: two copies. Times scaled down: other calls 0.1 s, the ack 0.3 s."""
+    whatsmeow still delivered the first: two copies. A send that never ends still fails, not stalls its chat.
+    Times scaled down: other calls 0.1 s, a send 1 s, the slow ack 0.3 s."""
     fake_neonize.script.extend(["ok"])
     monkeypatch.setattr(neonize_adapter, "CALL_TIMEOUT_S", 0.1)
     monkeypatch.setattr(neonize_adapter, "SEND_TIMEOUT_S", 1.0, raising=False)
     transport = NeonizeTransport(str(tmp_path / "s.db"), on_inbound=lambda _: None, **FAST)
     await transport.start()
+    chat = ChatId(f"{PHONE}@s.whatsapp.net")
     try:
         async with asyncio.timeout(5):
             assert await transport.wait_connected() is True
@@ -872,12 +851,19 @@ async def test_a_send_whatsmeow_still_waits_on_is_not_given_up_and_queued_again(
             await asyncio.sleep(0.3)
             return await sends(*args)
 
+        async def hang(*args: Any) -> Any:
+            await asyncio.Event().wait()
+
         client.send_message = slow_ack  # type: ignore[method-assign]
         async with asyncio.timeout(5):
-            await transport.send_text(ChatId(f"{PHONE}@s.whatsapp.net"), "hola")
+            await transport.send_text(chat, "hola")
+        assert client.sent == [(chat, "hola")]
+        client.send_message = hang  # type: ignore[method-assign]
+        with pytest.raises(TransportError, match="send failed"):
+            async with asyncio.timeout(5):
+                await transport.send_text(chat, "adiós")
     finally:
         await transport.stop()
-    assert client.sent == [(f"{PHONE}@s.whatsapp.net", "hola")]
 
 
 def test_text_that_is_not_valid_utf8_is_read_with_a_replacement_character() -> None:

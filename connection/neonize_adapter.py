@@ -551,6 +551,7 @@ class NeonizeDriver:
         client = self.client
         if client is None:
             return
+        self._task = None  # its end, however late, is this lifetime's, never the next one's
         # neonize replaces its ctypes callbacks on every connect(); keep the old ones alive in
         # case Go still calls them (a ctypes callback freed under Go would crash the process).
         refs = getattr(client, "_connect_refs", None)

@@ -709,6 +709,34 @@ async def test_a_slow_stop_is_waited_for_before_the_next_connection(
         await transport.stop()
 
 
+async def test_the_late_end_of_a_slow_stopped_connection_does_not_end_the_next_one(
+    fake_neonize: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    """A slow Stop() outlasts the supervisor's release, which is cut before it collects the old connect
+    task. When Stop() returned, the old Neonize() call ended too, and its end was taken for the new
+    connection's: torn down right after it was made. Times scaled: the waits 0.3 s, the release 0.5 s."""
+    fake_neonize.script.extend(["ok"] * 5)
+    transport = NeonizeTransport(str(tmp_path / "s.db"), on_inbound=lambda _: None, **FAST)
+    transport._driver._release_wait_s = 0.3
+    transport._supervisor._release_timeout_s = 0.5
+    await transport.start()
+    try:
+        await wait_state(transport, ConnectionState.CONNECTED)
+        client = fake_neonize.instances[0]
+        fake_neonize.stop_gate = asyncio.Event()
+        transport._supervisor._finish(sv._End(sv._Why.RETRY, "socket dead"))  # as the watchdog ends it
+        await asyncio.sleep(1.0)  # the release was cut; the next connect waits for the Stop()
+        assert client.connects == 1
+        fake_neonize.stop_gate.set()  # the dial ends, Stop() returns, so does the old Neonize() call
+        await wait_state(transport, ConnectionState.CONNECTED)
+        await asyncio.sleep(0.5)
+        assert client.connects == 2, "the new connection was torn down and made again"
+        assert transport.state is ConnectionState.CONNECTED
+    finally:
+        fake_neonize.stop_gate.set()
+        await transport.stop()
+
+
 async def test_the_qr_reaches_production_logs_without_a_terminal(
     fake_neonize: type[FakeNewAClient], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -35,7 +35,7 @@ _COMBINING = re.compile(r"[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\
 
 def normalize(text: str) -> str:
     """Lower case, accents removed, punctuation to spaces: '¿Horário?' -> 'horario'."""
-    folded = text.casefold()
+    folded = text.casefold().replace("'", "").replace("\u2019", "")  # "what's" -> "whats", as typed without
     if not folded.isascii():
         decomposed = unicodedata.normalize("NFKD", folded)
         folded = _COMBINING.sub("", decomposed)
@@ -146,12 +146,48 @@ FILLER_WORDS = frozenset(
     su sus tu tus vuestro vuestra vuestros vuestras me te nos le les usted ustedes your you me i we us
     se hay tienen teneis tiene tienes do does can could would will
     saber quisiera queria quiero necesito puedes puede podrias podria pueden decir dime digame decirme
-    tell know want need like about info informacion information
+    tell know want need like about info informacion information have has got da das dar dan podeis sabes
+    q k tienda local negocio atencion apertura comercial ubicado ubicada ubicados ubicadas store shop located
     hoy today
     """.split()  # noqa: SIM905 (a word list reads better as text)
 )
+# A message thanking for something ("ok, gracias por el horario") is not asking for it again, unless it asks.
+_THANKS = frozenset({"gracias", "thanks", "thank", "thx"})
+
+
+def _thanks_for(words: list[str]) -> bool:
+    """ "gracias por ...", "thanks for ...", "thank you for ...": thanking for what follows."""
+    for i, word in enumerate(words[:-1]):
+        if word in _THANKS:
+            after = words[i + 1 : i + 3]
+            if after[:1] in (["por"], ["for"]) or after == ["you", "for"]:
+                return True
+    return False
+
+
+# Longer messages are never just a flow's question (and the check stays cheap on a pasted wall of text).
+MAX_QUESTION_WORDS = 40
 # At most this many flow answers go to the model as facts for one message (they lengthen every such call).
 MAX_FACTS = 3
+
+
+def _covered(words: list[str], phrases: dict[str, list[list[str]]]) -> set[int]:
+    """The positions of `words` inside an occurrence of any of a flow's keywords (`phrases`: each keyword's
+    words, by its first word)."""
+    covered: set[int] = set()
+    for start, word in enumerate(words):
+        for phrase in phrases.get(word, ()):
+            if words[start : start + len(phrase)] == phrase:
+                covered.update(range(start, start + len(phrase)))
+    return covered
+
+
+def _by_first_word(keywords: Iterable[str]) -> dict[str, list[list[str]]]:
+    phrases: dict[str, list[list[str]]] = {}
+    for keyword in keywords:
+        words = keyword.split()
+        phrases.setdefault(words[0], []).append(words)
+    return phrases
 
 
 class FlowMatcher:
@@ -170,6 +206,10 @@ class FlowMatcher:
             for flow in flows
             if flow.enabled and unusable(flow) is None
         ]
+        self._phrases = [(_by_first_word(keywords), answer) for keywords, answer in self._flows]
+        self._keyword_words = frozenset(
+            word for keywords, _ in self._flows for k in keywords for word in k.split()
+        )
 
     def __len__(self) -> int:
         return len(self._flows)
@@ -177,13 +217,16 @@ class FlowMatcher:
     def match(self, text: str) -> str | None:
         """The answer of the first flow the text is just the question of: its keywords and filler words
         (FILLER_WORDS), nothing else."""
-        padded = f" {normalize(text)} "
-        for keywords, answer in self._flows:
-            rest = padded
-            for keyword in keywords:
-                while keyword in rest:  # repeated ("horario horario"): every occurrence goes
-                    rest = rest.replace(keyword, " ")
-            if rest != padded and FILLER_WORDS.issuperset(rest.split()):
+        words = normalize(text).split()
+        if len(words) > MAX_QUESTION_WORDS:
+            return None
+        if not all(word in FILLER_WORDS or word in self._keyword_words for word in words):
+            return None  # a word no flow and no filler has: no flow's question alone (and no scan)
+        if "?" not in text and "¿" not in text and _thanks_for(words):
+            return None
+        for phrases, answer in self._phrases:
+            covered = _covered(words, phrases)
+            if covered and all(i in covered or word in FILLER_WORDS for i, word in enumerate(words)):
                 return answer
         return None
 

@@ -93,7 +93,7 @@ class Responder:
 
     def quick_answer(self, text: str) -> Answer | None:
         """A flow answer, or None when the text needs the history and the model (no flow matches, or the
-        message is too long to be just a flow's question)."""
+        message asks more than a flow's question: see FlowMatcher.match)."""
         answer = self.flows.match(text)
         if answer is None:
             return None

@@ -170,6 +170,38 @@ def test_a_flow_answers_alone_only_a_message_that_is_just_its_question() -> None
     assert matcher.facts("¿cuál es el horario de entrega?") == [HOURS]
 
 
+@pytest.mark.parametrize(
+    "question",
+    [
+        "¿Cuál es la dirección de la tienda?",  # two keywords of one flow overlap ("direccion")
+        "What's your address?",  # an apostrophe split "whats" in two
+        "¿Horario de la tienda?",
+        "¿Cuál es su horario de atención?",
+        "Hola q horario tienen",
+        "¿Me das el horario?",
+        "Do you have opening hours?",
+        "Where is your store located?",
+        "¿Horarios de apertura?",
+    ],
+)
+def test_everyday_wordings_of_the_shipped_questions_get_the_flow(question: str) -> None:
+    assert FlowMatcher(load_flows_file(SHIPPED)).match(question) is not None
+
+
+def test_thanks_for_an_answer_is_not_the_question_again() -> None:
+    matcher = FlowMatcher([Flow(("horario",), HOURS)])
+    assert matcher.match("Ok vale muchas gracias por el horario") is None
+    assert matcher.match("thank you for the horario") is None
+    assert matcher.match("gracias por la info, ¿y el horario?") is not None  # it asks
+    assert matcher.match("¿horario? gracias") == HOURS
+
+
+def test_a_flows_keywords_match_whatever_their_order() -> None:
+    keywords = ("cual es la direccion", "direccion de la tienda")
+    for flow in (Flow(keywords, PLACE), Flow(keywords[::-1], PLACE)):
+        assert FlowMatcher([flow]).match("¿Cuál es la dirección de la tienda?") == PLACE
+
+
 def test_a_more_specific_flow_answers_what_a_broader_one_does_not() -> None:
     delivery = "Repartimos de 10:00 a 20:00."
     matcher = FlowMatcher([Flow(("horario",), HOURS), Flow(("horario de entrega",), delivery)])

@@ -365,9 +365,8 @@ def local_database_problems(
             if "read-only" in problem or "permission" in problem:
                 fix = "give the bot's user write access, or " + fix
             where = settings.session_whereabouts
-            found.append(
-                (path, problem, f"{fix} (without {without}); the WhatsApp session is {where} and is kept")
-            )
+            fix = f"{fix} (without {without}){_with_journal_files(path)}"
+            found.append((path, problem, f"{fix}; the WhatsApp session is {where} and is kept"))
     if outbox and not settings.supabase_db_url:  # `run` opens the session file too (else it is in Postgres)
         session = Path(settings.session_database)
         if problem := sqlite_file_problem(session, thorough=thorough):
@@ -377,8 +376,16 @@ def local_database_problems(
                 fix = "move it aside: the next start restores the session from its backup in Supabase"
             else:
                 fix = "move it aside and pair the number again (a new QR code or pairing code)"
-            found.append((session, problem, f"{fix}; the message history is kept"))
+            found.append(
+                (session, problem, f"{fix}{_with_journal_files(session)}; the message history is kept")
+            )
     return found
+
+
+def _with_journal_files(path: Path) -> str:
+    """SQLite replays a -wal file left behind onto whatever database takes the name: moved with it."""
+    left = [part.name for part in (Path(f"{path}-wal"), Path(f"{path}-shm")) if part.exists()]
+    return f", and {' and '.join(left)} with it" if left else ""
 
 
 def _text_file_problem(path: Path) -> str | None:

@@ -106,6 +106,9 @@ def _check_local_databases(settings: Settings) -> list[bool]:
             results.append(_line(True, f"database: SQLite at {path} (Supabase not configured{new})"))
         elif path.exists():
             results.append(_line(True, f"SQLite file {path} reads through"))
+        problems.pop(path, None)
+    for path, (problem, fix) in problems.items():  # the WhatsApp session file
+        results.append(_line(False, f"SQLite file {path}: {problem}", fix))
     return results
 
 

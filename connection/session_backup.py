@@ -73,6 +73,11 @@ def restore_bytes(path: str | Path, image: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.restore")
     tmp.write_bytes(image)
+    for leftover in (
+        f"{target}-wal",
+        f"{target}-shm",
+    ):  # of a file gone: SQLite would replay it onto this one
+        Path(leftover).unlink(missing_ok=True)
     os.replace(tmp, target)
 
 

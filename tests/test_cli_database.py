@@ -89,6 +89,16 @@ def test_a_file_that_is_not_a_database_stops_start_up_with_one_line(tmp_path: Pa
     assert store.read_text() == "garbage\n", "the file is left as it was"
 
 
+def test_the_line_says_to_move_the_wal_file_too(tmp_path: Path) -> None:
+    """SQLite replays a -wal file left behind onto the next database of that name."""
+    store = tmp_path / "data" / "bot.sqlite3"
+    store.parent.mkdir()
+    store.write_text("garbage\n")
+    Path(f"{store}-wal").write_bytes(b"\0" * 32)
+    result = run_bot(tmp_path, "chat", "--jsonl")
+    assert_one_line(result, "move it aside to start fresh (without its message history), and bot.sqlite3-wal")
+
+
 def test_a_directory_where_the_database_goes_stops_start_up_with_one_line(tmp_path: Path) -> None:
     store = tmp_path / "data" / "bot.sqlite3"
     store.mkdir(parents=True)
@@ -170,6 +180,9 @@ def test_a_damaged_whatsapp_session_file_stops_run_with_one_line(tmp_path: Path)
         "the message history is kept",
     )
     assert session.read_bytes() == b"\x13" * 50_000, "the file is left as it was"
+    doctor = run_bot(tmp_path, "doctor")
+    assert doctor.returncode == 1, doctor.stdout
+    assert f"[FAIL] SQLite file {session}: file is not a database" in doctor.stdout
 
 
 def test_with_a_session_backup_in_supabase_a_damaged_session_file_is_said_to_be_restored(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sqlite3
 import threading
 import time
@@ -108,6 +109,28 @@ def test_restore_refuses_garbage_and_keeps_the_target(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         restore_bytes(target, b"not a database at all" * 100)
     assert len(rows_of(target)) == 3
+
+
+def test_a_restore_does_not_take_the_wal_of_the_file_it_replaces(tmp_path: Path) -> None:
+    """A damaged session moved aside without its -wal: SQLite replayed that WAL onto the restored backup."""
+    damaged = tmp_path / "damaged.sqlite3"
+    db = sqlite3.connect(damaged)
+    db.execute("pragma journal_mode=wal")
+    db.execute("pragma wal_autocheckpoint=0")
+    db.execute("create table whatsmeow_sessions (our_jid text, their_id text, session blob)")
+    db.commit()
+    db.execute("pragma wal_checkpoint(truncate)")
+    db.execute("insert into whatsmeow_sessions values ('me', 'from-the-damaged-file', x'00')")
+    db.commit()
+    target = tmp_path / "session.sqlite3"
+    shutil.copy(f"{damaged}-wal", f"{target}-wal")  # left behind when the file was moved aside
+    db.close()
+    backup = tmp_path / "backup.sqlite3"
+    make_session(backup, rows=3)
+    image = snapshot_bytes(backup)
+    assert image is not None
+    restore_bytes(target, image)
+    assert [row[1] for row in rows_of(target)] == ["peer-0", "peer-1", "peer-2"]
 
 
 def test_bytea_and_compression_round_trip(tmp_path: Path) -> None:

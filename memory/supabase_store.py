@@ -1030,8 +1030,13 @@ class SupabaseStore:
     @property
     def writes_failing(self) -> bool:
         # Messages left in the store can only be read back page by page from Supabase: not during an
-        # outage, and not once the journal refuses rows.
-        return self._degraded or self.journal.size >= self.journal.hard_max_rows
+        # outage, not once the journal refuses rows, and not while the journal's disk is full (a write is
+        # then only kept in memory for the retry, and may be dropped or lost at a stop).
+        return (
+            self._degraded
+            or self._journal_failing is not None
+            or self.journal.size >= self.journal.hard_max_rows
+        )
 
     def stats(self) -> dict[str, Any]:
         return {

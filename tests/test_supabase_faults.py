@@ -980,3 +980,67 @@ async def test_a_bot_flows_row_with_a_blank_answer_is_skipped_and_said(
         "bot_flows: the flow with keywords ['envio'] is skipped: its answer is empty",
         "bot_flows: the flow with keywords ['¿?'] is skipped: none of its keywords has letters or digits",
     ]
+
+
+async def waiting_bot(db: SupabaseStack, tmp_path: Path) -> tuple[Bot, LoopbackTransport, asyncio.Event]:
+    """A bot whose model waits for the returned gate, MAX_WAITING_MESSAGES 10, one chat answered at a time,
+    11 messages of other chats submitted: 10 wait in memory, the 11th waits in the store (past the bound).
+    Returns (bot, transport, gate)."""
+    from tests.fake_openai import InstantModel
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        data_dir=tmp_path / "data",
+        flows_file=None,
+        max_waiting_messages=10,
+        max_active_chats=1,
+    )
+    transport = LoopbackTransport()
+    gate = asyncio.Event()
+    bot = Bot.build(settings, transport, store=make_store(db.url, db.key, tmp_path / "data"))
+    bot.model = bot.pipeline.responder.model = InstantModel(gate)
+    await bot.start()
+    for n in range(11):
+        say(bot, f"Q{n}", f"3460070{n:04d}@s.whatsapp.net")
+    return bot, transport, gate
+
+
+def say(bot: Bot, message_id: str, chat: str) -> None:
+    bot.pipeline.submit(
+        Inbound(MessageId(message_id), ChatId(chat), chat, MessageKind.TEXT, message_id, time.time())
+    )
+
+
+def inbound_statuses(db: SupabaseStack, chat: str) -> list[str]:
+    return [
+        s
+        for (s,) in db.query(
+            f"select status from chat_history where chat_id = '{chat}' and direction = 'in' order by id"
+        )
+    ]
+
+
+async def test_past_the_waiting_bound_on_a_full_journal_disk_a_message_waits_in_memory(
+    db: SupabaseStack, tmp_path: Path
+) -> None:
+    """The journal's disk full, a message past MAX_WAITING_MESSAGES was left in the store, which held it only
+    in memory for the journal's retry: the read-back did not find it and said every waiting message was
+    back, so the chat's next message was answered and the first one never (until a restart)."""
+    bot, transport, gate = await waiting_bot(db, tmp_path)
+    try:
+        chat = CHATS[1]
+        assert await bot.store.flush(5)
+        await fill_the_journal_disk(bot.store, True)
+        with pytest.raises(StoreUnavailable):  # the journal cannot write: kept for its retry
+            await bot.store.set_status("Q0", MessageStatus.RECEIVED)
+        say(bot, "FIRST", chat)
+        gate.set()
+        assert await bot.pipeline.drain(10)
+        say(bot, "SECOND", chat)
+        assert await bot.pipeline.drain(10)
+        assert transport.texts_to(ChatId(chat)) == ["ok: FIRST", "ok: SECOND"]
+        await fill_the_journal_disk(bot.store, False)
+        assert await bot.store.flush(10)
+        assert inbound_statuses(db, chat) == ["answered", "answered"]
+    finally:
+        await bot.stop()

@@ -41,7 +41,7 @@ from loguru import logger
 from postgrest import APIError, CountMethod, ReturnMethod
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
-from memory.journal import Journal, JournalFull, Op, OpKind, Outcome
+from memory.journal import Journal, JournalFull, Op, OpKind, Outcome, replay
 from memory.store import (
     Direction,
     Flow,
@@ -283,6 +283,7 @@ class SupabaseStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="supabase-journal")
         self._client: AsyncClient | None = None
         self._queue: list[tuple[list[Op], asyncio.Future[None]]] = []
+        self._appending: list[Op] = []  # the operations the journal file is taking now
         self._queued = asyncio.Event()
         self._retry_now = asyncio.Event()  # close() does not wait JOURNAL_RETRY_S for a disk with room again
         self._work = asyncio.Event()  # the flusher has something to do
@@ -421,12 +422,14 @@ class SupabaseStore:
                         await self._retry_now.wait()
                 self._retry_now.clear()
             batch, self._queue = self._queue, []
-            ops = [op for caller_ops, _ in batch for op in caller_ops]
+            ops = self._appending = [op for caller_ops, _ in batch for op in caller_ops]
             try:
                 outcomes = await self._local(self.journal.append, ops) if ops else []
             except Exception as error:  # a failed commit is kept for a retry; it never ends the loop
                 self._keep_for_retry(batch, error)
                 continue
+            finally:
+                self._appending = []
             if self._journal_failing is not None:
                 logger.warning("supabase journal writes again")
                 self._journal_failing = None
@@ -783,7 +786,15 @@ class SupabaseStore:
         remote = await self._fetch(select)
         if remote is None:
             self.hits["fallback"] += 1
+        # Read your own writes: those not in the journal yet (queued, or kept in memory while its disk is
+        # full) are newer than everything in it, applied last. Taken in the same step as the journal's read
+        # is queued on its thread (after any append under way, included here too): none falls in between.
+        unjournaled = self._appending + [op for queued, _ in self._queue for op in queued]
         rows = await self._local(self.journal.view, remote or [], ops, since=since)
+        if unjournaled:
+            by_id = {m.wa_message_id: m for m in rows}
+            replay(by_id, unjournaled)
+            rows = sorted(by_id.values(), key=lambda r: r.created_at)
         unanswered = [
             m
             for m in rows

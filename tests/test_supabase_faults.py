@@ -1044,3 +1044,34 @@ async def test_past_the_waiting_bound_on_a_full_journal_disk_a_message_waits_in_
         assert inbound_statuses(db, chat) == ["answered", "answered"]
     finally:
         await bot.stop()
+
+
+@pytest.mark.parametrize("before", ["a message of the chat waits in the store", "no failed write yet"])
+async def test_a_message_the_journal_has_not_taken_yet_is_read_back_in_order(
+    db: SupabaseStack, tmp_path: Path, before: str
+) -> None:
+    """A message of a chat with messages waiting in the store waits there too (it must not overtake them),
+    also once the journal's disk is full; and the first write after the disk filled up does not know yet.
+    Such a message was only in the store's memory, waiting for the journal: the read-back missed it and
+    said every waiting message was back, so the chat's next message was answered before it, and it was not
+    answered until a restart."""
+    bot, transport, gate = await waiting_bot(db, tmp_path)
+    try:
+        chat = CHATS[1]
+        sent: list[str] = []
+        if before == "a message of the chat waits in the store":
+            say(bot, "FIRST", chat)
+            sent.append("ok: FIRST")
+        assert await bot.store.flush(5)
+        await fill_the_journal_disk(bot.store, True)
+        say(bot, "SECOND", chat)
+        gate.set()
+        assert await bot.pipeline.drain(10)
+        say(bot, "THIRD", chat)
+        assert await bot.pipeline.drain(10)
+        assert transport.texts_to(ChatId(chat)) == [*sent, "ok: SECOND", "ok: THIRD"]
+        await fill_the_journal_disk(bot.store, False)
+        assert await bot.store.flush(10)
+        assert inbound_statuses(db, chat) == ["answered"] * len(sent) + ["answered", "answered"]
+    finally:
+        await bot.stop()

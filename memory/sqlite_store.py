@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from loguru import logger
 
 from memory.store import (
+    RESUME_ALL,
     Flow,
     MessageStatus,
     StoredMessage,
@@ -405,7 +406,7 @@ class SQLiteStore:
             if statuses:
                 conn.executemany(_SET_STATUS, statuses)
             for chat_id, until, ended in (params for op, params in ops if op == "pause"):  # in order
-                if ended and chat_id == "*":
+                if ended and chat_id in ("*", RESUME_ALL):
                     conn.execute("DELETE FROM bot_pauses")
                 elif ended and chat_id == "!*":
                     conn.execute("DELETE FROM bot_pauses WHERE chat_id LIKE '!%'")

@@ -108,12 +108,18 @@ class Flow:
     enabled: bool = True
 
 
+# A `resume all` still queued when a `pause all` follows (both are the chat "*", of which the queue keeps
+# the latest): as "*" with None, it ends every pause, and is written before the pause of all.
+RESUME_ALL = "-*"
+
+
 def apply_pause(pauses: dict[str, Any], chat_id: str, until: Any) -> None:
     """Apply one pause change (as `Store.set_pause` takes it) to a map of running pauses: a value sets
-    the chat's pause, None ends it, "*" with None ends every pause, "!*" with None every exemption."""
+    the chat's pause, None ends it, "*" (or RESUME_ALL) with None ends every pause, "!*" with None every
+    exemption."""
     if until is not None:
         pauses[chat_id] = until
-    elif chat_id == "*":
+    elif chat_id in ("*", RESUME_ALL):
         pauses.clear()
     elif chat_id == "!*":
         for exempt in [chat for chat in pauses if chat.startswith("!")]:
@@ -125,7 +131,12 @@ def apply_pause(pauses: dict[str, Any], chat_id: str, until: Any) -> None:
 def queue_pause_change(changes: dict[str, float | None], chat_id: str, until: float | None) -> None:
     """Add a change to those not written yet, keeping what writing them in order must do: the latest
     change per chat, ordered by when it was made. "*" with None (resume all) supersedes every change
-    before it, "!*" with None every exemption before it."""
+    before it, "!*" with None every exemption before it. A pause of all does not supersede a resume of
+    all before it, which must still end each chat's pause: that one is kept as RESUME_ALL."""
+    if chat_id == "*" and until is not None and "*" in changes and changes["*"] is None:
+        renamed = [(RESUME_ALL if chat == "*" else chat, end) for chat, end in changes.items()]
+        changes.clear()
+        changes.update(renamed)
     changes.pop(chat_id, None)
     if until is None and chat_id in ("*", "!*"):
         apply_pause(changes, chat_id, None)
@@ -185,8 +196,8 @@ class Store(Protocol):
 
     async def set_pause(self, chat_id: str, until: float | None) -> None:
         """Keep a human takeover across restarts: `chat_id` ("*": every chat; "!<chat>": a chat exempt from
-        that) is paused until `until` (epoch seconds, math.inf until resumed); None ends it ("*" with None
-        ends every pause, "!*" with None every exemption)."""
+        that) is paused until `until` (epoch seconds, math.inf until resumed); None ends it ("*" or RESUME_ALL
+        with None ends every pause, "!*" with None every exemption)."""
         ...
 
     async def note_pause(self, chat_id: str, until: float | None) -> None:

@@ -43,6 +43,7 @@ from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
 from memory.journal import Journal, JournalFull, Op, OpKind, Outcome, replay
 from memory.store import (
+    RESUME_ALL,
     Direction,
     Flow,
     MessageStatus,
@@ -877,7 +878,7 @@ class SupabaseStore:
     async def _send_pause(self, chat_id: str, until: float | None) -> None:
         table = "bot_pauses"
         try:
-            if until is None and chat_id == "*":
+            if until is None and chat_id in ("*", RESUME_ALL):
                 await self._table(table).delete().neq("chat_id", "").execute()
             elif until is None and chat_id == "!*":
                 await self._table(table).delete().like("chat_id", "!%").execute()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,7 @@ from bot.app import Bot
 from bot.config import Settings
 from bot.takeover import parse_command
 from connection.types import ChatId, Inbound, MessageKind
+from memory.store import apply_pause, queue_pause_change
 from tests.conftest import BotHarness, inbound
 from tests.fake_openai import FakeOpenAI
 
@@ -317,6 +319,19 @@ async def test_one_change_that_cannot_be_saved_does_not_block_the_others(
         await h.say(from_owner("Hola, soy Marta", chat=CHAT))
     async with BotHarness(settings) as again:
         assert await again.say("hola") == []  # CHAT's takeover was saved after OTHER's failed
+
+
+def test_a_pause_of_all_after_a_resume_of_all_not_written_yet_still_ends_each_chats_pause() -> None:
+    """Changes not written yet keep the latest per chat, and 'pause all' replaced the 'resume all' before it
+    (both are the chat "*"): the chats paused in the database stayed paused there."""
+    changes: dict[str, float | None] = {}
+    queue_pause_change(changes, "*", None)  # `!bot resume all`, Supabase away
+    queue_pause_change(changes, OTHER, math.inf)  # a takeover after it stays
+    queue_pause_change(changes, "*", 100.0)  # `!bot pause 30` from the owner's own chat
+    written: dict[str, float] = {CHAT: math.inf}  # paused before, in the database
+    for chat, until in changes.items():  # as the writer sends them, in order
+        apply_pause(written, chat, until)
+    assert written == {OTHER: math.inf, "*": 100.0}
 
 
 def test_a_pause_longer_than_a_year_is_read_as_a_typo() -> None:

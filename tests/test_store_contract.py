@@ -18,7 +18,7 @@ from typing import Protocol
 import pytest
 
 from memory.sqlite_store import SQLiteStore
-from memory.store import Direction, Flow, MessageStatus, Store, StoredMessage
+from memory.store import RESUME_ALL, Direction, Flow, MessageStatus, Store, StoredMessage
 from memory.supabase_store import SupabaseStore
 from tests.supabase_stack import SupabaseStack
 
@@ -401,6 +401,9 @@ async def test_pauses_survive_a_restart_and_end_when_told(backend: Backend) -> N
         await again.set_pause("!*", None)  # a new pause of all ends every exemption, and only those
         assert set(await again.pauses(now)) == {"c1@s.whatsapp.net", "*"}
         await again.set_pause("*", None)  # `!bot resume all` ends every pause
+        assert await again.pauses(now) == {}
+        await again.set_pause("c6@s.whatsapp.net", math.inf)
+        await again.set_pause(RESUME_ALL, None)  # a resume of all queued before a pause of all: the same
         assert await again.pauses(now) == {}
     finally:
         await again.close()

@@ -1075,3 +1075,47 @@ async def test_a_message_the_journal_has_not_taken_yet_is_read_back_in_order(
         assert inbound_statuses(db, chat) == ["answered"] * len(sent) + ["answered", "answered"]
     finally:
         await bot.stop()
+
+
+@pytest.mark.parametrize("restart", [False, True])
+async def test_a_resume_all_then_a_pause_all_during_an_outage_still_ends_each_chats_pause(
+    db: SupabaseStack, tmp_path: Path, restart: bool
+) -> None:
+    """Pause changes not written yet keep the latest per chat, and 'pause all' replaced the 'resume all'
+    queued before it (both are the chat "*"): Supabase never learnt that the chat paused before had been
+    given back, and once the pause of all ended, or at the next start, the bot stayed silent in it."""
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data", flows_file=None)  # type: ignore[call-arg]
+    transport = LoopbackTransport()
+    me, customer = "34699999999@s.whatsapp.net", CHATS[1]
+
+    def said(text: str, chat: str, **fields: Any) -> Inbound:
+        n = next(_ids)
+        return Inbound(MessageId(f"RA{n}"), ChatId(chat), chat, MessageKind.TEXT, text, time.time(), **fields)
+
+    async def start_bot() -> Bot:
+        bot = Bot.build(settings, transport, store=make_store(db.url, db.key, tmp_path / "data"))
+        await bot.start()
+        return bot
+
+    db.psql("truncate bot_pauses;")
+    bot = await start_bot()
+    try:
+        bot.pipeline.submit(said("!bot pause", customer, from_me=True))
+        await wait_for(lambda: db.query("select chat_id from bot_pauses") == [(customer,)])
+        await asyncio.to_thread(db.stop_postgrest)
+        bot.pipeline.submit(said("!bot resume all", me, from_me=True, is_self_chat=True))
+        bot.pipeline.submit(said("!bot pause 30", me, from_me=True, is_self_chat=True))
+        assert await bot.pipeline.drain(5)
+        await asyncio.sleep(0.2)
+        if restart:
+            await bot.stop()  # the changes wait in the journal file
+        await asyncio.to_thread(db.start_postgrest)
+        if restart:
+            bot = await start_bot()
+        await wait_for(lambda: ("*",) in db.query("select chat_id from bot_pauses"), timeout=15)
+        # written after the resume of every chat: the chat paused before must be gone by now
+        assert db.query("select chat_id from bot_pauses") == [("*",)]
+    finally:
+        await asyncio.to_thread(db.start_postgrest)
+        await bot.stop()
+        db.psql("truncate bot_pauses;")

@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS mirror_chats (
 );
 CREATE INDEX IF NOT EXISTS mirror_chats_touched ON mirror_chats (touched_at);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS seen (wa_message_id TEXT PRIMARY KEY, created_at REAL NOT NULL);
 """
 
 _COLUMNS = "wa_message_id, chat_id, direction, kind, body, status, created_at"
@@ -182,8 +183,10 @@ class Journal:
         hard_max_rows: int | None = None,
         depth: int = 20,
         max_chats: int = 5000,
+        max_seen: int = 20_000,
     ) -> None:
         self.path = path
+        self.max_seen = max_seen  # ids of the latest messages written, kept past the mirror's trim
         self.max_rows = max_rows
         self.hard_max_rows = max(hard_max_rows or 2 * max_rows, max_rows)
         self.depth = depth
@@ -253,6 +256,10 @@ class Journal:
             for chat_id in touched:
                 self._trim_chat(chat_id)
             self._evict_chats()
+            if touched:
+                conn.execute(
+                    "DELETE FROM seen WHERE rowid <= (SELECT max(rowid) FROM seen) - ?", (self.max_seen,)
+                )
         if self.size == 0 and size > 0:
             self.oldest_queued_at = now
         self.size = size
@@ -344,6 +351,10 @@ class Journal:
             assert op.message is not None
             conn.execute(
                 f"INSERT OR IGNORE INTO mirror ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", _values(op.message)
+            )
+            conn.execute(
+                "INSERT OR IGNORE INTO seen (wa_message_id, created_at) VALUES (?, ?)",
+                (op.wa_message_id, op.message.created_at),
             )
             self._touch(op.message.chat_id, now)
             return [op.message.chat_id]
@@ -449,14 +460,18 @@ class Journal:
             self._evict_chats()
 
     def local_ids(self, since: float) -> list[tuple[str, float]]:
-        """Ids and times of messages created since `since` that are known locally (mirror and journal)."""
+        """Ids and times of messages created since `since` that are known locally (mirror, journal, and the
+        latest `max_seen` written here: the mirror keeps a chat's latest rows only, and during an outage a
+        redelivery after a restart of a message a flood pushed out of it was answered again)."""
         return self.conn.execute(
             "SELECT wa_message_id, created_at FROM mirror WHERE created_at >= ?"
-            " UNION SELECT wa_message_id, created_at FROM journal WHERE kind = 'message' AND created_at >= ?",
-            (since, since),
+            " UNION SELECT wa_message_id, created_at FROM journal WHERE kind = 'message' AND created_at >= ?"
+            " UNION SELECT wa_message_id, created_at FROM seen WHERE created_at >= ?",
+            (since, since, since),
         ).fetchall()
 
     def purge(self, before: float) -> int:
+        self.conn.execute("DELETE FROM seen WHERE created_at < ?", (before,))
         return self.conn.execute("DELETE FROM mirror WHERE created_at < ?", (before,)).rowcount
 
     # -- small snapshots (flows) -------------------------------------------------------------------------

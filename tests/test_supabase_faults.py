@@ -1119,3 +1119,50 @@ async def test_a_resume_all_then_a_pause_all_during_an_outage_still_ends_each_ch
         await asyncio.to_thread(db.start_postgrest)
         await bot.stop()
         db.psql("truncate bot_pauses;")
+
+
+async def test_a_redelivery_after_a_restart_during_an_outage_is_caught_after_a_flood(
+    db: SupabaseStack, tmp_path: Path
+) -> None:
+    """During an outage the de-duplication window is seeded from the journal's local copy, which keeps a
+    chat's latest 20 rows: after a flood in that chat an answered message was no longer there, and its
+    redelivery after a restart was answered again (and read as unanswered locally from then on)."""
+    from tests.fake_openai import InstantModel
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        data_dir=tmp_path / "data",
+        flows_file=None,
+        rate_limit_max_messages=3,
+        rate_limit_cooldown=600_000,
+    )
+    chat = CHATS[0]
+    transport = LoopbackTransport()
+
+    async def start_bot() -> Bot:
+        bot = Bot.build(settings, transport, store=make_store(db.url, db.key, tmp_path / "data"))
+        bot.model = bot.pipeline.responder.model = InstantModel()
+        await bot.start()
+        return bot
+
+    first = Inbound(MessageId("OLD"), ChatId(chat), chat, MessageKind.TEXT, "hola", time.time())
+    bot = await start_bot()
+    bot.pipeline.submit(first)
+    assert await bot.pipeline.drain(5)
+    for n in range(25):  # over the rate limit: saved, unanswered, in the chat's rows
+        bot.pipeline.submit(
+            Inbound(MessageId(f"FLOOD{n}"), ChatId(chat), chat, MessageKind.TEXT, f"{n}", time.time())
+        )
+    assert await bot.pipeline.drain(5)
+    assert await bot.store.flush(5)
+    await bot.stop()
+    assert transport.texts_to(ChatId(chat)).count("ok: hola") == 1
+    await asyncio.to_thread(db.stop_postgrest)
+    try:
+        bot = await start_bot()
+        bot.pipeline.submit(first)  # WhatsApp delivers it again
+        assert await bot.pipeline.drain(5)
+        assert transport.texts_to(ChatId(chat)).count("ok: hola") == 1, "answered twice"
+        await bot.stop()
+    finally:
+        await asyncio.to_thread(db.start_postgrest)

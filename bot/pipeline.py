@@ -246,6 +246,9 @@ class Pipeline:
         self._accepting = True
         self._overhead: deque[float] = deque(maxlen=10000)
         self._reply_of: OrderedDict[MessageId, MessageId] = OrderedDict()  # part id -> its reply's row id
+        # Set by `run`: told the parts of each reply of several, so the outbox can name the reply when a
+        # later part is dropped after a restart (when `_reply_of` is gone).
+        self.on_reply_parts: Callable[[MessageId, list[MessageId]], None] | None = None
         self._dropped_early: OrderedDict[MessageId, None] = OrderedDict()  # dropped before being recorded
 
     async def start(self, *, dedup_since_s: float = 3 * 86400) -> None:
@@ -876,6 +879,8 @@ class Pipeline:
         self, message: Inbound, sent_ids: list[MessageId], text: str, *, via_model: bool
     ) -> None:
         row_id = sent_ids[0] if sent_ids else MessageId(f"{message.id}:reply")
+        if len(sent_ids) > 1 and self.on_reply_parts is not None:
+            self.on_reply_parts(row_id, sent_ids)
         dropped = False
         for part_id in sent_ids:  # a queued part can still be dropped from the outbox: see reply_dropped
             if part_id in self._dropped_early:
@@ -916,8 +921,8 @@ class Pipeline:
         over meanwhile, or it waited too long). The reply leaves the history and is marked failed in the
         store, all of it even if parts before this one went out: the model is never told of an answer the
         customer did not get. A drop can come before the reply is recorded (a later part still waiting
-        for room in the outbox): then it is recorded failed. After a restart only a reply's first part
-        leads to its row (a later part dropped alone, after failing three times, is not marked)."""
+        for room in the outbox): then it is recorded failed. After a restart the outbox names the reply
+        (its first part's id, the row's) for any of its parts: see `on_reply_parts`."""
         reply_id = self._reply_of.pop(part_id, None)
         if reply_id is None:
             # Not a reply this process recorded: one it records later (recorded failed then), or one queued

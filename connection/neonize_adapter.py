@@ -841,6 +841,12 @@ class NeonizeTransport:
     def state(self) -> ConnectionState:
         return self._supervisor.state
 
+    def group_parts(self, reply: MessageId, part_ids: list[MessageId]) -> None:
+        """The parts of one reply, as send_text returned them: those still queued are grouped (see
+        Outbox.group)."""
+        if self._outbox is not None:
+            self._outbox.group(reply, part_ids)
+
     def pair_now(self) -> None:
         """GET /qr: end a rest between unscanned pairings, so a fresh code comes at once."""
         self._supervisor.pair_now()

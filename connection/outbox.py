@@ -34,7 +34,8 @@ create table if not exists outbox (
     chat text not null,
     body text not null,
     created_at real not null,
-    tries integer not null default 0
+    tries integer not null default 0,
+    reply text
 )
 """
 
@@ -55,6 +56,7 @@ class Queued:
     text: str
     created_at: float
     tries: int
+    reply: MessageId | None = None  # the id of the reply this is a part of (its first part's), when grouped
 
 
 class Outbox:
@@ -84,12 +86,16 @@ class Outbox:
         self._db.execute("pragma journal_mode=wal")
         self._db.execute("pragma synchronous=normal")
         self._db.execute(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("pragma table_info(outbox)")}
+        if "reply" not in columns:  # a file from before replies were grouped
+            self._db.execute("alter table outbox add column reply text")
         self._count = int(self._db.execute("select count(*) from outbox").fetchone()[0])
         self._lock = asyncio.Lock()
         self._room = asyncio.Event()  # set whenever a queued text leaves
         self._waiting: deque[object] = deque()  # put_when_room callers, in arrival order
-        # Told when a queued reply will never go out (its id is the one send_text returned): the bot has
-        # recorded it as sent, and must not remember, or tell its model, an answer nobody got.
+        # Told when a queued reply will never go out (the id send_text returned for it, or for its first
+        # part when grouped): the bot has recorded it as sent, and must not remember, or tell its model, an
+        # answer nobody got.
         self.on_drop: Callable[[MessageId, ChatId], None] | None = None
         self.sent = 0
         self.dropped = 0
@@ -110,11 +116,19 @@ class Outbox:
         logger.info("outbox: queued a reply for {} ({} waiting)", scrub(chat), len(self))
         return message_id
 
+    def group(self, reply: MessageId, part_ids: list[MessageId]) -> None:
+        """Note that these queued texts are the parts of one reply (the first part's id names it): a part
+        dropped later, after a restart too, is reported as that reply, so all of it is marked failed."""
+        self._db.executemany("update outbox set reply = ? where id = ?", [(reply, part) for part in part_ids])
+
     def pending(self, limit: int = 1000) -> list[Queued]:
         rows = self._db.execute(
-            "select seq, id, chat, body, created_at, tries from outbox order by seq limit ?", (limit,)
+            "select seq, id, chat, body, created_at, tries, reply from outbox order by seq limit ?", (limit,)
         ).fetchall()
-        return [Queued(r[0], MessageId(r[1]), ChatId(r[2]), r[3], r[4], r[5]) for r in rows]
+        return [
+            Queued(r[0], MessageId(r[1]), ChatId(r[2]), r[3], r[4], r[5], MessageId(r[6]) if r[6] else None)
+            for r in rows
+        ]
 
     async def flush(self, send: Callable[[ChatId, str], Awaitable[Any]]) -> int:
         """Send what waits, oldest first; return how many went out.
@@ -178,7 +192,7 @@ class Outbox:
         logger.warning("outbox: dropped a queued reply for {} ({})", scrub(item.chat), why)
         if self.on_drop is not None:
             try:
-                self.on_drop(item.id, item.chat)
+                self.on_drop(item.reply or item.id, item.chat)
             except Exception:
                 logger.opt(exception=True).error("outbox: on_drop failed")
 

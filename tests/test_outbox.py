@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
+import time
 import warnings
 from collections import deque
 from collections.abc import AsyncIterator
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 
 from connection.outbox import Outbox, OutboxFull, ResendRequests, SendDeferred
-from connection.types import ChatId, ConnectionState, MessageId, TransportError
+from connection.types import ChatId, ConnectionState, MessageId, SendWithheld, TransportError
 from tests.test_supervisor import FakeClock
 
 with warnings.catch_warnings():
@@ -113,6 +115,48 @@ async def test_a_failure_stops_the_flush_and_keeps_the_order(tmp_path: Path) -> 
     await box.flush(send)  # third failure of "b": dropped so it cannot block "c"
     assert send.sent == [(CHAT, "a"), (CHAT, "c")]
     assert box.stats() == {"outbox_pending": 0, "outbox_sent": 2, "outbox_dropped": 1}
+    box.close()
+
+
+async def test_a_later_part_dropped_after_a_restart_is_reported_as_its_reply(tmp_path: Path) -> None:
+    """After a restart the bot no longer knew which reply a queued later part belonged to: the first part
+    went out, the second was dropped, and the whole answer stayed recorded as sent."""
+    box = Outbox(tmp_path / "outbox.sqlite3")
+    first, second = box.put(CHAT, "primera parte"), box.put(CHAT, "segunda parte")
+    box.group(first, [first, second])
+    box.close()
+    box = Outbox(tmp_path / "outbox.sqlite3")  # the next process
+    dropped: list[tuple[str, str]] = []
+    box.on_drop = lambda reply, chat: dropped.append((reply, chat))
+
+    async def send(chat: ChatId, text: str) -> None:
+        if text == "segunda parte":
+            raise SendWithheld("the owner took the chat over")
+
+    assert await box.flush(send) == 1
+    assert dropped == [(first, CHAT)]
+    box.close()
+
+
+async def test_an_outbox_file_from_before_replies_were_grouped_still_opens_and_sends(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as old:
+        old.execute(
+            "create table outbox (seq integer primary key autoincrement, id text not null,"
+            " chat text not null, body text not null, created_at real not null,"
+            " tries integer not null default 0)"
+        )
+        old.execute(
+            "insert into outbox (id, chat, body, created_at) values ('o1', ?, 'hola', ?)", (CHAT, time.time())
+        )
+        old.commit()
+    box = Outbox(path)
+    sent: list[str] = []
+
+    async def send(chat: ChatId, text: str) -> None:
+        sent.append(text)
+
+    assert await box.flush(send) == 1 and sent == ["hola"]
     box.close()
 
 
@@ -475,6 +519,7 @@ async def bot_behind_the_outbox(
     bot = Bot.build(config, governed)
     governed.hold = bot.pipeline.takeover.is_paused
     t.on_reply_dropped = bot.pipeline.reply_dropped
+    bot.pipeline.on_reply_parts = t.group_parts
     await bot.start()
     await t.start()
     try:
@@ -610,3 +655,19 @@ async def test_a_reply_with_a_part_dropped_from_the_outbox_is_not_remembered(
         assert await bot.pipeline.drain(5)
         assert all(LONG_SECOND not in text for _, text in client.sent)
         await assert_not_remembered(bot, governed, fake_openai, "echo: Primera")
+
+
+async def test_the_parts_of_a_queued_reply_are_grouped_under_its_first(
+    fake_client: type[FakeNewAClient], tmp_path: Path, fake_openai: Any
+) -> None:
+    from tests.conftest import inbound
+
+    fake_client.script.extend(["ok"])
+    async with bot_behind_the_outbox(tmp_path, fake_openai, max_reply_chars=200) as (bot, t, governed):
+        await fake_client.instances[0].drop()
+        question = inbound(f"{LONG_FIRST}{LONG_SECOND}", chat=CHAT)
+        governed.note_inbound(question)
+        bot.pipeline.submit(question)
+        assert await bot.pipeline.drain(5)
+        queued = t._outbox.pending()  # type: ignore[union-attr]
+    assert len(queued) == 2 and queued[0].reply == queued[1].reply == queued[0].id

@@ -43,6 +43,9 @@ class FakeNeonize(LoopbackTransport):
     def stats(self) -> dict[str, Any]:
         return {}
 
+    def group_parts(self, reply: MessageId, part_ids: list[MessageId]) -> None:
+        pass
+
 
 class RecordingLease(NoopLease):
     def __init__(self, events: list[str]) -> None:

@@ -622,13 +622,24 @@ class Pipeline:
 
     async def _promise_stands(self, chat: ChatId) -> bool:
         """The chat was told "busy" and has had no answer since (told before a restart, say): once is
-        enough. Unknown when the store cannot say: then it is told again rather than not at all."""
+        enough. So is a notice told after a message that still waits, whatever went out after it (one notice
+        a wait, as within a run): the owner's own message, say, written while the notice waited in the
+        outbox (disconnected), reached the customer before it but is stored after it. Unknown when the store
+        cannot say: then it is told again rather than not at all."""
         try:
             rows = await self.store.recent_messages(chat, 20)
         except Exception:
             return False
         last_out = next((row for row in reversed(rows) if row.direction is Direction.OUT), None)
-        return last_out is not None and last_out.kind == BUSY_KIND
+        if last_out is not None and last_out.kind == BUSY_KIND:
+            return True
+        told = [row.created_at for row in rows if row.direction is Direction.OUT and row.kind == BUSY_KIND]
+        waiting = [
+            row.created_at
+            for row in rows
+            if row.direction is Direction.IN and row.status is MessageStatus.RECEIVED
+        ]
+        return bool(told and waiting) and max(told) >= min(waiting)
 
     async def _send_notice(self, chat: ChatId, text: str) -> None:
         try:

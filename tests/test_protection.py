@@ -334,6 +334,40 @@ async def test_a_chat_told_busy_before_a_restart_is_not_told_again(harness, fake
         assert h.transport.texts_to(CHAT) == ["echo: ¿tenéis cita hoy?"]
 
 
+async def test_a_busy_notice_the_outbox_delivered_after_the_owners_message_is_not_repeated(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """Takeover off, WhatsApp disconnected: the "busy" notice waited in the outbox while the owner wrote in
+    the chat from the phone. The customer got the owner's message, then the notice at the reconnect; the
+    store has them the other way round (the notice at the time it was queued), so after a restart the
+    owner's message read as an answer since the notice, and the customer was told "busy" a second time."""
+    settings = ai(fake_openai, busy_reply_after_s=0.2, human_takeover_minutes=0)
+    busy = reply("busy", "es")
+    async with harness(**settings) as h:
+        critical_memory(h.bot)
+        queued: list[str] = []
+        h.transport.record = False  # disconnected: what the bot sends waits in the outbox
+        h.transport.on_send = lambda sent: queued.append(sent.text)
+        h.bot.pipeline.submit(inbound("¿tenéis cita hoy?", chat=CHAT))
+        await asyncio.sleep(0.5)
+        assert queued == [busy]
+        h.bot.pipeline.submit(inbound("Gracias por escribir", chat=CHAT, from_me=True))  # the owner
+        await asyncio.sleep(0.05)
+        queued.clear()  # the reconnect: the outbox delivers the notice, after the owner's message
+        await h.bot.pipeline.stop(timeout=0)  # the crash
+    h = harness(**settings)
+    manager, rss = inject_rss(h.bot)
+    rss[0] = 460  # still short of memory when it starts again
+    assert manager.check() is MemoryState.CRITICAL
+    async with h:
+        await asyncio.sleep(0.6)
+        assert h.transport.texts_to(CHAT) == [], "told busy twice for one wait"
+        rss[0] = 100
+        assert manager.check() is MemoryState.NORMAL
+        assert await h.bot.pipeline.drain(5)
+        assert h.transport.texts_to(CHAT) == ["echo: ¿tenéis cita hoy?"]
+
+
 async def test_busy_notices_not_sent_when_answering_resumes_are_not_sent_at_all(
     harness, fake_openai: FakeOpenAI
 ) -> None:

@@ -321,9 +321,7 @@ async def test_a_chat_told_busy_before_a_restart_is_not_told_again(harness, fake
         assert h.transport.texts_to(CHAT) == [busy]
         await h.bot.pipeline.stop(timeout=0)  # the crash
     h = harness(**settings)
-    manager, rss = inject_rss(h.bot)
-    rss[0] = 460  # still short of memory when it starts again
-    assert manager.check() is MemoryState.CRITICAL
+    manager, rss = critical_memory(h.bot)  # still short of memory when it starts again
     async with h:
         h.bot.pipeline.submit(inbound("hola", chat=OTHER))  # a chat never told: it is
         await asyncio.sleep(0.6)
@@ -356,9 +354,7 @@ async def test_a_busy_notice_the_outbox_delivered_after_the_owners_message_is_no
         queued.clear()  # the reconnect: the outbox delivers the notice, after the owner's message
         await h.bot.pipeline.stop(timeout=0)  # the crash
     h = harness(**settings)
-    manager, rss = inject_rss(h.bot)
-    rss[0] = 460  # still short of memory when it starts again
-    assert manager.check() is MemoryState.CRITICAL
+    manager, rss = critical_memory(h.bot)  # still short of memory when it starts again
     async with h:
         await asyncio.sleep(0.6)
         assert h.transport.texts_to(CHAT) == [], "told busy twice for one wait"

@@ -43,6 +43,13 @@ def db(stack: SupabaseStack) -> SupabaseStack:
     return stack
 
 
+def said(text: str, chat: str, **fields: Any) -> Inbound:
+    """A text message in `chat`, with a new id (`from_me=True`: the owner's, from the phone)."""
+    return Inbound(
+        MessageId(f"S{next(_ids)}"), ChatId(chat), chat, MessageKind.TEXT, text, time.time(), **fields
+    )
+
+
 def make_store(url: str, key: str, data_dir: Path, **overrides: Any) -> SupabaseStore:
     options: dict[str, Any] = {
         "flush_interval_s": 0.02,
@@ -572,12 +579,6 @@ async def test_takeovers_made_during_an_outage_reach_supabase_after_a_restart(
     transport = LoopbackTransport()
     taken, given_back = CHATS[0], CHATS[1]
 
-    def said(text: str, chat: str, *, from_me: bool = False) -> Inbound:
-        n = next(_ids)
-        return Inbound(
-            MessageId(f"T{n}"), ChatId(chat), chat, MessageKind.TEXT, text, time.time(), from_me=from_me
-        )
-
     async def start_bot() -> Bot:
         bot = Bot.build(settings, transport, store=make_store(db.url, db.key, tmp_path / "data"))
         await bot.start()
@@ -680,12 +681,6 @@ async def test_pause_changes_made_during_an_outage_are_all_kept_for_a_restart(tm
     transport = LoopbackTransport()
     customer = CHATS[1]
 
-    def said(text: str, chat: str, *, from_me: bool = False) -> Inbound:
-        n = next(_ids)
-        return Inbound(
-            MessageId(f"P{n}"), ChatId(chat), chat, MessageKind.TEXT, text, time.time(), from_me=from_me
-        )
-
     async def start_bot() -> Bot:
         store = make_store("http://127.0.0.1:9", "unreachable-key", tmp_path / "data")  # Supabase is away
         bot = Bot.build(settings, transport, store=store)
@@ -725,10 +720,6 @@ async def test_a_takeover_after_a_resume_all_during_an_outage_survives_a_restart
     settings = Settings(_env_file=None, data_dir=tmp_path / "data", flows_file=None)  # type: ignore[call-arg]
     transport = LoopbackTransport()
     me, customer = "34699999999@s.whatsapp.net", CHATS[1]
-
-    def said(text: str, chat: str, **fields: Any) -> Inbound:
-        n = next(_ids)
-        return Inbound(MessageId(f"R{n}"), ChatId(chat), chat, MessageKind.TEXT, text, time.time(), **fields)
 
     async def start_bot() -> Bot:
         bot = Bot.build(settings, transport, store=make_store("http://127.0.0.1:9", "k", tmp_path / "data"))
@@ -1087,10 +1078,6 @@ async def test_a_resume_all_then_a_pause_all_during_an_outage_still_ends_each_ch
     settings = Settings(_env_file=None, data_dir=tmp_path / "data", flows_file=None)  # type: ignore[call-arg]
     transport = LoopbackTransport()
     me, customer = "34699999999@s.whatsapp.net", CHATS[1]
-
-    def said(text: str, chat: str, **fields: Any) -> Inbound:
-        n = next(_ids)
-        return Inbound(MessageId(f"RA{n}"), ChatId(chat), chat, MessageKind.TEXT, text, time.time(), **fields)
 
     async def start_bot() -> Bot:
         bot = Bot.build(settings, transport, store=make_store(db.url, db.key, tmp_path / "data"))

@@ -134,20 +134,21 @@ def unusable(flow: Flow) -> str | None:
 # and English, normalised. A message made of a flow's keywords and these words is that flow's question
 # ("hola, ¿cuál es vuestro horario, por favor?"); any other word asks something more or else ("horario de
 # entrega", "my order is 3 hours late"), so the model answers it, told the flow's answer as a fact. "mi" and
-# "my" are not filler: "¿mi dirección?" is the customer's address, not the shop's.
+# "my" are not filler: "¿mi dirección?" is the customer's address, not the shop's. Nor are "dónde", "cuándo",
+# "cómo" (they choose the question: "¿cuándo es el envío?" is not "¿envío?") or nouns ("tienda").
 FILLER_WORDS = frozenset(
     """
     hola buenas buenos buen dia dias tardes noches saludos hey hi hello good morning afternoon evening
     por favor porfa porfavor gracias muchas thanks thank thx please pls plz ok okay vale oye perdon
     disculpa disculpe sorry excuse
-    que cual cuales como cuando donde what which whats when where how
+    que cual cuales what which whats
     es son esta estan sera is are was be
     el la lo los las un una unos unas de del a al en y e o u para con the an of in at on to for and or
     su sus tu tus vuestro vuestra vuestros vuestras me te nos le les usted ustedes your you me i we us
     se hay tienen teneis tiene tienes do does can could would will
     saber quisiera queria quiero necesito puedes puede podrias podria pueden decir dime digame decirme
     tell know want need like about info informacion information have has got da das dar dan podeis sabes
-    q k tienda local negocio atencion apertura comercial ubicado ubicada ubicados ubicadas store shop located
+    q k atencion apertura comercial ubicado ubicada ubicados ubicadas located
     hoy today
     """.split()  # noqa: SIM905 (a word list reads better as text)
 )
@@ -224,9 +225,11 @@ class FlowMatcher:
             return None  # a word no flow and no filler has: no flow's question alone (and no scan)
         if "?" not in text and "¿" not in text and _thanks_for(words):
             return None
-        for phrases, answer in self._phrases:
-            covered = _covered(words, phrases)
+        coverage = [(_covered(words, phrases), answer) for phrases, answer in self._phrases]
+        for covered, answer in coverage:
             if covered and all(i in covered or word in FILLER_WORDS for i, word in enumerate(words)):
+                if any(other - covered for other, _ in coverage):
+                    return None  # another flow's keyword outside this one's: the message asks that too
                 return answer
         return None
 

@@ -630,6 +630,7 @@ class Pipeline:
             rows = await self.store.recent_messages(chat, 20)
         except Exception:
             return False
+        rows = [row for row in rows if row.status is not MessageStatus.FAILED]  # a notice dropped: never told
         last_out = next((row for row in reversed(rows) if row.direction is Direction.OUT), None)
         if last_out is not None and last_out.kind == BUSY_KIND:
             return True
@@ -891,7 +892,10 @@ class Pipeline:
     ) -> None:
         row_id = sent_ids[0] if sent_ids else MessageId(f"{message.id}:reply")
         if len(sent_ids) > 1 and self.on_reply_parts is not None:
-            self.on_reply_parts(row_id, sent_ids)
+            try:  # best effort (the outbox file on a full disk, say): the reply is recorded all the same
+                self.on_reply_parts(row_id, sent_ids)
+            except Exception as error:
+                logger.warning("the parts of a queued reply could not be grouped: {}", error)
         dropped = False
         for part_id in sent_ids:  # a queued part can still be dropped from the outbox: see reply_dropped
             if part_id in self._dropped_early:

@@ -671,3 +671,33 @@ async def test_the_parts_of_a_queued_reply_are_grouped_under_its_first(
         assert await bot.pipeline.drain(5)
         queued = t._outbox.pending()  # type: ignore[union-attr]
     assert len(queued) == 2 and queued[0].reply == queued[1].reply == queued[0].id
+
+
+async def test_a_reply_is_recorded_even_when_its_parts_cannot_be_grouped(
+    fake_client: type[FakeNewAClient], tmp_path: Path, fake_openai: Any
+) -> None:
+    """An error grouping the parts (the outbox file on a full disk) aborted the reply's record: the answer
+    went out at the reconnect, the question was marked failed and the model never knew what it said."""
+    import sqlite3
+
+    from memory.store import Direction, MessageStatus
+    from tests.conftest import inbound
+
+    fake_client.script.extend(["ok"])
+    async with bot_behind_the_outbox(tmp_path, fake_openai, max_reply_chars=200) as (bot, t, governed):
+        await fake_client.instances[0].drop()
+
+        def disk_full(reply: Any, parts: Any) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        t._outbox.group = disk_full  # type: ignore[union-attr,method-assign]
+        question = inbound(f"{LONG_FIRST}{LONG_SECOND}", chat=CHAT)
+        governed.note_inbound(question)
+        bot.pipeline.submit(question)
+        assert await bot.pipeline.drain(5)
+        await asyncio.sleep(0.2)  # the reply's write commits
+        rows = await bot.store.recent_messages(CHAT, 10)
+    assert [(r.direction, r.status) for r in rows] == [
+        (Direction.IN, MessageStatus.ANSWERED),
+        (Direction.OUT, MessageStatus.SENT),
+    ]

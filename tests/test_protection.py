@@ -709,3 +709,23 @@ async def test_memory_going_back_and_forth_tells_a_waiting_chat_once(
         manager.check()
         assert await h.bot.pipeline.drain(20)
         assert h.transport.texts_to(CHAT).count(reply("busy", "es")) == 1
+
+
+async def test_a_busy_notice_that_never_went_out_does_not_count_as_told(harness) -> None:
+    """A notice dropped from the outbox (too old, or withheld) is marked failed: the customer never got it,
+    so it is no promise, and the chat is told when it waits again."""
+    from memory.store import BUSY_KIND, Direction, MessageStatus, StoredMessage
+
+    async with harness() as h:
+        store, now = h.bot.store, time.time()
+        rows = [
+            StoredMessage("Q1", CHAT, Direction.IN, "text", "¿cita?", MessageStatus.RECEIVED, now - 60),
+            StoredMessage(
+                "N1", CHAT, Direction.OUT, BUSY_KIND, reply("busy", "es"), MessageStatus.SENT, now - 30
+            ),
+        ]
+        for row in rows:
+            await store.add_message(row)
+        assert await h.bot.pipeline._promise_stands(ChatId(CHAT))
+        await store.set_status("N1", MessageStatus.FAILED)  # dropped from the outbox
+        assert not await h.bot.pipeline._promise_stands(ChatId(CHAT))

@@ -1024,7 +1024,10 @@ async def test_past_the_waiting_bound_on_a_full_journal_disk_a_message_waits_in_
         await fill_the_journal_disk(bot.store, True)
         with pytest.raises(StoreUnavailable):  # the journal cannot write: kept for its retry
             await bot.store.set_status("Q0", MessageStatus.RECEIVED)
+        assert bot.store.writes_failing  # so a message past the bound waits in memory, not in the store
+        waiting = bot.pipeline.waiting
         say(bot, "FIRST", chat)
+        assert bot.pipeline.waiting == waiting + 1
         gate.set()
         assert await bot.pipeline.drain(10)
         say(bot, "SECOND", chat)

@@ -130,7 +130,7 @@ def unusable(flow: Flow) -> str | None:
     return None
 
 
-# Words that ask nothing by themselves (greetings, courtesy, question words, articles, pronouns), Spanish
+# Words that ask nothing by themselves (greetings, courtesy, qué/cuál/what, articles, pronouns), Spanish
 # and English, normalised. A message made of a flow's keywords and these words is that flow's question
 # ("hola, ¿cuál es vuestro horario, por favor?"); any other word asks something more or else ("horario de
 # entrega", "my order is 3 hours late"), so the model answers it, told the flow's answer as a fact. "mi" and

@@ -64,19 +64,26 @@ def token_ok(request: web.Request, expected: str | None) -> bool:
 
 
 _QR_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>WhatsApp pairing</title>
-<meta http-equiv="refresh" content="{refresh}">
+<meta http-equiv="refresh" content="{refresh};url={again}">
 <style>body{{font-family:sans-serif;text-align:center;margin:2em}} svg{{width:320px;height:320px}}</style>
 </head><body><h1>{title}</h1>{body}</body></html>"""
 
+AUTO = "auto"  # query parameter of the page's own refreshes: they show codes but never end a rest
 
-def qr_page(qr: dict[str, Any]) -> str:
-    code, pair_code, state = (
+
+def qr_page(qr: dict[str, Any], *, again: str = "", now: str = "") -> str:
+    """The pairing page. `again`: the URL the page refreshes itself to; `now`: the URL a person follows to end
+    a rest between unscanned pairings (both carry the caller's own query, token included)."""
+    code, pair_code, state, rest_s = (
         qr.get("qr"),
         qr.get("pair_code"),
         qr.get("state", "unknown"),
+        qr.get("rest_s"),
     )
+    again = html.escape(again, quote=True)
     if state == "connected":
-        return _QR_PAGE.format(refresh=30, title="Paired", body="<p>The bot is connected to WhatsApp.</p>")
+        body = "<p>The bot is connected to WhatsApp.</p>"
+        return _QR_PAGE.format(refresh=30, again=again, title="Paired", body=body)
     parts = []
     if pair_code:
         parts.append(f"<p>Pairing code: <b style='font-size:2em'>{html.escape(pair_code)}</b></p>")
@@ -85,14 +92,29 @@ def qr_page(qr: dict[str, Any]) -> str:
         parts.append(
             "<p>WhatsApp &gt; Linked devices &gt; Link a device, then scan. The page follows new codes.</p>"
         )
+    if not parts and rest_s is not None:
+        parts.append(
+            "<p>Nobody scanned the last codes, so the bot waits before asking WhatsApp for new ones "
+            f"(next in {math.ceil(rest_s / 60)} min).</p>"
+            f"<p><a href='{html.escape(now, quote=True)}'>Get a code now</a></p>"
+        )
     if not parts:
         parts.append(
             f"<p>No code yet (connection state: {html.escape(state)}). This page refreshes itself.</p>"
         )
-    return _QR_PAGE.format(refresh=5, title="Link this bot to WhatsApp", body="".join(parts))
+    return _QR_PAGE.format(refresh=5, again=again, title="Link this bot to WhatsApp", body="".join(parts))
 
 
-def build_app(metrics: MetricsSource, qr: QrSource, *, admin_token: str | None) -> web.Application:
+def build_app(
+    metrics: MetricsSource,
+    qr: QrSource,
+    *,
+    admin_token: str | None,
+    pair_now: Callable[[], None] | None = None,
+) -> web.Application:
+    """`pair_now`: called when a person opens /qr (not on the page's own refreshes: a tab left open would
+    end every rest between unscanned pairings, and each pairing costs neonize a database handle)."""
+
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -107,11 +129,15 @@ def build_app(metrics: MetricsSource, qr: QrSource, *, admin_token: str | None) 
             return web.Response(status=403, text="set ADMIN_TOKEN to use /qr\n")
         if not token_ok(request, admin_token):
             return web.Response(status=401, text="missing or wrong token\n")
-        return web.Response(
-            text=qr_page(qr()),
-            content_type="text/html",
-            headers={"Cache-Control": "no-store"},
+        if AUTO not in request.query and pair_now is not None:
+            pair_now()
+        own = {key: value for key, value in request.query.items() if key != AUTO}
+        page = qr_page(
+            qr(),
+            again=str(request.rel_url.with_query({**own, AUTO: "1"})),
+            now=str(request.rel_url.with_query(own)),
         )
+        return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
 
     app = web.Application()
     app.router.add_get("/health", health)

@@ -89,12 +89,11 @@ async def run_whatsapp(settings: Settings) -> int:
         made_at[kind] = time.monotonic()
 
     def qr_state() -> dict[str, Any]:
-        transport.pair_now()  # someone is at /qr: a rest between unscanned pairings ends
         now = time.monotonic()
         live = {
             kind: code for kind, code in pairing.items() if now - made_at.get(kind, now) < CODE_LIFE_S[kind]
         }
-        return {**live, "state": transport.state.value}
+        return {**live, "state": transport.state.value, "rest_s": transport.pairing_rest_s()}
 
     stop = asyncio.Event()
     exit_code = 0
@@ -180,7 +179,7 @@ async def run_whatsapp(settings: Settings) -> int:
 
     await bot.start(recover=False)
     runner = await start_http(
-        build_app(bot.metrics, qr_state, admin_token=settings.admin_token),
+        build_app(bot.metrics, qr_state, admin_token=settings.admin_token, pair_now=transport.pair_now),
         settings.port,
     )
     logger.info("HTTP on port {}: /health, /v1/metrics, /qr", settings.port)

@@ -851,6 +851,10 @@ class NeonizeTransport:
         """GET /qr: end a rest between unscanned pairings, so a fresh code comes at once."""
         self._supervisor.pair_now()
 
+    def pairing_rest_s(self) -> float | None:
+        """Seconds left in a rest between unscanned pairings (for the /qr page); None when not resting."""
+        return self._supervisor.pairing_rest_s()
+
     async def send_text(self, chat: ChatId, text: str) -> MessageId:
         """Send plain text (no neonize mention/link parsing); return the sent message id.
 

@@ -568,6 +568,12 @@ class Supervisor:
         if self._resting:
             self._wake.set()
 
+    def pairing_rest_s(self) -> float | None:
+        """Seconds left in a rest between unscanned pairings; None when not resting."""
+        if not self._resting or self._next_retry_at is None:
+            return None
+        return max(0.0, self._next_retry_at - self._clock())
+
     def _retry_in(self, delay: float, reason: str) -> float:
         self._set_state(ConnectionState.RECONNECTING)
         logger.warning(
@@ -688,6 +694,7 @@ class Supervisor:
             "attempts": self._failures,
             "connect_attempts": self._attempts_total,
             "next_retry_in_s": next_retry,
+            "pairing_rest": self._resting,
             "last_error": self._last_error,
             "reconnects": self._reconnects,
             "uptime_s": ago(self._connected_at) or 0.0,

@@ -1,10 +1,12 @@
 """`/qr` in `python -m bot run`: it shows the codes WhatsApp still takes, and opening it starts a pairing the
-bot was resting from (after unscanned ones)."""
+bot was resting from (after unscanned ones); the page's own refreshes do not."""
 
 from __future__ import annotations
 
 import asyncio
+import html
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ class PairingNeonize(FakeNeonize):
         super().__init__(session, on_inbound=on_inbound)
         self.on_qr, self.on_pair_code = on_qr, on_pair_code
         self.pairings_asked = 0
+        self.rest_s: float | None = None
 
     @property
     def state(self) -> ConnectionState:
@@ -33,6 +36,22 @@ class PairingNeonize(FakeNeonize):
 
     def pair_now(self) -> None:
         self.pairings_asked += 1
+        self.rest_s = None
+
+    def pairing_rest_s(self) -> float | None:
+        return self.rest_s
+
+
+def refresh_url(page: str) -> str:
+    found = re.search(r'http-equiv="refresh" content="\d+;url=([^"]+)"', page)
+    assert found, page
+    return html.unescape(found.group(1))
+
+
+def link(page: str, text: str) -> str:
+    found = re.search(rf"<a href='([^']+)'>{text}</a>", page)
+    assert found, page
+    return html.unescape(found.group(1))
 
 
 @pytest.mark.timeout(60)
@@ -71,6 +90,51 @@ async def test_qr_shows_live_codes_only_and_asks_for_a_pairing(
                     page = await response.text()
                 assert "ABCD-EFGH" not in page and "No code yet" in page
                 assert transport.pairings_asked == 3
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await run
+
+
+@pytest.mark.timeout(60)
+async def test_the_pages_own_refreshes_do_not_end_a_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A /qr tab left open refreshes every 5 s: each refresh ended the rest between unscanned pairings, so
+    the bot paired for ever (each pairing costs neonize a database handle it never closes)."""
+    monkeypatch.setattr(neonize_adapter, "NeonizeTransport", PairingNeonize)
+    port = free_port()
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, data_dir=tmp_path, flows_file=None, port=port, admin_token=TOKEN
+    )
+    FakeNeonize.instance = None
+    run = asyncio.create_task(whatsapp.run_whatsapp(settings))
+    try:
+        async with asyncio.timeout(20):
+            while FakeNeonize.instance is None:
+                await asyncio.sleep(0.01)
+            transport = FakeNeonize.instance
+            assert isinstance(transport, PairingNeonize)
+            base = f"http://127.0.0.1:{port}"
+            async with aiohttp.ClientSession() as http:
+                while True:
+                    try:
+                        async with http.get(f"{base}/qr?token={TOKEN}") as response:
+                            page = await response.text()
+                        break
+                    except aiohttp.ClientConnectionError:
+                        await asyncio.sleep(0.05)
+                assert transport.pairings_asked == 1  # a person opened it
+                transport.rest_s = 540.0  # then nobody scanned three codes: the bot rests
+                for _ in range(3):  # what the browser does on its own
+                    async with http.get(base + refresh_url(page)) as response:
+                        assert response.status == 200  # the refresh keeps the token
+                        page = await response.text()
+                assert transport.pairings_asked == 1 and transport.rest_s == 540.0
+                assert "next in 9 min" in page
+                async with http.get(base + link(page, "Get a code now")) as response:
+                    assert response.status == 200
+                    page = await response.text()
+                assert transport.pairings_asked == 2 and "Get a code now" not in page
     finally:
         os.kill(os.getpid(), signal.SIGTERM)
         await run

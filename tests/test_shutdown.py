@@ -46,6 +46,12 @@ class FakeNeonize(LoopbackTransport):
     def group_parts(self, reply: MessageId, part_ids: list[MessageId]) -> None:
         pass
 
+    def pair_now(self) -> None:
+        pass
+
+    def pairing_rest_s(self) -> float | None:
+        return None
+
 
 class RecordingLease(NoopLease):
     def __init__(self, events: list[str]) -> None:

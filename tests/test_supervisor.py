@@ -449,9 +449,12 @@ async def test_unscanned_pairings_rest_longer_each_time_until_qr_is_opened() -> 
     assert 300 <= rests[0] - 90 <= 330 and 600 <= rests[1] - 90 <= 630, rests  # 5 min, then 10 min
     assert sup.stats()["attempts"] == 0, "not failures"
     await clock.run_until(lambda: sup.stats()["next_retry_in_s"] is not None, limit_s=200)
+    rest = sup.pairing_rest_s()  # what /qr shows while no code is up
+    assert rest is not None and 0 < rest <= 1200 and sup.stats()["pairing_rest"] is True
     sup.pair_now()  # someone opened /qr
     await clock.settle()
     assert len(driver.connects) == 7 and driver.connects[6] - driver.connects[5] < 150
+    assert sup.pairing_rest_s() is None and sup.stats()["pairing_rest"] is False
     await sup.stop()
 
 
@@ -471,6 +474,7 @@ async def test_opening_qr_does_not_cut_a_failure_backoff_short() -> None:
     await clock.run_until(lambda: len(driver.connects) == 8, limit_s=1000)
     await clock.settle()
     assert sup.stats()["next_retry_in_s"] is not None
+    assert sup.pairing_rest_s() is None  # a backoff, not a rest: /qr does not offer to end it
     sup.pair_now()
     await clock.settle()
     assert len(driver.connects) == 8

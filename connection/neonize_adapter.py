@@ -728,6 +728,7 @@ class NeonizeTransport:
         self._quiet_pairing = False  # logout(): connect without showing a QR
         self._qr_announced = False
         self._pair_requested = False
+        self._pair_failed = False  # WhatsApp refused a pairing code this pairing: the QR is shown instead
         self._stopped = False
         self._own_ids: set[str] = set()
         self._origin: OrderedDict[str, tuple[nz.JID, nz.JID]] = OrderedDict()
@@ -1007,7 +1008,7 @@ class NeonizeTransport:
         if state is ConnectionState.CONNECTED:
             self._kick_flush()
         if state is ConnectionState.CONNECTING:
-            self._qr_announced = self._pair_requested = False
+            self._qr_announced = self._pair_requested = self._pair_failed = False
         if self._on_state is not None:
             self._on_state(state)
 
@@ -1177,10 +1178,10 @@ class NeonizeTransport:
             return
         if self._on_qr is not None:
             self._on_qr(code)
-        if self._pair_phone:
-            if not self._pair_requested:
-                self._pair_requested = True
-                await self._request_pair_code()
+        if self._pair_phone and not self._pair_requested:
+            self._pair_requested = True
+            self._pair_failed = not await self._request_pair_code()
+        if self._pair_phone and not self._pair_failed:
             return
         if not self._qr_announced:
             # WARNING, so production logs (WARNING by default) show it: nothing works until it is scanned.
@@ -1193,14 +1194,20 @@ class NeonizeTransport:
             sys.stdout.flush()
         self._qr_announced = True
 
-    async def _request_pair_code(self) -> None:
+    async def _request_pair_code(self) -> bool:
+        """Ask WhatsApp for a pairing code; False when it refused (the QR is shown instead, and the next
+        pairing asks again)."""
         client = self._driver._require()
         phone = self._pair_phone or ""
         try:
             code = await client.PairPhone(phone, show_push_notification=True)
         except Exception as exc:
-            logger.error("whatsapp pair code failed: {}", _scrub(str(exc)))
-            return
+            logger.error(
+                "whatsapp pairing code for {} failed: {}; showing the QR instead for this pairing",
+                _mask(phone),
+                _scrub(str(exc)),
+            )
+            return False
         if self._on_pair_code is not None:
             self._on_pair_code(code)
         logger.warning(  # WARNING, so production logs show it
@@ -1208,3 +1215,4 @@ class NeonizeTransport:
             _mask(phone),
             code,
         )
+        return True

@@ -586,6 +586,50 @@ async def test_methods_before_start_raise_transport_error() -> None:
     await transport.set_typing(ChatId(f"{PHONE}@s.whatsapp.net"), True)  # not connected: a quiet no-op
 
 
+class PairingClient:
+    """What `_handle_qr` uses of a neonize client in pairing-code mode."""
+
+    def __init__(self, refuse: bool) -> None:
+        self.refuse = refuse
+        self.asked = 0
+
+    async def PairPhone(self, phone: str, show_push_notification: bool) -> str:
+        self.asked += 1
+        if self.refuse:
+            raise RuntimeError("failed to request pairing code: server returned error 429: rate-overlimit")
+        return "ABCD-EFGH"
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+async def test_a_refused_pairing_code_shows_the_qr_instead(
+    refuse: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """WhatsApp refusing a pairing code (rate limit) left the operator with an error line and no way to link
+    for that whole pairing: the QR was neither logged nor drawn."""
+    codes: list[str] = []
+    transport = NeonizeTransport(
+        "unused.db", on_inbound=lambda _: None, pair_phone="34600111222", on_pair_code=codes.append
+    )
+    client = PairingClient(refuse)
+    transport._driver.client = client  # type: ignore[assignment]
+    records: list[str] = []
+    sink = logger.add(records.append, level="WARNING", format="{message}")
+    try:
+        for qr in ("2@first,qr", "2@second,qr"):
+            await _started_handlers(transport)["qr"](None, qr.encode())
+    finally:
+        logger.remove(sink)
+    drawn = capsys.readouterr().out
+    assert client.asked == 1  # once a pairing, refused or not
+    if refuse:
+        assert codes == [] and any("showing the QR instead" in r for r in records)
+        assert any("scan the QR code" in r for r in records) and any(block in drawn for block in "█▀▄")
+        assert "34600111222" not in "".join(records)
+    else:
+        assert codes == ["ABCD-EFGH"] and not any("scan the QR code" in r for r in records)
+        assert drawn == ""
+
+
 # ---------------------------------------------------------------- the transport over the scripted fake client
 
 

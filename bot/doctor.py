@@ -244,7 +244,7 @@ async def run_doctor(settings: Settings) -> int:
 
 async def run_logout(settings: Settings) -> int:
     """Unlink the device on WhatsApp's side, then delete the session (local file, and its Supabase copy)."""
-    from bot.whatsapp import session_backup_for
+    from bot.whatsapp import exit_now_if_stuck, session_backup_for
     from connection.neonize_adapter import NeonizeTransport
     from connection.types import TransportError
 
@@ -281,4 +281,5 @@ async def run_logout(settings: Settings) -> int:
         await backup.forget()
         await backup.close()
         print("the session copy in Supabase (wa_sessions) was deleted")
+    exit_now_if_stuck(transport, code)  # an unpaired session in Postgres: whatsmeow's QR loop ignores Stop
     return code

@@ -31,6 +31,7 @@ from connection.lease import make_lease
 from connection.types import ChatId, ConnectionState, Inbound, MessageId, MessageKind
 
 if TYPE_CHECKING:
+    from connection.neonize_adapter import NeonizeTransport
     from connection.session_backup import SessionBackup
 
 STOP_BUDGET_S = 13.0  # of Railway's 15 s between SIGTERM and SIGKILL (railway.json drainingSeconds)
@@ -224,9 +225,14 @@ async def run_whatsapp(settings: Settings) -> int:
         await bot.lease.release()  # disconnected and saved: the next instance may connect now
         await runner.cleanup()
     logger.info("stopped")
+    exit_now_if_stuck(transport, exit_code)
+    return exit_code
+
+
+def exit_now_if_stuck(transport: NeonizeTransport, code: int) -> None:
+    """End the process here when a neonize Go call could not be stopped (its pairing call ignores Stop):
+    its worker thread blocks, and `asyncio.run` would wait for it at exit."""
     if transport.hard_exit_needed:
-        # neonize's pairing call ignores Stop and keeps a worker thread that asyncio.run would wait for.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(exit_code)
-    return exit_code
+        os._exit(code)

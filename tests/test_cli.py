@@ -6,6 +6,9 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.fake_openai import FakeOpenAI
 
@@ -131,3 +134,41 @@ async def test_a_session_file_in_use_is_never_taken_for_one_never_paired(tmp_pat
         holder.rollback()
         holder.close()
     assert "cannot be read now" in out and "none yet" not in out
+
+
+async def test_a_logout_left_with_a_go_call_it_cannot_stop_ends_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unpaired session (in Postgres, where the device count is not read first): logout connected,
+    whatsmeow's QR loop ignored Stop, and `asyncio.run` then waited for its worker thread at exit."""
+    import sqlite3
+
+    from bot.config import Settings
+    from bot.doctor import run_logout
+    from connection import neonize_adapter
+    from connection.types import TransportError
+
+    class StuckInPairing:
+        def __init__(self, *_: Any, **__: Any) -> None:
+            self.hard_exit_needed = False
+
+        async def logout(self) -> None:
+            self.hard_exit_needed = True  # the connect call was abandoned, its thread still blocked in Go
+            raise TransportError("no linked session to unlink (pairing); the local session was deleted")
+
+    exits: list[int] = []
+
+    def exit_now(code: int) -> None:
+        exits.append(code)
+        raise SystemExit(code)
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with sqlite3.connect(data / "whatsapp-session.sqlite3") as conn:
+        conn.execute("CREATE TABLE whatsmeow_device (jid TEXT PRIMARY KEY)")
+        conn.execute("INSERT INTO whatsmeow_device VALUES ('34600111222:1@s.whatsapp.net')")
+    monkeypatch.setattr(neonize_adapter, "NeonizeTransport", StuckInPairing)
+    monkeypatch.setattr(os, "_exit", exit_now)
+    with pytest.raises(SystemExit):
+        await run_logout(Settings(_env_file=None, data_dir=data, flows_file=None))  # type: ignore[call-arg]
+    assert exits == [1]

@@ -149,6 +149,9 @@ _WRAPPERS = (
     "viewOnceMessageV2",
     "viewOnceMessageV2Extension",
     "documentWithCaptionMessage",
+    "associatedChildMessage",  # one photo or video of an album (sent together); the caption asks
+    "lottieStickerMessage",
+    "groupMentionedMessage",
 )
 _MEDIA_KINDS = (
     ("audioMessage", MessageKind.AUDIO),
@@ -168,6 +171,11 @@ _UNSUPPORTED = (
     "pollCreationMessageV2",
     "pollCreationMessageV3",
     "pollCreationMessageV4",
+    "pollCreationMessageV5",
+    "pollCreationMessageV6",
+    "sendPaymentMessage",
+    "requestPaymentMessage",
+    "stickerPackMessage",
     "eventMessage",
     "productMessage",
     "orderMessage",

@@ -194,6 +194,16 @@ def test_view_once_wrapper_is_unwrapped() -> None:
     assert msg is not None and msg.kind is MessageKind.IMAGE and msg.text == "once"
 
 
+def test_a_photo_sent_in_an_album_is_read_with_its_caption() -> None:
+    """Photos sent together come one by one, each wrapped as an album's child: they were `other`, dropped
+    silently, the question in the caption unanswered and not even stored."""
+    inner = WAMessage(imageMessage=ImageMessage(mimetype="image/jpeg", caption="¿Lo tenéis en azul?"))
+    msg = translate_message(event(WAMessage(associatedChildMessage=FutureProofMessage(message=inner))))
+    assert msg is not None and msg.kind is MessageKind.IMAGE and msg.text == "¿Lo tenéis en azul?"
+    marker = translate_message(event(WAMessage(albumMessage={"expectedImageCount": 2})))
+    assert marker is not None and marker.kind is MessageKind.OTHER  # the album's announcement: nothing to say
+
+
 def test_from_me() -> None:
     msg = translate_message(event(WAMessage(conversation="yo"), sender=jid(ME, device=0), from_me=True))
     assert msg is not None
@@ -970,8 +980,11 @@ def test_a_tapped_button_or_list_row_reads_as_its_text(wa: WAMessage, text: str)
         WAMessage(liveLocationMessage={"degreesLatitude": 40.4}),
         WAMessage(contactMessage={"displayName": "Ana", "vcard": "BEGIN:VCARD"}),
         WAMessage(pollCreationMessageV3={"name": "¿Qué color?"}),
+        WAMessage(pollCreationMessageV5={"name": "¿Qué color?"}),
+        WAMessage(pollCreationMessageV6={"name": "¿Qué color?"}),
+        WAMessage(requestPaymentMessage={"currencyCodeIso4217": "EUR"}),
     ],
-    ids=["location", "live-location", "contact", "poll"],
+    ids=["location", "live-location", "contact", "poll", "poll-v5", "poll-v6", "payment-request"],
 )
 def test_locations_contacts_and_polls_are_unsupported_content_not_protocol_noise(wa: WAMessage) -> None:
     msg = translate_message(event(wa))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import re
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -29,6 +31,27 @@ class AIError(Exception):
         super().__init__(message)
         self.systemic = systemic
         self.context_too_long = context_too_long
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A model's answer. `whole` is False when the model ran out of tokens (`max_tokens`): the text is cut
+    back to its last full sentence, and must not be cached as the answer to that conversation."""
+
+    text: str
+    whole: bool = True
+
+
+_SENTENCE_END = re.compile(r"[.!?…](?=\s|$)|\n")
+
+
+def cut_to_last_sentence(text: str) -> str:
+    """What to send of an answer the token limit cut mid-sentence: up to its last full sentence, or the
+    text with "…" when that would keep less than a third of it (a long list with no full stops)."""
+    ends = [match.end() for match in _SENTENCE_END.finditer(text)]
+    if ends and ends[-1] >= len(text) / 3:
+        return text[: ends[-1]].rstrip()
+    return text.rstrip(" ,;:-") + "…"
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -59,15 +82,16 @@ class ChatModel:
         self.breaker = breaker or CircuitBreaker()
         self.requests = 0
         self.errors = 0
+        self.cut = 0  # answers that reached max_tokens
         self.in_flight = 0
         self._latencies: deque[float] = deque(maxlen=1000)
 
-    async def complete(self, messages: list[dict[str, Any]]) -> str:
+    async def complete(self, messages: list[dict[str, Any]]) -> Completion:
         async with self.limit:
             if not self.breaker.allow():
                 raise AIError("circuit open: the model failed repeatedly, not calling it for now")
             try:
-                text = await self._call(messages)
+                completion = await self._call(messages)
             except AIError as error:
                 if error.systemic:
                     self.breaker.failure()
@@ -78,9 +102,9 @@ class ChatModel:
                 self.breaker.failure()
                 raise
             self.breaker.success()
-            return text
+            return completion
 
-    async def _call(self, messages: list[dict[str, Any]]) -> str:
+    async def _call(self, messages: list[dict[str, Any]]) -> Completion:
         client = await self.client.get()
         import openai  # already loaded by get(); named here for its error types
 
@@ -96,6 +120,7 @@ class ChatModel:
                 )
             choices = response.choices
             text = (choices[0].message.content or "").strip() if choices else ""
+            finish = choices[0].finish_reason if choices else None
         except (TimeoutError, openai.APITimeoutError) as error:
             self.errors += 1
             raise AIError("model timed out") from error
@@ -116,11 +141,21 @@ class ChatModel:
         finally:
             self.in_flight -= 1
             self._latencies.append(time.perf_counter() - started)
+        if finish == "content_filter":  # what is there is a part the filter let through, or nothing
+            self.errors += 1
+            raise AIError("the model's content filter withheld the answer", systemic=False)
         if not text:
             self.errors += 1
             raise AIError("model returned an empty answer", systemic=False)
         logger.debug("model answered in {:.0f} ms", (time.perf_counter() - started) * 1000)
-        return text
+        if finish == "length":
+            self.cut += 1
+            logger.warning(
+                "model answer reached OPENAI_MAX_TOKENS ({}): sent up to its last full sentence",
+                self.max_tokens,
+            )
+            return Completion(cut_to_last_sentence(text), whole=False)
+        return Completion(text)
 
     async def close(self) -> None:
         await self.client.close()
@@ -132,6 +167,7 @@ class ChatModel:
             "model": self.model,
             "requests": self.requests,
             "errors": self.errors,
+            "cut_at_max_tokens": self.cut,
             "in_flight": self.in_flight,
             "max_concurrency": self.limit.capacity,
             "latency_ms": {

@@ -114,6 +114,7 @@ class Bot:
                 client,
                 settings.openai_model,
                 max_concurrency=settings.openai_max_concurrency,
+                max_tokens=settings.openai_max_tokens,
                 breaker=CircuitBreaker(settings.ai_circuit_failures, settings.ai_circuit_cooldown_s),
                 timeout_s=settings.openai_timeout,
             )

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     openai_transcribe_model: str = "whisper-1"
     openai_timeout: float = Field(30.0, gt=0, le=600)
     openai_max_concurrency: int = Field(8, ge=1, le=256)
+    openai_max_tokens: int = Field(600, ge=16, le=32_768)
     bot_system_prompt: str = (
         "You are the friendly WhatsApp assistant of a small business. "
         "Answer briefly and clearly, in the customer's language."
@@ -56,7 +57,7 @@ class Settings(BaseSettings):
     app_env: Literal["development", "production"] = "development"
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] | None = None
     log_json: bool = False
-    memory_limit: int | None = Field(None, ge=64, le=1_048_576, description="MB")
+    memory_limit: int | None = Field(None, ge=128, le=1_048_576, description="MB")
 
     # Conversation
     max_chat_history: int = Field(5, ge=0, le=100)

@@ -122,7 +122,7 @@ class Responder:
         if cached is not None:
             return Answer(cached, Source.CACHE)
         try:
-            answer = await self.model.complete(messages)
+            completion = await self.model.complete(messages)
         except AIError as error:
             if not (error.context_too_long and len(messages) > 2):
                 logger.error("model failed, sending an apology: {}", error)
@@ -130,12 +130,13 @@ class Responder:
             # The history (long messages) no longer fits the model: answer the message on its own.
             logger.warning("conversation too long for the model; answering without its history")
             try:
-                return Answer(await self.model.complete([messages[0], messages[-1]]), Source.MODEL)
+                return Answer((await self.model.complete([messages[0], messages[-1]])).text, Source.MODEL)
             except AIError as second:
                 logger.error("model failed, sending an apology: {}", second)
                 return Answer(reply("ai_error", self.language), Source.AI_ERROR)
-        self.cache.set(key, answer)
-        return Answer(answer, Source.MODEL)
+        if completion.whole:  # an answer cut at the token limit is not the answer to give everyone
+            self.cache.set(key, completion.text)
+        return Answer(completion.text, Source.MODEL)
 
 
 _SENTENCE_BOUNDARY = re.compile(r"(?<=[.!?…])(?=\s)|(?<=\n)")

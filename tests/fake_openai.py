@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bot.ai import ChatModel
+from bot.ai import ChatModel, Completion
 
 Reply = Callable[[list[dict[str, Any]]], str]
 
@@ -48,6 +48,8 @@ class FakeOpenAI:
     transcribe_fail_next: deque[int] = field(default_factory=deque)
     # Raw answers (status, content type, body) for the next requests: a proxy's HTML page, broken JSON...
     raw_next: deque[tuple[int, str, str]] = field(default_factory=deque)
+    # finish_reason of the next answers ("length", "content_filter"); "stop" when empty.
+    finish_next: deque[str] = field(default_factory=deque)
     transcribe_raw_next: deque[tuple[int, str, str]] = field(default_factory=deque)
     # What /v1/models lists (some OpenAI-compatible servers list nothing, or other names for a model).
     models: list[str] = field(default_factory=lambda: ["gpt-4o-mini"])
@@ -107,7 +109,7 @@ class FakeOpenAI:
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": text},
-                        "finish_reason": "stop",
+                        "finish_reason": self.finish_next.popleft() if self.finish_next else "stop",
                     }
                 ],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
@@ -162,11 +164,11 @@ class InstantModel(ChatModel):
         super().__init__(client=None, model="instant")  # type: ignore[arg-type]
         self.gate = gate  # when given, answers wait until it is set
 
-    async def _call(self, messages: list[dict[str, Any]]) -> str:
+    async def _call(self, messages: list[dict[str, Any]]) -> Completion:
         if self.gate is not None:
             await self.gate.wait()
         self.requests += 1
-        return f"ok: {messages[-1]['content']}"
+        return Completion(f"ok: {messages[-1]['content']}")
 
     async def close(self) -> None:
         pass

@@ -136,3 +136,45 @@ async def test_overhead_leaves_out_the_time_spent_on_the_model_and_the_transcrip
         await h.say("hola")
         overhead = h.bot.metrics()["messages"]["overhead_ms"]
     assert overhead["p99"] < 400, overhead  # the voice note alone spent 1,000 ms waiting on the server
+
+
+async def test_an_answer_cut_at_the_token_limit_ends_on_a_full_sentence_and_is_not_cached(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """The model stopped at max_tokens mid-sentence: the fragment went out as the answer, and the cache gave
+    it to the next customer asking the same, for an hour."""
+    cut = "Para devolver un pedido tienes 30 días. Primero entra en tu cuenta y luego en la sección de"
+    fake_openai.reply = lambda _: cut
+    fake_openai.finish_next.append("length")
+    async with harness(**ai(fake_openai, openai_max_tokens=50)) as h:
+        assert await h.say("¿cómo devuelvo un pedido?") == ["Para devolver un pedido tienes 30 días."]
+        assert fake_openai.chat_requests[-1]["max_tokens"] == 50
+        assert await h.say(inbound("¿cómo devuelvo un pedido?", chat=OTHER)) == [cut]  # the model asked again
+        assert fake_openai.chat_count == 2 and h.bot.model.stats()["cut_at_max_tokens"] == 1
+
+
+async def test_a_content_filtered_answer_gets_an_apology_not_its_fragment(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.reply = lambda _: "Claro, para eso primero"
+    fake_openai.finish_next.append("content_filter")
+    async with harness(**ai(fake_openai)) as h:
+        [apology] = await h.say("hola")
+        assert "Lo siento" in apology and "Claro" not in apology
+        assert await h.say(inbound("hola", chat=OTHER)) == ["Claro, para eso primero"]
+        assert fake_openai.chat_count == 2
+
+
+def test_an_answer_with_no_sentence_end_late_enough_is_marked_as_cut() -> None:
+    from bot.ai import cut_to_last_sentence
+
+    assert cut_to_last_sentence("Hola. Te cuento que el envío tarda entre tres y cinco días hábiles en") == (
+        "Hola. Te cuento que el envío tarda entre tres y cinco días hábiles en…"
+    )
+    assert cut_to_last_sentence("Paso 1: entra.\nPaso 2: elige el pedido\nPaso 3: pulsa en") == (
+        "Paso 1: entra.\nPaso 2: elige el pedido"
+    )
+    assert (
+        cut_to_last_sentence("Primera frase. Segunda frase! Y una tercera,")
+        == "Primera frase. Segunda frase!"
+    )

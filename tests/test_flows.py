@@ -311,13 +311,13 @@ SHIPPED = Path(__file__).resolve().parent.parent / "flows.yaml"
         ("¿Cuál es vuestro horario?", "Abrimos"),
         ("¿A qué hora abren?", "Abrimos"),
         ("¿a qué hora cerráis hoy?", "Abrimos"),
-        ("opening hours?", "Abrimos"),
-        ("What time do you open?", "Abrimos"),
+        ("opening hours?", "We're open"),  # in the language asked in
+        ("What time do you open?", "We're open"),  # in the language asked in
         ("¿Dónde estáis?", "Calle Mayor"),
         ("¿Cuál es vuestra dirección?", "Calle Mayor"),
         ("¿cómo llegar?", "Calle Mayor"),
-        ("Where are you located?", "Calle Mayor"),
-        ("What are your hours?", "Abrimos"),
+        ("Where are you located?", "We're at"),  # in the language asked in
+        ("What are your hours?", "We're open"),  # in the language asked in
         ("¿Cuál es la dirección? 📍", "Calle Mayor"),
         ("¿Dónde se encuentran?", "Calle Mayor"),
     ],

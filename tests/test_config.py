@@ -38,14 +38,19 @@ DESIGN_VARIABLES = [
 ]
 
 
+# A variable is `NAME=value`, or `# NAME=` where an empty value would override a default set elsewhere
+# (the Docker image's DATA_DIR, with `docker run --env-file .env`).
+COMMENTED_OUT = re.compile(r"(?:# )?([A-Z_]+)=")
+
+
 def example_variables() -> dict[str, str]:
     """Variables in .env.example, each mapped to the comment lines above it."""
     found: dict[str, str] = {}
     comment: list[str] = []
     for line in (REPO / ".env.example").read_text().splitlines():
-        if line.startswith("#"):
+        if line.startswith("#") and not COMMENTED_OUT.match(line):
             comment.append(line)
-        elif match := re.match(r"([A-Z_]+)=", line):
+        elif match := COMMENTED_OUT.match(line):
             found[match.group(1)] = "\n".join(comment)
             comment = [] if not comment or not line else comment
         else:
@@ -70,6 +75,20 @@ def test_every_variable_is_in_the_readme() -> None:
 def test_env_example_loads_as_is(tmp_path: Path) -> None:
     settings = Settings(_env_file=REPO / ".env.example")  # type: ignore[call-arg]
     assert settings.max_chat_history == 5 and settings.openai_api_key is None
+
+
+def test_env_example_as_a_docker_env_file_leaves_the_images_settings_alone() -> None:
+    """`docker run --env-file .env` passes `DATA_DIR=` as an empty value, which replaced the image's /data:
+    the session went to the container's own disk and every redeploy asked for a new QR."""
+    image = {"DATA_DIR", "APP_ENV", "PORT", "BOT_RUN_AS"}  # what the Dockerfile sets (ENV)
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert all(f"{name}=" in dockerfile for name in image)
+    assigned = {
+        match.group(1)
+        for line in (REPO / ".env.example").read_text().splitlines()
+        if (match := re.match(r"([A-Z_]+)=(.*)", line))
+    }
+    assert not {"DATA_DIR", "APP_ENV"} & assigned
 
 
 @pytest.mark.parametrize(

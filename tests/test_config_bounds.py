@@ -57,7 +57,10 @@ def example_comments() -> dict[str, str]:
     comments: dict[str, str] = {}
     block: list[str] = []
     for line in (Path(__file__).resolve().parent.parent / ".env.example").read_text().splitlines():
-        if line.startswith("#"):
+        if match := re.match(r"(?:# )?([A-Z_]+)=", line):  # `# NAME=`: see test_config.COMMENTED_OUT
+            comments[match.group(1)] = " ".join(block)
+            block = []
+        elif line.startswith("#"):
             block.append(line)
         elif "=" in line:
             comments[line.split("=", 1)[0]] = " ".join(block)

@@ -108,8 +108,8 @@ class Bot:
         store = store or make_store(settings)
         model = None
         client = None
-        if settings.openai_api_key:
-            client = make_client(settings.openai_api_key, settings.openai_base_url, settings.openai_timeout)
+        if settings.openai_key:
+            client = make_client(settings.openai_key, settings.openai_base_url, settings.openai_timeout)
             model = ChatModel(
                 client,
                 settings.openai_model,
@@ -546,7 +546,7 @@ async def run_chat(settings: Settings, *, jsonl: bool) -> int:
     bot = Bot.build(settings, transport)
     await bot.start()
     if not jsonl:
-        mode = "AI on" if bot.model else "AI off (no OPENAI_API_KEY): keyword flows only"
+        mode = "AI on" if bot.model else "AI off (no OPENAI_API_KEY nor OPENAI_BASE_URL): keyword flows only"
         print(
             f"Chatting with the bot ({mode}). Type a message; Ctrl-D to quit.",
             file=sys.stderr,

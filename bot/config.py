@@ -218,7 +218,13 @@ class Settings(BaseSettings):
 
     @property
     def ai_enabled(self) -> bool:
-        return self.openai_api_key is not None
+        """A key, or a base URL alone: local servers (Ollama, llama.cpp, vLLM) need no key."""
+        return self.openai_key is not None
+
+    @property
+    def openai_key(self) -> str | None:
+        """The key the SDK sends; with a base URL and no key a placeholder, since the SDK wants one."""
+        return self.openai_api_key or ("no-key" if self.openai_base_url else None)
 
     @property
     def system_prompt(self) -> str:

@@ -21,15 +21,15 @@ def _line(ok: bool, what: str, fix: str = "", *, warn: bool = False) -> bool:
 
 
 async def _check_openai(settings: Settings) -> bool:
-    if not settings.openai_api_key:
+    if not settings.openai_key:
         return _line(
             True,
-            "OpenAI: no OPENAI_API_KEY, AI answers are off (keyword flows still work)",
+            "OpenAI: no OPENAI_API_KEY nor OPENAI_BASE_URL, AI answers are off (keyword flows still work)",
         )
     import openai
 
     client = openai.AsyncOpenAI(
-        api_key=settings.openai_api_key,
+        api_key=settings.openai_key,
         base_url=settings.openai_base_url,
         timeout=10,
         max_retries=0,
@@ -37,7 +37,19 @@ async def _check_openai(settings: Settings) -> bool:
     try:
         page = await client.models.list()
     except openai.AuthenticationError:
-        return _line(False, "OpenAI: the API key was refused", "check OPENAI_API_KEY")
+        missing = not settings.openai_api_key
+        return _line(
+            False,
+            "OpenAI: the server wants an API key" if missing else "OpenAI: the API key was refused",
+            "set OPENAI_API_KEY" if missing else "check OPENAI_API_KEY",
+        )
+    except openai.NotFoundError:  # the server answered: the path is wrong (Ollama's URL without /v1)
+        where = scrub(settings.openai_base_url or "api.openai.com")
+        return _line(
+            False,
+            f"OpenAI: {where} answers, but has no OpenAI API there (HTTP 404)",
+            "check OPENAI_BASE_URL: it usually ends in /v1 (Ollama: http://localhost:11434/v1)",
+        )
     except openai.OpenAIError as error:
         where = scrub(settings.openai_base_url or "api.openai.com")  # a proxy's URL may hold a password
         return _line(

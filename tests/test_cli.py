@@ -172,3 +172,45 @@ async def test_a_logout_left_with_a_go_call_it_cannot_stop_ends_the_process(
     with pytest.raises(SystemExit):
         await run_logout(Settings(_env_file=None, data_dir=data, flows_file=None))  # type: ignore[call-arg]
     assert exits == [1]
+
+
+async def test_a_local_server_without_a_key_answers_and_doctor_says_what_it_wants(
+    tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    """Ollama and llama.cpp need no key: with OPENAI_BASE_URL alone every customer got "AI answers are off",
+    and doctor said all was well."""
+    chat = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        "chat",
+        "--jsonl",
+        cwd=tmp_path,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_", "WA_"))},
+            "PYTHONPATH": str(REPO),
+            "DATA_DIR": str(tmp_path / "data"),
+            "OPENAI_BASE_URL": fake_openai.base_url,
+        },
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(chat.communicate(b'{"from": "34600111222", "text": "hola"}\n'), 60)
+    assert chat.returncode == 0 and '"echo: hola"' in out.decode()
+    # This fake server, like OpenAI's, lists its models only to a client with its key.
+    code, out_text = await bot(tmp_path, "doctor", OPENAI_BASE_URL=fake_openai.base_url)
+    assert (
+        code == 1 and "OpenAI: the server wants an API key" in out_text and "set OPENAI_API_KEY" in out_text
+    )
+
+
+async def test_doctor_says_a_base_url_without_v1_is_the_wrong_path(
+    tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    """It said "cannot reach ... (NotFoundError)", fix: "check the network", for a server that answered."""
+    wrong = fake_openai.base_url.removesuffix("/v1")
+    code, out = await bot(tmp_path, "doctor", OPENAI_API_KEY="test-key", OPENAI_BASE_URL=wrong)
+    assert (
+        code == 1 and "HTTP 404" in out and "it usually ends in /v1" in out and "check the network" not in out
+    )

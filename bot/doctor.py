@@ -184,9 +184,25 @@ def _check_data_dir(settings: Settings) -> bool:
     return _line(True, f"data dir {settings.data_dir.resolve()} is writable")
 
 
+async def _check_session_database(url: str) -> bool:
+    """SUPABASE_DB_URL is connected to before anything: a wrong one left `run` waiting for the session lease
+    for ever, healthy and never on WhatsApp."""
+    from connection.lease import PgConnection, PgParams, _describe
+
+    try:
+        conn = await PgConnection.connect(PgParams.from_url(url), application_name="whatsapp-bot-doctor")
+    except Exception as error:
+        return _line(
+            False,
+            f"WhatsApp session: Postgres at SUPABASE_DB_URL: {_describe(error)}",
+            "check SUPABASE_DB_URL: use Supabase's session pooler (Connect > Session pooler, port 5432); "
+            "the direct host db.<ref>.supabase.co needs IPv6",
+        )
+    await conn.close()
+    return _line(True, "WhatsApp session: kept in Postgres (SUPABASE_DB_URL), reachable")
+
+
 def _check_session(settings: Settings) -> bool:
-    if settings.supabase_db_url:
-        return _line(True, "WhatsApp session: kept in Postgres (SUPABASE_DB_URL)")
     if settings.supabase_url:
         return _line(True, "WhatsApp session: local file, snapshotted to Supabase (wa_sessions) every 60 s")
     path = Path(settings.session_database)
@@ -246,7 +262,9 @@ async def run_doctor(settings: Settings) -> int:
         _check_flows(settings),
         await _check_openai(settings),
         *([await _check_supabase(settings)] if settings.supabase_url else []),
-        _check_session(settings),
+        await _check_session_database(settings.supabase_db_url)
+        if settings.supabase_db_url
+        else _check_session(settings),
         _check_admin_token(settings),
     ]
     failed = results.count(False)

@@ -92,6 +92,11 @@ def qr_page(qr: dict[str, Any], *, again: str = "", now: str = "") -> str:
         parts.append(
             "<p>WhatsApp &gt; Linked devices &gt; Link a device, then scan. The page follows new codes.</p>"
         )
+    if not parts and qr.get("lease_wait"):
+        parts.append(
+            "<p>Not connecting to WhatsApp yet: waiting for the session lease, "
+            f"{html.escape(str(qr['lease_wait']))}.</p>"
+        )
     if not parts and rest_s is not None:
         parts.append(
             "<p>Nobody scanned the last codes, so the bot waits before asking WhatsApp for new ones "

@@ -94,7 +94,12 @@ async def run_whatsapp(settings: Settings) -> int:
         live = {
             kind: code for kind, code in pairing.items() if now - made_at.get(kind, now) < CODE_LIFE_S[kind]
         }
-        return {**live, "state": transport.state.value, "rest_s": transport.pairing_rest_s()}
+        return {
+            **live,
+            "state": transport.state.value,
+            "rest_s": transport.pairing_rest_s(),
+            "lease_wait": lease_wait(bot.lease.stats()) if bot.lease is not None else None,
+        }
 
     stop = asyncio.Event()
     exit_code = 0
@@ -227,6 +232,15 @@ async def run_whatsapp(settings: Settings) -> int:
     logger.info("stopped")
     exit_now_if_stuck(transport, exit_code)
     return exit_code
+
+
+def lease_wait(lease: Mapping[str, Any]) -> str | None:
+    """Why the bot is not connecting yet, for /qr: the session lease it waits for (None: not waiting)."""
+    if lease.get("state") != "waiting":
+        return None
+    if lease.get("last_error"):
+        return f"the database cannot be reached: {lease['last_error']}"
+    return f"another instance holds it ({lease.get('holder') or 'unknown'})"
 
 
 def exit_now_if_stuck(transport: NeonizeTransport, code: int) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.fake_openai import FakeOpenAI
+from tests.supabase_stack import SupabaseStack
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -214,3 +215,22 @@ async def test_doctor_says_a_base_url_without_v1_is_the_wrong_path(
     assert (
         code == 1 and "HTTP 404" in out and "it usually ends in /v1" in out and "check the network" not in out
     )
+
+
+async def test_doctor_connects_to_supabase_db_url(tmp_path: Path, stack: SupabaseStack) -> None:
+    """A wrong SUPABASE_DB_URL passed doctor ("kept in Postgres", all good), and `run` then waited for the
+    session lease for ever: healthy, never on WhatsApp."""
+    import socket
+
+    code, out = await bot(tmp_path, "doctor", SUPABASE_DB_URL=stack.db_url)
+    assert "[ok  ] WhatsApp session: kept in Postgres (SUPABASE_DB_URL), reachable" in out, out
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    wrong = f"postgresql://postgres:s3cret-pass@127.0.0.1:{closed}/postgres"
+    code, out = await bot(tmp_path, "doctor", SUPABASE_DB_URL=wrong)
+    failed = (
+        f"[FAIL] WhatsApp session: Postgres at SUPABASE_DB_URL: cannot reach Postgres at 127.0.0.1:{closed}"
+    )
+    assert code == 1 and failed in out
+    assert "session pooler" in out and "s3cret-pass" not in out

@@ -138,3 +138,42 @@ async def test_the_pages_own_refreshes_do_not_end_a_rest(
     finally:
         os.kill(os.getpid(), signal.SIGTERM)
         await run
+
+
+@pytest.mark.timeout(60)
+async def test_qr_says_the_bot_waits_for_a_session_database_it_cannot_reach(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong SUPABASE_DB_URL: /qr said "No code yet (connection state: starting)" for ever, /health ok."""
+    import socket
+
+    monkeypatch.setattr(neonize_adapter, "NeonizeTransport", PairingNeonize)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    port = free_port()
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        data_dir=tmp_path,
+        flows_file=None,
+        port=port,
+        admin_token=TOKEN,
+        supabase_db_url=f"postgresql://postgres:pw@127.0.0.1:{closed}/postgres",
+    )
+    FakeNeonize.instance = None
+    run = asyncio.create_task(whatsapp.run_whatsapp(settings))
+    try:
+        async with asyncio.timeout(30), aiohttp.ClientSession() as http:
+            while True:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/qr?token={TOKEN}") as response:
+                        page = await response.text()
+                    if "waiting for the session lease" in page:
+                        break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.1)
+        assert f"the database cannot be reached: cannot reach Postgres at 127.0.0.1:{closed}" in page
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await run

@@ -306,6 +306,7 @@ async def run_logout(settings: Settings) -> int:
         print("device unlinked from WhatsApp; local session deleted")
     except TransportError as error:
         print(f"could not unlink on WhatsApp's side: {error}")
+        print("remove the device on the phone: WhatsApp > Linked devices")
         code = 1
     if backup is not None:
         await backup.forget()

@@ -138,7 +138,7 @@ async def test_a_session_file_in_use_is_never_taken_for_one_never_paired(tmp_pat
 
 
 async def test_a_logout_left_with_a_go_call_it_cannot_stop_ends_the_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An unpaired session (in Postgres, where the device count is not read first): logout connected,
     whatsmeow's QR loop ignored Stop, and `asyncio.run` then waited for its worker thread at exit."""
@@ -173,6 +173,7 @@ async def test_a_logout_left_with_a_go_call_it_cannot_stop_ends_the_process(
     with pytest.raises(SystemExit):
         await run_logout(Settings(_env_file=None, data_dir=data, flows_file=None))  # type: ignore[call-arg]
     assert exits == [1]
+    assert "remove the device on the phone: WhatsApp > Linked devices" in capsys.readouterr().out
 
 
 async def test_a_local_server_without_a_key_answers_and_doctor_says_what_it_wants(

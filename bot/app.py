@@ -123,7 +123,7 @@ class Bot:
                 max_mb=settings.audio_max_mb,
                 max_duration_s=settings.audio_max_minutes * 60,
                 transcribe_model=settings.openai_transcribe_model,
-                language=settings.bot_language,
+                language=settings.transcription_hint,
                 timeout_s=max(60.0, settings.openai_timeout * 2),
                 temp_dir=settings.data_dir / "tmp" / "audio",
             ),

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     # Media
     audio_max_mb: float = Field(25.0, gt=0, le=100)
     audio_max_minutes: float = Field(10.0, gt=0, le=120)
+    # The voice notes' language for the transcription model (ISO 639-1), or "auto" to let it detect it;
+    # unset: BOT_LANGUAGE. A hint helps short notes, but a note in another language comes out translated.
+    transcribe_language: str | None = Field(None, pattern=r"^(auto|[a-z]{2})$")
 
     # WhatsApp
     wa_pair_phone: str | None = None
@@ -215,6 +218,13 @@ class Settings(BaseSettings):
         if self.log_level:
             return self.log_level
         return "WARNING" if self.app_env == "production" else "INFO"
+
+    @property
+    def transcription_hint(self) -> str | None:
+        """The language sent with each voice note; None: the model detects it."""
+        if self.transcribe_language == "auto":
+            return None
+        return self.transcribe_language or self.bot_language
 
     @property
     def ai_enabled(self) -> bool:

@@ -24,7 +24,7 @@ class AudioSettings:
     max_mb: float = 25
     max_duration_s: float = 600
     transcribe_model: str = "whisper-1"
-    language: str = "es"
+    language: str | None = "es"  # a hint for the transcription model; None: it detects the language
     timeout_s: float = 60  # for one whole transcription: probe, transcode, upload (and the fallback)
     temp_dir: Path = field(default_factory=_default_temp_dir)
     bitrate: str = "24k"  # Opus bitrate of what we upload; 16-24k is plenty for speech at 16 kHz mono

@@ -75,6 +75,24 @@ async def test_a_voice_note_is_transcribed_answered_and_stored(
     assert leftovers == []
 
 
+@pytest.mark.parametrize(
+    ("settings", "sent"),
+    [
+        ({"bot_language": "en"}, "en"),
+        ({"transcribe_language": "auto"}, None),
+        ({"transcribe_language": "pt"}, "pt"),
+    ],
+    ids=["bot-language", "auto", "set"],
+)
+async def test_the_transcription_language_hint_can_be_left_to_the_model(
+    harness, fake_openai: FakeOpenAI, voice_note: Path, settings: dict[str, str], sent: str | None
+) -> None:
+    """The hint was always BOT_LANGUAGE: a tourist's English note came out translated into Spanish."""
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url, **settings) as h:
+        await h.say(note(voice_note))
+    assert [upload.language for upload in fake_openai.transcriptions] == [sent]
+
+
 async def test_a_voice_note_waits_while_memory_is_critical(
     harness, fake_openai: FakeOpenAI, voice_note: Path
 ) -> None:

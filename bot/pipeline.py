@@ -723,6 +723,8 @@ class Pipeline:
             text, canned = await self._understand(message, persisted)
             if message.kind is MessageKind.AUDIO:
                 model_time += time.perf_counter() - understood
+                if canned is None:  # the transcript is this turn's text, in the history read below too
+                    inbound = replace(inbound, body=text)
             if canned is not None:
                 answer_text, via_model = canned, False
             else:
@@ -818,13 +820,15 @@ class Pipeline:
                 logger.debug("voice note {} not transcribed: {} ({})", message.id, reason, error)
             return "", self._audio_reply(reason, getattr(error, "limit", None))
         self.counters.transcribed += 1
+        # The same text in the store, in the history in memory and before the model: the row came in
+        # empty at intake, and the chat's next message must see what the customer said.
+        text = db_text(clean_text(text, self.max_inbound_chars)[0])
+        self.history.set_body(message.chat, message.id, text)
         try:
-            await self.store.set_status(
-                message.id, MessageStatus.RECEIVED, body=text[: self.max_inbound_chars]
-            )
+            await self.store.set_status(message.id, MessageStatus.RECEIVED, body=text)
         except StoreUnavailable as error:  # kept for a retry by the store; the answer does not wait for it
             logger.debug("transcript of {} not saved yet: {}", message.id, error)
-        return clean_text(text, self.max_inbound_chars)[0], None
+        return text, None
 
     def _warn_transcription_failing(self, reason: str, error: Exception) -> None:
         """A transcription server that fails (a wrong OPENAI_TRANSCRIBE_MODEL, an outage) is the owner's to

@@ -7,6 +7,7 @@ is not in memory is read back from the store, so history survives restarts.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from dataclasses import replace
 
 from memory.store import BUSY_KIND, Store, StoredMessage
 
@@ -64,6 +65,18 @@ class ChatHistory:
             self.chars += len(message.body)
             self._chats.move_to_end(message.chat_id)
             self._evict_over_bounds()
+
+    def set_body(self, chat_id: str, wa_message_id: str, body: str) -> None:
+        """Give a message in memory the text it has in the store now (a voice note's transcript: the row
+        came in empty at intake), so the next turns' context matches what a read from the store gives."""
+        cached = self._chats.get(chat_id)
+        if cached is None:
+            return
+        for index, message in enumerate(cached):
+            if message.wa_message_id == wa_message_id:
+                cached[index] = replace(message, body=body)
+                self.chars += len(body) - len(message.body)
+        self._evict_over_bounds()
 
     def forget(self, chat_id: str, wa_message_id: str) -> None:
         """Drop one message from a chat in memory (a reply that never went out)."""

@@ -217,3 +217,29 @@ async def test_a_voice_note_taken_back_from_the_store_is_answered(
         h.bot.pipeline.resume(message)
         assert await h.bot.pipeline.drain(10)
         assert h.transport.texts_to(message.chat) == [f"echo: {fake_openai.transcript}"]
+
+
+@pytest.mark.parametrize("greeted", [True, False], ids=["history-in-memory", "note-opens-the-chat"])
+async def test_the_chats_next_message_sees_what_the_voice_note_said(
+    harness, fake_openai: FakeOpenAI, voice_note: Path, greeted: bool
+) -> None:
+    """The history in memory kept the note's row as it came in, empty: the model answering "¿Y cuándo
+    llegará?" never heard "my order is 123", although the store had the transcript (and a restart, which
+    reads the store, gave another context)."""
+    fake_openai.transcript = "Mi pedido es el 123 y llega tarde"
+    heard = ["Mi pedido es el 123 y llega tarde", "echo: Mi pedido es el 123 y llega tarde"]
+    greeting = ["hola", "echo: hola"] if greeted else []
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        if greeted:  # the chat's history is in memory when the note comes
+            await h.say("hola")
+        await h.say(note(voice_note))
+        await h.say("¿Y cuándo llegará?")
+        in_memory = h.bot.history.stats()["chars"]
+    context = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
+    assert context == [*greeting, *heard, "¿Y cuándo llegará?"]
+    turns = [*greeting, *heard, "¿Y cuándo llegará?", "echo: ¿Y cuándo llegará?"]
+    assert in_memory == sum(map(len, turns))  # the history's size counts the transcript, not the empty row
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        await h.say("¿Y cuándo llegará?")  # after a restart: the same context, read from the store
+    context = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
+    assert context == [*turns[-5:], "¿Y cuándo llegará?"]

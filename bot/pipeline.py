@@ -875,8 +875,8 @@ class Pipeline:
             len(parts) > MAX_REPLY_PARTS
         ):  # a runaway answer: a wall of messages reads as spam, and risks a ban
             logger.warning("answer to {} cut from {} to {} messages", message.id, len(parts), MAX_REPLY_PARTS)
-            parts = parts[:MAX_REPLY_PARTS]
-            text = "\n".join(parts)
+            parts = self._cut(parts)
+            text = "\n".join(parts)  # the history holds what the customer got, note included
         sent: list[MessageId] = []
         for number, part in enumerate(parts):
             try:
@@ -890,6 +890,18 @@ class Pipeline:
             sent.append(sent_id)
             went_out.append((sent_id, part))
         return sent, text
+
+    def _cut(self, parts: list[str]) -> list[str]:
+        """The first MAX_REPLY_PARTS parts, the last ending in "…" and a note that the answer was shortened:
+        cut at a sentence's end, the answer would read as complete."""
+        suffix = f"…\n\n{reply('answer_cut_note', self.language)}"
+        last = parts[MAX_REPLY_PARTS - 1]
+        room = self.max_reply_chars - len(suffix)
+        if len(last) > room:  # the note must fit in the part (a word cut in half only if it has no space)
+            last = last[:room]
+            if " " in last.strip():
+                last = last[: last.rstrip().rfind(" ")]
+        return [*parts[: MAX_REPLY_PARTS - 1], last.rstrip().rstrip(".,;:") + suffix]
 
     async def _record_reply(
         self, message: Inbound, sent_ids: list[MessageId], text: str, *, via_model: bool

@@ -69,6 +69,10 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "es": "(Tu mensaje era muy largo; he leído solo el principio.)",
         "en": "(Your message was very long; I only read the beginning.)",
     },
+    "answer_cut_note": {
+        "es": "(La respuesta era demasiado larga y la he acortado. Si quieres el resto, pídemelo.)",
+        "en": "(The answer was too long, so I shortened it. Ask me if you want the rest.)",
+    },
     "rate_limited": {
         "es": "Estás enviando muchos mensajes seguidos. Espera un poco y vuelve a escribirme, por favor.",
         "en": "You're sending a lot of messages in a row. Please wait a little and write to me again.",

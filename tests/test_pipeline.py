@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from bot.replies import reply
 from connection.types import MessageKind
 from memory.store import Direction, MessageStatus
@@ -353,16 +355,25 @@ async def test_a_photo_with_a_caption_gets_the_caption_answered(harness, fake_op
     assert "no puedes ver" in asked  # the model is told it cannot see the photo
 
 
-async def test_a_runaway_answer_is_cut_to_ten_messages_and_stored_as_sent(
-    harness, fake_openai: FakeOpenAI
+@pytest.mark.parametrize(("language", "max_chars"), [("es", 1500), ("en", 200)])
+async def test_a_runaway_answer_is_cut_to_ten_messages_and_says_so(
+    harness, fake_openai: FakeOpenAI, language: str, max_chars: int
 ) -> None:
+    """The cut answer used to end on a full sentence, reading as complete: the customer never knew 85 %
+    of it was missing."""
     sentence = "Una frase más de una respuesta que no se acaba nunca."
     fake_openai.reply = lambda messages: " ".join([sentence] * 2000)  # 108 KB, a server ignoring max_tokens
-    async with harness(**ai(fake_openai)) as h:
+    async with harness(**ai(fake_openai, bot_language=language, max_reply_chars=max_chars)) as h:
         parts = await h.say("cuéntame todo")
         rows = await h.bot.store.recent_messages(CHAT, 5)
-    assert len(parts) == 10
-    assert rows[-1].body == "\n".join(parts)  # the history holds what the customer got
+        fake_openai.reply = lambda messages: "Vale."
+        await h.say("sigue, por favor")
+    assert len(parts) == 10 and all(len(part) <= max_chars for part in parts)
+    assert parts[-1].endswith(f"…\n\n{reply('answer_cut_note', language)}")  # type: ignore[arg-type]
+    assert "…" not in "".join(parts[:-1])
+    assert rows[-1].body == "\n".join(parts)  # the store holds what the customer got, the note included
+    told = fake_openai.chat_requests[-1]["messages"][-2]
+    assert told == {"role": "assistant", "content": "\n".join(parts)}  # so does the model's next context
 
 
 async def test_an_unexpected_error_costs_an_apology_not_the_answer(harness) -> None:

@@ -181,7 +181,11 @@ class Bot:
         # Per-chat state that is still live (a rate-limit window, a human's pause) is kept: dropping it
         # would answer chats a human took over. What has ended goes.
         limiter = self.pipeline.rate_limiter
-        idle = self.pipeline.takeover.prune() + (limiter.prune() if limiter else 0)
+        idle = (
+            self.pipeline.takeover.prune()
+            + (limiter.prune() if limiter else 0)
+            + self.pipeline.media_notices.prune()
+        )
         capped = max(1, round(full * (1 - self.settings.memory_shrink_fraction)))
         self._resize_model_limit(capped)
         if new is MemoryState.CRITICAL:
@@ -529,6 +533,11 @@ class Bot:
                 "size": len(limiter) if limiter is not None else 0,
                 "max": limiter.max_keys if limiter is not None else 0,
                 "evictions": limiter.evictions if limiter is not None else 0,
+            },
+            "media_notice_chats": {
+                "size": len(pipeline.media_notices),
+                "max": pipeline.media_notices.max_keys,
+                "evictions": pipeline.media_notices.evictions,
             },
             "chats_with_work": {
                 "size": pipeline.active_chats,

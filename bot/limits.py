@@ -1,5 +1,6 @@
-"""Small bounded building blocks the pipeline uses: a per-chat sliding-window rate limiter,
-a resizable concurrency limit and a circuit breaker. Each takes an injectable clock."""
+"""Small bounded building blocks the pipeline uses: a per-chat sliding-window rate limiter, a per-chat
+"told recently" memory for notices, a resizable concurrency limit and a circuit breaker. Each takes an
+injectable clock."""
 
 from __future__ import annotations
 
@@ -85,6 +86,57 @@ class SlidingWindowLimiter:
 
     def stats(self) -> dict[str, int]:
         return {"tracked_chats": len(self._windows), "limited": self.limited, "notices": self.notices}
+
+
+class OncePerWindow:
+    """When each key was last told something, so a notice goes to a chat at most once per `window_s`.
+
+    Entries are kept in the order they were noted, so those older than the window are dropped from the
+    cold end as new ones come (no timers); never more than `max_keys` are kept, the oldest out (that chat
+    may then be told again sooner, nothing worse).
+    """
+
+    def __init__(
+        self, window_s: float, *, max_keys: int = 20000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self._clock = clock
+        self._told: OrderedDict[str, float] = OrderedDict()
+        self.withheld = 0
+        self.evictions = 0  # live entries dropped at the max_keys bound (expired ones are just removed)
+
+    def __len__(self) -> int:
+        return len(self._told)
+
+    def told_recently(self, key: str) -> bool:
+        """True (and counted as withheld) if `key` was told less than `window_s` ago."""
+        told_at = self._told.get(key)
+        if told_at is None or self._clock() - told_at >= self.window_s:
+            return False
+        self.withheld += 1
+        return True
+
+    def note(self, key: str) -> None:
+        """`key` was told now."""
+        now = self._clock()
+        self._told[key] = now
+        self._told.move_to_end(key)
+        self._expire(now)
+        while len(self._told) > self.max_keys:
+            self._told.popitem(last=False)
+            self.evictions += 1
+
+    def prune(self) -> int:
+        """Forget the entries whose window is over (memory pressure); returns how many."""
+        return self._expire(self._clock())
+
+    def _expire(self, now: float) -> int:
+        dropped = 0
+        while self._told and now - next(iter(self._told.values())) >= self.window_s:
+            self._told.popitem(last=False)
+            dropped += 1
+        return dropped
 
 
 class ResizableLimit:

@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol
 from loguru import logger
 
 from bot.ai import percentile
-from bot.limits import SlidingWindowLimiter
+from bot.limits import OncePerWindow, SlidingWindowLimiter
 from bot.replies import Language, duration, reply
 from bot.responder import Answer, Responder, split_message
 from bot.takeover import Takeover, parse_command
@@ -51,6 +51,8 @@ from memory.store import (
 GroupPolicy = Literal["never", "mentioned", "always"]
 # WhatsApp messages one answer may take (15,000 characters with the default MAX_REPLY_CHARS).
 MAX_REPLY_PARTS = 10
+# "I can only read text and voice notes" goes to a chat once in this long: four photos in a row get it once.
+MEDIA_NOTICE_EVERY_S = 300.0
 _MEDIA_KINDS = {
     MessageKind.IMAGE,
     MessageKind.VIDEO,
@@ -201,6 +203,7 @@ class Pipeline:
         self.max_reply_chars = max_reply_chars
         self.max_inbound_chars = max_inbound_chars
         self.rate_limiter = rate_limiter
+        self.media_notices = OncePerWindow(MEDIA_NOTICE_EVERY_S)  # bounded: see limits.py
         self.takeover = takeover or Takeover(pause_s=1800)
         self.allowed_numbers = allowed_numbers
         self.blocked_numbers = blocked_numbers
@@ -717,6 +720,7 @@ class Pipeline:
             return
         self.history.append(inbound)
         model_time = 0.0  # the model's and the transcription's time: not the pipeline's overhead
+        canned: str | None = None
         try:
             await self._mark_read(message)
             understood = time.perf_counter()
@@ -750,6 +754,13 @@ class Pipeline:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.set_status(message.id, MessageStatus.SKIPPED)
             return
+        media_notice = canned is not None and canned == reply("media_unsupported", self.language)
+        if media_notice and self.media_notices.told_recently(message.chat):
+            # A photo after photos: the customer has just been told. Saved, unanswered, like any skip.
+            self._skip(message, "media notice given a moment ago")
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.set_status(message.id, MessageStatus.SKIPPED)
+            return
         # Overhead as the customer meets it, until the answer is ready to send: what follows (the governor's
         # typing pause, the outbox) is on purpose, not overhead.
         self._overhead.append(time.perf_counter() - started - model_time)
@@ -767,6 +778,8 @@ class Pipeline:
                 partial = "\n".join(part for _, part in went_out)
                 await self._record_reply(message, [i for i, _ in went_out], partial, via_model=via_model)
             raise
+        if media_notice:
+            self.media_notices.note(message.chat)
         await self._record_reply(message, sent_ids, answer_text, via_model=via_model)
 
     async def _saved(self, message: Inbound, persisted: Awaitable[None]) -> None:

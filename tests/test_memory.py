@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from loguru import logger
 
+from bot.limits import OncePerWindow
 from connection.types import ChatId, Inbound, MessageId, MessageKind
 from memory.manager import MemoryManager, MemoryState, cgroup_limit_files, cgroup_limit_mb
 from tests.conftest import inbound
@@ -151,6 +152,7 @@ def structure_sizes(bot: Any) -> dict[str, int]:
         "workers": len(pipeline._workers),
         "dedup": len(pipeline.dedup),
         "rate_windows": len(pipeline.rate_limiter),
+        "media_notices": len(pipeline.media_notices),
         "paused_chats": len(pipeline.takeover._paused),
         "sent_ids": len(pipeline.takeover._sent),
         "history_chats": len(bot.history),
@@ -170,6 +172,7 @@ async def test_soak_200k_messages_from_50k_chats_keeps_every_structure_bounded(h
     limits = {
         "dedup": 20000,
         "rate_windows": 20000,
+        "media_notices": 20000,
         "paused_chats": 20000,
         "sent_ids": 5000,
         "history_chats": 5000,
@@ -229,6 +232,24 @@ async def test_metrics_show_each_structure_its_bound_and_its_evictions(harness) 
     assert structures["history_chats"]["size"] == 5
     assert structures["rate_limit_windows"]["size"] == 5
     assert structures["chats_with_work"] == {"size": 0, "waiting_messages": 0, "max_waiting_messages": 10_000}
+
+
+async def test_chats_told_about_media_are_bounded_and_forgotten_under_pressure(harness) -> None:
+    """Which chats were told "I can only read text" a moment ago: bounded, evictable, in the metrics."""
+    now = [1000.0]
+    async with harness() as h:
+        h.bot.pipeline.media_notices = OncePerWindow(300, max_keys=3, clock=lambda: now[0])
+        stickers = [
+            inbound("", kind=MessageKind.STICKER, chat=f"3460055{i:04d}@s.whatsapp.net") for i in range(5)
+        ]
+        assert len(await h.say(*stickers)) == 5  # one notice each: five chats
+        structures = h.bot.metrics()["memory"]["structures"]
+        assert structures["media_notice_chats"] == {"size": 3, "max": 3, "evictions": 2}
+        now[0] += 301
+        manager = MemoryManager(500, read_rss_mb=lambda: 410.0)
+        manager.on_change(h.bot._on_memory_state)
+        assert manager.check() is MemoryState.WARNING
+        assert h.bot.metrics()["memory"]["structures"]["media_notice_chats"]["size"] == 0
 
 
 async def test_chat_histories_are_bounded_by_characters_not_only_by_chats(harness) -> None:

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from bot.limits import OncePerWindow
 from bot.replies import reply
 from connection.types import MessageKind
 from memory.store import Direction, MessageStatus
@@ -345,6 +346,33 @@ async def test_a_location_or_contact_gets_the_polite_reply_and_is_kept(harness) 
         stored = await h.bot.store.recent_messages(CHAT, 5)
     assert answer == reply("media_unsupported", "es")
     assert [m.wa_message_id for m in stored if m.direction is Direction.IN] == ["LOC1"]
+
+
+async def test_photos_in_a_row_get_the_media_notice_once_and_are_all_kept(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """Four photos or stickers sent in a row got four identical "I can only read text and voice notes"
+    messages."""
+    now = [1000.0]
+    notice = reply("media_unsupported", "es")
+    other = "5491122334455@s.whatsapp.net"
+    async with harness(**ai(fake_openai)) as h:
+        h.bot.pipeline.media_notices = OncePerWindow(300, clock=lambda: now[0])
+        photos = [inbound("", kind=MessageKind.IMAGE, id=f"PHOTO{i}") for i in range(3)]
+        assert await h.say(*photos, inbound("", kind=MessageKind.STICKER, id="STICKER")) == [notice]
+        assert await h.say("¿lo tenéis en azul?") == ["echo: ¿lo tenéis en azul?"]  # words still answered
+        assert await h.say(inbound("", kind=MessageKind.IMAGE, id="PHOTO3")) == []
+        assert await h.say(inbound("", kind=MessageKind.IMAGE, chat=other)) == [notice]  # its own chat
+        now[0] += 301  # minutes later: told again
+        assert await h.say(inbound("", kind=MessageKind.IMAGE, id="PHOTO4")) == [notice]
+        rows = [r for r in await h.bot.store.recent_messages(CHAT, 20) if r.direction is Direction.IN]
+    assert [(r.wa_message_id, r.status) for r in rows if r.kind != "text"] == [
+        ("PHOTO0", MessageStatus.ANSWERED),
+        *((f"PHOTO{i}", MessageStatus.SKIPPED) for i in (1, 2)),
+        ("STICKER", MessageStatus.SKIPPED),  # kept, and never answered after a restart either
+        ("PHOTO3", MessageStatus.SKIPPED),
+        ("PHOTO4", MessageStatus.ANSWERED),
+    ]
 
 
 async def test_a_photo_with_a_caption_gets_the_caption_answered(harness, fake_openai: FakeOpenAI) -> None:

@@ -77,7 +77,8 @@ class VoiceTranscriber(Protocol):
 _HANDED_OVER = "chat handed to a human"
 _STALE = "too old to answer (offline backlog)"
 _RATE_LIMITED = "over the chat's rate limit"
-_OUR_SIDE_FAILURES = ("transcription_failed", "timeout")  # voice notes: not the customer's doing
+# Voice notes: not the customer's doing. "no_transcription": the server has no speech-to-text (Ollama).
+_OUR_SIDE_FAILURES = ("transcription_failed", "timeout", "no_transcription")
 _KEPT_UNANSWERED = (_HANDED_OVER, _STALE, _RATE_LIMITED)  # stored as SKIPPED: part of the chat's history
 
 
@@ -860,7 +861,7 @@ class Pipeline:
             return reply("audio_too_long", self.language, duration=duration(limit or 0, self.language))
         if reason == "empty":
             return reply("audio_empty", self.language)
-        if reason == "ai_off":
+        if reason in ("ai_off", "no_transcription"):  # asked to type it: trying again would not help
             return reply("audio_ai_off", self.language)
         if reason in _OUR_SIDE_FAILURES:
             return reply("ai_error", self.language)

@@ -281,6 +281,8 @@ class VoiceTranscriber:
             raise
         except openai.APITimeoutError:
             raise AudioRejected("timeout", "transcription request timed out") from None
+        except openai.NotFoundError as exc:  # no speech-to-text there (Ollama), or no such model
+            raise AudioRejected("no_transcription", _api_detail(exc, "HTTP 404")) from None
         except openai.APIStatusError as exc:
             raise AudioRejected("transcription_failed", _api_detail(exc, f"HTTP {exc.status_code}")) from None
         except openai.APIError as exc:

@@ -11,6 +11,7 @@ Reason = Literal[
     "empty",  # no bytes, no samples, digital silence, or an empty transcript
     "unsupported",  # an audio stream in a codec this ffmpeg cannot decode
     "transcription_failed",  # the transcription API (or a missing ffmpeg) failed
+    "no_transcription",  # the server has no speech-to-text (HTTP 404: Ollama, or no such model)
     "timeout",  # the whole job, a subprocess or the API call ran out of time
     "ai_off",  # no OpenAI client configured (no API key)
 ]

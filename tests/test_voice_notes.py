@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
+from bot.replies import reply
 from connection.types import MediaRef, MessageKind
 from memory.store import Direction
 from tests.conftest import inbound
@@ -137,7 +138,7 @@ async def test_a_transcription_failure_gets_an_apology_and_the_owner_a_warning(
     said: list[str] = []
     sink = logger.add(lambda m: said.append(m.record["message"]), level="WARNING")
     try:
-        fake_openai.transcribe_fail_next.extend([404] * 4)  # two notes, each tried twice
+        fake_openai.transcribe_fail_next.extend([500] * 4)  # two notes, each tried twice (the SDK's retry)
         async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
             answers = await h.say(note(voice_note), note(voice_note))
     finally:
@@ -145,6 +146,23 @@ async def test_a_transcription_failure_gets_an_apology_and_the_owner_a_warning(
     assert len(answers) == 2 and all("Lo siento" in answer for answer in answers)
     about_notes = [line for line in said if "voice notes are not transcribed" in line]
     assert len(about_notes) == 1  # once a minute at most, not once per note
+
+
+async def test_a_server_without_speech_to_text_asks_for_text_and_tells_the_owner(
+    harness, fake_openai: FakeOpenAI, voice_note: Path
+) -> None:
+    """Ollama has no transcription endpoint (HTTP 404): customers got "try again in a few minutes", for
+    ever, instead of being asked to type."""
+    said: list[str] = []
+    sink = logger.add(lambda m: said.append(m.record["message"]), level="WARNING")
+    try:
+        fake_openai.transcribe_fail_next.append(404)
+        async with harness(openai_base_url=fake_openai.base_url) as h:  # a local server: no key
+            [answer] = await h.say(note(voice_note))
+    finally:
+        logger.remove(sink)
+    assert answer == reply("audio_ai_off", "es")
+    assert any("voice notes are not transcribed" in line and "404" in line for line in said)
 
 
 async def test_console_jsonl_accepts_audio(tmp_path: Path, fake_openai: FakeOpenAI, voice_note: Path) -> None:

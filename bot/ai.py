@@ -216,12 +216,19 @@ class LazyOpenAI:
             await self._client.close()
 
 
+# Always passed: given None, the SDK reads OPENAI_BASE_URL itself, and an empty one (`docker run --env-file`
+# with .env.example's `OPENAI_BASE_URL=`) became a base URL of "" that failed every call.
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
 def make_client(api_key: str, base_url: str | None, timeout_s: float) -> LazyOpenAI:
     def build() -> openai.AsyncOpenAI:
         import openai
 
         # One SDK retry covers a transient 429/5xx; more would keep a customer waiting. ChatModel bounds
         # the whole call, retry included, by the same timeout.
-        return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=1)
+        return openai.AsyncOpenAI(
+            api_key=api_key, base_url=base_url or OPENAI_DEFAULT_BASE_URL, timeout=timeout_s, max_retries=1
+        )
 
     return LazyOpenAI(build)

@@ -233,8 +233,10 @@ class Settings(BaseSettings):
 
     @property
     def openai_key(self) -> str | None:
-        """The key the SDK sends; with a base URL and no key a placeholder, since the SDK wants one."""
-        return self.openai_api_key or ("no-key" if self.openai_base_url else None)
+        """The key the SDK sends; with a base URL and no key a placeholder, since the SDK wants one (not for
+        OpenAI's own URL: without a key, AI is off, as with no URL)."""
+        local = self.openai_base_url and "api.openai.com" not in self.openai_base_url
+        return self.openai_api_key or ("no-key" if local else None)
 
     @property
     def system_prompt(self) -> str:

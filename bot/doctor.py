@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from bot.ai import OPENAI_DEFAULT_BASE_URL
 from bot.config import Settings, data_dir_problem, local_database_problems
 from bot.flows import FlowsFileError, load_flows_file
 from connection.supervisor import scrub
@@ -30,7 +31,7 @@ async def _check_openai(settings: Settings) -> bool:
 
     client = openai.AsyncOpenAI(
         api_key=settings.openai_key,
-        base_url=settings.openai_base_url,
+        base_url=settings.openai_base_url or OPENAI_DEFAULT_BASE_URL,
         timeout=10,
         max_retries=0,
     )

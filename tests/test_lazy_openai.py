@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bot.ai import LazyOpenAI
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,3 +71,30 @@ async def test_concurrent_first_calls_share_one_client() -> None:
     assert len(made) == 1
     assert all(client is made[0] for client in clients)
     assert lazy.loaded
+
+
+async def test_an_empty_openai_base_url_in_the_environment_means_openai(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`docker run --env-file .env` (from .env.example) passes OPENAI_BASE_URL=""; the settings read it as
+    unset, but the SDK, given no base URL, read the variable itself: every model call and voice note
+    failed."""
+    from bot.ai import make_client
+    from bot.config import Settings
+
+    monkeypatch.setenv("OPENAI_BASE_URL", "")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.openai_base_url is None
+    client = await make_client(settings.openai_key or "", settings.openai_base_url, 5.0).get()
+    assert str(client.base_url).rstrip("/") == "https://api.openai.com/v1"
+    await client.close()
+
+
+def test_openais_own_url_without_a_key_leaves_ai_off() -> None:
+    """The placeholder key is for servers that need none: api.openai.com would refuse it with 401 and every
+    customer would get the apology instead of the polite "AI answers are off"."""
+    from bot.config import Settings
+
+    assert not Settings(_env_file=None, openai_base_url="https://api.openai.com/v1").ai_enabled  # type: ignore[call-arg]
+    assert Settings(_env_file=None, openai_base_url="http://localhost:11434/v1").ai_enabled  # type: ignore[call-arg]

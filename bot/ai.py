@@ -7,7 +7,7 @@ import importlib
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,15 +42,39 @@ class Completion:
     whole: bool = True
 
 
-_SENTENCE_END = re.compile(r"[.!?…](?=\s|$)|\n")
+_SENTENCE_END = re.compile(r"[.!?…][)\"'»”’]*(?=\s|$)|\n")
+# Words a full stop follows without ending the sentence ("el Sr. García", "Bizum, etc. y").
+# fmt: off
+_ABBREVIATIONS = frozenset({
+    "sr", "sra", "srta", "sres", "dr", "dra", "d", "dña", "ud", "uds", "vd", "vds", "av", "avda", "c", "nº",
+    "núm", "tel", "etc", "ej", "p.ej", "aprox", "máx", "mín", "pág", "mr", "mrs", "ms", "st", "vs", "approx",
+    "e.g", "i.e", "no",
+})
+# fmt: on
+
+
+def _sentence_ends(text: str) -> Iterator[int]:
+    """Offsets just past each sentence's end: a line break, or a full stop, ! ? or … (with its closing
+    quotes or brackets) before a space; not a list number's ("3.") nor an abbreviation's stop."""
+    for match in _SENTENCE_END.finditer(text):
+        if text[match.start()] == ".":
+            before = text[: match.start()].split()
+            word = before[-1].lower().lstrip("(¿¡\"'«“") if before else ""
+            if word.isdigit() or word in _ABBREVIATIONS:
+                continue
+        yield match.end()
 
 
 def cut_to_last_sentence(text: str) -> str:
-    """What to send of an answer the token limit cut mid-sentence: up to its last full sentence, or the
-    text with "…" when that would keep less than a third of it (a long list with no full stops)."""
-    ends = [match.end() for match in _SENTENCE_END.finditer(text)]
-    if ends and ends[-1] >= len(text) / 3:
-        return text[: ends[-1]].rstrip()
+    """What to send of an answer the token limit cut mid-sentence: up to its last full sentence (not one
+    ending in ":", which promises what was cut), or the text with "…" when that would keep less than a
+    third of it (a long list with no full stops)."""
+    for end in reversed(list(_sentence_ends(text))):
+        kept = text[:end].rstrip()
+        if end < len(text) / 3:
+            break
+        if kept and not kept.endswith(":"):
+            return kept
     return text.rstrip(" ,;:-") + "…"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sqlite3
 import sys
@@ -88,7 +89,7 @@ class Settings(BaseSettings):
     audio_max_minutes: float = Field(10.0, gt=0, le=120)
     # The voice notes' language for the transcription model (ISO 639-1), or "auto" to let it detect it;
     # unset: BOT_LANGUAGE. A hint helps short notes, but a note in another language comes out translated.
-    transcribe_language: str | None = Field(None, pattern=r"^(auto|[a-z]{2})$")
+    transcribe_language: str | None = None
 
     # WhatsApp
     wa_pair_phone: str | None = None
@@ -126,6 +127,16 @@ class Settings(BaseSettings):
                 return None
             if value.lower() in PLACEHOLDERS:
                 raise ValueError("is a placeholder: set the real value or leave it empty")
+        return value
+
+    @field_validator("transcribe_language", mode="before")
+    @classmethod
+    def _language_code(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip():
+            code = value.strip().lower()
+            if code != "auto" and not re.fullmatch(r"[a-z]{2}", code):
+                raise ValueError("must be a two-letter language code such as es or en, or auto")
+            return code
         return value
 
     @field_validator("openai_base_url", "supabase_url")

@@ -192,6 +192,8 @@ async def _check_session_database(url: str) -> bool:
 
     try:
         conn = await PgConnection.connect(PgParams.from_url(url), application_name="whatsapp-bot-doctor")
+    except ImportError as error:
+        return _line(False, f"WhatsApp session: {error}", "pip install -r requirements.txt (asyncpg)")
     except Exception as error:
         return _line(
             False,
@@ -307,7 +309,8 @@ async def run_logout(settings: Settings) -> int:
         print("device unlinked from WhatsApp; local session deleted")
     except TransportError as error:
         print(f"could not unlink on WhatsApp's side: {error}")
-        print("remove the device on the phone: WhatsApp > Linked devices")
+        if "no linked session" not in str(error):  # a device may still be linked: only the phone can tell
+            print("remove the device on the phone: WhatsApp > Linked devices")
         code = 1
     if backup is not None:
         await backup.forget()

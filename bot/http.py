@@ -136,12 +136,8 @@ def build_app(
             return web.Response(status=401, text="missing or wrong token\n")
         if AUTO not in request.query and pair_now is not None:
             pair_now()
-        own = {key: value for key, value in request.query.items() if key != AUTO}
-        page = qr_page(
-            qr(),
-            again=str(request.rel_url.with_query({**own, AUTO: "1"})),
-            now=str(request.rel_url.with_query(own)),
-        )
+        own = request.rel_url.without_query_params(AUTO)  # every other parameter as given, repeats too
+        page = qr_page(qr(), again=str(own.update_query({AUTO: "1"})), now=str(own))
         return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
 
     app = web.Application()

@@ -570,7 +570,7 @@ class Supervisor:
 
     def pairing_rest_s(self) -> float | None:
         """Seconds left in a rest between unscanned pairings; None when not resting."""
-        if not self._resting or self._next_retry_at is None:
+        if not self._resting or self._next_retry_at is None or self._wake.is_set():  # ending, not resting
             return None
         return max(0.0, self._next_retry_at - self._clock())
 

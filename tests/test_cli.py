@@ -173,7 +173,7 @@ async def test_a_logout_left_with_a_go_call_it_cannot_stop_ends_the_process(
     with pytest.raises(SystemExit):
         await run_logout(Settings(_env_file=None, data_dir=data, flows_file=None))  # type: ignore[call-arg]
     assert exits == [1]
-    assert "remove the device on the phone: WhatsApp > Linked devices" in capsys.readouterr().out
+    assert "remove the device on the phone" not in capsys.readouterr().out  # there is none to remove
 
 
 async def test_a_local_server_without_a_key_answers_and_doctor_says_what_it_wants(
@@ -235,3 +235,34 @@ async def test_doctor_connects_to_supabase_db_url(tmp_path: Path, stack: Supabas
     )
     assert code == 1 and failed in out
     assert "session pooler" in out and "s3cret-pass" not in out
+
+
+async def test_a_logout_that_cannot_reach_whatsapp_says_to_remove_the_device_on_the_phone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    from bot.config import Settings
+    from bot.doctor import run_logout
+    from connection import neonize_adapter
+    from connection.types import TransportError
+
+    class Unreachable:
+        hard_exit_needed = False
+
+        def __init__(self, *_: Any, **__: Any) -> None:
+            pass
+
+        async def logout(self) -> None:
+            raise TransportError("could not reach WhatsApp within 30s; the local session was deleted")
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with sqlite3.connect(data / "whatsapp-session.sqlite3") as conn:
+        conn.execute("CREATE TABLE whatsmeow_device (jid TEXT PRIMARY KEY)")
+        conn.execute("INSERT INTO whatsmeow_device VALUES ('34600111222:1@s.whatsapp.net')")
+    monkeypatch.setattr(neonize_adapter, "NeonizeTransport", Unreachable)
+    code = await run_logout(Settings(_env_file=None, data_dir=data, flows_file=None))  # type: ignore[call-arg]
+    assert (
+        code == 1 and "remove the device on the phone: WhatsApp > Linked devices" in capsys.readouterr().out
+    )

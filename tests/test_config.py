@@ -96,6 +96,11 @@ def test_env_example_as_a_docker_env_file_leaves_the_images_settings_alone() -> 
     [
         ("MAX_CHAT_HISTORY", "five", "MAX_CHAT_HISTORY='five': Input should be a valid integer"),
         ("BOT_LANGUAGE", "fr", "BOT_LANGUAGE='fr': Input should be 'es' or 'en'"),
+        (
+            "TRANSCRIBE_LANGUAGE",
+            "spanish",
+            "TRANSCRIBE_LANGUAGE='spanish': must be a two-letter language code such as es or en, or auto",
+        ),
         ("PORT", "70000", "PORT='70000': Input should be less than or equal to 65535"),
         ("OPENAI_API_KEY", "changeme", "OPENAI_API_KEY: is a placeholder"),
         ("ADMIN_TOKEN", "short", "ADMIN_TOKEN: must be at least 16 characters"),

@@ -127,6 +127,27 @@ async def test_qr_page_needs_the_admin_token() -> None:
     assert all("<svg" in shown and "ABCD-EFGH" in shown for shown in (page, page_h))
 
 
+async def test_the_qr_pages_refresh_keeps_what_the_page_was_opened_with() -> None:
+    """With the token given twice, the page checked the first and its refresh kept the last: a 401."""
+    import html
+    import re
+
+    qr = {"qr": None, "pair_code": None, "state": "pairing"}
+    asked: list[int] = []
+    runner, base = await serve(
+        build_app(dict, lambda: qr, admin_token=TOKEN, pair_now=lambda: asked.append(1))
+    )
+    try:
+        status, page = await get(f"{base}/qr?token={TOKEN}&token=something-else&lang=es")
+        found = re.search(r'content="5;url=([^"]+)"', page)
+        assert status == 200 and found is not None
+        refresh = html.unescape(found.group(1))
+        assert (await get(base + refresh))[0] == 200
+    finally:
+        await runner.cleanup()
+    assert "lang=es" in refresh and asked == [1]  # the refresh did not count as a person opening the page
+
+
 async def wait_for(url: str, deadline_s: float) -> dict[str, Any]:
     deadline = time.monotonic() + deadline_s
     while True:

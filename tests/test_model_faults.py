@@ -165,7 +165,7 @@ async def test_a_content_filtered_answer_gets_an_apology_not_its_fragment(
         assert fake_openai.chat_count == 2
 
 
-def test_an_answer_with_no_sentence_end_late_enough_is_marked_as_cut() -> None:
+def test_a_cut_answer_keeps_its_full_sentences_or_says_it_was_cut() -> None:
     from bot.ai import cut_to_last_sentence
 
     assert cut_to_last_sentence("Hola. Te cuento que el envío tarda entre tres y cinco días hábiles en") == (
@@ -177,4 +177,19 @@ def test_an_answer_with_no_sentence_end_late_enough_is_marked_as_cut() -> None:
     assert (
         cut_to_last_sentence("Primera frase. Segunda frase! Y una tercera,")
         == "Primera frase. Segunda frase!"
+    )
+    # Stops that end nothing: a list's number, an abbreviation; a line promising what was cut.
+    steps = "Sigue estos pasos:\n1. Entra en tu cuenta.\n2. Elige el pedido.\n3."
+    assert cut_to_last_sentence(steps) == "Sigue estos pasos:\n1. Entra en tu cuenta.\n2. Elige el pedido."
+    assert (
+        cut_to_last_sentence("Te atiende el equipo. Pregunta por el Sr. García en") == "Te atiende el equipo."
+    )
+    assert (
+        cut_to_last_sentence("Aceptamos tarjeta. Y también Bizum, efectivo, etc. en") == "Aceptamos tarjeta."
+    )
+    assert cut_to_last_sentence("Claro, te lo explico ahora. Para devolverlo haz esto:\nEntra en") == (
+        "Claro, te lo explico ahora."
+    )
+    assert cut_to_last_sentence("Abrimos a las 9:30 (de lunes a viernes.) El sábado") == (
+        "Abrimos a las 9:30 (de lunes a viernes.)"
     )

@@ -406,10 +406,11 @@ async def test_a_runaway_answer_is_cut_to_ten_messages_and_says_so(
 
 async def test_an_unexpected_error_costs_an_apology_not_the_answer(harness) -> None:
     """Before, an error outside the known failure types left the customer with no reply at all."""
+    from bot.ai import Completion
     from tests.fake_openai import InstantModel
 
     class Broken(InstantModel):
-        async def _call(self, messages: list[dict[str, object]]) -> str:
+        async def _call(self, messages: list[dict[str, object]]) -> Completion:
             raise RuntimeError("a bug")
 
     async with harness() as h:

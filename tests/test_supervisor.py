@@ -452,6 +452,7 @@ async def test_unscanned_pairings_rest_longer_each_time_until_qr_is_opened() -> 
     rest = sup.pairing_rest_s()  # what /qr shows while no code is up
     assert rest is not None and 0 < rest <= 1200 and sup.stats()["pairing_rest"] is True
     sup.pair_now()  # someone opened /qr
+    assert sup.pairing_rest_s() is None  # at once: the page drawn right after must not offer the rest again
     await clock.settle()
     assert len(driver.connects) == 7 and driver.connects[6] - driver.connects[5] < 150
     assert sup.pairing_rest_s() is None and sup.stats()["pairing_rest"] is False

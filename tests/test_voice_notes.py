@@ -81,7 +81,7 @@ async def test_a_voice_note_is_transcribed_answered_and_stored(
     [
         ({"bot_language": "en"}, "en"),
         ({"transcribe_language": "auto"}, None),
-        ({"transcribe_language": "pt"}, "pt"),
+        ({"transcribe_language": " PT "}, "pt"),
     ],
     ids=["bot-language", "auto", "set"],
 )

@@ -34,6 +34,18 @@ async def bot(tmp_path: Path, *args: str, **env: str) -> tuple[int, str]:
     return process.returncode, out.decode()
 
 
+def paired_session(tmp_path: Path) -> Path:
+    """A data dir whose session file holds a linked device, as whatsmeow leaves it once paired."""
+    import sqlite3
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with sqlite3.connect(data / "whatsapp-session.sqlite3") as conn:
+        conn.execute("CREATE TABLE whatsmeow_device (jid TEXT PRIMARY KEY)")
+        conn.execute("INSERT INTO whatsmeow_device VALUES ('34600111222:1@s.whatsapp.net')")
+    return data
+
+
 async def test_doctor_on_the_embedded_defaults_is_all_good(tmp_path: Path) -> None:
     code, out = await bot(tmp_path, "doctor")
     assert code == 0, out
@@ -122,11 +134,7 @@ async def test_a_session_file_in_use_is_never_taken_for_one_never_paired(tmp_pat
     """Any read error counted as "no device": logout deleted a paired session a running bot held locked."""
     import sqlite3
 
-    data = tmp_path / "data"
-    data.mkdir()
-    with sqlite3.connect(data / "whatsapp-session.sqlite3") as conn:
-        conn.execute("CREATE TABLE whatsmeow_device (jid TEXT PRIMARY KEY)")
-        conn.execute("INSERT INTO whatsmeow_device VALUES ('34600111222:1@s.whatsapp.net')")
+    data = paired_session(tmp_path)
     holder = sqlite3.connect(data / "whatsapp-session.sqlite3", isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # as whatsmeow does in the middle of a write
     try:
@@ -142,7 +150,6 @@ async def test_a_logout_left_with_a_go_call_it_cannot_stop_ends_the_process(
 ) -> None:
     """An unpaired session (in Postgres, where the device count is not read first): logout connected,
     whatsmeow's QR loop ignored Stop, and `asyncio.run` then waited for its worker thread at exit."""
-    import sqlite3
 
     from bot.config import Settings
     from bot.doctor import run_logout
@@ -163,11 +170,7 @@ async def test_a_logout_left_with_a_go_call_it_cannot_stop_ends_the_process(
         exits.append(code)
         raise SystemExit(code)
 
-    data = tmp_path / "data"
-    data.mkdir()
-    with sqlite3.connect(data / "whatsapp-session.sqlite3") as conn:
-        conn.execute("CREATE TABLE whatsmeow_device (jid TEXT PRIMARY KEY)")
-        conn.execute("INSERT INTO whatsmeow_device VALUES ('34600111222:1@s.whatsapp.net')")
+    data = paired_session(tmp_path)
     monkeypatch.setattr(neonize_adapter, "NeonizeTransport", StuckInPairing)
     monkeypatch.setattr(os, "_exit", exit_now)
     with pytest.raises(SystemExit):
@@ -240,7 +243,6 @@ async def test_doctor_connects_to_supabase_db_url(tmp_path: Path, stack: Supabas
 async def test_a_logout_that_cannot_reach_whatsapp_says_to_remove_the_device_on_the_phone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import sqlite3
 
     from bot.config import Settings
     from bot.doctor import run_logout
@@ -256,11 +258,7 @@ async def test_a_logout_that_cannot_reach_whatsapp_says_to_remove_the_device_on_
         async def logout(self) -> None:
             raise TransportError("could not reach WhatsApp within 30s; the local session was deleted")
 
-    data = tmp_path / "data"
-    data.mkdir()
-    with sqlite3.connect(data / "whatsapp-session.sqlite3") as conn:
-        conn.execute("CREATE TABLE whatsmeow_device (jid TEXT PRIMARY KEY)")
-        conn.execute("INSERT INTO whatsmeow_device VALUES ('34600111222:1@s.whatsapp.net')")
+    data = paired_session(tmp_path)
     monkeypatch.setattr(neonize_adapter, "NeonizeTransport", Unreachable)
     code = await run_logout(Settings(_env_file=None, data_dir=data, flows_file=None))  # type: ignore[call-arg]
     assert (

@@ -4,10 +4,13 @@ bot was resting from (after unscanned ones); the page's own refreshes do not."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import os
 import re
 import signal
+import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -54,45 +57,64 @@ def link(page: str, text: str) -> str:
     return html.unescape(found.group(1))
 
 
-@pytest.mark.timeout(60)
-async def test_qr_shows_live_codes_only_and_asks_for_a_pairing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@contextlib.asynccontextmanager
+async def pairing_bot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **settings: Any
+) -> AsyncIterator[tuple[PairingNeonize, aiohttp.ClientSession, str]]:
+    """`run_whatsapp` over the pairing fake, stopped by SIGTERM at the end: its transport, an HTTP client
+    and the URL of /qr with the token."""
     monkeypatch.setattr(neonize_adapter, "NeonizeTransport", PairingNeonize)
-    monkeypatch.setattr(whatsapp, "CODE_LIFE_S", {"qr": 0.5, "pair_code": 0.5})
     port = free_port()
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, data_dir=tmp_path, flows_file=None, port=port, admin_token=TOKEN
-    )
     FakeNeonize.instance = None
-    run = asyncio.create_task(whatsapp.run_whatsapp(settings))
+    run = asyncio.create_task(
+        whatsapp.run_whatsapp(
+            Settings(  # type: ignore[call-arg]
+                _env_file=None, data_dir=tmp_path, flows_file=None, port=port, admin_token=TOKEN, **settings
+            )
+        )
+    )
     try:
         async with asyncio.timeout(20):
             while FakeNeonize.instance is None:
                 await asyncio.sleep(0.01)
-            transport = FakeNeonize.instance
-            assert isinstance(transport, PairingNeonize)
-            url = f"http://127.0.0.1:{port}/qr?token={TOKEN}"
-            async with aiohttp.ClientSession() as http:
-                while True:
-                    try:
-                        async with http.get(url) as response:
-                            page = await response.text()
-                        break
-                    except aiohttp.ClientConnectionError:
-                        await asyncio.sleep(0.05)
-                assert "No code yet" in page and transport.pairings_asked == 1
-                transport.on_pair_code("ABCD-EFGH")
-                async with http.get(url) as response:
-                    assert "ABCD-EFGH" in await response.text()
-                await asyncio.sleep(0.6)  # WhatsApp no longer takes it
-                async with http.get(url) as response:
-                    page = await response.text()
-                assert "ABCD-EFGH" not in page and "No code yet" in page
-                assert transport.pairings_asked == 3
+        assert isinstance(FakeNeonize.instance, PairingNeonize)
+        async with aiohttp.ClientSession() as http:
+            yield FakeNeonize.instance, http, f"http://127.0.0.1:{port}/qr?token={TOKEN}"
     finally:
         os.kill(os.getpid(), signal.SIGTERM)
         await run
+
+
+async def first_page(http: aiohttp.ClientSession, url: str, showing: str = "") -> str:
+    """The page once HTTP is up (and shows `showing`)."""
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                async with http.get(url) as response:
+                    page = await response.text()
+                if showing in page:
+                    return page
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.timeout(60)
+async def test_qr_shows_live_codes_only_and_asks_for_a_pairing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(whatsapp, "CODE_LIFE_S", {"qr": 0.5, "pair_code": 0.5})
+    async with pairing_bot(tmp_path, monkeypatch) as (transport, http, url):
+        page = await first_page(http, url)
+        assert "No code yet" in page and transport.pairings_asked == 1
+        transport.on_pair_code("ABCD-EFGH")
+        async with http.get(url) as response:
+            assert "ABCD-EFGH" in await response.text()
+        await asyncio.sleep(0.6)  # WhatsApp no longer takes it
+        async with http.get(url) as response:
+            page = await response.text()
+        assert "ABCD-EFGH" not in page and "No code yet" in page
+        assert transport.pairings_asked == 3
 
 
 @pytest.mark.timeout(60)
@@ -101,43 +123,21 @@ async def test_the_pages_own_refreshes_do_not_end_a_rest(
 ) -> None:
     """A /qr tab left open refreshes every 5 s: each refresh ended the rest between unscanned pairings, so
     the bot paired for ever (each pairing costs neonize a database handle it never closes)."""
-    monkeypatch.setattr(neonize_adapter, "NeonizeTransport", PairingNeonize)
-    port = free_port()
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, data_dir=tmp_path, flows_file=None, port=port, admin_token=TOKEN
-    )
-    FakeNeonize.instance = None
-    run = asyncio.create_task(whatsapp.run_whatsapp(settings))
-    try:
-        async with asyncio.timeout(20):
-            while FakeNeonize.instance is None:
-                await asyncio.sleep(0.01)
-            transport = FakeNeonize.instance
-            assert isinstance(transport, PairingNeonize)
-            base = f"http://127.0.0.1:{port}"
-            async with aiohttp.ClientSession() as http:
-                while True:
-                    try:
-                        async with http.get(f"{base}/qr?token={TOKEN}") as response:
-                            page = await response.text()
-                        break
-                    except aiohttp.ClientConnectionError:
-                        await asyncio.sleep(0.05)
-                assert transport.pairings_asked == 1  # a person opened it
-                transport.rest_s = 540.0  # then nobody scanned three codes: the bot rests
-                for _ in range(3):  # what the browser does on its own
-                    async with http.get(base + refresh_url(page)) as response:
-                        assert response.status == 200  # the refresh keeps the token
-                        page = await response.text()
-                assert transport.pairings_asked == 1 and transport.rest_s == 540.0
-                assert "next in 9 min" in page
-                async with http.get(base + link(page, "Get a code now")) as response:
-                    assert response.status == 200
-                    page = await response.text()
-                assert transport.pairings_asked == 2 and "Get a code now" not in page
-    finally:
-        os.kill(os.getpid(), signal.SIGTERM)
-        await run
+    async with pairing_bot(tmp_path, monkeypatch) as (transport, http, url):
+        base = url.split("/qr")[0]
+        page = await first_page(http, url)
+        assert transport.pairings_asked == 1  # a person opened it
+        transport.rest_s = 540.0  # then nobody scanned three codes: the bot rests
+        for _ in range(3):  # what the browser does on its own
+            async with http.get(base + refresh_url(page)) as response:
+                assert response.status == 200  # the refresh keeps the token
+                page = await response.text()
+        assert transport.pairings_asked == 1 and transport.rest_s == 540.0
+        assert "next in 9 min" in page
+        async with http.get(base + link(page, "Get a code now")) as response:
+            assert response.status == 200
+            page = await response.text()
+        assert transport.pairings_asked == 2 and "Get a code now" not in page
 
 
 @pytest.mark.timeout(60)
@@ -145,35 +145,10 @@ async def test_qr_says_the_bot_waits_for_a_session_database_it_cannot_reach(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A wrong SUPABASE_DB_URL: /qr said "No code yet (connection state: starting)" for ever, /health ok."""
-    import socket
-
-    monkeypatch.setattr(neonize_adapter, "NeonizeTransport", PairingNeonize)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed = sock.getsockname()[1]
-    port = free_port()
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        data_dir=tmp_path,
-        flows_file=None,
-        port=port,
-        admin_token=TOKEN,
-        supabase_db_url=f"postgresql://postgres:pw@127.0.0.1:{closed}/postgres",
-    )
-    FakeNeonize.instance = None
-    run = asyncio.create_task(whatsapp.run_whatsapp(settings))
-    try:
-        async with asyncio.timeout(30), aiohttp.ClientSession() as http:
-            while True:
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/qr?token={TOKEN}") as response:
-                        page = await response.text()
-                    if "waiting for the session lease" in page:
-                        break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.1)
-        assert f"the database cannot be reached: cannot reach Postgres at 127.0.0.1:{closed}" in page
-    finally:
-        os.kill(os.getpid(), signal.SIGTERM)
-        await run
+    wrong = f"postgresql://postgres:pw@127.0.0.1:{closed}/postgres"
+    async with pairing_bot(tmp_path, monkeypatch, supabase_db_url=wrong) as (_, http, url):
+        page = await first_page(http, url, showing="waiting for the session lease")
+    assert f"the database cannot be reached: cannot reach Postgres at 127.0.0.1:{closed}" in page

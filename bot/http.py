@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hmac
 import html
 import math
 import re
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 import segno
 from aiohttp import web
+from loguru import logger
 
 from bot.config import config_error
 
@@ -147,13 +151,97 @@ def build_app(
     return app
 
 
-async def start_http(app: web.Application, port: int, host: str = "0.0.0.0") -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+# /health, /v1/metrics and /qr take tiny requests (a /qr URL with its token, a browser's usual headers), so
+# aiohttp's limits (128 headers of 8 KB each) only let anyone make the bot hold megabytes per connection.
+MAX_LINE_BYTES = 2048  # the request line: a path with a token
+MAX_FIELD_BYTES = 4096  # one header line: a browser's cookies on a custom domain
+MAX_HEADERS = 32  # a browser sends about 15, the platform's proxy adds about 8
+REQUEST_DEADLINE_S = 10.0  # a connection gets this long for a complete request, and as much idle after one
+MAX_CONNECTIONS = 128  # open at once: health checks and scrapes need a handful; fds are the bot's too
+RECEIVE_BUFFER_BYTES = 8192  # per connection, in the kernel (Linux doubles it); see _listening_socket
+
+
+async def start_http(
+    app: web.Application,
+    port: int,
+    host: str = "0.0.0.0",
+    *,
+    request_deadline_s: float = REQUEST_DEADLINE_S,
+    max_connections: int = MAX_CONNECTIONS,
+) -> web.AppRunner:
+    """Serve `app` with limits that keep anyone on the internet from holding the bot's memory.
+
+    aiohttp's `keepalive_timeout` is armed when a connection opens and re-armed after each response, and
+    closes the connection if no complete request has arrived by then: with a short one, that is also the
+    deadline for a request whose headers come slowly (slowloris).
+    """
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=request_deadline_s,
+        max_line_size=MAX_LINE_BYTES,
+        max_field_size=MAX_FIELD_BYTES,
+        max_headers=MAX_HEADERS,
+    )
     await runner.setup()
+    assert runner.server is not None
+    _cap_connections(runner.server, max_connections)
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.SockSite(runner, _listening_socket(host, port)).start()
     except OSError as error:
         await runner.cleanup()
         reason = "already in use" if error.errno == errno.EADDRINUSE else (error.strerror or str(error))
         config_error(f"PORT={port}: {reason}")
     return runner
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The socket `web.TCPSite` would make, with a small receive buffer, which aiohttp has no option for.
+
+    A request aiohttp cannot parse (a header over the limit) keeps what was read with it referenced from the
+    error's traceback, a reference cycle that lives until Python's cyclic garbage collector runs: with the
+    default buffer each read is up to 256 KB, and a burst of 3,000 such requests held 470 MB. A small buffer
+    makes every read, and what a connection can push before it is answered 400 and closed, a few KB.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's create_server does
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)  # before listen()
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _cap_connections(server: web.Server, limit: int) -> None:
+    """Keep at most `limit` connections open: a new one past it closes the oldest.
+
+    aiohttp has no option for this (`backlog` only bounds connections not yet accepted), and the `Server`
+    is built inside `AppRunner`, so its `connection_made` is wrapped here. Without a cap, connections opened
+    faster than the request deadline closes them pile up, each with its memory and a file descriptor the
+    bot's databases and WhatsApp socket need too. The oldest goes rather than the newest: connections held
+    open on purpose are the old ones, and a health check or a scrape arriving meanwhile is answered.
+    """
+    admit = server.connection_made
+    warned_at = -math.inf
+
+    def connection_made(handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+        nonlocal warned_at
+        admit(handler, transport)
+        live = [other for other in server.connections if other.connected]  # closed ones linger a moment
+        if len(live) <= limit:
+            return
+        if live[0] is not handler:
+            live[0].force_close()
+        else:
+            # Not at once: aiohttp starts the connection's task right after this, and that task fails
+            # (an AssertionError logged as "never retrieved") when it finds the connection already lost.
+            asyncio.get_running_loop().call_soon(handler.force_close)
+        now = time.monotonic()
+        if now - warned_at >= 60:  # at most a line a minute, however many are closed
+            warned_at = now
+            logger.warning("HTTP: {} connections open, closing the oldest", limit)
+
+    server.connection_made = connection_made  # type: ignore[method-assign]

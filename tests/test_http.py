@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
+import logging
 import os
 import re
 import signal
 import socket
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from bot.http import build_app, prometheus_text
+from bot.http import build_app, prometheus_text, start_http
 from tests.conftest import inbound
 from tests.fake_openai import FakeOpenAI
 
@@ -211,3 +215,162 @@ async def test_metrics_keep_their_shape_when_idle_and_when_ai_is_off(harness) ->
     assert {"limited", "notices"} <= set(metrics["rate_limit"])
     assert metrics["memory"]["structures"]["rate_limit_windows"]["max"] > 0
     assert metrics["ai"]["enabled"] is False and {"p50", "p95"} <= set(metrics["ai"]["latency_ms"])
+
+
+async def raw_request(port: int, head: bytes) -> bytes:
+    """Send `head` on a fresh connection and read until the server closes it (b"" when it said nothing)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 5)
+    except ConnectionResetError:  # closed with the request unread
+        return b""
+    finally:
+        writer.close()
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer else 0
+
+
+async def test_http_refuses_headers_no_endpoint_needs() -> None:
+    """aiohttp's defaults (128 headers of 8 KB) let 300 unauthenticated connections hold 560 MB of the
+    bot's memory; the endpoints need a fraction of that, a browser's usual request included."""
+    runner = await start_http(build_app(dict, dict, admin_token=None), 0, host="127.0.0.1")
+    port = runner.addresses[0][1]
+    close = b"Connection: close\r\n\r\n"
+    try:
+        big_header = await raw_request(
+            port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: " + b"b" * 8000 + b"\r\n"
+        )
+        many = b"".join(b"X-%d: b\r\n" % n for n in range(40))
+        many_headers = await raw_request(port, b"GET /health HTTP/1.1\r\nHost: x\r\n" + many + close)
+        browser = [
+            b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131",
+            b"Accept: text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8",
+            b"Accept-Language: es-ES,es;q=0.9,en;q=0.8",
+            b"Accept-Encoding: gzip, deflate, br, zstd",
+            b"Cookie: " + b"; ".join(b"c%d=%s" % (n, b"v" * 100) for n in range(30)),
+            *(b"Sec-Fetch-%d: ?1" % n for n in range(12)),
+            *(b"X-Forwarded-%d: 203.0.113.7" % n for n in range(8)),
+        ]
+        ok = await raw_request(
+            port, b"GET /qr HTTP/1.1\r\nHost: x\r\n" + b"\r\n".join(browser) + b"\r\n" + close
+        )
+    finally:
+        await runner.cleanup()
+    assert status_of(big_header) == status_of(many_headers) == 400
+    assert status_of(ok) == 403  # served: /qr without ADMIN_TOKEN configured
+
+
+async def test_http_closes_a_request_that_never_completes() -> None:
+    """A connection sending one header every few seconds (slowloris) was held for ever, and so was one
+    that sent nothing: both are closed once the request deadline passes, as is one idle after a request."""
+    runner = await start_http(
+        build_app(dict, dict, admin_token=None), 0, host="127.0.0.1", request_deadline_s=1
+    )
+    port = runner.addresses[0][1]
+    started = time.monotonic()
+
+    async def slow() -> float:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        while not reader.at_eof() and time.monotonic() - started < 10:
+            with contextlib.suppress(ConnectionError):
+                writer.write(b"X-A: b\r\n")
+                await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(reader.read(), 0.2)
+        writer.close()
+        return time.monotonic() - started
+
+    async def silent() -> float:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return time.monotonic() - started
+
+    async def idle_after_a_request() -> tuple[bytes, float]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return answer, time.monotonic() - started
+
+    try:
+        slow_s, silent_s, (answer, idle_s) = await asyncio.gather(slow(), silent(), idle_after_a_request())
+    finally:
+        await runner.cleanup()
+    assert slow_s < 3 and silent_s < 3 and idle_s < 3
+    assert status_of(answer) == 200 and answer.endswith(b'{"status": "ok"}')
+
+
+async def test_http_caps_open_connections() -> None:
+    """Without a cap, connections opened faster than the deadline closes them pile up, each with memory and
+    a file descriptor the bot's databases and WhatsApp socket need: past the cap a new one closes the
+    oldest (quietly: no task left failing behind it), so a health check is still answered."""
+    loop_errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: loop_errors.append(context))
+    runner = await start_http(build_app(dict, dict, admin_token=None), 0, host="127.0.0.1", max_connections=3)
+    port = runner.addresses[0][1]
+    held = []
+    try:
+        for _ in range(6):
+            held.append(await asyncio.open_connection("127.0.0.1", port))
+            await asyncio.sleep(0.05)
+        served = await raw_request(port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await asyncio.sleep(0.1)
+        closed = []
+        for reader, _ in held:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(reader.read(), 0.1)
+            closed.append(reader.at_eof())
+    finally:
+        for _, writer in held:
+            writer.close()
+        await runner.cleanup()
+    gc.collect()  # a task that failed and was never awaited is reported when it is collected
+    await asyncio.sleep(0)
+    assert status_of(served) == 200 and loop_errors == []
+    assert closed == [True] * 4 + [False] * 2  # the oldest went; the last two and the check fit in 3
+
+
+_BLAST = """
+import asyncio, sys
+async def main() -> None:
+    port, count = int(sys.argv[1]), int(sys.argv[2])
+    held = []
+    for _ in range(count):  # requests with headers over the limit, sent as fast as the bot takes them
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /health HTTP/1.1\\r\\nHost: x\\r\\n")
+            for n in range(120):
+                writer.write(b"X-%d: " % n + b"b" * 8000 + b"\\r\\n")
+            await writer.drain()
+            held.append(writer)
+        except OSError:
+            pass
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(90)
+async def test_a_burst_of_oversized_requests_holds_little_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiohttp keeps what it read with a request it cannot parse referenced from the error's traceback until
+    the cyclic garbage collector runs: at 256 KB a read, 3,000 oversized requests held 470 MB. Each read is
+    a few KB now."""
+    monkeypatch.setattr(logging.getLogger("aiohttp.server"), "disabled", True)  # pytest keeps records
+    runner = await start_http(build_app(dict, dict, admin_token=None), 0, host="127.0.0.1")
+    port = runner.addresses[0][1]
+    tracemalloc.start()
+    try:
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _BLAST, str(port), "1000", stderr=asyncio.subprocess.DEVNULL
+        )
+        await client.wait()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        await runner.cleanup()
+    assert client.returncode == 0 and peak < 64 * 2**20, f"{peak / 2**20:.0f} MB"

@@ -64,7 +64,11 @@ def token_ok(request: web.Request, expected: str | None) -> bool:
         return False
     scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
     given = request.query.get("token") or (credentials.strip() if scheme.casefold() == "bearer" else "")
-    return hmac.compare_digest(given.encode(), expected.encode())
+    # A header's bytes that are not UTF-8 arrive as lone surrogates, which plain .encode() refuses (a 500 for
+    # anyone): "surrogatepass" encodes every str, and never as the bytes of a valid UTF-8 token.
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
 
 
 _QR_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>WhatsApp pairing</title>

@@ -124,6 +124,11 @@ async def test_qr_page_needs_the_admin_token() -> None:
         # The scheme name is case-insensitive (RFC 9110); curl users type it every which way.
         assert (await get(f"{base}/qr", headers={"Authorization": f"bearer {TOKEN}"}))[0] == 200
         assert (await get(f"{base}/qr", headers={"Authorization": f"Basic {TOKEN}"}))[0] == 401
+        # Bytes that are not UTF-8 in the header were a 500 and an ERROR traceback, for anyone, at will.
+        port = int(base.rsplit(":", 1)[1])
+        for auth in (b"Bearer \xff\xfe", b"Bearer \xed\xa0\x80" + TOKEN.encode()):
+            head = b"GET /qr HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth + b"\r\nConnection: close\r\n\r\n"
+            assert status_of(await raw_request(port, head)) == 401
     finally:
         await runner.cleanup()
         await off_runner.cleanup()

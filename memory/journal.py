@@ -471,8 +471,16 @@ class Journal:
         ).fetchall()
 
     def purge(self, before: float) -> int:
-        self.conn.execute("DELETE FROM seen WHERE created_at < ?", (before,))
-        return self.conn.execute("DELETE FROM mirror WHERE created_at < ?", (before,)).rowcount
+        conn = self.conn
+        conn.execute("DELETE FROM seen WHERE created_at < ?", (before,))
+        removed = conn.execute("DELETE FROM mirror WHERE created_at < ?", (before,)).rowcount
+        # A chat with nothing left in the mirror, untouched since: its number goes with its messages.
+        conn.execute(
+            "DELETE FROM mirror_chats WHERE touched_at < ?"
+            " AND NOT EXISTS (SELECT 1 FROM mirror m WHERE m.chat_id = mirror_chats.chat_id)",
+            (before,),
+        )
+        return removed
 
     # -- small snapshots (flows) -------------------------------------------------------------------------
 

@@ -91,6 +91,7 @@ INSERT INTO chats (chat_id, first_seen_at, last_message_at) VALUES (?, ?, ?)
 ON CONFLICT (chat_id) DO UPDATE
 SET last_message_at = max(coalesce(last_message_at, 0), excluded.last_message_at)
 """
+_DELETE_OLD_CHATS = "DELETE FROM chats WHERE coalesce(last_message_at, first_seen_at) < ?"
 _SET_STATUS = (
     "UPDATE chat_history SET status = ?, body = coalesce(?, body), updated_at = ? WHERE wa_message_id = ?"
 )
@@ -150,15 +151,21 @@ class SQLiteStore:
             await asyncio.sleep(self.retention_every_s)
 
     async def purge_older_than(self, days: float) -> int:
-        """Delete messages created more than `days` days ago; returns how many."""
+        """Delete messages created more than `days` days ago, and the chats (a customer's number with first
+        and last contact) whose last message is that old; returns how many messages."""
         await self.flush()
         assert self._conn is not None
         conn = self._conn
         cutoff = time.time() - days * 86400
         await self._forget_ended_pauses(time.time())
-        return await self._run(
-            lambda: conn.execute("DELETE FROM chat_history WHERE created_at < ?", (cutoff,)).rowcount
-        )
+
+        def purge() -> int:
+            with transaction(conn):
+                removed = conn.execute("DELETE FROM chat_history WHERE created_at < ?", (cutoff,)).rowcount
+                conn.execute(_DELETE_OLD_CHATS, (cutoff,))
+            return removed
+
+        return await self._run(purge)
 
     def _connect(self) -> None:
         conn = connect_wal(self.path)

@@ -999,8 +999,9 @@ class SupabaseStore:
     # -- retention -------------------------------------------------------------------------------------
 
     async def purge_older_than(self, days: float) -> int:
-        """Delete chat_history rows created more than `days` days ago (Supabase and local); returns how many
-        Supabase deleted. Raises StoreUnavailable when Supabase cannot be reached."""
+        """Delete chat_history rows created more than `days` days ago, and the chats rows (a customer's
+        number with first and last contact) whose last message is that old (Supabase and local); returns how
+        many messages Supabase deleted. Raises StoreUnavailable when Supabase cannot be reached."""
         cutoff = time.time() - days * 86400
 
         async def delete() -> int:
@@ -1008,6 +1009,13 @@ class SupabaseStore:
                 self._table("chat_history")
                 .delete(count=CountMethod.exact, returning=ReturnMethod.minimal)
                 .lt("created_at", _iso(cutoff))
+                .execute()
+            )
+            before = _iso(cutoff)
+            await (
+                self._table("chats")
+                .delete(returning=ReturnMethod.minimal)
+                .or_(f"last_message_at.lt.{before},and(last_message_at.is.null,first_seen_at.lt.{before})")
                 .execute()
             )
             return response.count or 0

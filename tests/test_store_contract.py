@@ -60,6 +60,14 @@ class Backend(Protocol):
 
     def seed_contacts(self, contacts: list[tuple[str, str]]) -> None: ...
 
+    def chat_ids(self) -> set[str]:
+        """The chats table, read from the database itself."""
+        ...
+
+    def seed_chat(self, chat_id: str, first_seen_at: float) -> None:
+        """A chats row with no last message time (written by hand, or by an older version)."""
+        ...
+
 
 class SQLiteBackend:
     name = "sqlite"
@@ -68,7 +76,7 @@ class SQLiteBackend:
         self.path = tmp_path / "bot.sqlite3"
 
     def make(self) -> Store:
-        return SQLiteStore(self.path)
+        return SQLiteStore(self.path, retention_days=None)  # purged when a test says so, as with Supabase
 
     async def rows(self, store: Store) -> dict[str, tuple[str, str]]:
         assert isinstance(store, SQLiteStore)
@@ -88,6 +96,14 @@ class SQLiteBackend:
     def seed_contacts(self, contacts: list[tuple[str, str]]) -> None:
         with sqlite3.connect(self.path) as conn:
             conn.executemany("INSERT INTO bot_contacts (number, list, created_at) VALUES (?, ?, 0)", contacts)
+
+    def chat_ids(self) -> set[str]:
+        with sqlite3.connect(self.path) as conn:
+            return {row[0] for row in conn.execute("SELECT chat_id FROM chats")}
+
+    def seed_chat(self, chat_id: str, first_seen_at: float) -> None:
+        with sqlite3.connect(self.path) as conn:
+            conn.execute("INSERT INTO chats (chat_id, first_seen_at) VALUES (?, ?)", (chat_id, first_seen_at))
 
 
 class SupabaseBackend:
@@ -126,6 +142,14 @@ class SupabaseBackend:
     def seed_contacts(self, contacts: list[tuple[str, str]]) -> None:
         values = ", ".join(f"('{number}', '{kind}')" for number, kind in contacts)
         self.stack.psql(f"insert into bot_contacts (number, list) values {values};")
+
+    def chat_ids(self) -> set[str]:
+        return {row[0] for row in self.stack.query("select chat_id from chats")}
+
+    def seed_chat(self, chat_id: str, first_seen_at: float) -> None:
+        self.stack.psql(
+            f"insert into chats (chat_id, first_seen_at) values ('{chat_id}', to_timestamp({first_seen_at}));"
+        )
 
 
 @pytest.fixture(params=["sqlite", "supabase"])
@@ -339,6 +363,28 @@ async def test_number_lists(backend: Backend, store: Store) -> None:
         frozenset({"34600111222", "5491122334455"}),
         frozenset({"34600333444"}),
     )
+
+
+async def test_retention_forgets_the_numbers_of_chats_it_emptied(backend: Backend, store: Store) -> None:
+    """RETENTION_DAYS deleted the messages only: the chats table kept every customer's number with first and
+    last contact for ever."""
+    assert isinstance(store, SQLiteStore | SupabaseStore)
+    now = time.time()
+    old = now - 40 * 86400
+    await store.add_message(msg(1, at=old))  # CHAT wrote 40 days ago only
+    await store.add_message(msg(2, chat=OTHER, at=old))  # OTHER then, and again a minute ago
+    await store.add_message(msg(3, chat=OTHER, at=now - 60))
+    await backend.rows(store)  # flushed
+    silent = "34600555666@s.whatsapp.net"
+    backend.seed_chat(silent, old)
+    backend.seed_chat("34600777888@s.whatsapp.net", now - 60)
+    assert backend.chat_ids() == {CHAT, OTHER, silent, "34600777888@s.whatsapp.net"}
+    assert await store.purge_older_than(30) == 2
+    assert set(await backend.rows(store)) == {"WA3"}
+    assert backend.chat_ids() == {OTHER, "34600777888@s.whatsapp.net"}
+    await store.add_message(msg(4, at=now))  # CHAT writes again: known anew
+    await backend.rows(store)
+    assert CHAT in backend.chat_ids()
 
 
 async def test_data_survives_close_and_reopen(backend: Backend) -> None:

@@ -493,6 +493,20 @@ def test_the_journals_copy_never_evicts_a_chat_with_unanswered_messages(tmp_path
         journal.close()
 
 
+def test_retention_empties_the_journals_copy_of_old_chats(tmp_path: Path) -> None:
+    """The local copy's list of chats kept the number of a chat whose messages retention had deleted."""
+    journal = Journal(tmp_path / "journal.sqlite3", max_rows=100)
+    journal.open()
+    try:
+        journal.append([Op.insert(inbound_row(1, chat=CHATS[0], at=1_000.0))])
+        journal.append([Op.insert(inbound_row(2, chat=CHATS[1], at=time.time() + 3600))])
+        assert journal.purge(time.time() + 1) == 1
+        left = {row[0] for row in journal.conn.execute("SELECT chat_id FROM mirror_chats")}
+        assert left == {CHATS[1]}
+    finally:
+        journal.close()
+
+
 def test_journal_keeps_order_across_reopen(tmp_path: Path) -> None:
     path = tmp_path / "journal.sqlite3"
     journal = Journal(path, max_rows=100)

@@ -25,6 +25,7 @@ from bot.app import Bot
 from bot.config import Settings
 from bot.governor import GovernedTransport, GovernorLimits
 from bot.http import build_app, start_http
+from bot.limits import SlidingWindowLimiter
 from bot.replies import all_canned_texts, reply
 from connection.background import BackgroundTasks
 from connection.lease import make_lease
@@ -40,6 +41,8 @@ STOP_BUDGET_S = 13.0  # of Railway's 15 s between SIGTERM and SIGKILL (railway.j
 CODE_LIFE_S = {"qr": 60.0, "pair_code": 160.0}
 BLOCKING_THREADS = 32
 EX_TEMPFAIL = 75  # the lease went to another instance: exit so the platform restarts this one as a waiter
+CALL_NOTICE_EVERY_S = 600.0  # a caller is told to write at most once in this long (WA_REJECT_CALLS)
+CALL_NOTICE_CHATS = 1000  # callers remembered for that (least recently calling out)
 
 
 def session_backup_for(settings: Settings) -> SessionBackup | None:
@@ -113,11 +116,21 @@ async def run_whatsapp(settings: Settings) -> int:
             background.spawn(backup.forget(), "forget-session-backup")
 
     async def ask_to_resend(chat: ChatId) -> None:
+        # The pipeline's own test (BLOCKED_NUMBERS, ALLOWED_NUMBERS and bot_contacts, as last read): a number
+        # whose messages get no answer gets no request either.
+        if bot.pipeline._refused_number(chat):
+            return
         # The governor only lets the bot write to chats that wrote to it: this one did, undecryptably.
         governor.note_inbound(Inbound(id=MessageId(""), chat=chat, sender=chat, kind=MessageKind.OTHER))
         await governor.send_text(chat, reply("resend", settings.bot_language))
 
+    # One notice per caller per window: each call sent one, and each took a slot of the send budget every
+    # customer's answers share (45 calls held a customer's answer for a minute).
+    call_notices = SlidingWindowLimiter(1, CALL_NOTICE_EVERY_S, max_keys=CALL_NOTICE_CHATS)
+
     async def tell_caller(chat: ChatId) -> None:
+        if bot.pipeline._refused_number(chat) or call_notices.check(chat) != "ok":
+            return  # the call is declined all the same
         governor.note_inbound(Inbound(id=MessageId(""), chat=chat, sender=chat, kind=MessageKind.OTHER))
         await governor.send_text(chat, reply("call_rejected", settings.bot_language))
 

@@ -1166,9 +1166,10 @@ class NeonizeTransport:
     async def _handle_call(self, ev: Any) -> None:
         """An incoming call, when calls are refused: decline it, then let the bot explain (on_call)."""
         meta = ev.basicCallMeta
-        # Key the chat like messages are keyed: by the phone-number JID when the offer carries one.
+        # Key the chat like messages are keyed: by the phone-number JID when the offer carries one, or an
+        # earlier message did (a blocked number is a phone number).
         creator = meta.callCreatorAlt if _is_pn(meta.callCreatorAlt) else meta.callCreator
-        chat = _jid_str(creator)
+        chat = self._lids.phone(_jid_str(creator))
         if not chat or not meta.callID:
             return
         logger.info("declining a call from {}", _scrub(chat))

@@ -61,6 +61,7 @@ with warnings.catch_warnings():
     )
 
 PHONE = "34600111222"
+PHONE2 = "34600333444"
 ME = "34699888777"
 ME_LID = "987654321012345"
 TS_MS = 1_760_000_000_123
@@ -905,10 +906,18 @@ async def test_an_incoming_call_is_declined_and_the_caller_told(
         phone = JID(User=PHONE, Server="s.whatsapp.net", RawAgent=0, Device=0, Integrator=0, IsEmpty=False)
         meta = BasicCallMeta(callCreator=lid, callCreatorAlt=phone, callID="CALL-1", timestamp=1)
         await client.fire(CallOffer(basicCallMeta=meta))
+        # An offer with the LID only, from someone whose message carried both: still their phone number
+        # (BLOCKED_NUMBERS holds phone numbers).
+        other = jid("987654321098765", "lid")
+        await client.fire(
+            event(WAMessage(conversation="hola"), chat=other, sender=other, sender_alt=jid(PHONE2))
+        )
+        meta = BasicCallMeta(callCreator=other, callCreatorAlt=empty_jid(), callID="CALL-2", timestamp=2)
+        await client.fire(CallOffer(basicCallMeta=meta))
     finally:
         await transport.stop()
-    assert client.rejected == [("123456789012345@lid", "CALL-1")]  # declined with the JID it came from
-    assert told == [f"{PHONE}@s.whatsapp.net"]  # the chat keyed by phone number, like its messages
+    assert client.rejected == [("123456789012345@lid", "CALL-1"), ("987654321098765@lid", "CALL-2")]
+    assert told == [f"{PHONE}@s.whatsapp.net", f"{PHONE2}@s.whatsapp.net"]  # keyed like their messages
 
 
 async def test_a_send_waits_for_whatsmeows_ack_and_a_hanging_one_fails_instead_of_stalling(

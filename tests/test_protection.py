@@ -5,22 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import signal
 import string
 import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bot import whatsapp
 from bot.app import Bot
+from bot.config import Settings
 from bot.limits import CircuitBreaker, SlidingWindowLimiter
 from bot.replies import reply
 from bot.takeover import Takeover
+from connection import neonize_adapter
 from connection.loopback import LoopbackTransport
 from connection.types import ChatId, Inbound, MessageId, MessageKind
 from memory.manager import MemoryManager, MemoryState
 from memory.store import Direction, MessageStatus
 from tests.conftest import inbound
 from tests.fake_openai import FakeOpenAI, InstantModel
+from tests.test_shutdown import FakeNeonize, free_port
 
 CHAT = "34600111222@s.whatsapp.net"
 OTHER = "5491122334455@s.whatsapp.net"
@@ -732,3 +741,62 @@ async def test_a_busy_notice_that_never_went_out_does_not_count_as_told(harness)
         assert await h.bot.pipeline._promise_stands(ChatId(CHAT))
         await store.set_status("N1", MessageStatus.FAILED)  # dropped from the outbox
         assert not await h.bot.pipeline._promise_stands(ChatId(CHAT))
+
+
+class CallingNeonize(FakeNeonize):
+    """FakeNeonize that keeps the callbacks run_whatsapp gives for calls and undecryptable messages."""
+
+    def __init__(
+        self,
+        session: str,
+        *,
+        on_inbound: Any,
+        on_call: Callable[[ChatId], Awaitable[None]] | None = None,
+        on_undecryptable: Callable[[ChatId], Awaitable[None]] | None = None,
+        **_: Any,
+    ) -> None:
+        super().__init__(session, on_inbound=on_inbound)
+        self.on_call, self.on_undecryptable = on_call, on_undecryptable
+
+
+@pytest.mark.timeout(60)
+async def test_calls_tell_each_caller_once_and_refused_numbers_never(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With WA_REJECT_CALLS every call sent the caller a notice, blocked numbers included: 45 calls from a
+    blocked number sent it 40 identical messages and took the whole send budget, so a customer's answer
+    waited a minute. The resend request skipped the block list too."""
+    monkeypatch.setattr(neonize_adapter, "NeonizeTransport", CallingNeonize)
+    blocked, caller = ChatId("34600999888@s.whatsapp.net"), ChatId(OTHER)
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        data_dir=tmp_path,
+        flows_file=None,
+        port=free_port(),
+        wa_typing_chars_per_s=0,
+        wa_reject_calls=True,
+        blocked_numbers="34600999888",
+    )
+    FakeNeonize.instance = None
+    run = asyncio.create_task(whatsapp.run_whatsapp(settings))
+    try:
+        async with asyncio.timeout(20):
+            while FakeNeonize.instance is None:
+                await asyncio.sleep(0.01)
+            transport = FakeNeonize.instance
+            assert isinstance(transport, CallingNeonize) and transport.on_call and transport.on_undecryptable
+            await asyncio.sleep(0.3)
+            for _ in range(45):
+                await transport.on_call(blocked)
+            await transport.on_undecryptable(blocked)
+            for _ in range(3):
+                await transport.on_call(caller)
+            await transport.on_undecryptable(caller)
+            transport.on_inbound(inbound("hola", chat=CHAT))
+            while not transport.texts_to(CHAT):  # the send budget is there for the customer's answer
+                await asyncio.sleep(0.01)
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await run
+    assert transport.texts_to(blocked) == []
+    assert transport.texts_to(caller) == [reply("call_rejected", "es"), reply("resend", "es")]

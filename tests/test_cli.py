@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
+import sqlite3
+import stat
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +17,7 @@ import pytest
 
 from tests.fake_openai import FakeOpenAI
 from tests.supabase_stack import SupabaseStack
+from tests.test_http import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -264,3 +270,85 @@ async def test_a_logout_that_cannot_reach_whatsapp_says_to_remove_the_device_on_
     assert (
         code == 1 and "remove the device on the phone: WhatsApp > Linked devices" in capsys.readouterr().out
     )
+
+
+def modes_under(root: Path) -> dict[str, int]:
+    """Permission bits of `root` and everything in it, by path relative to `root`."""
+    return {
+        str(path.relative_to(root)): stat.S_IMODE(path.lstat().st_mode)
+        for path in [root, *root.rglob("*")]
+        if path.exists()
+    }
+
+
+@pytest.mark.timeout(90)
+async def test_what_the_bot_writes_in_data_dir_is_private_to_its_user(tmp_path: Path) -> None:
+    """Under the usual umask 022 DATA_DIR was 0755 and its files 0644: every local user could read every
+    customer's messages, voice notes while transcribed, and the WhatsApp session's device keys (enough to
+    clone the device). What an older version left is made private at start."""
+    data = tmp_path / "data"
+    (data / "tmp" / "audio").mkdir(parents=True)
+    sqlite3.connect(data / "bot.sqlite3").close()
+    for path, mode in ((data, 0o755), (data / "tmp", 0o755), (data / "tmp" / "audio", 0o755)):
+        path.chmod(mode)
+    (data / "bot.sqlite3").chmod(0o644)
+    note = tmp_path / "note.wav"
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440:duration=2",
+            str(note),
+        ],
+        check=True,
+    )
+    fake = await FakeOpenAI(delay_s=1.5).start()  # transcription takes a while: the temp files are seen
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_", "WA_"))}
+    env = {**base, "PYTHONPATH": str(REPO), "DATA_DIR": str(data), "FLOWS_FILE": ""}
+    seen: dict[str, int] = {}
+    previous = os.umask(0o022)
+    try:
+        chat = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "bot", "chat", "--jsonl"),
+            cwd=tmp_path,
+            env={**env, "OPENAI_API_KEY": "k", "OPENAI_BASE_URL": fake.base_url},
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        lines = json.dumps({"from": "34600111222", "audio": str(note)}) + "\n"
+        talking = asyncio.ensure_future(chat.communicate(lines.encode()))
+        while not talking.done():
+            seen.update(modes_under(data))
+            await asyncio.sleep(0.05)
+        out, err = await talking
+        assert chat.returncode == 0 and b"echo" in out, err
+        run = await asyncio.create_subprocess_exec(  # creates the session file and the outbox
+            *(sys.executable, "-m", "bot", "run"),
+            cwd=tmp_path,
+            env={**env, "PORT": str(free_port())},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            async with asyncio.timeout(40):
+                while not {"whatsapp-session.sqlite3", "outbox.sqlite3-wal"} <= set(modes_under(data)):
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+            seen.update(modes_under(data))
+        finally:
+            run.send_signal(signal.SIGTERM)
+            await run.wait()
+    finally:
+        os.umask(previous)
+        await fake.stop()
+    seen.update(modes_under(data))
+    assert any(name.startswith("tmp/audio/") for name in seen)  # a voice note's temp files were seen
+    assert {"bot.sqlite3", "bot.sqlite3-wal", "outbox.sqlite3-wal", "whatsapp-session.sqlite3"} <= set(seen)
+    assert {name: oct(mode) for name, mode in seen.items() if mode & 0o077} == {}

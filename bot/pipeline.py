@@ -443,7 +443,7 @@ class Pipeline:
                     break
                 message = inbound_from_stored(row, self._spilled_media.pop(row.wa_message_id, None))
                 self._unspill_chat(message.chat)
-                if self._refused_number(message.sender):  # blocked while it waited
+                if self.refuses_number(message.sender):  # blocked while it waited
                     self._skip_stored(message, "number not allowed")
                     continue
                 if note_inbound is not None:
@@ -462,12 +462,14 @@ class Pipeline:
     def resume(self, message: Inbound) -> bool:
         """Queue a message persisted before a restart but never answered (bypasses de-duplication)."""
         self.dedup.seen(message.id)
-        if self._refused_number(message.sender):  # blocked since: the owner's list holds at recovery too
+        if self.refuses_number(message.sender):  # blocked since: the owner's list holds at recovery too
             self._skip_stored(message, "number not allowed")
             return False
         return self._enqueue(message, None)
 
-    def _refused_number(self, sender: str) -> bool:
+    def refuses_number(self, sender: str) -> bool:
+        """A blocked number, or one not allowed (BLOCKED_NUMBERS, ALLOWED_NUMBERS, bot_contacts as last read):
+        its messages get no answer, and its calls and undecryptable messages no notice."""
         number = sender.split("@", 1)[0].split(":", 1)[0]
         if number in self.blocked_numbers:
             return True
@@ -581,7 +583,7 @@ class Pipeline:
             return "group message"
         if message.kind in (MessageKind.REACTION, MessageKind.OTHER):
             return f"{message.kind.value} message"
-        if self._refused_number(message.sender):
+        if self.refuses_number(message.sender):
             return "number not allowed"
         if self.takeover.is_paused(message.chat):
             return _HANDED_OVER

@@ -118,7 +118,7 @@ async def run_whatsapp(settings: Settings) -> int:
     async def ask_to_resend(chat: ChatId) -> None:
         # The pipeline's own test (BLOCKED_NUMBERS, ALLOWED_NUMBERS and bot_contacts, as last read): a number
         # whose messages get no answer gets no request either.
-        if bot.pipeline._refused_number(chat):
+        if bot.pipeline.refuses_number(chat):
             return
         # The governor only lets the bot write to chats that wrote to it: this one did, undecryptably.
         governor.note_inbound(Inbound(id=MessageId(""), chat=chat, sender=chat, kind=MessageKind.OTHER))
@@ -129,7 +129,7 @@ async def run_whatsapp(settings: Settings) -> int:
     call_notices = SlidingWindowLimiter(1, CALL_NOTICE_EVERY_S, max_keys=CALL_NOTICE_CHATS)
 
     async def tell_caller(chat: ChatId) -> None:
-        if bot.pipeline._refused_number(chat) or call_notices.check(chat) != "ok":
+        if bot.pipeline.refuses_number(chat) or call_notices.check(chat) != "ok":
             return  # the call is declined all the same
         governor.note_inbound(Inbound(id=MessageId(""), chat=chat, sender=chat, kind=MessageKind.OTHER))
         await governor.send_text(chat, reply("call_rejected", settings.bot_language))

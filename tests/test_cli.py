@@ -8,7 +8,6 @@ import os
 import signal
 import sqlite3
 import stat
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 from tests.fake_openai import FakeOpenAI
 from tests.supabase_stack import SupabaseStack
 from tests.test_http import free_port
+from tests.test_voice_notes import tone
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -292,21 +292,7 @@ async def test_what_the_bot_writes_in_data_dir_is_private_to_its_user(tmp_path: 
     for path, mode in ((data, 0o755), (data / "tmp", 0o755), (data / "tmp" / "audio", 0o755)):
         path.chmod(mode)
     (data / "bot.sqlite3").chmod(0o644)
-    note = tmp_path / "note.wav"
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-nostdin",
-            "-v",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440:duration=2",
-            str(note),
-        ],
-        check=True,
-    )
+    note = tone(tmp_path / "note.wav", 2)
     fake = await FakeOpenAI(delay_s=1.5).start()  # transcription takes a while: the temp files are seen
     base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SUPABASE_", "WA_"))}
     env = {**base, "PYTHONPATH": str(REPO), "DATA_DIR": str(data), "FLOWS_FILE": ""}

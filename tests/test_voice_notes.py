@@ -175,25 +175,18 @@ async def test_console_jsonl_accepts_audio(tmp_path: Path, fake_openai: FakeOpen
     assert json.loads(out) == {"to": "34600111222", "text": "echo: quiero reservar una mesa"}
 
 
-async def test_console_jsonl_too_long_note(tmp_path: Path, fake_openai: FakeOpenAI) -> None:
-    tone = tmp_path / "tone.ogg"
+def tone(path: Path, seconds: float) -> Path:
+    """A 440 Hz tone of that length, in the format the file name says (.ogg: Opus)."""
+    codec = ["-c:a", "libopus"] if path.suffix == ".ogg" else []
+    sine = f"sine=frequency=440:duration={seconds:g}"
     subprocess.run(
-        [
-            "ffmpeg",
-            "-nostdin",
-            "-v",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440:duration=90",
-            "-c:a",
-            "libopus",
-            str(tone),
-        ],
-        check=True,
+        ["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", sine, *codec, str(path)], check=True
     )
-    line = json.dumps({"from": "34600111222", "audio": str(tone)})
+    return path
+
+
+async def test_console_jsonl_too_long_note(tmp_path: Path, fake_openai: FakeOpenAI) -> None:
+    line = json.dumps({"from": "34600111222", "audio": str(tone(tmp_path / "tone.ogg", 90))})
     code, out, _ = await run_chat(
         tmp_path,
         line + "\n",

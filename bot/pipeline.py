@@ -51,6 +51,8 @@ from memory.store import (
 GroupPolicy = Literal["never", "mentioned", "always"]
 # WhatsApp messages one answer may take (15,000 characters with the default MAX_REPLY_CHARS).
 MAX_REPLY_PARTS = 10
+# Of the message a customer replied to, what the model is told: enough to say which one it was.
+MAX_QUOTE_CHARS = 300
 # "I can only read text and voice notes" goes to a chat once in this long: four photos in a row get it once.
 MEDIA_NOTICE_EVERY_S = 300.0
 _MEDIA_KINDS = {
@@ -168,6 +170,16 @@ def clean_text(text: str, max_chars: int) -> tuple[str, bool]:
     if len(cleaned) > max_chars:
         return cleaned[:max_chars], True
     return cleaned, False
+
+
+def with_quote(text: str, message: Inbound, language: Language) -> str:
+    """The customer's words after the message they replied to, for the model: "¿y este?" under one plan
+    of a list, or under an answer from yesterday no longer in the history, says which one."""
+    quoted, cut = clean_text(message.quoted, MAX_QUOTE_CHARS)
+    if not quoted:
+        return text
+    key = "quote_of_bot_note" if message.quoted_from_me else "quote_note"
+    return f"{reply(key, language).format(quoted=quoted + ('…' if cut else ''))}\n\n{text}"
 
 
 class Pipeline:
@@ -739,7 +751,8 @@ class Pipeline:
                 via_model = answer is None
                 if answer is None:
                     model_started = time.perf_counter()
-                    answer = await self._ask_model(message, inbound, text)
+                    asked = with_quote(text, message, self.language)  # flows read the customer's own words
+                    answer = await self._ask_model(message, inbound, asked)
                     model_time += time.perf_counter() - model_started
                 answer_text = answer.text
         except Exception:  # a bug or an odd input must cost the customer an apology, never the answer

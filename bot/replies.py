@@ -65,6 +65,14 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "es": "(El cliente adjuntó además un archivo, una imagen o un vídeo que no puedes ver.)",
         "en": "(The customer also attached a file, an image or a video that you cannot see.)",
     },
+    "quote_note": {
+        "es": "(El cliente responde a este mensaje anterior: «{quoted}»)",
+        "en": "(The customer is replying to this earlier message: “{quoted}”)",
+    },
+    "quote_of_bot_note": {
+        "es": "(El cliente responde a este mensaje tuyo: «{quoted}»)",
+        "en": "(The customer is replying to this message of yours: “{quoted}”)",
+    },
     "too_long_note": {
         "es": "(Tu mensaje era muy largo; he leído solo el principio.)",
         "en": "(Your message was very long; I only read the beginning.)",

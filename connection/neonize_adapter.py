@@ -350,6 +350,20 @@ def _source(src: Any, lids: LidToPhone | None = None) -> tuple[str, str, bool, b
 # --------------------------------------------------------------------------- translation
 
 
+def _quote(msg: WAMessage, own: frozenset[str]) -> tuple[str, bool]:
+    """The text of the message `msg` replies to (swipe-to-reply) and whether we wrote it; ("", False) for
+    a message that replies to nothing. A quoted photo reads as its caption."""
+    for field in ("extendedTextMessage", *(name for name, _ in _MEDIA_KINDS)):
+        if not msg.HasField(field):
+            continue
+        context = getattr(msg, field).contextInfo
+        if not context.HasField("quotedMessage"):
+            return "", False
+        _, text, _, _ = _body(_unwrap(context.quotedMessage), own)
+        return text, bool(own) and _bare_user(context.participant) in own
+    return "", False
+
+
 def translate_message(
     ev: Any, me: set[str] | frozenset[str] | None = None, lids: LidToPhone | None = None
 ) -> Inbound | None:
@@ -381,6 +395,11 @@ def translate_message(
     except Exception as exc:
         logger.debug("message {} has an odd body ({}); kind=other", msg_id, type(exc).__name__)
         kind, text, media, mentions_me = MessageKind.OTHER, "", None, False
+    try:
+        quoted, quoted_from_me = _quote(_unwrap(ev.Message), own)
+    except Exception as exc:  # the message is still answered, without what it replies to
+        logger.debug("message {} has an odd quote ({})", msg_id, type(exc).__name__)
+        quoted, quoted_from_me = "", False
 
     return Inbound(
         id=MessageId(msg_id),
@@ -396,6 +415,8 @@ def translate_message(
         is_self_chat=not is_group and bool(own) and _bare_user(chat) in own,
         push_name=push_name,
         media=media,
+        quoted=quoted,
+        quoted_from_me=quoted_from_me,
     )
 
 

@@ -74,6 +74,10 @@ class Inbound:
     is_self_chat: bool = False  # the owner's "message yourself" chat
     push_name: str = ""
     media: MediaRef | None = None
+    # What this message replies to (WhatsApp's swipe-to-reply), as text, and whether the bot wrote it: the
+    # model needs it to know what "¿y este?" under one plan of a list is about.
+    quoted: str = ""
+    quoted_from_me: bool = False
     # When the bot took it (set by the pipeline; WhatsApp's `timestamp` is the sender's, in whole seconds):
     # what orders a chat's history, next to replies dated by this host's clock.
     received_at: float = 0.0

@@ -153,6 +153,37 @@ def test_extended_text() -> None:
     assert not msg.mentions_me
 
 
+def test_a_swipe_reply_carries_the_text_it_replies_to_and_who_wrote_it() -> None:
+    """ "¿y este?" under one plan of the bot's list: without the quote the model could not tell which."""
+    plans = WAMessage(extendedTextMessage=ExtendedTextMessage(text="1. Básico: 10 €\n2. Pro: 20 €"))
+    context = ContextInfo(stanzaID="3EB0BOT", participant=f"{ME}@s.whatsapp.net", quotedMessage=plans)
+    wa = WAMessage(
+        extendedTextMessage=ExtendedTextMessage(text="¿y el 2 incluye soporte?", contextInfo=context)
+    )
+    msg = translate_message(event(wa), {ME})
+    assert msg is not None
+    assert (msg.kind, msg.text) == (MessageKind.TEXT, "¿y el 2 incluye soporte?")
+    assert (msg.quoted, msg.quoted_from_me) == ("1. Básico: 10 €\n2. Pro: 20 €", True)
+
+    # The customer's own photo, quoted under a voice note: its caption, written by them.
+    photo = WAMessage(imageMessage=ImageMessage(mimetype="image/jpeg", caption="la lámpara roja"))
+    context = ContextInfo(participant=f"{PHONE}@s.whatsapp.net", quotedMessage=photo)
+    wa = WAMessage(audioMessage=AudioMessage(mimetype="audio/ogg", PTT=True, contextInfo=context))
+    msg = translate_message(event(wa), {ME})
+    assert msg is not None and msg.kind is MessageKind.AUDIO
+    assert (msg.quoted, msg.quoted_from_me) == ("la lámpara roja", False)
+
+
+def test_a_message_that_replies_to_nothing_has_no_quote() -> None:
+    mention = ContextInfo(mentionedJID=[f"{ME}@s.whatsapp.net"])
+    for wa in (
+        WAMessage(conversation="hola"),
+        WAMessage(extendedTextMessage=ExtendedTextMessage(text="hola", contextInfo=mention)),
+    ):
+        msg = translate_message(event(wa), {ME})
+        assert msg is not None and (msg.quoted, msg.quoted_from_me) == ("", False)
+
+
 def test_audio_voice_note() -> None:
     wa = WAMessage(
         audioMessage=AudioMessage(mimetype="audio/ogg; codecs=opus", fileLength=48213, seconds=7, PTT=True)

@@ -162,6 +162,37 @@ async def test_flows_win_over_the_model(harness, fake_openai: FakeOpenAI, tmp_pa
     assert fake_openai.chat_count == 0
 
 
+async def test_a_swipe_reply_tells_the_model_what_it_replies_to(
+    harness, fake_openai: FakeOpenAI, tmp_path
+) -> None:
+    """ "¿y este?" under one plan of a list, or under an answer no longer in the last messages: without the
+    quote the model had only "¿y este?" to go on."""
+    flows = tmp_path / "flows.yaml"
+    flows.write_text("- keywords: [horario]\n  answer: Abrimos a las 9.\n", encoding="utf-8")
+    plans = "1. Básico: 10 €\n2. Pro: 20 €"
+    async with harness(**ai(fake_openai, flows_file=flows)) as h:
+        await h.say(inbound("¿y este?", quoted=plans, quoted_from_me=True))
+        asked_about_ours = fake_openai.chat_requests[-1]["messages"][-1]["content"]
+        # A keyword in the quote is not the customer's question: "gracias" under the hours goes to the model.
+        await h.say(inbound("gracias", quoted="El horario es de 9 a 14", quoted_from_me=False))
+        asked_about_theirs = fake_openai.chat_requests[-1]["messages"][-1]["content"]
+        # The same words under another plan are another question: not the cached answer to the first.
+        [other] = await h.say(inbound("¿y este?", quoted="3. Empresa: 50 €", quoted_from_me=True))
+        rows = [r.body for r in await h.bot.store.recent_messages(CHAT, 10) if r.direction is Direction.IN]
+    assert asked_about_ours == reply("quote_of_bot_note", "es").format(quoted=plans) + "\n\n¿y este?"
+    assert asked_about_theirs.endswith("«El horario es de 9 a 14»)\n\ngracias")
+    assert "tuyo" not in asked_about_theirs  # the model is not told it wrote the customer's words
+    assert "3. Empresa: 50 €" in other and fake_openai.chat_count == 3
+    assert rows == ["¿y este?", "gracias", "¿y este?"]  # the chat's record holds what the customer wrote
+
+
+async def test_a_long_quote_reaches_the_model_shortened(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        await h.say(inbound("¿esto?", quoted="palabra " * 5000))
+    asked = fake_openai.chat_requests[-1]["messages"][-1]["content"]
+    assert len(asked) < 400 and "…»)" in asked and asked.endswith("¿esto?")
+
+
 async def test_without_a_key_flows_still_answer_and_the_rest_gets_a_polite_reply(harness, tmp_path) -> None:
     flows = tmp_path / "flows.json"
     flows.write_text('[{"keywords": ["precio"], "answer": "Cuesta 10 euros."}]', encoding="utf-8")

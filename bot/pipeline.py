@@ -178,7 +178,7 @@ def with_quote(text: str, message: Inbound, language: Language) -> str:
     quoted, cut = clean_text(message.quoted, MAX_QUOTE_CHARS)
     if not quoted:
         return text
-    key = "quote_of_bot_note" if message.quoted_from_me else "quote_note"
+    key = {"bot": "quote_of_bot_note", "ad": "ad_note"}.get(message.quoted_from, "quote_note")
     return f"{reply(key, language).format(quoted=quoted + ('…' if cut else ''))}\n\n{text}"
 
 

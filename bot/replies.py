@@ -73,6 +73,10 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "es": "(El cliente responde a este mensaje tuyo: «{quoted}»)",
         "en": "(The customer is replying to this message of yours: “{quoted}”)",
     },
+    "ad_note": {
+        "es": "(El cliente escribe desde un anuncio del negocio: «{quoted}»)",
+        "en": "(The customer is writing from one of the business's ads: “{quoted}”)",
+    },
     "too_long_note": {
         "es": "(Tu mensaje era muy largo; he leído solo el principio.)",
         "en": "(Your message was very long; I only read the beginning.)",

@@ -73,6 +73,7 @@ from connection.types import (
     MediaRef,
     MessageId,
     MessageKind,
+    QuoteSource,
     TransportError,
 )
 
@@ -350,18 +351,23 @@ def _source(src: Any, lids: LidToPhone | None = None) -> tuple[str, str, bool, b
 # --------------------------------------------------------------------------- translation
 
 
-def _quote(msg: WAMessage, own: frozenset[str]) -> tuple[str, bool]:
-    """The text of the message `msg` replies to (swipe-to-reply) and whether we wrote it; ("", False) for
-    a message that replies to nothing. A quoted photo reads as its caption."""
+def _quote(msg: WAMessage, own: frozenset[str]) -> tuple[str, QuoteSource]:
+    """What `msg` replies to (swipe-to-reply) as text, and who wrote it; a first message from a
+    click-to-WhatsApp ad quotes the ad's title and text. ("", "customer") when it quotes nothing; a
+    quoted photo reads as its caption."""
     for field in ("extendedTextMessage", *(name for name, _ in _MEDIA_KINDS)):
         if not msg.HasField(field):
             continue
         context = getattr(msg, field).contextInfo
-        if not context.HasField("quotedMessage"):
-            return "", False
-        _, text, _, _ = _body(_unwrap(context.quotedMessage), own)
-        return text, bool(own) and _bare_user(context.participant) in own
-    return "", False
+        if context.HasField("quotedMessage"):
+            _, text, _, _ = _body(_unwrap(context.quotedMessage), own)
+            return text, "bot" if own and _bare_user(context.participant) in own else "customer"
+        ad = context.externalAdReply  # other bots dress their messages as cards too: only a real ad counts
+        if ad.sourceType.lower() == "ad" or ad.ctwaClid or ad.showAdAttribution:
+            words = "\n".join(part for part in (_text(ad.title), _text(ad.body)) if part.strip())
+            return (words, "ad") if words else ("", "customer")
+        return "", "customer"
+    return "", "customer"
 
 
 def translate_message(
@@ -396,10 +402,10 @@ def translate_message(
         logger.debug("message {} has an odd body ({}); kind=other", msg_id, type(exc).__name__)
         kind, text, media, mentions_me = MessageKind.OTHER, "", None, False
     try:
-        quoted, quoted_from_me = _quote(_unwrap(ev.Message), own)
+        quoted, quoted_from = _quote(_unwrap(ev.Message), own)
     except Exception as exc:  # the message is still answered, without what it replies to
         logger.debug("message {} has an odd quote ({})", msg_id, type(exc).__name__)
-        quoted, quoted_from_me = "", False
+        quoted, quoted_from = "", "customer"
 
     return Inbound(
         id=MessageId(msg_id),
@@ -416,7 +422,7 @@ def translate_message(
         push_name=push_name,
         media=media,
         quoted=quoted,
-        quoted_from_me=quoted_from_me,
+        quoted_from=quoted_from,
     )
 
 

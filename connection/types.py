@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, NewType, Protocol, runtime_checkable
+from typing import Any, Literal, NewType, Protocol, runtime_checkable
 
 ChatId = NewType("ChatId", str)
 """A chat key: `<user>@s.whatsapp.net` for people, `<id>@g.us` for groups."""
 
 MessageId = NewType("MessageId", str)
 """WhatsApp's message id (unique per sender; we treat it as globally unique)."""
+
+QuoteSource = Literal["customer", "bot", "ad"]
+"""Who wrote what a message quotes: the customer, the bot (our own number), or the ad the customer tapped."""
 
 
 class MessageKind(enum.StrEnum):
@@ -74,10 +77,10 @@ class Inbound:
     is_self_chat: bool = False  # the owner's "message yourself" chat
     push_name: str = ""
     media: MediaRef | None = None
-    # What this message replies to (WhatsApp's swipe-to-reply), as text, and whether the bot wrote it: the
-    # model needs it to know what "¿y este?" under one plan of a list is about.
+    # What this message replies to (WhatsApp's swipe-to-reply, or the ad a customer came from), as text:
+    # the model needs it to know what "¿y este?" under one plan of a list, or "más info" from an ad, is about.
     quoted: str = ""
-    quoted_from_me: bool = False
+    quoted_from: QuoteSource = "customer"
     # When the bot took it (set by the pipeline; WhatsApp's `timestamp` is the sender's, in whole seconds):
     # what orders a chat's history, next to replies dated by this host's clock.
     received_at: float = 0.0

@@ -163,7 +163,7 @@ def test_a_swipe_reply_carries_the_text_it_replies_to_and_who_wrote_it() -> None
     msg = translate_message(event(wa), {ME})
     assert msg is not None
     assert (msg.kind, msg.text) == (MessageKind.TEXT, "¿y el 2 incluye soporte?")
-    assert (msg.quoted, msg.quoted_from_me) == ("1. Básico: 10 €\n2. Pro: 20 €", True)
+    assert (msg.quoted, msg.quoted_from) == ("1. Básico: 10 €\n2. Pro: 20 €", "bot")
 
     # The customer's own photo, quoted under a voice note: its caption, written by them.
     photo = WAMessage(imageMessage=ImageMessage(mimetype="image/jpeg", caption="la lámpara roja"))
@@ -171,7 +171,30 @@ def test_a_swipe_reply_carries_the_text_it_replies_to_and_who_wrote_it() -> None
     wa = WAMessage(audioMessage=AudioMessage(mimetype="audio/ogg", PTT=True, contextInfo=context))
     msg = translate_message(event(wa), {ME})
     assert msg is not None and msg.kind is MessageKind.AUDIO
-    assert (msg.quoted, msg.quoted_from_me) == ("la lámpara roja", False)
+    assert (msg.quoted, msg.quoted_from) == ("la lámpara roja", "customer")
+
+
+def test_a_first_message_from_an_ad_carries_the_ads_words() -> None:
+    """ "Hola, quiero más información" from a click-to-WhatsApp ad: the ad says about what."""
+    ad = ContextInfo.ExternalAdReplyInfo(
+        title="Pizza 2x1 los martes",
+        body="Solo en local",
+        sourceType="ad",
+        ctwaClid="Afx1",
+        thumbnail=b"\xff",
+    )
+    text = ExtendedTextMessage(
+        text="Hola, quiero más información", contextInfo=ContextInfo(externalAdReply=ad)
+    )
+    msg = translate_message(event(WAMessage(extendedTextMessage=text)), {ME})
+    assert msg is not None and msg.text == "Hola, quiero más información"
+    assert (msg.quoted, msg.quoted_from) == ("Pizza 2x1 los martes\nSolo en local", "ad")
+
+    # Another bot's message dressed as a card is no ad of ours.
+    card = ContextInfo.ExternalAdReplyInfo(title="Mi bot", body="Powered by X", thumbnail=b"\xff")
+    text = ExtendedTextMessage(text="hola", contextInfo=ContextInfo(externalAdReply=card))
+    msg = translate_message(event(WAMessage(extendedTextMessage=text)), {ME})
+    assert msg is not None and msg.quoted == ""
 
 
 def test_a_message_that_replies_to_nothing_has_no_quote() -> None:
@@ -181,7 +204,7 @@ def test_a_message_that_replies_to_nothing_has_no_quote() -> None:
         WAMessage(extendedTextMessage=ExtendedTextMessage(text="hola", contextInfo=mention)),
     ):
         msg = translate_message(event(wa), {ME})
-        assert msg is not None and (msg.quoted, msg.quoted_from_me) == ("", False)
+        assert msg is not None and msg.quoted == ""
 
 
 def test_audio_voice_note() -> None:

@@ -171,19 +171,30 @@ async def test_a_swipe_reply_tells_the_model_what_it_replies_to(
     flows.write_text("- keywords: [horario]\n  answer: Abrimos a las 9.\n", encoding="utf-8")
     plans = "1. Básico: 10 €\n2. Pro: 20 €"
     async with harness(**ai(fake_openai, flows_file=flows)) as h:
-        await h.say(inbound("¿y este?", quoted=plans, quoted_from_me=True))
+        await h.say(inbound("¿y este?", quoted=plans, quoted_from="bot"))
         asked_about_ours = fake_openai.chat_requests[-1]["messages"][-1]["content"]
         # A keyword in the quote is not the customer's question: "gracias" under the hours goes to the model.
-        await h.say(inbound("gracias", quoted="El horario es de 9 a 14", quoted_from_me=False))
+        await h.say(inbound("gracias", quoted="El horario es de 9 a 14", quoted_from="customer"))
         asked_about_theirs = fake_openai.chat_requests[-1]["messages"][-1]["content"]
         # The same words under another plan are another question: not the cached answer to the first.
-        [other] = await h.say(inbound("¿y este?", quoted="3. Empresa: 50 €", quoted_from_me=True))
+        [other] = await h.say(inbound("¿y este?", quoted="3. Empresa: 50 €", quoted_from="bot"))
         rows = [r.body for r in await h.bot.store.recent_messages(CHAT, 10) if r.direction is Direction.IN]
     assert asked_about_ours == reply("quote_of_bot_note", "es").format(quoted=plans) + "\n\n¿y este?"
     assert asked_about_theirs.endswith("«El horario es de 9 a 14»)\n\ngracias")
     assert "tuyo" not in asked_about_theirs  # the model is not told it wrote the customer's words
     assert "3. Empresa: 50 €" in other and fake_openai.chat_count == 3
     assert rows == ["¿y este?", "gracias", "¿y este?"]  # the chat's record holds what the customer wrote
+
+
+async def test_a_customer_from_an_ad_is_answered_about_the_ad(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai, bot_language="en")) as h:
+        await h.say(inbound("Hi, more info please", quoted="Pizza 2x1 on Tuesdays", quoted_from="ad"))
+    asked = fake_openai.chat_requests[-1]["messages"][-1]["content"]
+    assert (
+        asked
+        == "(The customer is writing from one of the business's ads: “Pizza 2x1 on Tuesdays”)\n\n"
+        + ("Hi, more info please")
+    )
 
 
 async def test_a_long_quote_reaches_the_model_shortened(harness, fake_openai: FakeOpenAI) -> None:

@@ -168,7 +168,7 @@ RECEIVE_BUFFER_BYTES = 8192  # per connection, in the kernel (Linux doubles it);
 async def start_http(
     app: web.Application,
     port: int,
-    host: str = "0.0.0.0",
+    host: str | None = None,
     *,
     request_deadline_s: float = REQUEST_DEADLINE_S,
     max_connections: int = MAX_CONNECTIONS,
@@ -178,6 +178,9 @@ async def start_http(
     aiohttp's `keepalive_timeout` is armed when a connection opens and re-armed after each response, and
     closes the connection if no complete request has arrived by then: with a short one, that is also the
     deadline for a request whose headers come slowly (slowloris).
+
+    `host`: None (the default) listens on every address, IPv6 and IPv4 alike; an explicit address listens on
+    that address only, in its own family ("0.0.0.0" is IPv4 only).
     """
     runner = web.AppRunner(
         app,
@@ -200,16 +203,37 @@ async def start_http(
     return runner
 
 
-def _listening_socket(host: str, port: int) -> socket.socket:
+def _listening_socket(host: str | None, port: int) -> socket.socket:
     """The socket `web.TCPSite` would make, with a small receive buffer, which aiohttp has no option for.
 
     A request aiohttp cannot parse (a header over the limit) keeps what was read with it referenced from the
     error's traceback, a reference cycle that lives until Python's cyclic garbage collector runs: with the
     default buffer each read is up to 256 KB, and a burst of 3,000 such requests held 470 MB. A small buffer
     makes every read, and what a connection can push before it is answered 400 and closed, a few KB.
+
+    With no `host`, one dual-stack socket: Railway's private network (`<service>.railway.internal`) is IPv6
+    only in environments created before 16 October 2025, so a scraper in the same project could not reach a
+    bot on IPv4 alone; IPv4 clients still connect (as IPv4-mapped addresses). A machine without IPv6 (a
+    container with it disabled) gets the IPv4 socket of before.
     """
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    if host is not None:
+        return _bound_socket(socket.AF_INET6 if ":" in host else socket.AF_INET, host, port)
     try:
+        return _bound_socket(socket.AF_INET6, "::", port, dual_stack=True)
+    except OSError as error:
+        if error.errno in (errno.EADDRINUSE, errno.EACCES):  # the port's fault, not a missing IPv6: say so
+            raise
+        logger.info("HTTP: no IPv6 here ({}), listening on IPv4 only", error.strerror or error)
+    return _bound_socket(socket.AF_INET, "0.0.0.0", port)
+
+
+def _bound_socket(
+    family: socket.AddressFamily, host: str, port: int, *, dual_stack: bool = False
+) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if dual_stack:  # explicit: the system default (net.ipv6.bindv6only, or BSD's and Windows' 1) varies
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's create_server does
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)  # before listen()
         sock.bind((host, port))

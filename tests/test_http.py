@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import json
 import logging
@@ -20,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from loguru import logger
 
 from bot.http import build_app, prometheus_text, start_http
 from tests.conftest import inbound
@@ -339,6 +341,63 @@ async def test_http_caps_open_connections() -> None:
     await asyncio.sleep(0)
     assert status_of(served) == 200 and loop_errors == []
     assert closed == [True] * 4 + [False] * 2  # the oldest went; the last two and the check fit in 3
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1) to connect over")
+async def test_http_answers_over_ipv4_and_ipv6_by_default() -> None:
+    """Railway's private network is IPv6 only in environments created before 16 October 2025: a scraper in
+    the same project calling bot.railway.internal never reached a bot listening on 0.0.0.0. By default one
+    socket takes both families; an explicit 0.0.0.0 still means IPv4 only."""
+    runner = await start_http(build_app(dict, dict, admin_token=None), 0)
+    port = runner.addresses[0][1]
+    ipv4_runner = await start_http(build_app(dict, dict, admin_token=None), 0, host="0.0.0.0")
+    ipv4_port = ipv4_runner.addresses[0][1]
+    try:
+        over_ipv4 = await get(f"http://127.0.0.1:{port}/health")
+        over_ipv6 = await get(f"http://[::1]:{port}/health")
+        explicit_over_ipv4 = await get(f"http://127.0.0.1:{ipv4_port}/health")
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await get(f"http://[::1]:{ipv4_port}/health")
+    finally:
+        await runner.cleanup()
+        await ipv4_runner.cleanup()
+    assert over_ipv4 == over_ipv6 == explicit_over_ipv4 == (200, '{"status": "ok"}')
+
+
+async def test_http_listens_on_ipv4_where_there_is_no_ipv6(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container with IPv6 disabled refuses an IPv6 socket: the bot listens on IPv4 as before, and says
+    so once, rather than failing to start."""
+
+    class NoIPv6(socket.socket):
+        def __init__(self, family: int = -1, *args: Any, **kwargs: Any) -> None:
+            if family == socket.AF_INET6:
+                raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+            super().__init__(family, *args, **kwargs)
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="DEBUG", filter="bot.http")
+    monkeypatch.setattr(socket, "socket", NoIPv6)
+    try:
+        runner = await start_http(build_app(dict, dict, admin_token=None), 0)
+    finally:
+        monkeypatch.undo()
+        logger.remove(sink)
+    try:
+        address = runner.addresses[0]
+        answer = await get(f"http://127.0.0.1:{address[1]}/health")
+    finally:
+        await runner.cleanup()
+    assert address[0] == "0.0.0.0" and answer == (200, '{"status": "ok"}')
+    assert len(lines) == 1 and "IPv4 only" in lines[0], lines
 
 
 _BLAST = """

@@ -16,6 +16,9 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bot.handoff import DEFAULT_PHRASES
+
+MAX_HANDOFF_PHRASES = 200
 PLACEHOLDERS = {"changeme", "your-key-here", "sk-...", "xxx", "<your key>"}
 
 
@@ -73,6 +76,8 @@ class Settings(BaseSettings):
     human_takeover_minutes: float = Field(30.0, ge=0, le=525_600)
     allowed_numbers: str = ""
     blocked_numbers: str = ""
+    # Comma-separated phrases with which a customer asks for a person; unset: bot.handoff's own, "off": none.
+    handoff_phrases: str | None = None
     ai_circuit_failures: int = Field(5, ge=1, le=1000)
     ai_circuit_cooldown_s: float = Field(30.0, gt=0, le=3600)
 
@@ -215,6 +220,31 @@ class Settings(BaseSettings):
         if self.memory_warning >= self.memory_critical:
             raise ValueError("MEMORY_WARNING must be lower than MEMORY_CRITICAL")
         return self
+
+    @field_validator("handoff_phrases")
+    @classmethod
+    def _phrase_list(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() == "off":
+            return value
+        phrases = [phrase for phrase in value.split(",") if phrase.strip()]  # "a, b," is a and b
+        if not phrases:
+            raise ValueError("has no phrases: list some, comma-separated, or write off")
+        if len(phrases) > MAX_HANDOFF_PHRASES:
+            raise ValueError(f"{len(phrases)} phrases, at most {MAX_HANDOFF_PHRASES}")
+        for position, phrase in enumerate(phrases, 1):
+            if not any(ch.isalnum() for ch in phrase):
+                raise ValueError(f"entry {position} ({phrase.strip()!r}) has no letters: it can never match")
+        return value
+
+    @property
+    def handoff_phrase_list(self) -> tuple[str, ...]:
+        """The phrases that hand a chat to a person; none when HANDOFF_PHRASES is off, or when
+        HUMAN_TAKEOVER_MINUTES=0 (the bot would go on answering the customer it said a person would)."""
+        if self.human_takeover_minutes <= 0 or (self.handoff_phrases or "").strip().lower() == "off":
+            return ()
+        if self.handoff_phrases is None:
+            return DEFAULT_PHRASES
+        return tuple(phrase.strip() for phrase in self.handoff_phrases.split(",") if phrase.strip())
 
     @property
     def allowed(self) -> frozenset[str]:

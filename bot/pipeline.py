@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 from loguru import logger
 
 from bot.ai import percentile
+from bot.handoff import HandoffPhrases, customer_label, quote_for_owner
 from bot.limits import OncePerWindow, SlidingWindowLimiter
 from bot.replies import Language, duration, reply
 from bot.responder import Answer, Responder, split_message
@@ -200,6 +201,7 @@ class Pipeline:
         dedup_window: int = 20000,
         rate_limiter: SlidingWindowLimiter | None = None,
         takeover: Takeover | None = None,
+        handoff: HandoffPhrases | None = None,
         allowed_numbers: frozenset[str] = frozenset(),
         blocked_numbers: frozenset[str] = frozenset(),
         busy_after_s: float = 30.0,
@@ -218,6 +220,7 @@ class Pipeline:
         self.rate_limiter = rate_limiter
         self.media_notices = OncePerWindow(MEDIA_NOTICE_EVERY_S)  # bounded: see limits.py
         self.takeover = takeover or Takeover(pause_s=1800)
+        self.handoff = handoff  # None: a customer asking for a person is answered like any message
         self.allowed_numbers = allowed_numbers
         self.blocked_numbers = blocked_numbers
         self.busy_after_s = busy_after_s
@@ -660,6 +663,28 @@ class Pipeline:
         ]
         return bool(told and waiting) and max(told) >= min(waiting)
 
+    def _asks_for_a_person(self, text: str) -> bool:
+        return self.handoff is not None and self.handoff.asked(text)
+
+    def _hand_over(self, message: Inbound, text: str) -> None:
+        """The customer was told a person will write: the chat is left to the owner, who is told so in their
+        own chat (the only place the customer's number and words are shown)."""
+        self.takeover.hand_over(message.chat)
+        minutes = self.takeover.pause_s / 60
+        logger.warning("a customer in {} asked for a person: the chat is left to the owner", message.chat)
+        owner_chat = getattr(self.transport, "owner_chat", None)
+        if not owner_chat:
+            logger.warning("the owner could not be told: the linked number's own chat is not known yet")
+            return
+        notice = reply(
+            "handoff_owner_notice",
+            self.language,
+            who=customer_label(message.push_name, message.sender),
+            text=quote_for_owner(text),
+            duration=duration(minutes, self.language),
+        )
+        self._spawn(self._send_notice(ChatId(owner_chat), notice))
+
     async def _send_notice(self, chat: ChatId, text: str) -> None:
         try:
             self.takeover.note_sent(await self.transport.send_text(chat, text))
@@ -736,6 +761,7 @@ class Pipeline:
         self.history.append(inbound)
         model_time = 0.0  # the model's and the transcription's time: not the pipeline's overhead
         canned: str | None = None
+        handing_over: str | None = None
         try:
             await self._mark_read(message)
             understood = time.perf_counter()
@@ -744,6 +770,8 @@ class Pipeline:
                 model_time += time.perf_counter() - understood
                 if canned is None:  # the transcript is this turn's text, in the history read below too
                     inbound = replace(inbound, body=text)
+            if canned is None and self._asks_for_a_person(text):
+                canned = handing_over = reply("handoff", self.language)
             if canned is not None:
                 answer_text, via_model = canned, False
             else:
@@ -796,6 +824,8 @@ class Pipeline:
             raise
         if media_notice:
             self.media_notices.note(message.chat)
+        if handing_over is not None and answer_text == handing_over:
+            self._hand_over(message, text)
         await self._record_reply(message, sent_ids, answer_text, via_model=via_model)
 
     async def _saved(self, message: Inbound, persisted: Awaitable[None]) -> None:

@@ -73,6 +73,16 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "es": "(El cliente responde a este mensaje tuyo: «{quoted}»)",
         "en": "(The customer is replying to this message of yours: “{quoted}”)",
     },
+    "handoff": {
+        "es": "De acuerdo, aviso a una persona del equipo y te escribirá por aquí en cuanto pueda.",
+        "en": "Sure, I'm letting someone from the team know; they'll write to you here as soon as they can.",
+    },
+    "handoff_owner_notice": {
+        "es": "🙋 {who} quiere hablar con una persona: «{text}». No le contestaré durante {duration}, "
+        "o hasta que escribas «!bot reanuda» en su chat.",
+        "en": "🙋 {who} wants to talk to a person: “{text}”. I won't answer them for {duration}, "
+        "or until you write “!bot resume” in their chat.",
+    },
     "ad_note": {
         "es": "(El cliente escribe desde un anuncio del negocio: «{quoted}»)",
         "en": "(The customer is writing from one of the business's ads: “{quoted}”)",

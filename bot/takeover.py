@@ -97,6 +97,7 @@ class Takeover:
         self._exempt: set[str] = set()  # chats resumed one by one during a pause of every chat
         self.global_until = 0.0
         self.takeovers = 0
+        self.handoffs = 0
         # Told of every pause and resume (chat, "*" for every chat, "!chat" for a chat resumed during a
         # pause of all; until in epoch seconds, math.inf without an end, None when it ends) so the store
         # keeps them across restarts.
@@ -135,6 +136,11 @@ class Takeover:
         if self.pause_s <= 0:  # HUMAN_TAKEOVER_MINUTES=0 turns takeover off
             return
         self.takeovers += 1
+        self.pause(chat, self.pause_s, keep_exempt=True)
+
+    def hand_over(self, chat: str) -> None:
+        """The customer asked for a person: the chat is the owner's for `pause_s`, as if they had written."""
+        self.handoffs += 1
         self.pause(chat, self.pause_s, keep_exempt=True)
 
     def pause(self, chat: str | None, seconds: float | None = None, *, keep_exempt: bool = False) -> None:
@@ -213,4 +219,5 @@ class Takeover:
             "paused_everywhere": now < self.global_until,
             "paused_chats": sum(1 for until in self._paused.values() if until > now),
             "takeovers": self.takeovers,
+            "handoffs": self.handoffs,
         }

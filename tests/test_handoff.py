@@ -1,0 +1,123 @@
+"""A customer asking for a person: told someone will write, the chat left to the owner, the owner told;
+through the real pipeline, SQLite store and SDK (against the fake OpenAI server) on the loopback transport."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot.config import Settings
+from bot.replies import reply
+from connection.types import ChatId, Inbound, MediaRef, MessageKind
+from memory.store import Direction, MessageStatus
+from tests.conftest import BotHarness, inbound
+from tests.fake_openai import FakeOpenAI
+from tests.test_voice_notes import tone
+
+CHAT = "34600111222@s.whatsapp.net"
+OTHER = "5491122334455@s.whatsapp.net"
+ME = "34699999999@s.whatsapp.net"
+
+
+def ai(fake: FakeOpenAI, **extra: object) -> dict[str, object]:
+    return {"openai_api_key": "k", "openai_base_url": fake.base_url, **extra}
+
+
+def owned(harness: BotHarness) -> BotHarness:
+    harness.transport.owner_chat = ChatId(ME)  # the linked number's own chat, as neonize reports it
+    return harness
+
+
+async def told(h: BotHarness, *messages: Inbound | str) -> list[str]:
+    """What the customers were sent for these messages (the owner's notices left out)."""
+    before = len(h.transport.sent)
+    await h.say(*messages)
+    return [sent.text for sent in h.transport.sent[before:] if sent.chat != ME]
+
+
+async def test_a_customer_asking_for_a_person_is_left_to_the_owner(harness, fake_openai: FakeOpenAI) -> None:
+    """It went to the model, which could only promise a person nobody was told about, and then went on
+    answering over the human who did write."""
+    async with owned(harness(**ai(fake_openai))) as h:
+        asked = inbound("Hola, ¿puedo hablar con una persona? Es por mi pedido 123", push_name="Ana")
+        assert await told(h, asked) == [reply("handoff", "es")]
+        assert await told(h, "¿hola?", inbound("¿tenéis envío?", chat=OTHER)) == ["echo: ¿tenéis envío?"]
+        notices = h.transport.texts_to(ME)
+        metrics = h.bot.pipeline.takeover.stats()
+        rows = await h.bot.store.recent_messages(CHAT, 10)
+    assert fake_openai.chat_count == 1  # only the other customer's question
+    assert notices == [
+        "🙋 Ana (+34600111222) quiere hablar con una persona: «Hola, ¿puedo hablar con una persona? Es por "
+        "mi pedido 123». No le contestaré durante 30 minutos, o hasta que escribas «!bot reanuda» en su chat."
+    ]
+    assert metrics["handoffs"] == 1 and metrics["paused_chats"] == 1
+    waiting = [r for r in rows if r.direction is Direction.IN and r.body == "¿hola?"]
+    assert [r.status for r in waiting] == [MessageStatus.SKIPPED]  # kept for the owner, not answered
+
+
+async def test_the_owner_gives_the_chat_back_with_resume(harness, fake_openai: FakeOpenAI) -> None:
+    async with owned(harness(**ai(fake_openai))) as h:
+        await told(h, "quiero hablar con alguien")
+        await told(h, inbound("!bot reanuda", from_me=True))  # typed in the customer's chat
+        assert await told(h, "¿y el horario?") == ["echo: ¿y el horario?"]
+
+
+async def test_the_chat_stays_with_the_owner_across_a_restart(make_settings, fake_openai: FakeOpenAI) -> None:
+    """A deploy right after the request must not bring the bot back into a chat a person is answering."""
+    settings: Settings = make_settings(**ai(fake_openai))
+    async with owned(BotHarness(settings)) as h:
+        await told(h, "talk to a human please")
+    async with owned(BotHarness(settings)) as h:
+        assert await told(h, "hello?") == []
+    assert fake_openai.chat_count == 0
+
+
+async def test_a_voice_note_can_ask_for_a_person(harness, fake_openai: FakeOpenAI, tmp_path: Path) -> None:
+    fake_openai.transcript = "Buenas, quiero hablar con un humano"
+    audio = tone(tmp_path / "note.ogg", 2).read_bytes()
+    async with owned(harness(**ai(fake_openai))) as h:
+        note = inbound(
+            "", kind=MessageKind.AUDIO, media=MediaRef(mimetype="audio/ogg", voice_note=True, handle=audio)
+        )
+        assert await told(h, note) == [reply("handoff", "es")]
+        assert "«Buenas, quiero hablar con un humano»" in h.transport.texts_to(ME)[0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "question", "handed_over"),
+    [
+        ({"bot_language": "en"}, "Can I speak to someone from sales?", True),
+        ({"handoff_phrases": "hablar con ventas, comercial"}, "quiero hablar con ventas", True),
+        ({"handoff_phrases": "hablar con ventas"}, "quiero hablar con una persona", False),  # replaced
+        ({"handoff_phrases": "off"}, "quiero hablar con una persona", False),
+        ({"human_takeover_minutes": 0}, "quiero hablar con una persona", False),  # the bot would talk on
+        ({}, "¿eres una persona real?", False),  # a question, not a request
+    ],
+)
+async def test_which_messages_ask_for_a_person(
+    harness, fake_openai: FakeOpenAI, overrides: dict[str, object], question: str, handed_over: bool
+) -> None:
+    async with owned(harness(**ai(fake_openai, **overrides))) as h:
+        [answer] = await told(h, question)
+        language = overrides.get("bot_language", "es")
+    assert (answer == reply("handoff", language)) is handed_over  # type: ignore[arg-type]
+    assert (h.transport.texts_to(ME) != []) is handed_over
+
+
+async def test_without_the_owners_chat_the_customer_is_still_told_and_the_chat_left(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """Before the first login neonize does not know the linked number: the hand-off still holds."""
+    async with harness(**ai(fake_openai)) as h:
+        assert await told(h, "pásame con una persona") == [reply("handoff", "es")]
+        assert await told(h, "¿hola?") == []
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [(" , ", "has no phrases"), ("hablar con ventas, ¿?", "entry 2 ('¿?') has no letters")],
+)
+def test_unusable_handoff_phrases_are_refused(make_settings, value: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem.replace("?", r"\?").replace("(", r"\(").replace(")", r"\)")):
+        make_settings(handoff_phrases=value)

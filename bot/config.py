@@ -21,6 +21,16 @@ from bot.handoff import DEFAULT_PHRASES
 MAX_HANDOFF_PHRASES = 200
 PLACEHOLDERS = {"changeme", "your-key-here", "sk-...", "xxx", "<your key>"}
 
+# The two-letter (ISO 639-1) codes in openai/whisper's whisper/tokenizer.py `LANGUAGES`, in its order; its
+# three-letter haw and yue are left out (TRANSCRIBE_LANGUAGE takes two letters). The transcription API
+# answers any other code with HTTP 400, so a typo (sp for es) would fail every voice note, not start-up.
+# Text, not a list literal (SIM905): formatted as a list it would take 98 lines.
+WHISPER_LANGUAGES = frozenset(
+    "en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg lt"  # noqa: SIM905
+    " la mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn yo so af"
+    " oc ka be tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt ln ha ba jw su".split()
+)
+
 
 class Settings(BaseSettings):
     """Every number has a lower and an upper bound: an absurd value is one line naming the variable at
@@ -137,10 +147,16 @@ class Settings(BaseSettings):
     @field_validator("transcribe_language", mode="before")
     @classmethod
     def _language_code(cls, value: object) -> object:
+        """Only codes Whisper knows: the transcription server refuses any other, at each voice note."""
         if isinstance(value, str) and value.strip():
             code = value.strip().lower()
             if code != "auto" and not re.fullmatch(r"[a-z]{2}", code):
                 raise ValueError("must be a two-letter language code such as es or en, or auto")
+            if code != "auto" and code not in WHISPER_LANGUAGES:
+                raise ValueError(
+                    "is not a language Whisper knows: use a two-letter ISO 639-1 code such as es or en,"
+                    " or auto"
+                )
             return code
         return value
 

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from bot.config import Settings
+from bot.config import Settings, describe_error
 
 REPO = Path(__file__).resolve().parent.parent
 DESIGN_VARIABLES = [
@@ -101,6 +102,13 @@ def test_env_example_as_a_docker_env_file_leaves_the_images_settings_alone() -> 
             "spanish",
             "TRANSCRIBE_LANGUAGE='spanish': must be a two-letter language code such as es or en, or auto",
         ),
+        (
+            "TRANSCRIBE_LANGUAGE",
+            "xx",
+            "TRANSCRIBE_LANGUAGE='xx': is not a language Whisper knows: use a two-letter ISO 639-1 code such"
+            " as es or en, or auto",
+        ),
+        ("TRANSCRIBE_LANGUAGE", "sp", "TRANSCRIBE_LANGUAGE='sp': is not a language Whisper knows"),
         ("PORT", "70000", "PORT='70000': Input should be less than or equal to 65535"),
         ("OPENAI_API_KEY", "changeme", "OPENAI_API_KEY: is a placeholder"),
         ("ADMIN_TOKEN", "short", "ADMIN_TOKEN: must be at least 16 characters"),
@@ -158,6 +166,24 @@ def test_a_bad_value_stops_start_up_with_one_line(
         assert number not in lines[0], "customers' numbers are never echoed"
 
 
+@pytest.mark.parametrize("value", ["xx", "sp", " SP "])
+def test_a_transcribe_language_whisper_does_not_know_is_refused(value: str) -> None:
+    """It passed as two letters, then every voice note failed at the server (HTTP 400, unknown language)."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=None, transcribe_language=value)  # type: ignore[call-arg]
+    assert describe_error(caught.value) == (
+        f"TRANSCRIBE_LANGUAGE={value!r}: is not a language Whisper knows: use a two-letter ISO 639-1 code"
+        " such as es or en, or auto"
+    )
+
+
+@pytest.mark.parametrize(("value", "hint"), [("ES", "es"), ("pt", "pt"), ("auto", None), ("jw", "jw")])
+def test_a_transcribe_language_whisper_knows_is_accepted(value: str, hint: str | None) -> None:
+    """Case-folded, and Whisper's own codes pass even where ISO differs (jw: Whisper's Javanese, ISO's jv)."""
+    settings = Settings(_env_file=None, transcribe_language=value)  # type: ignore[call-arg]
+    assert settings.transcription_hint == hint
+
+
 def test_production_logs_at_warning_unless_told(make_settings) -> None:
     assert make_settings(app_env="production").effective_log_level == "WARNING"
     assert make_settings(app_env="production", log_level="debug").effective_log_level == "DEBUG"
@@ -175,6 +201,17 @@ def run_bot(tmp_path: Path, *args: str, **variables: str) -> subprocess.Complete
         capture_output=True,
         text=True,
         timeout=60,
+    )
+
+
+def test_doctor_refuses_a_transcribe_language_whisper_does_not_know_like_start_up(tmp_path: Path) -> None:
+    """doctor said "all good" and the bot started, then every voice note failed at the server."""
+    result = run_bot(tmp_path, "doctor", TRANSCRIBE_LANGUAGE="sp")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr + result.stdout
+    assert lines[0] == (
+        "invalid configuration: TRANSCRIBE_LANGUAGE='sp': is not a language Whisper knows: use a two-letter"
+        " ISO 639-1 code such as es or en, or auto"
     )
 
 

@@ -92,6 +92,7 @@ class Bot:
     memory: MemoryManager
     transcriber: VoiceTranscriber
     connection_stats: Callable[[], dict[str, Any]] | None = None
+    call_notices: SlidingWindowLimiter | None = None  # `run` with WA_REJECT_CALLS: for the metrics
     lease: SessionLease | None = None
     started_at: float = field(default_factory=time.time)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -511,7 +512,7 @@ class Bot:
         """Each in-memory structure that grows with traffic: its size, its bound and what it evicted."""
         pipeline = self.pipeline
         cache, history = self.cache.stats(), self.history.stats()
-        limiter = pipeline.rate_limiter
+        limiter, calls = pipeline.rate_limiter, self.call_notices
         return {
             "response_cache": {
                 "size": int(cache["size"]),
@@ -540,6 +541,11 @@ class Bot:
                 "size": len(pipeline.media_notices),
                 "max": pipeline.media_notices.max_keys,
                 "evictions": pipeline.media_notices.evictions,
+            },
+            "call_notice_chats": {
+                "size": len(calls) if calls is not None else 0,
+                "max": calls.max_keys if calls is not None else 0,
+                "evictions": calls.evictions if calls is not None else 0,
             },
             "chats_with_work": {
                 "size": pipeline.active_chats,

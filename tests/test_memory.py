@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from bot.limits import OncePerWindow
+from bot.limits import OncePerWindow, SlidingWindowLimiter
 from connection.types import ChatId, Inbound, MessageId, MessageKind
 from memory.manager import MemoryManager, MemoryState, cgroup_limit_files, cgroup_limit_mb
 from tests.conftest import inbound
@@ -232,6 +232,7 @@ async def test_metrics_show_each_structure_its_bound_and_its_evictions(harness) 
     assert structures["history_chats"]["size"] == 5
     assert structures["rate_limit_windows"]["size"] == 5
     assert structures["chats_with_work"] == {"size": 0, "waiting_messages": 0, "max_waiting_messages": 10_000}
+    assert structures["call_notice_chats"] == {"size": 0, "max": 0, "evictions": 0}  # no calls on the console
 
 
 async def test_chats_told_about_media_are_bounded_and_forgotten_under_pressure(harness) -> None:
@@ -250,6 +251,17 @@ async def test_chats_told_about_media_are_bounded_and_forgotten_under_pressure(h
         manager.on_change(h.bot._on_memory_state)
         assert manager.check() is MemoryState.WARNING
         assert h.bot.metrics()["memory"]["structures"]["media_notice_chats"]["size"] == 0
+
+
+async def test_callers_told_to_write_are_bounded_and_in_the_metrics(harness) -> None:
+    """WA_REJECT_CALLS remembers who was told to write instead of calling: it was bounded, but not shown."""
+    now = [1000.0]
+    async with harness() as h:
+        h.bot.call_notices = SlidingWindowLimiter(1, 600, max_keys=3, clock=lambda: now[0])
+        for i in range(5):
+            assert h.bot.call_notices.check(f"3460066{i:04d}@s.whatsapp.net") == "ok"
+        structures = h.bot.metrics()["memory"]["structures"]
+    assert structures["call_notice_chats"] == {"size": 3, "max": 3, "evictions": 2}
 
 
 async def test_chat_histories_are_bounded_by_characters_not_only_by_chats(harness) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -29,6 +30,7 @@ from memory.manager import MemoryManager, MemoryState
 from memory.store import Direction, MessageStatus
 from tests.conftest import inbound
 from tests.fake_openai import FakeOpenAI, InstantModel
+from tests.test_http import get
 from tests.test_shutdown import FakeNeonize, free_port
 
 CHAT = "34600111222@s.whatsapp.net"
@@ -795,8 +797,13 @@ async def test_calls_tell_each_caller_once_and_refused_numbers_never(
             transport.on_inbound(inbound("hola", chat=CHAT))
             while not transport.texts_to(CHAT):  # the send budget is there for the customer's answer
                 await asyncio.sleep(0.01)
+            status, body = await get(f"http://127.0.0.1:{settings.port}/v1/metrics")
     finally:
         os.kill(os.getpid(), signal.SIGTERM)
         await run
     assert transport.texts_to(blocked) == []
     assert transport.texts_to(caller) == [reply("call_rejected", "es"), reply("resend", "es")]
+    # The callers remembered for the notice are in the metrics: the caller, not the refused number.
+    assert status == 200
+    structures = json.loads(body)["memory"]["structures"]
+    assert structures["call_notice_chats"] == {"size": 1, "max": whatsapp.CALL_NOTICE_CHATS, "evictions": 0}

@@ -188,6 +188,7 @@ class Bot:
             self.pipeline.takeover.prune()
             + (limiter.prune() if limiter else 0)
             + self.pipeline.media_notices.prune()
+            + (self.call_notices.prune() if self.call_notices else 0)
         )
         capped = max(1, round(full * (1 - self.settings.memory_shrink_fraction)))
         self._resize_model_limit(capped)

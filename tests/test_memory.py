@@ -253,15 +253,22 @@ async def test_chats_told_about_media_are_bounded_and_forgotten_under_pressure(h
         assert h.bot.metrics()["memory"]["structures"]["media_notice_chats"]["size"] == 0
 
 
-async def test_callers_told_to_write_are_bounded_and_in_the_metrics(harness) -> None:
-    """WA_REJECT_CALLS remembers who was told to write instead of calling: it was bounded, but not shown."""
+async def test_callers_told_to_write_are_bounded_and_forgotten_under_pressure(harness) -> None:
+    """WA_REJECT_CALLS remembers who was told to write instead of calling: it was bounded, but not shown,
+    and kept under memory pressure what the other structures let go."""
     now = [1000.0]
     async with harness() as h:
         h.bot.call_notices = SlidingWindowLimiter(1, 600, max_keys=3, clock=lambda: now[0])
         for i in range(5):
             assert h.bot.call_notices.check(f"3460066{i:04d}@s.whatsapp.net") == "ok"
         structures = h.bot.metrics()["memory"]["structures"]
+        now[0] += 601
+        manager = MemoryManager(500, read_rss_mb=lambda: 410.0)
+        manager.on_change(h.bot._on_memory_state)
+        assert manager.check() is MemoryState.WARNING
+        after = h.bot.metrics()["memory"]["structures"]["call_notice_chats"]
     assert structures["call_notice_chats"] == {"size": 3, "max": 3, "evictions": 2}
+    assert after["size"] == 0
 
 
 async def test_chat_histories_are_bounded_by_characters_not_only_by_chats(harness) -> None:

@@ -562,6 +562,8 @@ async def run_chat(settings: Settings, *, jsonl: bool) -> int:
 
     transport = ConsoleTransport(jsonl=jsonl)
     bot = Bot.build(settings, transport)
+    # No owner to hand a chat to here: "quiero hablar con una persona" would silence the console for good.
+    bot.pipeline.handoff = None
     await bot.start()
     if not jsonl:
         mode = "AI on" if bot.model else "AI off (no OPENAI_API_KEY nor OPENAI_BASE_URL): keyword flows only"

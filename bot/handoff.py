@@ -8,44 +8,64 @@ defaults below; `off` turns the hand-off off.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from bot.flows import normalize
+from bot.replies import Language, reply
 
+# Requests, not mentions: "tengo que hablar con alguien de mi familia" or "¿eres un agente humano?" are
+# no hand-off, so phrases about "someone" carry the asking verb, and a "no"/"not" just before cancels one.
 DEFAULT_PHRASES = (
     # Spanish
     "hablar con una persona",
     "hablar con un humano",
     "hablar con una humana",
-    "hablar con alguien",
     "hablar con un agente",
+    "hablar con una agente",
     "hablar con un asesor",
     "hablar con una asesora",
     "hablar con un operador",
     "hablar con una operadora",
+    "hablar con un representante",
     "hablar con el encargado",
     "hablar con la encargada",
+    "quiero hablar con alguien",
+    "puedo hablar con alguien",
+    "necesito hablar con alguien",
     "pasame con una persona",
     "pasame con alguien",
     "pasame con un humano",
-    "agente humano",
+    "pasame con un asesor",
+    "pasame con un agente",
+    "me atienda una persona",
+    "me puede atender una persona",
     "atencion humana",
     # English
     "talk to a human",
     "talk to a person",
-    "talk to someone",
-    "talk to an agent",
+    "talk to a real person",
     "talk with a human",
-    "talk with someone",
+    "talk with a person",
     "speak to a human",
     "speak to a person",
-    "speak to someone",
-    "speak to an agent",
+    "speak to a real person",
     "speak with a human",
-    "speak with someone",
-    "human agent",
+    "speak with a person",
+    "talk to an agent",
+    "speak to an agent",
+    "talk to a representative",
+    "speak to a representative",
+    "can i talk to someone",
+    "can i speak to someone",
+    "i want to talk to someone",
+    "i want to speak to someone",
     "live agent",
 )
+# Words that, in the three before a phrase within its clause, make it a refusal: "no quiero hablar con una
+# persona" is one, "no, quiero hablar con una persona" is not.
+_NEGATIONS = frozenset({"no", "not", "dont", "never", "nunca", "tampoco"})
+_CLAUSE_BREAKS = re.compile(r"[,.;:!?¡¿()\n]+")
 # What the owner is shown of the customer's message in the notice.
 NOTICE_QUOTE_CHARS = 200
 
@@ -57,18 +77,26 @@ class HandoffPhrases:
         self._padded = tuple(f" {normal} " for normal in map(normalize, phrases) if normal)
 
     def asked(self, text: str) -> bool:
-        padded = f" {normalize(text)} "
-        return any(phrase in padded for phrase in self._padded)
+        return any(self._asked_in(f" {normalize(clause)} ") for clause in _CLAUSE_BREAKS.split(text))
+
+    def _asked_in(self, padded: str) -> bool:
+        for phrase in self._padded:
+            start = padded.find(phrase)
+            while start != -1:
+                if not _NEGATIONS.intersection(padded[:start].split()[-3:]):
+                    return True
+                start = padded.find(phrase, start + 1)
+        return False
 
 
-def customer_label(push_name: str, sender: str) -> str:
+def customer_label(push_name: str, sender: str, language: Language) -> str:
     """How the owner's notice names the customer: "Ana (+34600111222)", or whichever part is known."""
     user, _, server = sender.partition("@")
     number = f"+{user}" if server == "s.whatsapp.net" and user.isdigit() else ""
     name = " ".join(push_name.split())[:60]
     if name and number:
         return f"{name} ({number})"
-    return name or number or "?"
+    return name or number or reply("a_customer", language)
 
 
 def quote_for_owner(text: str) -> str:

@@ -54,6 +54,9 @@ GroupPolicy = Literal["never", "mentioned", "always"]
 MAX_REPLY_PARTS = 10
 # Of the message a customer replied to, what the model is told: enough to say which one it was.
 MAX_QUOTE_CHARS = 300
+# A hand-off notice waits this long for the owner's own chat to be known (the session loading at start).
+OWNER_CHAT_WAIT_S = 300.0
+MAX_WAITING_OWNER_NOTICES = 50
 # "I can only read text and voice notes" goes to a chat once in this long: four photos in a row get it once.
 MEDIA_NOTICE_EVERY_S = 300.0
 _MEDIA_KINDS = {
@@ -173,14 +176,14 @@ def clean_text(text: str, max_chars: int) -> tuple[str, bool]:
     return cleaned, False
 
 
-def with_quote(text: str, message: Inbound, language: Language) -> str:
-    """The customer's words after the message they replied to, for the model: "¿y este?" under one plan
-    of a list, or under an answer from yesterday no longer in the history, says which one."""
+def quote_note(message: Inbound, language: Language) -> str:
+    """What the message replies to, told to the model before the customer's words: "¿y este?" under one
+    plan of a list, or under an answer from yesterday no longer in the history, says which one."""
     quoted, cut = clean_text(message.quoted, MAX_QUOTE_CHARS)
     if not quoted:
-        return text
+        return ""
     key = {"bot": "quote_of_bot_note", "ad": "ad_note"}.get(message.quoted_from, "quote_note")
-    return f"{reply(key, language).format(quoted=quoted + ('…' if cut else ''))}\n\n{text}"
+    return reply(key, language).format(quoted=quoted + ("…" if cut else ""))
 
 
 class Pipeline:
@@ -255,6 +258,9 @@ class Pipeline:
         self._to_tell: deque[ChatId] = deque()  # told "busy" next, one at a time (see _tell_busy)
         self._telling: asyncio.Task[None] | None = None
         self._busy_watch: asyncio.Task[None] | None = None
+        # Hand-off notices waiting for the owner's own chat to be known (see _tell_owner); bounded.
+        self._owner_notices: deque[str] = deque(maxlen=MAX_WAITING_OWNER_NOTICES)
+        self._owner_waiter: asyncio.Task[None] | None = None
         self._notice_only: set[str] = set()
         self._background = BackgroundTasks("pipeline")
         self._summaries: asyncio.Task[None] | None = None
@@ -374,7 +380,8 @@ class Pipeline:
             return False
         if message.id in self._notice_only:  # over the rate limit: a notice, not a flow's answer
             return False
-        return self.responder.flows.match(clean_text(message.text, self.max_inbound_chars)[0]) is not None
+        text = clean_text(message.text, self.max_inbound_chars)[0]
+        return self.responder.flows.match(text) is not None or self._asks_for_a_person(message, text)
 
     def _spill(self, message: Inbound, row: StoredMessage, persisted: Awaitable[None]) -> None:
         """Leave the message in the store only; `_refill` takes it back in order. Everything after it
@@ -663,27 +670,50 @@ class Pipeline:
         ]
         return bool(told and waiting) and max(told) >= min(waiting)
 
-    def _asks_for_a_person(self, text: str) -> bool:
-        return self.handoff is not None and self.handoff.asked(text)
+    def _asks_for_a_person(self, message: Inbound, text: str) -> bool:
+        """A customer's request for a person; never in a group, where one member would silence the rest."""
+        return self.handoff is not None and not message.is_group and self.handoff.asked(text)
 
     def _hand_over(self, message: Inbound, text: str) -> None:
         """The customer was told a person will write: the chat is left to the owner, who is told so in their
         own chat (the only place the customer's number and words are shown)."""
         self.takeover.hand_over(message.chat)
-        minutes = self.takeover.pause_s / 60
         logger.warning("a customer in {} asked for a person: the chat is left to the owner", message.chat)
-        owner_chat = getattr(self.transport, "owner_chat", None)
-        if not owner_chat:
-            logger.warning("the owner could not be told: the linked number's own chat is not known yet")
-            return
-        notice = reply(
-            "handoff_owner_notice",
-            self.language,
-            who=customer_label(message.push_name, message.sender),
-            text=quote_for_owner(text),
-            duration=duration(minutes, self.language),
+        self._tell_owner(
+            reply(
+                "handoff_owner_notice",
+                self.language,
+                who=customer_label(message.push_name, message.sender, self.language),
+                text=quote_for_owner(message.text or text),  # the caption, not the note for the model
+                duration=duration(self.takeover.pause_s / 60, self.language),
+            )
         )
-        self._spawn(self._send_notice(ChatId(owner_chat), notice))
+
+    def _tell_owner(self, notice: str) -> None:
+        owner_chat = getattr(self.transport, "owner_chat", None)
+        if owner_chat:
+            self._spawn(self._send_notice(ChatId(owner_chat), notice))
+            return
+        self._owner_notices.append(notice)
+        if self._owner_waiter is None or self._owner_waiter.done():
+            self._owner_waiter = asyncio.create_task(self._tell_owner_when_known(), name="owner-notices")
+
+    async def _tell_owner_when_known(self) -> None:
+        """The owner's own chat is known once the session is loaded: a hand-off recovered at start, answered
+        before the connection, waits for it (not in the background tasks `drain` waits for)."""
+        deadline = time.monotonic() + OWNER_CHAT_WAIT_S
+        while time.monotonic() < deadline:
+            owner_chat = getattr(self.transport, "owner_chat", None)
+            if owner_chat:
+                while self._owner_notices:
+                    await self._send_notice(ChatId(owner_chat), self._owner_notices.popleft())
+                return
+            await asyncio.sleep(1.0)
+        logger.warning(
+            "the owner could not be told of {} request(s) for a person: the linked number is not known",
+            len(self._owner_notices),
+        )
+        self._owner_notices.clear()
 
     async def _send_notice(self, chat: ChatId, text: str) -> None:
         try:
@@ -770,7 +800,7 @@ class Pipeline:
                 model_time += time.perf_counter() - understood
                 if canned is None:  # the transcript is this turn's text, in the history read below too
                     inbound = replace(inbound, body=text)
-            if canned is None and self._asks_for_a_person(text):
+            if canned is None and self._asks_for_a_person(message, text):
                 canned = handing_over = reply("handoff", self.language)
             if canned is not None:
                 answer_text, via_model = canned, False
@@ -779,8 +809,7 @@ class Pipeline:
                 via_model = answer is None
                 if answer is None:
                     model_started = time.perf_counter()
-                    asked = with_quote(text, message, self.language)  # flows read the customer's own words
-                    answer = await self._ask_model(message, inbound, asked)
+                    answer = await self._ask_model(message, inbound, text)
                     model_time += time.perf_counter() - model_started
                 answer_text = answer.text
         except Exception:  # a bug or an odd input must cost the customer an apology, never the answer
@@ -920,7 +949,7 @@ class Pipeline:
         history = await self.history.recent(inbound)
         await self._typing(message.chat, True)
         try:
-            return await self.responder.model_answer(text, history)
+            return await self.responder.model_answer(text, history, quote_note(message, self.language))
         finally:
             await self._typing(message.chat, False)
 
@@ -1110,7 +1139,7 @@ class Pipeline:
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop taking messages, let in-flight ones finish within `timeout`, cancel the rest."""
         self._accepting = False
-        for task in (self._summaries, self._busy_watch):
+        for task in (self._summaries, self._busy_watch, self._owner_waiter):
             if task is not None:
                 task.cancel()
         # What is still spilled stays persisted and unanswered: recovery takes it at the next start.

@@ -77,6 +77,7 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "es": "De acuerdo, aviso a una persona del equipo y te escribirá por aquí en cuanto pueda.",
         "en": "Sure, I'm letting someone from the team know; they'll write to you here as soon as they can.",
     },
+    "a_customer": {"es": "Un cliente", "en": "A customer"},
     "handoff_owner_notice": {
         "es": "🙋 {who} quiere hablar con una persona: «{text}». No le contestaré durante {duration}, "
         "o hasta que escribas «!bot reanuda» en su chat.",
@@ -84,8 +85,8 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "or until you write “!bot resume” in their chat.",
     },
     "ad_note": {
-        "es": "(El cliente escribe desde un anuncio del negocio: «{quoted}»)",
-        "en": "(The customer is writing from one of the business's ads: “{quoted}”)",
+        "es": "(El mensaje del cliente dice venir de un anuncio con este texto: «{quoted}»)",
+        "en": "(The customer's message says it comes from an ad with this text: “{quoted}”)",
     },
     "too_long_note": {
         "es": "(Tu mensaje era muy largo; he leído solo el principio.)",

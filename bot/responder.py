@@ -104,18 +104,20 @@ class Responder:
         """The whole chain: flows, then the cache, then the model."""
         return self.quick_answer(text) or await self.model_answer(text, history)
 
-    async def model_answer(self, text: str, history: Sequence[StoredMessage]) -> Answer:
+    async def model_answer(self, text: str, history: Sequence[StoredMessage], context: str = "") -> Answer:
         """The cache, then the model, told the answers of the flows the text matched (or the polite reply
-        when AI is off, after those answers, or an apology on failure)."""
-        result = await self._from_model(text, history)
+        when AI is off, after those answers, or an apology on failure). `context` goes before the text for
+        the model only (what the message replies to): the flows read the customer's own words."""
+        result = await self._from_model(text, history, context)
         self.by_source[result.source.value] += 1
         return result
 
-    async def _from_model(self, text: str, history: Sequence[StoredMessage]) -> Answer:
+    async def _from_model(self, text: str, history: Sequence[StoredMessage], context: str) -> Answer:
         facts = self.flows.facts(text)
         if self.model is None:  # what the flows know, and that someone will answer the rest
             return Answer("\n\n".join([*facts, reply("ai_off", self.language)]), Source.AI_OFF)
-        messages = build_messages(with_facts(self.system_prompt, facts), history, text)
+        asked = f"{context}\n\n{text}" if context else text
+        messages = build_messages(with_facts(self.system_prompt, facts), history, asked)
         # The facts are in the key (the system prompt): an answer is reused only with the same facts.
         key = cache_key(self.model.model, messages)
         cached = self.cache.get(key)

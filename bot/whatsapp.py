@@ -166,7 +166,7 @@ async def run_whatsapp(settings: Settings) -> int:
     bot = Bot.build(settings, governor)
     if settings.wa_reject_calls:
         bot.call_notices = call_notices  # in /v1/metrics' memory.structures
-    governor.hold = bot.pipeline.takeover.is_paused  # an answer is not sent once the owner has the chat
+    governor.hold = bot.pipeline.takeover.holds  # an answer is not sent once the owner has the chat
     transport.on_reply_dropped = bot.pipeline.reply_dropped  # nor remembered when it never went out
     bot.pipeline.on_reply_parts = transport.group_parts  # all of it, after a restart too
     bot.connection_stats = lambda: {

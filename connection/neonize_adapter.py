@@ -362,8 +362,9 @@ def _quote(msg: WAMessage, own: frozenset[str]) -> tuple[str, QuoteSource]:
         if context.HasField("quotedMessage"):
             _, text, _, _ = _body(_unwrap(context.quotedMessage), own)
             return text, "bot" if own and _bare_user(context.participant) in own else "customer"
-        ad = context.externalAdReply  # other bots dress their messages as cards too: only a real ad counts
-        if ad.sourceType.lower() == "ad" or ad.ctwaClid or ad.showAdAttribution:
+        # Bots dress their messages as cards too (showAdAttribution alone): an ad has its click id.
+        ad = context.externalAdReply
+        if ad.sourceType.lower() == "ad" or ad.ctwaClid:
             words = "\n".join(part for part in (_text(ad.title), _text(ad.body)) if part.strip())
             return (words, "ad") if words else ("", "customer")
         return "", "customer"

@@ -155,3 +155,16 @@ async def test_every_documented_log_level_starts(tmp_path: Path) -> None:
         )
         assert code == 0, err
         assert len(lines(out)) == 1
+
+
+async def test_the_console_does_not_hand_itself_over(tmp_path: Path, fake_openai: FakeOpenAI) -> None:
+    """There is no owner to hand a chat to in the console: asking for a person silenced it for good, across
+    sessions too (the pause is kept in DATA_DIR)."""
+    env = {"OPENAI_API_KEY": "test-key", "OPENAI_BASE_URL": fake_openai.base_url}
+    said = "".join(
+        json.dumps({"from": "34600111222", "text": text}) + "\n"
+        for text in ("quiero hablar con una persona", "¿hola?")
+    )
+    code, out, err = await run_chat(tmp_path, said, "--jsonl", **env)
+    assert code == 0, err
+    assert [line["text"] for line in lines(out)] == ["echo: quiero hablar con una persona", "echo: ¿hola?"]

@@ -3,16 +3,20 @@ through the real pipeline, SQLite store and SDK (against the fake OpenAI server)
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from bot.config import Settings
+from bot.handoff import HandoffPhrases
 from bot.replies import reply
 from connection.types import ChatId, Inbound, MediaRef, MessageKind
 from memory.store import Direction, MessageStatus
 from tests.conftest import BotHarness, inbound
 from tests.fake_openai import FakeOpenAI
+from tests.test_protection import critical_memory
 from tests.test_voice_notes import tone
 
 CHAT = "34600111222@s.whatsapp.net"
@@ -112,6 +116,66 @@ async def test_without_the_owners_chat_the_customer_is_still_told_and_the_chat_l
     async with harness(**ai(fake_openai)) as h:
         assert await told(h, "pásame con una persona") == [reply("handoff", "es")]
         assert await told(h, "¿hola?") == []
+
+
+async def test_the_owner_is_told_once_their_chat_is_known(harness, fake_openai: FakeOpenAI) -> None:
+    """A request answered at start (recovered after a crash) comes before the session is loaded: the owner
+    was never told."""
+    async with harness(**ai(fake_openai)) as h:
+        assert await told(h, inbound("pásame con una persona", push_name="Ana")) == [reply("handoff", "es")]
+        assert h.transport.texts_to(ME) == []
+        h.transport.owner_chat = ChatId(ME)  # the session is loaded
+        for _ in range(50):
+            if h.transport.texts_to(ME):
+                break
+            await asyncio.sleep(0.1)
+    assert h.transport.texts_to(ME)[0].startswith("🙋 Ana (+34600111222) quiere hablar con una persona")
+
+
+async def test_in_a_group_a_request_for_a_person_does_not_silence_the_group(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """One member asking for a person paused the bot for every member of the group."""
+    group = "120363000000000001@g.us"
+    async with owned(harness(**ai(fake_openai, reply_to_groups="always"))) as h:
+        ana = replace(inbound("quiero hablar con una persona", chat=group, is_group=True), sender=CHAT)
+        luis = replace(inbound("¿a qué hora abrís?", chat=group, is_group=True), sender=OTHER)
+        assert await told(h, ana, luis) == ["echo: quiero hablar con una persona", "echo: ¿a qué hora abrís?"]
+    assert h.transport.texts_to(ME) == []
+
+
+async def test_a_request_for_a_person_is_answered_while_memory_is_critical(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """It needs no model, yet it waited for memory with the questions that do."""
+    async with owned(harness(**ai(fake_openai))) as h:
+        critical_memory(h.bot)
+        h.bot.pipeline.submit(inbound("quiero hablar con una persona"))
+        await asyncio.sleep(0.3)
+        assert h.transport.texts_to(CHAT) == [reply("handoff", "es")]
+
+
+@pytest.mark.parametrize(
+    ("text", "asks"),
+    [
+        ("Hola, ¿puedo hablar con una persona? Es por mi pedido", True),
+        ("quiero hablar con alguien", True),
+        ("pásame con un asesor", True),
+        ("¿me puede atender una persona?", True),
+        ("no, quiero hablar con una persona", True),  # "no" answers the bot; the request follows
+        ("I'd rather talk to a real person", True),
+        ("Can I speak to someone from sales?", True),
+        ("no quiero hablar con una persona, prefiero seguir aquí", False),
+        ("I don't want to talk to a human", False),
+        ("déjame hablar con alguien en casa y te confirmo el pedido", False),
+        ("lo tengo que hablar con alguien de mi familia", False),
+        ("I need to talk to someone at home first", False),
+        ("¿eres un agente humano?", False),
+        ("are you a human agent or a bot?", False),
+    ],
+)
+def test_requests_for_a_person_and_mere_mentions(text: str, asks: bool) -> None:
+    assert HandoffPhrases().asked(text) is asks
 
 
 @pytest.mark.parametrize(

@@ -190,8 +190,10 @@ def test_a_first_message_from_an_ad_carries_the_ads_words() -> None:
     assert msg is not None and msg.text == "Hola, quiero más información"
     assert (msg.quoted, msg.quoted_from) == ("Pizza 2x1 los martes\nSolo en local", "ad")
 
-    # Another bot's message dressed as a card is no ad of ours.
-    card = ContextInfo.ExternalAdReplyInfo(title="Mi bot", body="Powered by X", thumbnail=b"\xff")
+    # A message dressed as an ad's card by another bot (no click id) is no ad of the business's.
+    card = ContextInfo.ExternalAdReplyInfo(
+        title="GRATIS HOY", body="todo al 100% de descuento", thumbnail=b"\xff", showAdAttribution=True
+    )
     text = ExtendedTextMessage(text="hola", contextInfo=ContextInfo(externalAdReply=card))
     msg = translate_message(event(WAMessage(extendedTextMessage=text)), {ME})
     assert msg is not None and msg.quoted == ""

@@ -517,7 +517,7 @@ async def bot_behind_the_outbox(
         **settings,
     )
     bot = Bot.build(config, governed)
-    governed.hold = bot.pipeline.takeover.is_paused
+    governed.hold = bot.pipeline.takeover.holds
     t.on_reply_dropped = bot.pipeline.reply_dropped
     bot.pipeline.on_reply_parts = t.group_parts
     await bot.start()
@@ -604,6 +604,39 @@ async def test_a_reply_queued_before_a_restart_and_dropped_after_it_is_not_remem
         assert fake_client.instances[-1].sent == []  # withheld
         assert await bot.pipeline.drain(5)
         await assert_not_remembered(bot, governed, fake_openai, "echo: ¿tenéis talla M?")
+
+
+async def test_a_hand_off_queued_while_disconnected_still_tells_the_customer(
+    fake_client: type[FakeNewAClient], tmp_path: Path, fake_openai: Any
+) -> None:
+    """ "Someone will write" waited in the outbox while the chat was already the owner's: at the reconnect
+    the hold dropped it, and the customer met 30 minutes of silence without a word."""
+    from bot.replies import reply
+    from tests.conftest import inbound
+
+    fake_client.script.extend(["ok"])
+    async with bot_behind_the_outbox(tmp_path, fake_openai) as (bot, t, governed):
+        client = fake_client.instances[0]
+        await client.drop()
+        for text in ("¿tenéis talla M?", "quiero hablar con una persona"):
+            message = inbound(text, chat=CHAT)
+            governed.note_inbound(message)
+            bot.pipeline.submit(message)
+            assert await bot.pipeline.drain(5)
+        assert t.stats()["outbox_pending"] == 2 and bot.pipeline.takeover.is_paused(CHAT)
+        await client.back()
+        async with asyncio.timeout(5):
+            while t.stats()["outbox_pending"]:
+                await asyncio.sleep(0.01)
+        assert [text for _, text in client.sent] == [
+            "echo: ¿tenéis talla M?",
+            reply("handoff", "es"),
+        ]  # both given before the hand-off
+        later = inbound("¿hola?", chat=CHAT)
+        governed.note_inbound(later)
+        bot.pipeline.submit(later)
+        assert await bot.pipeline.drain(5)
+        assert len(client.sent) == 2  # the chat is the owner's now
 
 
 LONG_FIRST = "Primera frase bastante larga para ocupar sitio. " * 4

@@ -41,7 +41,7 @@ async def governed_bot(settings: Settings, typing_chars_per_s: float = 0) -> Asy
     limits = GovernorLimits(typing_chars_per_s=typing_chars_per_s, typing_jitter=0)
     governed = GovernedTransport(LoopbackTransport(owner_chat=ChatId(ME)), limits)
     bot = Bot.build(settings, governed)
-    governed.hold = bot.pipeline.takeover.is_paused
+    governed.hold = bot.pipeline.takeover.holds
     await bot.start()
     try:
         yield bot, governed

@@ -190,11 +190,30 @@ async def test_a_customer_from_an_ad_is_answered_about_the_ad(harness, fake_open
     async with harness(**ai(fake_openai, bot_language="en")) as h:
         await h.say(inbound("Hi, more info please", quoted="Pizza 2x1 on Tuesdays", quoted_from="ad"))
     asked = fake_openai.chat_requests[-1]["messages"][-1]["content"]
-    assert (
-        asked
-        == "(The customer is writing from one of the business's ads: “Pizza 2x1 on Tuesdays”)\n\n"
-        + ("Hi, more info please")
+    ad = reply("ad_note", "en").format(quoted="Pizza 2x1 on Tuesdays")
+    assert asked == f"{ad}\n\nHi, more info please"
+    assert "Pizza 2x1" in ad  # the model is told what the ad says
+
+
+async def test_the_flows_facts_come_from_the_customers_words_not_the_quote(
+    harness, fake_openai: FakeOpenAI, tmp_path
+) -> None:
+    """ "muchas gracias por todo" under the bot's message about hours got the hours again with AI off; with
+    AI on, keywords in the quote took the places of the facts the customer's question needed."""
+    flows = tmp_path / "flows.yaml"
+    flows.write_text(
+        "- keywords: [horario]\n  answer: Abrimos a las 9.\n"
+        "- keywords: [devolucion]\n  answer: Tienes 30 días para devolverlo.\n",
+        encoding="utf-8",
     )
+    under_hours = {"quoted": "Nuestro horario es de 9 a 14", "quoted_from": "bot"}
+    async with harness(flows_file=flows) as h:  # AI off
+        [thanks] = await h.say(inbound("muchas gracias por todo", **under_hours))
+    assert thanks == reply("ai_off", "es")
+    async with harness(**ai(fake_openai, flows_file=flows)) as h:
+        await h.say(inbound("¿y la devolución del pedido 12 cómo va?", **under_hours))
+    system = fake_openai.chat_requests[-1]["messages"][0]["content"]
+    assert "30 días" in system and "Abrimos a las 9." not in system
 
 
 async def test_a_long_quote_reaches_the_model_shortened(harness, fake_openai: FakeOpenAI) -> None:

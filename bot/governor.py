@@ -81,7 +81,7 @@ class GovernedTransport:
             "same_text_waits": 0,
             "withheld": 0,
         }
-        self.hold: Callable[[ChatId], bool] | None = None  # set by the app: the takeover's is_paused
+        self.hold: Callable[[ChatId, str], bool] | None = None  # set by the app: the takeover's holds
         self.typing_s = 0.0
         # A transport with an outbox paces each message when it really goes out (a reconnect must not
         # send the whole outbox at once); any other is paced here, before the send.
@@ -148,10 +148,10 @@ class GovernedTransport:
         slot taken (for `unspend`). SendWithheld when `hold` says the chat is no longer the bot's (the owner
         wrote while the bot was "typing")."""
         await self._typing_pause(chat, text)
-        await self._check_hold(chat)
+        await self._check_hold(chat, text)
         slot = await self._take_budget()
         try:
-            await self._check_hold(chat)
+            await self._check_hold(chat, text)
         except SendWithheld:
             self.unspend(slot)
             raise
@@ -162,8 +162,8 @@ class GovernedTransport:
         with contextlib.suppress(ValueError):  # already out of the window
             self._sent_at.remove(slot)
 
-    async def _check_hold(self, chat: ChatId) -> None:
-        if self.hold is None or chat == self.owner_chat or not self.hold(chat):
+    async def _check_hold(self, chat: ChatId, text: str) -> None:
+        if self.hold is None or chat == self.owner_chat or not self.hold(chat, text):
             return  # the owner's own chat is never held: answers to owner commands go there
         self.counters["withheld"] += 1
         with contextlib.suppress(Exception):  # not "typing…" right after the owner's message

@@ -15,7 +15,7 @@ from bot.flows import normalize
 from bot.replies import Language, reply
 
 # Requests, not mentions: "tengo que hablar con alguien de mi familia" or "¿eres un agente humano?" are
-# no hand-off, so phrases about "someone" carry the asking verb, and a "no"/"not" just before cancels one.
+# no hand-off, so phrases about "someone" carry the asking verb; "no quiero..." refuses (see _refused).
 DEFAULT_PHRASES = (
     # Spanish
     "hablar con una persona",
@@ -62,10 +62,12 @@ DEFAULT_PHRASES = (
     "i want to speak to someone",
     "live agent",
 )
-# Words that, in the three before a phrase within its clause, make it a refusal: "no quiero hablar con una
-# persona" is one, "no, quiero hablar con una persona" is not.
-_NEGATIONS = frozenset({"no", "not", "dont", "never", "nunca", "tampoco"})
-_CLAUSE_BREAKS = re.compile(r"[,.;:!?¡¿()\n]+")
+# A negation right before a verb of wanting, right before the phrase, refuses it: "no quiero hablar con una
+# persona", "I don't want to talk to a human". "¿Por qué no puedo hablar con una persona?" or "esto no
+# funciona, quiero hablar con una persona" still ask; so does "no, quiero..." (another clause).
+_NEGATIONS = frozenset({"no", "not", "dont", "never", "nunca"})
+_WANTING = frozenset({"quiero", "queria", "quisiera", "necesito", "want", "wanna", "need"})
+_CLAUSE_BREAKS = re.compile(r"[,;!?¡¿\n]+")
 # What the owner is shown of the customer's message in the notice.
 NOTICE_QUOTE_CHARS = 200
 
@@ -83,10 +85,23 @@ class HandoffPhrases:
         for phrase in self._padded:
             start = padded.find(phrase)
             while start != -1:
-                if not _NEGATIONS.intersection(padded[:start].split()[-3:]):
+                if not _refused(padded[:start].split(), phrase.split()):
                     return True
                 start = padded.find(phrase, start + 1)
         return False
+
+
+def _refused(before: list[str], phrase: list[str]) -> bool:
+    """Whether the words before a matched phrase refuse it: a negation, then a verb of wanting (and "to"),
+    straight into the phrase's speaking verb ("no | quiero | hablar con...", "dont want to | talk")."""
+    words = before + phrase
+    verb = len(before)
+    while verb < len(words) and words[verb] in _WANTING:  # the phrase's own "quiero" ("quiero hablar con...")
+        verb += 1
+    at = verb - 1
+    if at >= 0 and words[at] == "to":
+        at -= 1
+    return at >= 1 and words[at] in _WANTING and words[at - 1] in _NEGATIONS
 
 
 def customer_label(push_name: str, sender: str, language: Language) -> str:

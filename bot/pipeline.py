@@ -56,6 +56,7 @@ MAX_REPLY_PARTS = 10
 MAX_QUOTE_CHARS = 300
 # A hand-off notice waits this long for the owner's own chat to be known (the session loading at start).
 OWNER_CHAT_WAIT_S = 300.0
+OWNER_CHAT_POLL_S = 1.0
 MAX_WAITING_OWNER_NOTICES = 50
 # "I can only read text and voice notes" goes to a chat once in this long: four photos in a row get it once.
 MEDIA_NOTICE_EVERY_S = 300.0
@@ -224,6 +225,7 @@ class Pipeline:
         self.media_notices = OncePerWindow(MEDIA_NOTICE_EVERY_S)  # bounded: see limits.py
         self.takeover = takeover or Takeover(pause_s=1800)
         self.handoff = handoff  # None: a customer asking for a person is answered like any message
+        self.takeover.handoff_reply = reply("handoff", language)
         self.allowed_numbers = allowed_numbers
         self.blocked_numbers = blocked_numbers
         self.busy_after_s = busy_after_s
@@ -259,7 +261,7 @@ class Pipeline:
         self._telling: asyncio.Task[None] | None = None
         self._busy_watch: asyncio.Task[None] | None = None
         # Hand-off notices waiting for the owner's own chat to be known (see _tell_owner); bounded.
-        self._owner_notices: deque[str] = deque(maxlen=MAX_WAITING_OWNER_NOTICES)
+        self._owner_notices: deque[tuple[float, str]] = deque(maxlen=MAX_WAITING_OWNER_NOTICES)
         self._owner_waiter: asyncio.Task[None] | None = None
         self._notice_only: set[str] = set()
         self._background = BackgroundTasks("pipeline")
@@ -694,26 +696,26 @@ class Pipeline:
         if owner_chat:
             self._spawn(self._send_notice(ChatId(owner_chat), notice))
             return
-        self._owner_notices.append(notice)
+        if not self._accepting:  # stopping: a waiter started now would outlive the pipeline
+            logger.warning("the owner could not be told of a request for a person: the bot is stopping")
+            return
+        self._owner_notices.append((time.monotonic() + OWNER_CHAT_WAIT_S, notice))
         if self._owner_waiter is None or self._owner_waiter.done():
             self._owner_waiter = asyncio.create_task(self._tell_owner_when_known(), name="owner-notices")
 
     async def _tell_owner_when_known(self) -> None:
         """The owner's own chat is known once the session is loaded: a hand-off recovered at start, answered
         before the connection, waits for it (not in the background tasks `drain` waits for)."""
-        deadline = time.monotonic() + OWNER_CHAT_WAIT_S
-        while time.monotonic() < deadline:
+        while self._owner_notices:
             owner_chat = getattr(self.transport, "owner_chat", None)
             if owner_chat:
                 while self._owner_notices:
-                    await self._send_notice(ChatId(owner_chat), self._owner_notices.popleft())
+                    await self._send_notice(ChatId(owner_chat), self._owner_notices.popleft()[1])
                 return
-            await asyncio.sleep(1.0)
-        logger.warning(
-            "the owner could not be told of {} request(s) for a person: the linked number is not known",
-            len(self._owner_notices),
-        )
-        self._owner_notices.clear()
+            while self._owner_notices and self._owner_notices[0][0] <= time.monotonic():
+                self._owner_notices.popleft()
+                logger.warning("a request for a person not told to the owner: their chat is not known")
+            await asyncio.sleep(OWNER_CHAT_POLL_S)
 
     async def _send_notice(self, chat: ChatId, text: str) -> None:
         try:

@@ -95,9 +95,9 @@ class Takeover:
         self._paused: OrderedDict[str, float] = OrderedDict()  # chat -> until (monotonic)
         self._sent: OrderedDict[str, None] = OrderedDict()
         self._exempt: set[str] = set()  # chats resumed one by one during a pause of every chat
-        # Chats handed over at the customer's request whose "someone will write" may still wait in the
-        # outbox: `holds` lets the bot's queued replies there out, until the owner writes or resumes.
-        self._announcing: OrderedDict[str, None] = OrderedDict()
+        # The bot's "someone will write" (set by the pipeline): promised before the chat was handed over, it
+        # goes out even if the outbox held it (disconnected) until after, in this process or the next.
+        self.handoff_reply: str | None = None
         self.global_until = 0.0
         self.takeovers = 0
         self.handoffs = 0
@@ -136,27 +136,22 @@ class Takeover:
     def owner_wrote(self, chat: str) -> None:
         """The owner answered a customer from the phone: hand the chat over for `pause_s` (a chat resumed
         during a pause of all stays resumed after that)."""
-        self._announcing.pop(chat, None)  # the owner is talking: nothing the bot queued goes out now
         if self.pause_s <= 0:  # HUMAN_TAKEOVER_MINUTES=0 turns takeover off
             return
         self.takeovers += 1
         self.pause(chat, self.pause_s, keep_exempt=True)
 
     def hand_over(self, chat: str) -> None:
-        """The customer asked for a person: the chat is the owner's for `pause_s`, as if they had written,
-        but the bot's "someone will write" still goes out if the outbox holds it (disconnected, say)."""
+        """The customer asked for a person: the chat is the owner's for `pause_s`, as if they had written."""
         if self.pause_s <= 0:
             return
         self.handoffs += 1
         self.pause(chat, self.pause_s, keep_exempt=True)
-        self._announcing[chat] = None
-        self._announcing.move_to_end(chat)
-        while len(self._announcing) > self.max_chats:
-            self._announcing.popitem(last=False)
 
-    def holds(self, chat: str) -> bool:
-        """Whether a reply of the bot to `chat` must not go out now (the governor's hold)."""
-        return self.is_paused(chat) and chat not in self._announcing
+    def holds(self, chat: str, text: str) -> bool:
+        """Whether the bot's `text` to `chat` must not go out now (the governor's hold): anything in a chat a
+        human has, except the hand-off reply itself."""
+        return self.is_paused(chat) and text != self.handoff_reply
 
     def pause(self, chat: str | None, seconds: float | None = None, *, keep_exempt: bool = False) -> None:
         until = math.inf if seconds is None else self._clock() + seconds
@@ -181,10 +176,8 @@ class Takeover:
             self.global_until = 0.0
             self._paused.clear()
             self._exempt.clear()
-            self._announcing.clear()
         else:
             self._paused.pop(chat, None)
-            self._announcing.pop(chat, None)
             if self._clock() < self.global_until and len(self._exempt) < self.max_chats:
                 self._exempt.add(chat)  # `!bot resume` in one chat during `!bot pause all`
                 self._changed(EXEMPT + chat, self.global_until)  # kept as long as the pause of all
@@ -207,10 +200,7 @@ class Takeover:
         ended = [chat for chat, until in self._paused.items() if until <= now]
         for chat in ended:
             del self._paused[chat]
-        done = [chat for chat in self._announcing if chat not in self._paused]
-        for chat in done:
-            del self._announcing[chat]
-        return len(ended) + len(done)
+        return len(ended)
 
     def apply(self, command: OwnerCommand, chat: str | None) -> tuple[str, dict[str, object]]:
         """Carry out an owner command typed in `chat` (None: the owner's own chat, where a command applies to

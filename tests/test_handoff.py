@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bot import pipeline as pipeline_module
 from bot.config import Settings
 from bot.handoff import HandoffPhrases
 from bot.replies import reply
@@ -132,6 +133,23 @@ async def test_the_owner_is_told_once_their_chat_is_known(harness, fake_openai: 
     assert h.transport.texts_to(ME)[0].startswith("🙋 Ana (+34600111222) quiere hablar con una persona")
 
 
+async def test_each_notice_waits_its_own_time_for_the_owners_chat(
+    harness, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One deadline ran from the first notice: a later one was dropped after waiting much less."""
+    monkeypatch.setattr(pipeline_module, "OWNER_CHAT_WAIT_S", 0.4)
+    monkeypatch.setattr(pipeline_module, "OWNER_CHAT_POLL_S", 0.05)
+    async with harness(**ai(fake_openai)) as h:
+        await told(h, inbound("quiero hablar con una persona", push_name="Ana"))
+        await asyncio.sleep(0.5)  # Ana's notice has waited its time
+        await told(h, inbound("quiero hablar con una persona", chat=OTHER, push_name="Luis"))
+        await asyncio.sleep(0.1)
+        h.transport.owner_chat = ChatId(ME)
+        await asyncio.sleep(0.3)
+    [notice] = h.transport.texts_to(ME)
+    assert notice.startswith("🙋 Luis (+5491122334455)")
+
+
 async def test_in_a_group_a_request_for_a_person_does_not_silence_the_group(
     harness, fake_openai: FakeOpenAI
 ) -> None:
@@ -172,10 +190,21 @@ async def test_a_request_for_a_person_is_answered_while_memory_is_critical(
         ("I need to talk to someone at home first", False),
         ("¿eres un agente humano?", False),
         ("are you a human agent or a bot?", False),
+        ("¿Por qué no puedo hablar con una persona?", True),
+        ("¿no me puede atender una persona?", True),
+        ("esto no funciona quiero hablar con una persona", True),  # no punctuation, as typed
+        ("the app is not working talk to a human", True),
+        ("I do not want to speak to a person", False),
     ],
 )
 def test_requests_for_a_person_and_mere_mentions(text: str, asks: bool) -> None:
     assert HandoffPhrases().asked(text) is asks
+
+
+def test_custom_phrases_with_inner_punctuation_match() -> None:
+    phrases = HandoffPhrases(["operador(a)", "sr. pérez", "S.O.S"])
+    assert phrases.asked("quiero un operador(a) ya") and phrases.asked("¿está el Sr. Perez?")
+    assert phrases.asked("S.O.S.")
 
 
 @pytest.mark.parametrize(

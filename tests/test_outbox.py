@@ -628,15 +628,41 @@ async def test_a_hand_off_queued_while_disconnected_still_tells_the_customer(
         async with asyncio.timeout(5):
             while t.stats()["outbox_pending"]:
                 await asyncio.sleep(0.01)
-        assert [text for _, text in client.sent] == [
-            "echo: ¿tenéis talla M?",
-            reply("handoff", "es"),
-        ]  # both given before the hand-off
+        # The answer queued before it is the owner's to give now, as after any takeover; the promise goes.
+        assert [text for _, text in client.sent] == [reply("handoff", "es")]
         later = inbound("¿hola?", chat=CHAT)
         governed.note_inbound(later)
         bot.pipeline.submit(later)
         assert await bot.pipeline.drain(5)
-        assert len(client.sent) == 2  # the chat is the owner's now
+        assert len(client.sent) == 1  # the chat is the owner's now
+
+
+async def test_a_hand_off_queued_before_a_restart_still_tells_the_customer(
+    fake_client: type[FakeNewAClient], tmp_path: Path, fake_openai: Any
+) -> None:
+    """The outbox and the pause outlive a deploy: "someone will write" must too."""
+    from bot.replies import reply
+    from tests.conftest import inbound
+
+    fake_client.script.extend(["ok"])
+    async with bot_behind_the_outbox(tmp_path, fake_openai) as (bot, t, governed):
+        await fake_client.instances[0].drop()
+        message = inbound("quiero hablar con una persona", chat=CHAT)
+        governed.note_inbound(message)
+        bot.pipeline.submit(message)
+        assert await bot.pipeline.drain(5)
+        assert t.stats()["outbox_pending"] == 1
+    fake_client.script.extend(["ok"])  # the next start, connected
+    async with bot_behind_the_outbox(tmp_path, fake_openai) as (bot, t, governed):
+        async with asyncio.timeout(5):
+            while t.stats()["outbox_pending"]:
+                await asyncio.sleep(0.01)
+        assert [text for _, text in fake_client.instances[-1].sent] == [reply("handoff", "es")]
+        assert bot.pipeline.takeover.is_paused(CHAT)
+        # Anything else the bot would say there is the owner's to say now.
+        governed.note_inbound(inbound("¿hola?", chat=CHAT))
+        with pytest.raises(SendWithheld):
+            await governed.send_text(CHAT, "te respondo en breve")
 
 
 LONG_FIRST = "Primera frase bastante larga para ocupar sitio. " * 4

@@ -183,7 +183,9 @@ def quote_note(message: Inbound, language: Language) -> str:
     quoted, cut = clean_text(message.quoted, MAX_QUOTE_CHARS)
     if not quoted:
         return ""
-    key = {"bot": "quote_of_bot_note", "ad": "ad_note"}.get(message.quoted_from, "quote_note")
+    key = {"bot": "quote_of_bot_note", "ad": "ad_note", "product": "product_note", "order": "order_note"}.get(
+        message.quoted_from, "quote_note"
+    )
     return reply(key, language).format(quoted=quoted + ("…" if cut else ""))
 
 

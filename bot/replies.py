@@ -84,6 +84,14 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "🙋 {who} wants to talk to a person: “{text}”. I won't answer them for {duration}, "
         "or until you write “!bot resume” in their chat.",
     },
+    "product_note": {
+        "es": "(El cliente envía este producto de tu catálogo: «{quoted}»)",
+        "en": "(The customer is sending this product from your catalog: “{quoted}”)",
+    },
+    "order_note": {
+        "es": "(El cliente envía un pedido de tu catálogo: «{quoted}». No ves sus artículos.)",
+        "en": "(The customer is sending an order from your catalog: “{quoted}”. You cannot see its items.)",
+    },
     "ad_note": {
         "es": "(El mensaje del cliente dice venir de un anuncio con este texto: «{quoted}»)",
         "en": "(The customer's message says it comes from an ad with this text: “{quoted}”)",

@@ -178,8 +178,6 @@ _UNSUPPORTED = (
     "requestPaymentMessage",
     "stickerPackMessage",
     "eventMessage",
-    "productMessage",
-    "orderMessage",
     "groupInviteMessage",
 )
 
@@ -267,6 +265,14 @@ def _body(msg: WAMessage, me: frozenset[str]) -> tuple[MessageKind, str, MediaRe
             handle=msg,  # download_any wants the whole waE2E Message
         )
         return kind, _text(getattr(sub, "caption", "")), media, _mentions(sub, me)
+    # A product of the business's catalog sent to ask about it, or an order from its cart: read as the
+    # customer's words (or the product's name) with the details in `quoted` (see _quote).
+    if msg.HasField("productMessage"):
+        product = msg.productMessage
+        return MessageKind.TEXT, _text(product.body) or _text(product.product.title), None, False
+    if msg.HasField("orderMessage"):
+        order = msg.orderMessage
+        return MessageKind.TEXT, _text(order.message) or _text(order.orderTitle), None, False
     if msg.HasField("reactionMessage"):
         return MessageKind.REACTION, _text(msg.reactionMessage.text), None, False
     if any(msg.HasField(field) for field in _UNSUPPORTED):
@@ -354,13 +360,22 @@ def _source(src: Any, lids: LidToPhone | None = None) -> tuple[str, str, bool, b
 def _quote(msg: WAMessage, own: frozenset[str]) -> tuple[str, QuoteSource]:
     """What `msg` replies to (swipe-to-reply) as text, and who wrote it; a first message from a
     click-to-WhatsApp ad quotes the ad's title and text. ("", "customer") when it quotes nothing; a
-    quoted photo reads as its caption."""
+    quoted photo reads as its caption, a quoted product as its name, price and description. A product or an
+    order the customer sends quotes its own details ("product", "order")."""
+    if msg.HasField("productMessage"):
+        return _product_details(msg.productMessage.product), "product"
+    if msg.HasField("orderMessage"):
+        return _order_details(msg.orderMessage), "order"
     for field in ("extendedTextMessage", *(name for name, _ in _MEDIA_KINDS)):
         if not msg.HasField(field):
             continue
         context = getattr(msg, field).contextInfo
         if context.HasField("quotedMessage"):
-            _, text, _, _ = _body(_unwrap(context.quotedMessage), own)
+            quoted = _unwrap(context.quotedMessage)
+            if quoted.HasField("productMessage"):
+                text = _product_details(quoted.productMessage.product)
+            else:
+                _, text, _, _ = _body(quoted, own)
             return text, "bot" if own and _bare_user(context.participant) in own else "customer"
         # Bots dress their messages as cards too (showAdAttribution alone): an ad has its click id.
         ad = context.externalAdReply
@@ -369,6 +384,27 @@ def _quote(msg: WAMessage, own: frozenset[str]) -> tuple[str, QuoteSource]:
             return (words, "ad") if words else ("", "customer")
         return "", "customer"
     return "", "customer"
+
+
+def _money(amount_1000: int, currency: str) -> str:
+    return f"{amount_1000 / 1000:.2f} {_text(currency)}".strip() if amount_1000 else ""
+
+
+def _product_details(product: Any) -> str:
+    """ "Camiseta azul · 20.00 EUR (sale: 15.00 EUR) · Algodón 100 %": what the catalog says of a product."""
+    price = _money(int(product.priceAmount1000), product.currencyCode)
+    sale = _money(int(product.salePriceAmount1000), product.currencyCode)
+    if price and sale:
+        price = f"{price} (sale: {sale})"
+    parts = (_text(product.title), price, _text(product.description))
+    return " · ".join(part.strip() for part in parts if part.strip())
+
+
+def _order_details(order: Any) -> str:
+    """ "Pedido de Ana · 3 items · 45.00 EUR": what an order message says (its items are not in it)."""
+    items = f"{int(order.itemCount)} items" if order.itemCount else ""
+    parts = (_text(order.orderTitle), items, _money(int(order.totalAmount1000), order.totalCurrencyCode))
+    return " · ".join(part.strip() for part in parts if part.strip())
 
 
 def translate_message(

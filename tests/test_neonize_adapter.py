@@ -47,6 +47,8 @@ with warnings.catch_warnings():
         ExtendedTextMessage,
         FutureProofMessage,
         ImageMessage,
+        OrderMessage,
+        ProductMessage,
         ReactionMessage,
     )
     from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import Message as WAMessage
@@ -197,6 +199,42 @@ def test_a_first_message_from_an_ad_carries_the_ads_words() -> None:
     text = ExtendedTextMessage(text="hola", contextInfo=ContextInfo(externalAdReply=card))
     msg = translate_message(event(WAMessage(extendedTextMessage=text)), {ME})
     assert msg is not None and msg.quoted == ""
+
+
+def test_a_product_from_the_catalog_is_read_with_its_details() -> None:
+    """ "Consultar" under a product of the business's catalog sends the product: it got "I can only read text
+    and voice notes", for the question a shop most wants."""
+    shirt = ProductMessage.ProductSnapshot(
+        title="Camiseta azul",
+        description="Algodón 100 %",
+        currencyCode="EUR",
+        priceAmount1000=20_000,
+        salePriceAmount1000=15_000,
+    )
+    msg = translate_message(event(WAMessage(productMessage=ProductMessage(product=shirt))), {ME})
+    assert msg is not None and (msg.kind, msg.text) == (MessageKind.TEXT, "Camiseta azul")
+    assert (msg.quoted, msg.quoted_from) == (
+        "Camiseta azul · 20.00 EUR (sale: 15.00 EUR) · Algodón 100 %",
+        "product",
+    )
+    asked = ProductMessage(product=shirt, body="¿La tenéis en talla M?")
+    msg = translate_message(event(WAMessage(productMessage=asked)), {ME})
+    assert msg is not None and msg.text == "¿La tenéis en talla M?" and msg.quoted_from == "product"
+
+    # A swipe reply to a product the business sent: the quote is the product's details.
+    context = ContextInfo(participant=f"{ME}@s.whatsapp.net", quotedMessage=WAMessage(productMessage=asked))
+    wa = WAMessage(extendedTextMessage=ExtendedTextMessage(text="¿y en rojo?", contextInfo=context))
+    msg = translate_message(event(wa), {ME})
+    assert msg is not None and msg.quoted.startswith("Camiseta azul · 20.00 EUR") and msg.quoted_from == "bot"
+
+
+def test_an_order_from_the_catalog_is_read_with_its_total() -> None:
+    order = OrderMessage(
+        orderTitle="Pedido de Ana", itemCount=3, totalAmount1000=45_500, totalCurrencyCode="EUR", message=""
+    )
+    msg = translate_message(event(WAMessage(orderMessage=order)), {ME})
+    assert msg is not None and (msg.kind, msg.text) == (MessageKind.TEXT, "Pedido de Ana")
+    assert (msg.quoted, msg.quoted_from) == ("Pedido de Ana · 3 items · 45.50 EUR", "order")
 
 
 def test_a_message_that_replies_to_nothing_has_no_quote() -> None:

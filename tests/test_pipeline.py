@@ -195,6 +195,17 @@ async def test_a_customer_from_an_ad_is_answered_about_the_ad(harness, fake_open
     assert "Pizza 2x1" in ad  # the model is told what the ad says
 
 
+async def test_a_product_from_the_catalog_is_answered_about_that_product(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    details = "Camiseta azul · 20.00 EUR · Algodón 100 %"
+    async with harness(**ai(fake_openai)) as h:
+        [answer] = await h.say(inbound("Camiseta azul", quoted=details, quoted_from="product"))
+    asked = fake_openai.chat_requests[-1]["messages"][-1]["content"]
+    assert asked == reply("product_note", "es").format(quoted=details) + "\n\nCamiseta azul"
+    assert answer.startswith("echo: (El cliente envía este producto de tu catálogo")
+
+
 async def test_the_flows_facts_come_from_the_customers_words_not_the_quote(
     harness, fake_openai: FakeOpenAI, tmp_path
 ) -> None:

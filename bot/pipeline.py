@@ -68,6 +68,8 @@ _MEDIA_KINDS = {
     MessageKind.UNSUPPORTED,
 }
 _CAPTIONED_KINDS = {MessageKind.IMAGE, MessageKind.VIDEO, MessageKind.DOCUMENT}
+# What a message can reply to that the model cannot see (each has a `label_<kind>` reply).
+_QUOTED_MEDIA = {*_CAPTIONED_KINDS, MessageKind.STICKER, MessageKind.AUDIO}
 
 
 class VoiceTranscriber(Protocol):
@@ -181,12 +183,18 @@ def quote_note(message: Inbound, language: Language) -> str:
     """What the message replies to, told to the model before the customer's words: "¿y este?" under one
     plan of a list, or under an answer from yesterday no longer in the history, says which one."""
     quoted, cut = clean_text(message.quoted, MAX_QUOTE_CHARS)
+    quoted += "…" if cut else ""
+    if message.quoted_kind in _QUOTED_MEDIA:  # a photo the business sent, and "¿precio?" under it
+        what = reply(f"label_{message.quoted_kind.value}", language)
+        if not quoted:
+            return reply("quote_media_note", language, what=what)
+        return reply("quote_media_caption_note", language, what=what, quoted=quoted)
     if not quoted:
         return ""
     key = {"bot": "quote_of_bot_note", "ad": "ad_note", "product": "product_note", "order": "order_note"}.get(
         message.quoted_from, "quote_note"
     )
-    return reply(key, language).format(quoted=quoted + ("…" if cut else ""))
+    return reply(key, language).format(quoted=quoted)
 
 
 class Pipeline:

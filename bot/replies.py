@@ -84,6 +84,19 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "🙋 {who} wants to talk to a person: “{text}”. I won't answer them for {duration}, "
         "or until you write “!bot resume” in their chat.",
     },
+    "quote_media_note": {
+        "es": "(El cliente responde a {what} que no puedes ver.)",
+        "en": "(The customer is replying to {what} you cannot see.)",
+    },
+    "quote_media_caption_note": {
+        "es": "(El cliente responde a {what} que no puedes ver, con este texto: «{quoted}»)",
+        "en": "(The customer is replying to {what} you cannot see, captioned: “{quoted}”)",
+    },
+    "label_image": {"es": "una foto", "en": "a photo"},
+    "label_video": {"es": "un vídeo", "en": "a video"},
+    "label_sticker": {"es": "un sticker", "en": "a sticker"},
+    "label_document": {"es": "un documento", "en": "a document"},
+    "label_audio": {"es": "una nota de voz", "en": "a voice note"},
     "product_note": {
         "es": "(El cliente envía este producto de tu catálogo: «{quoted}»)",
         "en": "(The customer is sending this product from your catalog: “{quoted}”)",

@@ -357,33 +357,34 @@ def _source(src: Any, lids: LidToPhone | None = None) -> tuple[str, str, bool, b
 # --------------------------------------------------------------------------- translation
 
 
-def _quote(msg: WAMessage, own: frozenset[str]) -> tuple[str, QuoteSource]:
+def _quote(msg: WAMessage, own: frozenset[str]) -> tuple[str, QuoteSource, MessageKind]:
     """What `msg` replies to (swipe-to-reply) as text, and who wrote it; a first message from a
     click-to-WhatsApp ad quotes the ad's title and text. ("", "customer") when it quotes nothing; a
     quoted photo reads as its caption, a quoted product as its name, price and description. A product or an
-    order the customer sends quotes its own details ("product", "order")."""
+    order the customer sends quotes its own details ("product", "order"). The kind is the quoted message's
+    (a photo without a caption quotes no text, but the model is told what it cannot see)."""
     if msg.HasField("productMessage"):
-        return _product_details(msg.productMessage.product), "product"
+        return _product_details(msg.productMessage.product), "product", MessageKind.TEXT
     if msg.HasField("orderMessage"):
-        return _order_details(msg.orderMessage), "order"
+        return _order_details(msg.orderMessage), "order", MessageKind.TEXT
     for field in ("extendedTextMessage", *(name for name, _ in _MEDIA_KINDS)):
         if not msg.HasField(field):
             continue
         context = getattr(msg, field).contextInfo
         if context.HasField("quotedMessage"):
             quoted = _unwrap(context.quotedMessage)
+            kind, text, _, _ = _body(quoted, own)
             if quoted.HasField("productMessage"):
                 text = _product_details(quoted.productMessage.product)
-            else:
-                _, text, _, _ = _body(quoted, own)
-            return text, "bot" if own and _bare_user(context.participant) in own else "customer"
+            author: QuoteSource = "bot" if own and _bare_user(context.participant) in own else "customer"
+            return text, author, kind
         # Bots dress their messages as cards too (showAdAttribution alone): an ad has its click id.
         ad = context.externalAdReply
         if ad.sourceType.lower() == "ad" or ad.ctwaClid:
             words = "\n".join(part for part in (_text(ad.title), _text(ad.body)) if part.strip())
-            return (words, "ad") if words else ("", "customer")
-        return "", "customer"
-    return "", "customer"
+            return (words, "ad", MessageKind.TEXT) if words else ("", "customer", MessageKind.TEXT)
+        break
+    return "", "customer", MessageKind.TEXT
 
 
 def _money(amount_1000: int, currency: str) -> str:
@@ -439,10 +440,10 @@ def translate_message(
         logger.debug("message {} has an odd body ({}); kind=other", msg_id, type(exc).__name__)
         kind, text, media, mentions_me = MessageKind.OTHER, "", None, False
     try:
-        quoted, quoted_from = _quote(_unwrap(ev.Message), own)
+        quoted, quoted_from, quoted_kind = _quote(_unwrap(ev.Message), own)
     except Exception as exc:  # the message is still answered, without what it replies to
         logger.debug("message {} has an odd quote ({})", msg_id, type(exc).__name__)
-        quoted, quoted_from = "", "customer"
+        quoted, quoted_from, quoted_kind = "", "customer", MessageKind.TEXT
 
     return Inbound(
         id=MessageId(msg_id),
@@ -460,6 +461,7 @@ def translate_message(
         media=media,
         quoted=quoted,
         quoted_from=quoted_from,
+        quoted_kind=quoted_kind,
     )
 
 

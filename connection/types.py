@@ -82,6 +82,7 @@ class Inbound:
     # the model needs it to know what "¿y este?" under one plan of a list, or "más info" from an ad, is about.
     quoted: str = ""
     quoted_from: QuoteSource = "customer"
+    quoted_kind: MessageKind = MessageKind.TEXT  # a photo replied to: the model is told it cannot see it
     # When the bot took it (set by the pipeline; WhatsApp's `timestamp` is the sender's, in whole seconds):
     # what orders a chat's history, next to replies dated by this host's clock.
     received_at: float = 0.0

@@ -173,7 +173,19 @@ def test_a_swipe_reply_carries_the_text_it_replies_to_and_who_wrote_it() -> None
     wa = WAMessage(audioMessage=AudioMessage(mimetype="audio/ogg", PTT=True, contextInfo=context))
     msg = translate_message(event(wa), {ME})
     assert msg is not None and msg.kind is MessageKind.AUDIO
-    assert (msg.quoted, msg.quoted_from) == ("la lámpara roja", "customer")
+    assert (msg.quoted, msg.quoted_from, msg.quoted_kind) == (
+        "la lámpara roja",
+        "customer",
+        MessageKind.IMAGE,
+    )
+
+    # A photo without a caption the business sent, and "¿precio?" under it: no text, but a photo.
+    photo = WAMessage(imageMessage=ImageMessage(mimetype="image/jpeg"))
+    context = ContextInfo(participant=f"{ME}@s.whatsapp.net", quotedMessage=photo)
+    wa = WAMessage(extendedTextMessage=ExtendedTextMessage(text="¿precio?", contextInfo=context))
+    msg = translate_message(event(wa), {ME})
+    assert msg is not None
+    assert (msg.quoted, msg.quoted_from, msg.quoted_kind) == ("", "bot", MessageKind.IMAGE)
 
 
 def test_a_first_message_from_an_ad_carries_the_ads_words() -> None:

@@ -227,6 +227,20 @@ async def test_the_flows_facts_come_from_the_customers_words_not_the_quote(
     assert "30 días" in system and "Abrimos a las 9." not in system
 
 
+async def test_a_reply_to_a_photo_tells_the_model_it_cannot_see_it(harness, fake_openai: FakeOpenAI) -> None:
+    """ "¿precio?" under a product photo the business sent: the model had only "¿precio?" and could name
+    any price; told what it cannot see, it can ask which product."""
+    async with harness(**ai(fake_openai)) as h:
+        await h.say(inbound("¿precio?", quoted_from="bot", quoted_kind=MessageKind.IMAGE))
+        bare = fake_openai.chat_requests[-1]["messages"][-1]["content"]
+        await h.say(inbound("¿y esta?", quoted="Nueva colección", quoted_kind=MessageKind.VIDEO))
+        captioned = fake_openai.chat_requests[-1]["messages"][-1]["content"]
+    assert bare == "(El cliente responde a una foto que no puedes ver.)\n\n¿precio?"
+    assert captioned == (
+        "(El cliente responde a un vídeo que no puedes ver, con este texto: «Nueva colección»)\n\n¿y esta?"
+    )
+
+
 async def test_a_long_quote_reaches_the_model_shortened(harness, fake_openai: FakeOpenAI) -> None:
     async with harness(**ai(fake_openai)) as h:
         await h.say(inbound("¿esto?", quoted="palabra " * 5000))

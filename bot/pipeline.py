@@ -69,7 +69,7 @@ _MEDIA_KINDS = {
 }
 _CAPTIONED_KINDS = {MessageKind.IMAGE, MessageKind.VIDEO, MessageKind.DOCUMENT}
 # What a message can reply to that the model cannot see (each has a `label_<kind>` reply).
-_QUOTED_MEDIA = {*_CAPTIONED_KINDS, MessageKind.STICKER, MessageKind.AUDIO}
+_QUOTED_MEDIA = {*_CAPTIONED_KINDS, MessageKind.STICKER}
 
 
 class VoiceTranscriber(Protocol):
@@ -184,16 +184,23 @@ def quote_note(message: Inbound, language: Language) -> str:
     plan of a list, or under an answer from yesterday no longer in the history, says which one."""
     quoted, cut = clean_text(message.quoted, MAX_QUOTE_CHARS)
     quoted += "…" if cut else ""
+    whose = reply("whose_bot" if message.quoted_from == "bot" else "whose_customer", language)
+    if message.quoted_kind is MessageKind.AUDIO:  # its transcript, if the customer's, is in the history
+        return reply("quote_audio_note", language, whose=whose)
     if message.quoted_kind in _QUOTED_MEDIA:  # a photo the business sent, and "¿precio?" under it
         what = reply(f"label_{message.quoted_kind.value}", language)
         if not quoted:
-            return reply("quote_media_note", language, what=what)
-        return reply("quote_media_caption_note", language, what=what, quoted=quoted)
+            return reply("quote_media_note", language, what=what, whose=whose)
+        return reply("quote_media_caption_note", language, what=what, whose=whose, quoted=quoted)
     if not quoted:
         return ""
-    key = {"bot": "quote_of_bot_note", "ad": "ad_note", "product": "product_note", "order": "order_note"}.get(
-        message.quoted_from, "quote_note"
-    )
+    key = {
+        "bot": "quote_of_bot_note",
+        "ad": "ad_note",
+        "product": "product_note",
+        "other_product": "other_product_note",
+        "order": "order_note",
+    }.get(message.quoted_from, "quote_note")
     return reply(key, language).format(quoted=quoted)
 
 

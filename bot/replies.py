@@ -85,21 +85,32 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "or until you write “!bot resume” in their chat.",
     },
     "quote_media_note": {
-        "es": "(El cliente responde a {what} que no puedes ver.)",
-        "en": "(The customer is replying to {what} you cannot see.)",
+        "es": "(El cliente responde a {what}, un mensaje {whose}, que no puedes ver.)",
+        "en": "(The customer is replying to {what}, a message of {whose}, that you cannot see.)",
     },
     "quote_media_caption_note": {
-        "es": "(El cliente responde a {what} que no puedes ver, con este texto: «{quoted}»)",
-        "en": "(The customer is replying to {what} you cannot see, captioned: “{quoted}”)",
+        "es": "(El cliente responde a {what}, un mensaje {whose}, que no puedes ver, con este texto: "
+        "«{quoted}»)",
+        "en": "(The customer is replying to {what}, a message of {whose}, that you cannot see, captioned: "
+        "“{quoted}”)",
     },
+    "quote_audio_note": {
+        "es": "(El cliente responde a una nota de voz, un mensaje {whose}.)",
+        "en": "(The customer is replying to a voice note, a message of {whose}.)",
+    },
+    "whose_bot": {"es": "tuyo", "en": "yours"},
+    "whose_customer": {"es": "suyo", "en": "theirs"},
     "label_image": {"es": "una foto", "en": "a photo"},
     "label_video": {"es": "un vídeo", "en": "a video"},
     "label_sticker": {"es": "un sticker", "en": "a sticker"},
     "label_document": {"es": "un documento", "en": "a document"},
-    "label_audio": {"es": "una nota de voz", "en": "a voice note"},
     "product_note": {
         "es": "(El cliente envía este producto de tu catálogo: «{quoted}»)",
         "en": "(The customer is sending this product from your catalog: “{quoted}”)",
+    },
+    "other_product_note": {
+        "es": "(El cliente envía este producto del catálogo de otro negocio, no del tuyo: «{quoted}»)",
+        "en": "(The customer is sending this product from another business's catalog, not yours: “{quoted}”)",
     },
     "order_note": {
         "es": "(El cliente envía un pedido de tu catálogo: «{quoted}». No ves sus artículos.)",

@@ -267,12 +267,23 @@ def _body(msg: WAMessage, me: frozenset[str]) -> tuple[MessageKind, str, MediaRe
         return kind, _text(getattr(sub, "caption", "")), media, _mentions(sub, me)
     # A product of the business's catalog sent to ask about it, or an order from its cart: read as the
     # customer's words (or the product's name) with the details in `quoted` (see _quote).
+    # Nothing to read at all (a bare catalog share): the polite reply, as for other content.
     if msg.HasField("productMessage"):
         product = msg.productMessage
-        return MessageKind.TEXT, _text(product.body) or _text(product.product.title), None, False
+        words = _text(product.body) or _text(product.product.title) or _product_details(product.product)
+        return (
+            (MessageKind.TEXT, words, None, False)
+            if words.strip()
+            else (MessageKind.UNSUPPORTED, "", None, False)
+        )
     if msg.HasField("orderMessage"):
         order = msg.orderMessage
-        return MessageKind.TEXT, _text(order.message) or _text(order.orderTitle), None, False
+        words = _text(order.message) or _text(order.orderTitle) or _order_details(order)
+        return (
+            (MessageKind.TEXT, words, None, False)
+            if words.strip()
+            else (MessageKind.UNSUPPORTED, "", None, False)
+        )
     if msg.HasField("reactionMessage"):
         return MessageKind.REACTION, _text(msg.reactionMessage.text), None, False
     if any(msg.HasField(field) for field in _UNSUPPORTED):
@@ -364,7 +375,12 @@ def _quote(msg: WAMessage, own: frozenset[str]) -> tuple[str, QuoteSource, Messa
     order the customer sends quotes its own details ("product", "order"). The kind is the quoted message's
     (a photo without a caption quotes no text, but the model is told what it cannot see)."""
     if msg.HasField("productMessage"):
-        return _product_details(msg.productMessage.product), "product", MessageKind.TEXT
+        ours = _sold_by_us(msg.productMessage.businessOwnerJID, own)
+        return (
+            _product_details(msg.productMessage.product),
+            "product" if ours else "other_product",
+            MessageKind.TEXT,
+        )
     if msg.HasField("orderMessage"):
         return _order_details(msg.orderMessage), "order", MessageKind.TEXT
     for field in ("extendedTextMessage", *(name for name, _ in _MEDIA_KINDS)):
@@ -376,6 +392,8 @@ def _quote(msg: WAMessage, own: frozenset[str]) -> tuple[str, QuoteSource, Messa
             kind, text, _, _ = _body(quoted, own)
             if quoted.HasField("productMessage"):
                 text = _product_details(quoted.productMessage.product)
+            elif quoted.HasField("orderMessage"):
+                text = _order_details(quoted.orderMessage)
             author: QuoteSource = "bot" if own and _bare_user(context.participant) in own else "customer"
             return text, author, kind
         # Bots dress their messages as cards too (showAdAttribution alone): an ad has its click id.
@@ -385,6 +403,11 @@ def _quote(msg: WAMessage, own: frozenset[str]) -> tuple[str, QuoteSource, Messa
             return (words, "ad", MessageKind.TEXT) if words else ("", "customer", MessageKind.TEXT)
         break
     return "", "customer", MessageKind.TEXT
+
+
+def _sold_by_us(owner_jid: str, own: frozenset[str]) -> bool:
+    """A product shared from another business's catalog is not ours to price (unknown owner: ours)."""
+    return not owner_jid or not own or _bare_user(_text(owner_jid)) in own
 
 
 def _money(amount_1000: int, currency: str) -> str:
@@ -397,6 +420,8 @@ def _product_details(product: Any) -> str:
     sale = _money(int(product.salePriceAmount1000), product.currencyCode)
     if price and sale:
         price = f"{price} (sale: {sale})"
+    elif sale:
+        price = f"sale: {sale}"
     parts = (_text(product.title), price, _text(product.description))
     return " · ".join(part.strip() for part in parts if part.strip())
 

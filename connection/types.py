@@ -17,7 +17,7 @@ ChatId = NewType("ChatId", str)
 MessageId = NewType("MessageId", str)
 """WhatsApp's message id (unique per sender; we treat it as globally unique)."""
 
-QuoteSource = Literal["customer", "bot", "ad", "product", "order"]
+QuoteSource = Literal["customer", "bot", "ad", "product", "other_product", "order"]
 """Who wrote what a message quotes: the customer, the bot (our own number), or the ad the customer tapped;
 or what the customer sent from the business's catalog (a product, an order), its details as the quote."""
 

@@ -240,6 +240,26 @@ def test_a_product_from_the_catalog_is_read_with_its_details() -> None:
     assert msg is not None and msg.quoted.startswith("Camiseta azul · 20.00 EUR") and msg.quoted_from == "bot"
 
 
+def test_a_product_from_another_catalog_or_with_nothing_to_read() -> None:
+    """Another shop's product is not priced as ours; a bare catalog share got "I received no text"."""
+    other = ProductMessage(
+        product=ProductMessage.ProductSnapshot(
+            title="Zapatilla X", currencyCode="EUR", priceAmount1000=50_000
+        ),
+        businessOwnerJID="34611000000@s.whatsapp.net",
+        body="¿la tenéis?",
+    )
+    msg = translate_message(event(WAMessage(productMessage=other)), {ME})
+    assert msg is not None and (msg.quoted, msg.quoted_from) == ("Zapatilla X · 50.00 EUR", "other_product")
+    ours = ProductMessage(product=other.product, businessOwnerJID=f"{ME}@s.whatsapp.net")
+    msg = translate_message(event(WAMessage(productMessage=ours)), {ME})
+    assert msg is not None and (msg.text, msg.quoted_from) == ("Zapatilla X", "product")
+
+    bare = ProductMessage(catalog=ProductMessage.CatalogSnapshot(title=""))
+    msg = translate_message(event(WAMessage(productMessage=bare)), {ME})
+    assert msg is not None and msg.kind is MessageKind.UNSUPPORTED  # the polite reply, as before
+
+
 def test_an_order_from_the_catalog_is_read_with_its_total() -> None:
     order = OrderMessage(
         orderTitle="Pedido de Ana", itemCount=3, totalAmount1000=45_500, totalCurrencyCode="EUR", message=""

@@ -230,15 +230,22 @@ async def test_the_flows_facts_come_from_the_customers_words_not_the_quote(
 async def test_a_reply_to_a_photo_tells_the_model_it_cannot_see_it(harness, fake_openai: FakeOpenAI) -> None:
     """ "¿precio?" under a product photo the business sent: the model had only "¿precio?" and could name
     any price; told what it cannot see, it can ask which product."""
+    asked = []
     async with harness(**ai(fake_openai)) as h:
-        await h.say(inbound("¿precio?", quoted_from="bot", quoted_kind=MessageKind.IMAGE))
-        bare = fake_openai.chat_requests[-1]["messages"][-1]["content"]
-        await h.say(inbound("¿y esta?", quoted="Nueva colección", quoted_kind=MessageKind.VIDEO))
-        captioned = fake_openai.chat_requests[-1]["messages"][-1]["content"]
-    assert bare == "(El cliente responde a una foto que no puedes ver.)\n\n¿precio?"
-    assert captioned == (
-        "(El cliente responde a un vídeo que no puedes ver, con este texto: «Nueva colección»)\n\n¿y esta?"
-    )
+        for message in (
+            inbound("¿precio?", quoted_from="bot", quoted_kind=MessageKind.IMAGE),
+            inbound("¿y esta?", quoted="Nueva colección", quoted_from="bot", quoted_kind=MessageKind.VIDEO),
+            inbound("eso que te dije", quoted_from="customer", quoted_kind=MessageKind.AUDIO),
+        ):
+            await h.say(message)
+            asked.append(fake_openai.chat_requests[-1]["messages"][-1]["content"])
+    assert asked == [
+        "(El cliente responde a una foto, un mensaje tuyo, que no puedes ver.)\n\n¿precio?",
+        "(El cliente responde a un vídeo, un mensaje tuyo, que no puedes ver, con este texto: «Nueva "
+        "colección»)\n\n¿y esta?",
+        # Not "cannot see": the bot reads voice notes, and the customer's transcript is in the history.
+        "(El cliente responde a una nota de voz, un mensaje suyo.)\n\neso que te dije",
+    ]
 
 
 async def test_a_long_quote_reaches_the_model_shortened(harness, fake_openai: FakeOpenAI) -> None:

@@ -528,32 +528,23 @@ class Bot:
                 "chars": history["chars"],
                 "max_chars": history["max_chars"],
             },
-            "dedup_ids": {
-                "size": len(pipeline.dedup),
-                "max": pipeline.dedup.max_ids,
-                "evictions": pipeline.dedup.evictions,
-            },
-            "rate_limit_windows": {
-                "size": len(limiter) if limiter is not None else 0,
-                "max": limiter.max_keys if limiter is not None else 0,
-                "evictions": limiter.evictions if limiter is not None else 0,
-            },
-            "media_notice_chats": {
-                "size": len(pipeline.media_notices),
-                "max": pipeline.media_notices.max_keys,
-                "evictions": pipeline.media_notices.evictions,
-            },
-            "call_notice_chats": {
-                "size": len(calls) if calls is not None else 0,
-                "max": calls.max_keys if calls is not None else 0,
-                "evictions": calls.evictions if calls is not None else 0,
-            },
+            "dedup_ids": _bounded(pipeline.dedup, pipeline.dedup.max_ids),
+            "rate_limit_windows": _bounded(limiter, limiter.max_keys if limiter is not None else 0),
+            "media_notice_chats": _bounded(pipeline.media_notices, pipeline.media_notices.max_keys),
+            "call_notice_chats": _bounded(calls, calls.max_keys if calls is not None else 0),
             "chats_with_work": {
                 "size": pipeline.active_chats,
                 "waiting_messages": pipeline.waiting,
                 "max_waiting_messages": pipeline.max_waiting,
             },
         }
+
+
+def _bounded(structure: Any | None, bound: int) -> dict[str, int]:
+    """A bounded structure in /v1/metrics: its size, its bound and what the bound evicted (zeros when off)."""
+    if structure is None:
+        return {"size": 0, "max": 0, "evictions": 0}
+    return {"size": len(structure), "max": bound, "evictions": structure.evictions}
 
 
 async def run_chat(settings: Settings, *, jsonl: bool) -> int:

@@ -32,6 +32,11 @@ WHISPER_LANGUAGES = frozenset(
 )
 
 
+def _split_phrases(value: str) -> tuple[str, ...]:
+    """HANDOFF_PHRASES as a list: comma-separated, blanks dropped ("a, b," is a and b)."""
+    return tuple(phrase.strip() for phrase in value.split(",") if phrase.strip())
+
+
 class Settings(BaseSettings):
     """Every number has a lower and an upper bound: an absurd value is one line naming the variable at
     start-up, not an OverflowError from SQLite (or an hour-long sleep) once the bot runs."""
@@ -242,14 +247,14 @@ class Settings(BaseSettings):
     def _phrase_list(cls, value: str | None) -> str | None:
         if value is None or value.strip().lower() == "off":
             return value
-        phrases = [phrase for phrase in value.split(",") if phrase.strip()]  # "a, b," is a and b
+        phrases = _split_phrases(value)
         if not phrases:
             raise ValueError("has no phrases: list some, comma-separated, or write off")
         if len(phrases) > MAX_HANDOFF_PHRASES:
             raise ValueError(f"{len(phrases)} phrases, at most {MAX_HANDOFF_PHRASES}")
         for position, phrase in enumerate(phrases, 1):
             if not any(ch.isalnum() for ch in phrase):
-                raise ValueError(f"entry {position} ({phrase.strip()!r}) has no letters: it can never match")
+                raise ValueError(f"entry {position} ({phrase!r}) has no letters: it can never match")
         return value
 
     @property
@@ -260,7 +265,7 @@ class Settings(BaseSettings):
             return ()
         if self.handoff_phrases is None:
             return DEFAULT_PHRASES
-        return tuple(phrase.strip() for phrase in self.handoff_phrases.split(",") if phrase.strip())
+        return _split_phrases(self.handoff_phrases)
 
     @property
     def allowed(self) -> frozenset[str]:

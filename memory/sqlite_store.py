@@ -262,10 +262,14 @@ class SQLiteStore:
     def add_message(self, message: StoredMessage) -> asyncio.Future[None]:
         return self._enqueue("message", _message_params(message))
 
-    def add_reply(self, reply: StoredMessage, answered_id: str) -> asyncio.Future[None]:
-        # Both land in the same batch, so in the same transaction: a reply is never recorded
-        # without its question being marked answered, or the other way round.
+    def add_reply(
+        self, reply: StoredMessage, answered_id: str, also_answered: Sequence[str] = ()
+    ) -> asyncio.Future[None]:
+        # All land in the same batch, so in the same transaction: a reply is never recorded
+        # without its questions being marked answered, or the other way round.
         self._enqueue("message", _message_params(reply))
+        for earlier in also_answered:
+            self._enqueue("status", (MessageStatus.ANSWERED.value, None, reply.created_at, db_text(earlier)))
         return self._enqueue(
             "status", (MessageStatus.ANSWERED.value, None, reply.created_at, db_text(answered_id))
         )

@@ -166,9 +166,12 @@ class Store(Protocol):
         """
         ...
 
-    def add_reply(self, reply: StoredMessage, answered_id: str) -> Awaitable[None]:
+    def add_reply(
+        self, reply: StoredMessage, answered_id: str, also_answered: Sequence[str] = ()
+    ) -> Awaitable[None]:
         """Persist an outbound reply and mark the inbound message it answers ANSWERED, atomically;
-        durable once the result is awaited (a coroutine function satisfies this too)."""
+        durable once the result is awaited (a coroutine function satisfies this too). `also_answered`:
+        the earlier messages of a burst answered by the same reply, marked ANSWERED in the same commit."""
         ...
 
     async def set_status(self, wa_message_id: str, status: MessageStatus, body: str | None = None) -> None:

@@ -395,14 +395,22 @@ class SupabaseStore:
         self._memory.on_insert(message)
         return self._enqueue([Op.insert(message)])
 
-    async def add_reply(self, reply: StoredMessage, answered_id: str) -> None:
-        # One journal transaction: both or neither, and Supabase gets them in this order.
+    async def add_reply(
+        self, reply: StoredMessage, answered_id: str, also_answered: Sequence[str] = ()
+    ) -> None:
+        # One journal transaction: all or nothing, and Supabase gets them in this order.
         reply = _normalize(reply)
-        answered_id = db_text(answered_id)
+        answered = [db_text(message_id) for message_id in (*also_answered, answered_id)]
         self._gen += 1
         self._memory.on_insert(reply)
-        self._memory.on_status(answered_id, MessageStatus.ANSWERED, None)
-        await self._enqueue([Op.insert(reply), Op.set_status(answered_id, MessageStatus.ANSWERED)])
+        for message_id in answered:
+            self._memory.on_status(message_id, MessageStatus.ANSWERED, None)
+        await self._enqueue(
+            [
+                Op.insert(reply),
+                *(Op.set_status(message_id, MessageStatus.ANSWERED) for message_id in answered),
+            ]
+        )
 
     async def set_status(self, wa_message_id: str, status: MessageStatus, body: str | None = None) -> None:
         wa_message_id = db_text(wa_message_id)

@@ -230,6 +230,31 @@ async def test_add_reply_is_atomic_across_a_restart(backend: Backend) -> None:
         await second.close()
 
 
+async def test_one_reply_answers_a_burst_across_a_restart(backend: Backend) -> None:
+    """ "hola" / "una pregunta" / "¿precio?" answered by one reply: all three are answered, durably, so
+    recovery after a restart asks none of them again."""
+    first = backend.make()
+    await first.open()
+    for n in (1, 2, 3, 4):
+        await first.add_message(msg(n))
+    await first.add_reply(msg(5, direction=Direction.OUT), answered_id="WA3", also_answered=["WA1", "WA2"])
+    await first.close()
+
+    second = backend.make()
+    await second.open()
+    try:
+        assert [m.wa_message_id for m in await second.unanswered_inbound(0)] == ["WA4"]
+        assert await backend.rows(second) == {
+            "WA1": ("answered", "message 1"),
+            "WA2": ("answered", "message 2"),
+            "WA3": ("answered", "message 3"),
+            "WA4": ("received", "message 4"),
+            "WA5": ("sent", "message 5"),
+        }
+    finally:
+        await second.close()
+
+
 async def test_recent_messages_order_and_limit(store: Store) -> None:
     # Written out of time order, across two chats, with a tie on created_at (insertion order breaks it).
     for n in (3, 1, 2, 5, 4):

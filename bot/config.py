@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     wa_send_per_minute: int = Field(40, ge=1, le=1000)
     wa_typing_chars_per_s: float = Field(25.0, ge=0, le=1000)
     wa_same_text_max_chats: int = Field(5, ge=1, le=10_000)
+    # A customer's texts are answered once the chat has been quiet this long, together: "hola" / "quería
+    # saber" / "¿precio del plan pro?" get one answer, not three. 0: each message on its own.
+    wa_gather_s: float = Field(3.0, ge=0, le=30)
     admin_token: str | None = None
 
     @field_validator("log_level", mode="before")

@@ -14,7 +14,7 @@ import re
 import time
 import unicodedata
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, Protocol
 
@@ -58,6 +58,11 @@ MAX_QUOTE_CHARS = 300
 OWNER_CHAT_WAIT_S = 300.0
 OWNER_CHAT_POLL_S = 1.0
 MAX_WAITING_OWNER_NOTICES = 50
+# A burst ("hola" / "una pregunta" / "¿precio del plan pro?") is answered as one message: at most this many
+# texts, and the quiet the bot waits for (WA_GATHER_S) at most this many times over, so a customer who keeps
+# writing is still answered.
+MAX_BURST_MESSAGES = 20
+MAX_GATHER_ROUNDS = 4
 # "I can only read text and voice notes" goes to a chat once in this long: four photos in a row get it once.
 MEDIA_NOTICE_EVERY_S = 300.0
 _MEDIA_KINDS = {
@@ -91,6 +96,14 @@ _OUR_SIDE_FAILURES = ("transcription_failed", "timeout", "no_transcription")
 _KEPT_UNANSWERED = (_HANDED_OVER, _STALE, _RATE_LIMITED)  # stored as SKIPPED: part of the chat's history
 
 
+async def _all_of(writes: Sequence[Awaitable[None]]) -> None:
+    """The writes of a burst's rows as one: every outcome is retrieved, the first error raised. Shielded:
+    a write's future can be the store's whole batch, which a cancelled wait must not cancel for others."""
+    for outcome in await asyncio.gather(*map(asyncio.shield, writes), return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
 def _done() -> asyncio.Future[None]:
     """An intake write that is already durable: a future, so it can be awaited more than once (a voice
     note awaits it before transcribing and again before sending)."""
@@ -110,6 +123,7 @@ class MessageCounters:
     queued: int = 0
     spilled: int = 0  # left in the store while too many waited in memory, taken back later
     transcribed: int = 0
+    merged: int = 0  # answered by the reply to a later message of their burst
 
 
 def inbound_from_stored(stored: StoredMessage, media: MediaRef | None = None) -> Inbound:
@@ -227,6 +241,7 @@ class Pipeline:
         blocked_numbers: frozenset[str] = frozenset(),
         busy_after_s: float = 30.0,
         stale_after_s: float | None = None,
+        gather_s: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -247,6 +262,8 @@ class Pipeline:
         self.blocked_numbers = blocked_numbers
         self.busy_after_s = busy_after_s
         self.stale_after_s = stale_after_s
+        # A chat's texts are answered once it has been quiet this long, together (0: each on its own).
+        self.gather_s = gather_s
         self.clock = clock
         self.counters = MessageCounters()
         self.dedup = DedupWindow(dedup_window)
@@ -288,6 +305,7 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
         self._accepting = True
+        self._stopping = asyncio.Event()  # wakes the workers waiting for a chat to be quiet
         self._overhead: deque[float] = deque(maxlen=10000)
         self._reply_of: OrderedDict[MessageId, MessageId] = OrderedDict()  # part id -> its reply's row id
         # Set by `run`: told the parts of each reply of several, so the outbox can name the reply when a
@@ -746,19 +764,21 @@ class Pipeline:
         queue = self._queues[chat]
         try:
             while queue:
+                if self.gather_s and self._joins_burst(queue[0][0]):
+                    await self._wait_for_quiet(queue)
                 if self._is_flow_question(queue[0][0]):  # no model: not behind the chats waiting for memory
-                    message, persisted = queue.popleft()
+                    burst = [queue.popleft()]
                     self._waiting -= 1
-                    await self._handle_safely(message, persisted)
+                    await self._handle_safely(burst)
                 else:
                     async with self._active:
                         # Taken off the queue only with a slot: a message waiting for one is still counted
                         # in `waiting`, so the bound (and the spill to the store past it) holds.
-                        message, persisted = queue.popleft()
-                        self._waiting -= 1
-                        await self._handle_safely(message, persisted)
+                        burst = self._take_burst(queue)
+                        self._waiting -= len(burst)
+                        await self._handle_safely(burst)
                 self._answering.discard(chat)
-                self._in_memory.discard(message.id)
+                self._in_memory.difference_update(message.id for message, _ in burst)
                 self._maybe_refill()
         finally:
             # No await between the emptiness check above and this cleanup, so nothing is lost.
@@ -773,22 +793,72 @@ class Pipeline:
             if not self._workers:
                 self._idle.set()
 
-    async def _handle_safely(self, message: Inbound, persisted: Awaitable[None] | None) -> None:
+    def _joins_burst(self, message: Inbound) -> bool:
+        """A text a customer may have split over several messages; not in a group, where the messages
+        in a row are often different members'."""
+        return (
+            message.kind is MessageKind.TEXT and not message.is_group and message.id not in self._notice_only
+        )
+
+    async def _wait_for_quiet(self, queue: deque[tuple[Inbound, Awaitable[None] | None]]) -> None:
+        """Wait until the chat's last message is `gather_s` old, and at most MAX_GATHER_ROUNDS times
+        that: "hola", then "quería saber", then "¿precio del plan pro?" get one answer, not three.
+        A message recovered after a restart is old already: no wait. Stopping ends the wait."""
+        deadline = time.monotonic() + self.gather_s * MAX_GATHER_ROUNDS
+        while self._accepting:
+            last = queue[-1][0]
+            arrived = last.received_at or last.timestamp or 0.0
+            left = min(arrived + self.gather_s - self.clock(), deadline - time.monotonic())
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._stopping.wait()
+
+    def _take_burst(
+        self, queue: deque[tuple[Inbound, Awaitable[None] | None]]
+    ) -> list[tuple[Inbound, Awaitable[None] | None]]:
+        """The next message, with the texts right behind it when gathering: bounded by MAX_BURST_MESSAGES
+        and by MAX_INBOUND_CHARS in all (what is left is the next burst)."""
+        burst = [queue.popleft()]
+        first = burst[0][0]
+        if not self.gather_s or not self._joins_burst(first):
+            return burst
+        chars = len(first.text)
+        while queue and len(burst) < MAX_BURST_MESSAGES:
+            message = queue[0][0]
+            chars += len(message.text) + 1
+            if chars > self.max_inbound_chars or message.sender != first.sender:
+                break
+            if not self._joins_burst(message):
+                break
+            burst.append(queue.popleft())
+        return burst
+
+    async def _handle_safely(self, burst: list[tuple[Inbound, Awaitable[None] | None]]) -> None:
+        message, persisted = burst[-1]
         try:
-            await self.handle(message, persisted)
+            await self.handle(message, persisted, earlier=burst[:-1])
         except asyncio.CancelledError:
             raise
         except Exception:
             self.counters.failed += 1
             logger.exception("failed to handle message {} in {}", message.id, message.chat)
-            try:
-                await self.store.set_status(message.id, MessageStatus.FAILED)
-            except Exception as error:
-                self._note_unrecorded(message.id)
-                logger.error("could not mark message {} failed: {}", message.id, error)
+            for failed, _ in burst:
+                try:
+                    await self.store.set_status(failed.id, MessageStatus.FAILED)
+                except Exception as error:
+                    self._note_unrecorded(failed.id)
+                    logger.error("could not mark message {} failed: {}", failed.id, error)
 
-    async def handle(self, message: Inbound, persisted: Awaitable[None] | None = None) -> None:
-        """Understand, answer, send and record one message.
+    async def handle(
+        self,
+        message: Inbound,
+        persisted: Awaitable[None] | None = None,
+        earlier: Sequence[tuple[Inbound, Awaitable[None] | None]] = (),
+    ) -> None:
+        """Understand, answer, send and record one message, or a burst: `earlier` are the texts the
+        customer sent right before `message`, answered with it by one reply.
 
         `persisted` is the pending write of the inbound row started at intake (None when
         the row is already in the store); it is awaited before anything is sent.
@@ -798,20 +868,29 @@ class Pipeline:
             await self._send_notice(message.chat, reply("rate_limited", self.language))
             return
         started = time.perf_counter()
-        inbound = self._inbound_row(message)
+        burst = [m for m, _ in earlier]
+        ids = [*(m.id for m in burst), message.id]
+        inbound = self._inbound_row(message)  # each message is stored, and kept in the history, as sent
         if persisted is None:
             persisted = _done()
+        if burst:  # their rows written first: the chat's history, when read from the store, has them
+            await self._saved(message, _all_of([persisted, *(p for _, p in earlier if p is not None)]))
+            persisted = _done()
+            message = replace(message, text="\n".join(m.text for m in [*burst, message]))
         if self.takeover.is_paused(message.chat):  # the owner took over while it waited
             await self._saved(message, persisted)
-            with contextlib.suppress(StoreUnavailable):
-                await self.store.set_status(message.id, MessageStatus.SKIPPED)
-            self.counters.skipped += 1
+            await self._mark(ids, MessageStatus.SKIPPED)
+            self.counters.skipped += len(ids)
             return
+        for earlier_message in burst:
+            self.history.append(self._inbound_row(earlier_message))
         self.history.append(inbound)
         model_time = 0.0  # the model's and the transcription's time: not the pipeline's overhead
         canned: str | None = None
         handing_over: str | None = None
         try:
+            for earlier_message in burst:
+                await self._mark_read(earlier_message)
             await self._mark_read(message)
             understood = time.perf_counter()
             text, canned = await self._understand(message, persisted)
@@ -828,7 +907,7 @@ class Pipeline:
                 via_model = answer is None
                 if answer is None:
                     model_started = time.perf_counter()
-                    answer = await self._ask_model(message, inbound, text)
+                    answer = await self._ask_model(message, inbound, text, burst)
                     model_time += time.perf_counter() - model_started
                 answer_text = answer.text
         except Exception:  # a bug or an odd input must cost the customer an apology, never the answer
@@ -842,9 +921,8 @@ class Pipeline:
         answer_text = db_text(answer_text)  # a model can answer half an emoji too; no protobuf takes it
         if self.takeover.is_paused(message.chat):  # the owner wrote while the answer was being prepared
             logger.info("owner took over {} while its answer was prepared: not sent", message.chat)
-            self.counters.skipped += 1
-            with contextlib.suppress(StoreUnavailable):
-                await self.store.set_status(message.id, MessageStatus.SKIPPED)
+            self.counters.skipped += len(ids)
+            await self._mark(ids, MessageStatus.SKIPPED)
             return
         media_notice = canned is not None and canned == reply("media_unsupported", self.language)
         if media_notice and self.media_notices.told_recently(message.chat):
@@ -861,20 +939,27 @@ class Pipeline:
             sent_ids, answer_text = await self._send(message, answer_text, went_out)
         except SendWithheld:  # a human has the chat now
             logger.info("owner took over {} while its answer was typed: not sent", message.chat)
-            self.counters.skipped += 1
-            with contextlib.suppress(StoreUnavailable):
-                await self.store.set_status(message.id, MessageStatus.SKIPPED)
+            self.counters.skipped += len(ids)
+            await self._mark(ids, MessageStatus.SKIPPED)
             return
         except asyncio.CancelledError:
             if went_out:  # stopped between the parts of an answer: without this a restart sends another one
                 partial = "\n".join(part for _, part in went_out)
-                await self._record_reply(message, [i for i, _ in went_out], partial, via_model=via_model)
+                await self._record_reply(message, [i for i, _ in went_out], partial, via_model, ids[:-1])
             raise
         if media_notice:
             self.media_notices.note(message.chat)
         if handing_over is not None and answer_text == handing_over:
             self._hand_over(message, text)
-        await self._record_reply(message, sent_ids, answer_text, via_model=via_model)
+        await self._record_reply(message, sent_ids, answer_text, via_model, ids[:-1])
+        self.counters.merged += len(burst)
+
+    async def _mark(self, ids: Sequence[str], status: MessageStatus) -> None:
+        """Set the status of a message, or of every message of a burst; a store that cannot write keeps the
+        change for a retry."""
+        with contextlib.suppress(StoreUnavailable):
+            for message_id in ids:
+                await self.store.set_status(message_id, status)
 
     async def _saved(self, message: Inbound, persisted: Awaitable[None]) -> None:
         """Wait for the inbound row's write. A store that cannot write (a full disk, say) is logged and the
@@ -960,15 +1045,23 @@ class Pipeline:
             return reply("ai_error", self.language)
         return reply("audio_unreadable", self.language)
 
-    async def _ask_model(self, message: Inbound, inbound: StoredMessage, text: str) -> Answer:
+    async def _ask_model(
+        self, message: Inbound, inbound: StoredMessage, text: str, burst: Sequence[Inbound] = ()
+    ) -> Answer:
+        """The model's answer to `text` (a burst's texts together), with the chat's history before it and
+        what its messages reply to. The burst's earlier messages are in the text, so not in the history:
+        they take their places among the MAX_CHAT_HISTORY messages all the same."""
         # Memory is critical while the gate is shut: the message is persisted and waits, in order
         # (_watch_busy tells the customer once if that lasts).
         await self.model_gate.wait()
         self._answering.add(message.chat)
-        history = await self.history.recent(inbound)
+        in_text = {m.id for m in burst}
+        history = [row for row in await self.history.recent(inbound) if row.wa_message_id not in in_text]
+        notes = (quote_note(m, self.language) for m in [*burst, message])
+        context = "\n".join(dict.fromkeys(note for note in notes if note))  # each said once
         await self._typing(message.chat, True)
         try:
-            return await self.responder.model_answer(text, history, quote_note(message, self.language))
+            return await self.responder.model_answer(text, history, context)
         finally:
             await self._typing(message.chat, False)
 
@@ -1011,7 +1104,12 @@ class Pipeline:
         return [*parts[: MAX_REPLY_PARTS - 1], last.rstrip().rstrip(".,;:") + suffix]
 
     async def _record_reply(
-        self, message: Inbound, sent_ids: list[MessageId], text: str, *, via_model: bool
+        self,
+        message: Inbound,
+        sent_ids: list[MessageId],
+        text: str,
+        via_model: bool,
+        also_answered: Sequence[str] = (),
     ) -> None:
         row_id = sent_ids[0] if sent_ids else MessageId(f"{message.id}:reply")
         if len(sent_ids) > 1 and self.on_reply_parts is not None:
@@ -1039,7 +1137,7 @@ class Pipeline:
         # Not awaited: the chat's next message can start while this commits (its history is in memory
         # already). A crash before the commit looks like a crash just before the send: the message is
         # answered again after a restart, within the freshness window.
-        write = asyncio.ensure_future(self.store.add_reply(outbound, message.id))
+        write = asyncio.ensure_future(self.store.add_reply(outbound, message.id, also_answered))
         self._reply_writes.add(write)
         write.add_done_callback(lambda done: self._reply_written(done, message.id))
         if not dropped:
@@ -1158,6 +1256,7 @@ class Pipeline:
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop taking messages, let in-flight ones finish within `timeout`, cancel the rest."""
         self._accepting = False
+        self._stopping.set()
         for task in (self._summaries, self._busy_watch, self._owner_waiter):
             if task is not None:
                 task.cancel()

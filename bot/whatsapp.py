@@ -164,6 +164,7 @@ async def run_whatsapp(settings: Settings) -> int:
         canned=all_canned_texts(),
     )
     bot = Bot.build(settings, governor)
+    bot.pipeline.gather_s = settings.wa_gather_s  # the console answers each line at once
     if settings.wa_reject_calls:
         bot.call_notices = call_notices  # in /v1/metrics' memory.structures
     governor.hold = bot.pipeline.takeover.holds  # an answer is not sent once the owner has the chat

@@ -1,0 +1,221 @@
+"""A customer's burst ("hola" / "quería saber" / "¿precio del plan pro?") answered once, together
+(WA_GATHER_S): the real pipeline, SQLite store and SDK against the fake OpenAI server, loopback transport."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot import whatsapp
+from bot.config import Settings
+from bot.replies import reply
+from connection import neonize_adapter
+from connection.types import ChatId, MessageKind
+from memory.store import Direction, MessageStatus
+from tests.conftest import BotHarness, inbound
+from tests.fake_openai import FakeOpenAI
+from tests.test_shutdown import FakeNeonize, free_port
+
+CHAT = "34600111222@s.whatsapp.net"
+
+
+def ai(fake: FakeOpenAI, **extra: object) -> dict[str, object]:
+    return {"openai_api_key": "test-key", "openai_base_url": fake.base_url, **extra}
+
+
+def gathering(h: BotHarness, seconds: float) -> BotHarness:
+    h.bot.pipeline.gather_s = seconds  # as bot.whatsapp sets it from WA_GATHER_S
+    return h
+
+
+async def statuses(h: BotHarness) -> dict[str, MessageStatus]:
+    rows = await h.bot.store.recent_messages(CHAT, 50)
+    return {row.wa_message_id: row.status for row in rows if row.direction is Direction.IN}
+
+
+async def test_a_burst_gets_one_answer_with_every_message(harness, fake_openai: FakeOpenAI) -> None:
+    """Three answers to three halves of one question read like a robot, and the first two answered
+    questions the customer had not finished asking."""
+    async with harness(**ai(fake_openai)) as h:
+        gathering(h, 0.4)
+        await h.say("me llamo Ana")  # an earlier turn, in the history
+        sent = await h.say(
+            inbound("hola", id="B1"), inbound("quería saber una cosa", id="B2"), inbound("¿precio?", id="B3")
+        )
+        assert sent == ["echo: hola\nquería saber una cosa\n¿precio?"]
+        assert h.bot.pipeline.counters.merged == 2
+        # Each message is kept as sent; all three are answered, by one reply.
+        assert {k: v for k, v in (await statuses(h)).items() if k.startswith("B")} == {
+            "B1": MessageStatus.ANSWERED,
+            "B2": MessageStatus.ANSWERED,
+            "B3": MessageStatus.ANSWERED,
+        }
+        await h.say(inbound("gracias", id="B4"))
+    burst, after = fake_openai.chat_requests[-2:]
+    # The burst is one turn, with the history before it; the next turn sees each message as it was sent.
+    assert [m["content"] for m in burst["messages"][1:]] == [
+        "me llamo Ana",
+        "echo: me llamo Ana",
+        "hola\nquería saber una cosa\n¿precio?",
+    ]
+    assert [m["content"] for m in after["messages"][1:]][-5:] == [
+        "hola",
+        "quería saber una cosa",
+        "¿precio?",
+        "echo: hola\nquería saber una cosa\n¿precio?",
+        "gracias",
+    ]
+
+
+async def test_a_message_after_the_quiet_is_answered_on_its_own(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        gathering(h, 0.2)
+        h.bot.pipeline.submit(inbound("hola"))
+        h.bot.pipeline.submit(inbound("¿abren hoy?"))
+        await asyncio.sleep(0.8)  # answered meanwhile
+        assert await h.say("¿y mañana?") == ["echo: ¿y mañana?"]
+        assert h.transport.texts_to(CHAT) == ["echo: hola\n¿abren hoy?", "echo: ¿y mañana?"]
+
+
+async def test_without_gathering_each_message_is_answered(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        assert await h.say("hola", "¿precio?") == ["echo: hola", "echo: ¿precio?"]
+        assert h.bot.pipeline.counters.merged == 0
+
+
+async def test_a_flow_answers_a_burst_that_is_just_its_question(harness, tmp_path: Path) -> None:
+    flows = tmp_path / "flows.yaml"
+    flows.write_text("- keywords: [horario]\n  answer: De 9 a 18.\n")
+    async with harness(flows_file=flows) as h:
+        gathering(h, 0.2)
+        assert await h.say("hola", "¿horario?") == ["De 9 a 18."]
+
+
+async def test_a_customer_who_keeps_writing_is_still_answered(harness, fake_openai: FakeOpenAI) -> None:
+    """The wait for quiet is bounded (four times WA_GATHER_S): a message every 0.1 s for 2 s still gets
+    answers while it goes on."""
+    async with harness(**ai(fake_openai)) as h:
+        gathering(h, 0.25)
+        for n in range(20):
+            h.bot.pipeline.submit(inbound(f"m{n}"))
+            await asyncio.sleep(0.1)
+        answered_while_writing = len(h.transport.texts_to(CHAT))
+        assert await h.bot.pipeline.drain(10)
+        answers = h.transport.texts_to(CHAT)
+    assert answered_while_writing >= 1
+    # Nothing lost, nothing answered twice, in order.
+    assert "\n".join(a.removeprefix("echo: ") for a in answers).split("\n") == [f"m{n}" for n in range(20)]
+
+
+async def test_voice_notes_photos_and_groups_are_not_merged(harness, fake_openai: FakeOpenAI) -> None:
+    group = "120363000000000001@g.us"
+    async with harness(**ai(fake_openai, reply_to_groups="always")) as h:
+        gathering(h, 0.2)
+        sent = await h.say(
+            inbound("hola"),
+            inbound("", kind=MessageKind.IMAGE),
+            inbound("¿precio?"),
+            inbound("uno", chat=group, is_group=True),
+            inbound("dos", chat=group, is_group=True),
+        )
+    assert h.transport.texts_to(CHAT) == ["echo: hola", reply("media_unsupported", "es"), "echo: ¿precio?"]
+    assert h.transport.texts_to(group) == ["echo: uno", "echo: dos"]
+    assert len(sent) == 5
+
+
+async def test_the_owner_writing_during_the_wait_silences_the_whole_burst(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        gathering(h, 0.3)
+        h.bot.pipeline.submit(inbound("hola", id="O1"))
+        h.bot.pipeline.submit(inbound("¿precio?", id="O2"))
+        h.bot.pipeline.submit(inbound("Te escribo yo, Ana", id="OWNER", from_me=True))
+        assert await h.bot.pipeline.drain(10)
+        assert h.transport.texts_to(CHAT) == []
+        found = await statuses(h)
+        assert (found["O1"], found["O2"]) == (MessageStatus.SKIPPED, MessageStatus.SKIPPED)
+    assert fake_openai.chat_count == 0
+
+
+async def test_a_burst_left_by_a_crash_is_answered_once_after_the_restart(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """Recovery takes each unanswered message back: the burst is answered together, at once (its messages
+    are old: no wait), and none of them again after another restart."""
+    first = harness(**ai(fake_openai))
+    await first.bot.start()
+    a_minute_ago = time.time() - 60
+    for n, text in enumerate(["hola", "¿tienen talla M?"]):
+        message = inbound(text, id=f"C{n}", timestamp=a_minute_ago, received_at=a_minute_ago)
+        await first.bot.store.add_message(first.bot.pipeline._inbound_row(message))
+    await first.bot.store.close()  # a crash: nothing answered
+    second = gathering(harness(**ai(fake_openai)), 5.0)
+    started = time.monotonic()
+    async with second:
+        assert await second.bot.pipeline.drain(10)
+        assert second.transport.texts_to(CHAT) == ["echo: hola\n¿tienen talla M?"]
+        assert time.monotonic() - started < 5.0
+    async with gathering(harness(**ai(fake_openai)), 5.0) as third:
+        assert await third.bot.pipeline.drain(10)
+        assert third.transport.sent == []
+
+
+async def test_stopping_answers_the_waiting_burst_without_waiting_out_the_quiet(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    h = gathering(harness(**ai(fake_openai)), 20.0)
+    await h.bot.start()
+    h.bot.pipeline.submit(inbound("hola"))
+    h.bot.pipeline.submit(inbound("¿precio?"))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    await h.bot.stop()
+    assert time.monotonic() - started < 5.0
+    assert h.transport.texts_to(CHAT) == ["echo: hola\n¿precio?"]
+
+
+@pytest.mark.timeout(60)
+async def test_wa_gather_s_sets_the_wait_of_the_whatsapp_bot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_openai: FakeOpenAI
+) -> None:
+    monkeypatch.setattr(neonize_adapter, "NeonizeTransport", FakeNeonize)
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        data_dir=tmp_path,
+        flows_file=None,
+        port=free_port(),
+        wa_typing_chars_per_s=0,
+        wa_gather_s=0.5,
+        **ai(fake_openai),  # type: ignore[arg-type]
+    )
+    FakeNeonize.instance = None
+    run = asyncio.create_task(whatsapp.run_whatsapp(settings))
+    try:
+        async with asyncio.timeout(20):
+            while FakeNeonize.instance is None:
+                await asyncio.sleep(0.01)
+            transport = FakeNeonize.instance
+            await asyncio.sleep(0.3)
+            transport.on_inbound(inbound("hola"))
+            await asyncio.sleep(0.1)
+            transport.on_inbound(inbound("¿hacen envíos?"))
+            while not transport.texts_to(CHAT):
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await run
+    assert transport.texts_to(ChatId(CHAT)) == ["echo: hola\n¿hacen envíos?"]
+
+
+def test_wa_gather_s_is_bounded(make_settings: Any) -> None:
+    assert make_settings().wa_gather_s == 3.0
+    with pytest.raises(ValueError, match="wa_gather_s"):
+        make_settings(wa_gather_s=31)

@@ -67,7 +67,8 @@ DEFAULT_PHRASES = (
 # funciona, quiero hablar con una persona" still ask; so does "no, quiero..." (another clause).
 _NEGATIONS = frozenset({"no", "not", "dont", "never", "nunca"})
 _WANTING = frozenset({"quiero", "queria", "quisiera", "necesito", "want", "wanna", "need"})
-_CLAUSE_BREAKS = re.compile(r"[,;!?¡¿\n]+")
+# A message is read clause by clause: a phrase never spans one of these.
+CLAUSE_BREAKS = re.compile(r"[,;!?¡¿\n]+")
 # What the owner is shown of the customer's message in the notice.
 NOTICE_QUOTE_CHARS = 200
 
@@ -79,7 +80,7 @@ class HandoffPhrases:
         self._padded = tuple(f" {normal} " for normal in map(normalize, phrases) if normal)
 
     def asked(self, text: str) -> bool:
-        return any(self._asked_in(f" {normalize(clause)} ") for clause in _CLAUSE_BREAKS.split(text))
+        return any(self._asked_in(f" {normalize(clause)} ") for clause in CLAUSE_BREAKS.split(text))
 
     def _asked_in(self, padded: str) -> bool:
         for phrase in self._padded:

@@ -173,6 +173,19 @@ async def test_a_request_for_a_person_is_answered_while_memory_is_critical(
         assert h.transport.texts_to(CHAT) == [reply("handoff", "es")]
 
 
+async def test_a_customer_over_the_rate_limit_can_still_ask_for_a_person(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """A customer getting nowhere writes a lot, then asks for a person: they got the rate-limit notice, or
+    silence, and nobody was told."""
+    async with owned(harness(**ai(fake_openai, rate_limit_max_messages=3))) as h:
+        answers = await told(h, "hola", "¿hola?", "¿me oyes?", "no me contestas", "???")
+        assert answers[-1] == reply("rate_limited", "es")
+        assert await told(h, "¡quiero hablar con una persona!") == [reply("handoff", "es")]
+        assert len(h.transport.texts_to(ME)) == 1  # the owner was told
+        assert h.bot.pipeline.takeover.stats()["handoffs"] == 1
+
+
 @pytest.mark.parametrize(
     ("text", "asks"),
     [
@@ -201,6 +214,12 @@ def test_requests_for_a_person_and_mere_mentions(text: str, asks: bool) -> None:
     assert HandoffPhrases().asked(text) is asks
 
 
+def test_custom_phrases_asked_as_questions_are_accepted_and_match(make_settings) -> None:
+    settings = make_settings(handoff_phrases="¿hablar con ventas?, ¡un asesor!")
+    phrases = HandoffPhrases(settings.handoff_phrase_list)
+    assert phrases.asked("hola, ¿puedo hablar con ventas?") and phrases.asked("¡Un asesor!")
+
+
 def test_custom_phrases_with_inner_punctuation_match() -> None:
     phrases = HandoffPhrases(["operador(a)", "sr. pérez", "S.O.S"])
     assert phrases.asked("quiero un operador(a) ya") and phrases.asked("¿está el Sr. Perez?")
@@ -209,7 +228,13 @@ def test_custom_phrases_with_inner_punctuation_match() -> None:
 
 @pytest.mark.parametrize(
     ("value", "problem"),
-    [(" , ", "has no phrases"), ("hablar con ventas, ¿?", "entry 2 ('¿?') has no letters")],
+    [
+        (" , ", "has no phrases"),
+        ("hablar con ventas, ¿?", "entry 2 ('¿?') has no letters"),
+        # The message "ventas; soporte" is two clauses: the phrase could never match.
+        ("asesor, ventas; soporte", "entry 2 ('ventas; soporte') has ; ! ? ¡ or ¿ between its words"),
+        ("¡hola! un asesor", "entry 1 ('¡hola! un asesor') has ; ! ? ¡ or ¿ between its words"),
+    ],
 )
 def test_unusable_handoff_phrases_are_refused(make_settings, value: str, problem: str) -> None:
     with pytest.raises(ValueError, match=problem.replace("?", r"\?").replace("(", r"\(").replace(")", r"\)")):

@@ -33,6 +33,7 @@ import inspect
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -164,10 +165,6 @@ _MEDIA_KINDS = (
 )
 # Content the bot cannot read but a customer expects an answer to.
 _UNSUPPORTED = (
-    "locationMessage",
-    "liveLocationMessage",
-    "contactMessage",
-    "contactsArrayMessage",
     "pollCreationMessage",
     "pollCreationMessageV2",
     "pollCreationMessageV3",
@@ -284,11 +281,48 @@ def _body(msg: WAMessage, me: frozenset[str]) -> tuple[MessageKind, str, MediaRe
             if words.strip()
             else (MessageKind.UNSUPPORTED, "", None, False)
         )
+    # A location or a contact card, asked for by the model ("¿a qué dirección lo enviamos?") or not: read as
+    # text the model and the history can use, not "I can only read text".
+    if msg.HasField("locationMessage") or msg.HasField("liveLocationMessage"):
+        return MessageKind.TEXT, _location_text(msg), None, False
+    if msg.HasField("contactMessage"):
+        return MessageKind.TEXT, _contact_text(msg.contactMessage), None, False
+    if msg.HasField("contactsArrayMessage"):
+        cards = msg.contactsArrayMessage.contacts[:MAX_CONTACT_CARDS]
+        return MessageKind.TEXT, "\n".join(_contact_text(card) for card in cards), None, False
     if msg.HasField("reactionMessage"):
         return MessageKind.REACTION, _text(msg.reactionMessage.text), None, False
     if any(msg.HasField(field) for field in _UNSUPPORTED):
         return MessageKind.UNSUPPORTED, "", None, False
     return MessageKind.OTHER, "", None, False
+
+
+MAX_CONTACT_CARDS = 10
+_VCARD_TEL = re.compile(r"^(?:item\d+\.)?TEL[^:\n]*:([^\n]+)$", re.IGNORECASE | re.MULTILINE)
+
+
+def _location_text(msg: WAMessage) -> str:
+    """ "📍 Bar Pepe, Calle Mayor 1, Madrid (40.41680, -3.70380)", then the sender's comment; a live location
+    reads "📍 live (40.41680, -3.70380)"."""
+    live = msg.HasField("liveLocationMessage")
+    where = msg.liveLocationMessage if live else msg.locationMessage
+    words = ["📍"]
+    if live:
+        words.append("live")
+    else:
+        words.append(", ".join(part for part in (_text(where.name), _text(where.address)) if part.strip()))
+    if where.degreesLatitude or where.degreesLongitude:
+        words.append(f"({where.degreesLatitude:.5f}, {where.degreesLongitude:.5f})")
+    comment = _text(where.caption if live else where.comment).strip()
+    return "\n".join(part for part in (" ".join(" ".join(words).split()), comment) if part)
+
+
+def _contact_text(card: Any) -> str:
+    """ "👤 Ana López: +34 600 11 12 22": a shared contact's name and the numbers its vCard lists."""
+    vcard = _text(card.vcard).replace("\r\n", "\n").replace("\n ", "")  # unfolded (RFC 6350 3.2)
+    numbers = ", ".join(dict.fromkeys(number.strip() for number in _VCARD_TEL.findall(vcard)))
+    name = " ".join(_text(card.displayName).split())
+    return f"👤 {name}: {numbers}" if numbers else f"👤 {name}"
 
 
 def _text(value: str | bytes) -> str:

@@ -1108,20 +1108,83 @@ def test_a_tapped_button_or_list_row_reads_as_its_text(wa: WAMessage, text: str)
     assert msg is not None and msg.kind is MessageKind.TEXT and msg.text == text
 
 
+VCARD = (
+    "BEGIN:VCARD\r\nVERSION:3.0\r\nN:López;Ana;;;\r\nFN:Ana López\r\n"
+    "item1.TEL;waid=34600111222:+34 600 11 12 22\r\nitem1.X-ABLabel:Móvil\r\n"
+    "TEL;TYPE=work:+34 910 0\r\n 0 00 00\r\nEND:VCARD"  # a folded line (RFC 6350)
+)
+
+
+@pytest.mark.parametrize(
+    ("wa", "text"),
+    [
+        (
+            WAMessage(
+                locationMessage={
+                    "degreesLatitude": 40.416775,
+                    "degreesLongitude": -3.70379,
+                    "name": "Bar Pepe",
+                    "address": "Calle Mayor 1, Madrid",
+                    "comment": "aquí, en el portal",
+                }
+            ),
+            "📍 Bar Pepe, Calle Mayor 1, Madrid (40.41678, -3.70379)\naquí, en el portal",
+        ),
+        (
+            WAMessage(locationMessage={"degreesLatitude": 40.416775, "degreesLongitude": -3.70379}),
+            "📍 (40.41678, -3.70379)",
+        ),
+        (
+            WAMessage(
+                liveLocationMessage={"degreesLatitude": 40.4, "degreesLongitude": -3.7, "caption": "voy"}
+            ),
+            "📍 live (40.40000, -3.70000)\nvoy",
+        ),
+        (
+            WAMessage(contactMessage={"displayName": "Ana López", "vcard": VCARD}),
+            "👤 Ana López: +34 600 11 12 22, +34 910 00 00 00",
+        ),
+        (
+            WAMessage(
+                contactsArrayMessage={
+                    "displayName": "2 contactos",
+                    "contacts": [
+                        {"displayName": "Ana López", "vcard": VCARD},
+                        {"displayName": "Luis", "vcard": "BEGIN:VCARD\nEND:VCARD"},
+                    ],
+                }
+            ),
+            "👤 Ana López: +34 600 11 12 22, +34 910 00 00 00\n👤 Luis",
+        ),
+    ],
+    ids=["location", "pin-only", "live-location", "contact", "contacts"],
+)
+def test_locations_and_contacts_read_as_text(wa: WAMessage, text: str) -> None:
+    """The model asks "¿a qué dirección lo enviamos?" and the customer sends a pin: it got "I can only read
+    text and voice notes"."""
+    msg = translate_message(event(wa))
+    assert msg is not None and (msg.kind, msg.text) == (MessageKind.TEXT, text)
+
+
+def test_a_swipe_reply_to_the_business_location_quotes_it() -> None:
+    pin = WAMessage(locationMessage={"degreesLatitude": 40.4, "degreesLongitude": -3.7, "name": "Tienda"})
+    context = ContextInfo(participant=f"{ME}@s.whatsapp.net", quotedMessage=pin)
+    wa = WAMessage(extendedTextMessage=ExtendedTextMessage(text="¿abre hoy?", contextInfo=context))
+    msg = translate_message(event(wa), {ME})
+    assert msg is not None and (msg.quoted, msg.quoted_from) == ("📍 Tienda (40.40000, -3.70000)", "bot")
+
+
 @pytest.mark.parametrize(
     "wa",
     [
-        WAMessage(locationMessage={"degreesLatitude": 40.4, "degreesLongitude": -3.7}),
-        WAMessage(liveLocationMessage={"degreesLatitude": 40.4}),
-        WAMessage(contactMessage={"displayName": "Ana", "vcard": "BEGIN:VCARD"}),
         WAMessage(pollCreationMessageV3={"name": "¿Qué color?"}),
         WAMessage(pollCreationMessageV5={"name": "¿Qué color?"}),
         WAMessage(pollCreationMessageV6={"name": "¿Qué color?"}),
         WAMessage(requestPaymentMessage={"currencyCodeIso4217": "EUR"}),
     ],
-    ids=["location", "live-location", "contact", "poll", "poll-v5", "poll-v6", "payment-request"],
+    ids=["poll", "poll-v5", "poll-v6", "payment-request"],
 )
-def test_locations_contacts_and_polls_are_unsupported_content_not_protocol_noise(wa: WAMessage) -> None:
+def test_polls_and_payment_requests_are_unsupported_content_not_protocol_noise(wa: WAMessage) -> None:
     msg = translate_message(event(wa))
     assert msg is not None and msg.kind is MessageKind.UNSUPPORTED
 

@@ -432,8 +432,9 @@ async def test_a_cancelled_wait_on_a_write_does_not_poison_the_next_flush(tmp_pa
     await reopened.close()
 
 
-async def test_a_location_or_contact_gets_the_polite_reply_and_is_kept(harness) -> None:
-    """They used to be dropped in silence, like protocol traffic, leaving the customer with no answer."""
+async def test_a_poll_or_payment_request_gets_the_polite_reply_and_is_kept(harness) -> None:
+    """Content the bot cannot read used to be dropped in silence, like protocol traffic, leaving the customer
+    with no answer."""
     async with harness() as h:
         [answer] = await h.say(inbound("", kind=MessageKind.UNSUPPORTED, id="LOC1"))
         stored = await h.bot.store.recent_messages(CHAT, 5)

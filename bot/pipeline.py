@@ -104,6 +104,10 @@ async def _all_of(writes: Sequence[Awaitable[None]]) -> None:
             raise outcome
 
 
+# A message waiting in its chat's queue, with the pending write of its row (None: already in the store).
+Queued = tuple[Inbound, Awaitable[None] | None]
+
+
 def _done() -> asyncio.Future[None]:
     """An intake write that is already durable: a future, so it can be awaited more than once (a voice
     note awaits it before transcribing and again before sending)."""
@@ -145,6 +149,7 @@ def inbound_from_stored(stored: StoredMessage, media: MediaRef | None = None) ->
         kind=kind,
         text=stored.body,
         timestamp=stored.created_at,
+        is_group=stored.chat_id.endswith("@g.us"),
         media=media,
         received_at=stored.created_at,
     )
@@ -270,7 +275,7 @@ class Pipeline:
         # Set while the model may take new work; the memory manager clears it under pressure.
         self.model_gate = asyncio.Event()
         self.model_gate.set()
-        self._queues: dict[ChatId, deque[tuple[Inbound, Awaitable[None] | None]]] = {}
+        self._queues: dict[ChatId, deque[Queued]] = {}
         # Messages held in memory are bounded: past `max_waiting` new ones are only persisted ("spilled")
         # and taken back from the store, oldest first, once the queues have halved.
         self.max_waiting = max_waiting
@@ -329,8 +334,9 @@ class Pipeline:
             delta = {key: now[key] - last[key] for key in now}
             if delta["received"]:
                 logger.info(
-                    "last {:.0f} s: {received} received, {answered} answered, {skipped} skipped,"
-                    " {duplicates} duplicates, {rate_limited} rate limited, {failed} failed",
+                    "last {:.0f} s: {received} received, {answered} answered ({merged} more with them),"
+                    " {skipped} skipped, {duplicates} duplicates, {rate_limited} rate limited,"
+                    " {failed} failed",
                     every_s,
                     **delta,
                 )
@@ -539,12 +545,7 @@ class Pipeline:
     def _skip_stored(self, message: Inbound, reason: str) -> None:
         """Skip a message already in the store, and say so there (else every restart finds it again)."""
         self._skip(message, reason)
-
-        async def mark() -> None:
-            with contextlib.suppress(StoreUnavailable):
-                await self.store.set_status(message.id, MessageStatus.SKIPPED)
-
-        self._spawn(mark())
+        self._spawn(self._mark([message.id], MessageStatus.SKIPPED))
 
     def resume_rest_from_store(self, since: float, chats: Mapping[str, int] | None = None) -> None:
         """Recovery found more unanswered messages than may wait in memory: the rest, from `since` on,
@@ -798,11 +799,10 @@ class Pipeline:
     def _joins_burst(self, message: Inbound) -> bool:
         """A text a customer may have split over several messages; not in a group, where the messages
         in a row are often different members'."""
-        return (
-            message.kind is MessageKind.TEXT and not message.is_group and message.id not in self._notice_only
-        )
+        group = message.is_group or message.chat.endswith("@g.us")
+        return message.kind is MessageKind.TEXT and not group and message.id not in self._notice_only
 
-    async def _wait_for_quiet(self, queue: deque[tuple[Inbound, Awaitable[None] | None]]) -> None:
+    async def _wait_for_quiet(self, queue: deque[Queued]) -> None:
         """Wait until the chat's last message is `gather_s` old, and at most MAX_GATHER_ROUNDS times
         that: "hola", then "quería saber", then "¿precio del plan pro?" get one answer, not three.
         A message recovered after a restart is old already: no wait. Stopping ends the wait."""
@@ -817,27 +817,29 @@ class Pipeline:
                 async with asyncio.timeout(left):
                     await self._stopping.wait()
 
-    def _take_burst(
-        self, queue: deque[tuple[Inbound, Awaitable[None] | None]]
-    ) -> list[tuple[Inbound, Awaitable[None] | None]]:
+    def _take_burst(self, queue: deque[Queued]) -> list[Queued]:
         """The next message, with the texts right behind it when gathering: bounded by MAX_BURST_MESSAGES
-        and by MAX_INBOUND_CHARS in all (what is left is the next burst)."""
+        and by MAX_INBOUND_CHARS in all (what is left is the next burst). At most one of them may reply to
+        an earlier message (swipe to reply), so the model is told unambiguously what "¿y este?" is."""
         burst = [queue.popleft()]
         first = burst[0][0]
         if not self.gather_s or not self._joins_burst(first):
             return burst
         chars = len(first.text)
+        quotes = bool(quote_note(first, self.language))
         while queue and len(burst) < MAX_BURST_MESSAGES:
             message = queue[0][0]
             chars += len(message.text) + 1
             if chars > self.max_inbound_chars or message.sender != first.sender:
                 break
-            if not self._joins_burst(message):
+            quotes_too = bool(quote_note(message, self.language))
+            if not self._joins_burst(message) or (quotes and quotes_too):
                 break
+            quotes = quotes or quotes_too
             burst.append(queue.popleft())
         return burst
 
-    async def _handle_safely(self, burst: list[tuple[Inbound, Awaitable[None] | None]]) -> None:
+    async def _handle_safely(self, burst: list[Queued]) -> None:
         message, persisted = burst[-1]
         try:
             await self.handle(message, persisted, earlier=burst[:-1])
@@ -857,7 +859,7 @@ class Pipeline:
         self,
         message: Inbound,
         persisted: Awaitable[None] | None = None,
-        earlier: Sequence[tuple[Inbound, Awaitable[None] | None]] = (),
+        earlier: Sequence[Queued] = (),
     ) -> None:
         """Understand, answer, send and record one message, or a burst: `earlier` are the texts the
         customer sent right before `message`, answered with it by one reply.
@@ -870,20 +872,27 @@ class Pipeline:
             await self._send_notice(message.chat, reply("rate_limited", self.language))
             return
         started = time.perf_counter()
-        burst = [m for m, _ in earlier]
+        burst = [m for m, _ in earlier]  # the burst's messages before this one
         ids = [*(m.id for m in burst), message.id]
         inbound = self._inbound_row(message)  # each message is stored, and kept in the history, as sent
+        # What the message replies to; in a burst, the one message of it that replies to one (_take_burst).
+        context = next((note for m in [*burst, message] if (note := quote_note(m, self.language))), "")
+        before_burst: list[StoredMessage] | None = None
         if persisted is None:
             persisted = _done()
         if burst:  # their rows written first: the chat's history, when read from the store, has them
             await self._saved(message, _all_of([persisted, *(p for _, p in earlier if p is not None)]))
             persisted = _done()
-            message = replace(message, text="\n".join(m.text for m in [*burst, message]))
         if self.takeover.is_paused(message.chat):  # the owner took over while it waited
             await self._saved(message, persisted)
             await self._mark(ids, MessageStatus.SKIPPED)
             self.counters.skipped += len(ids)
             return
+        if burst:
+            # The model gets the MAX_CHAT_HISTORY messages before the burst, and the burst as one turn. From
+            # here on `message` is that turn: the burst's texts, under the last one's id.
+            before_burst = await self.history.recent(self._inbound_row(burst[0]))
+            message = replace(message, text="\n".join(m.text for m in [*burst, message]))
         for earlier_message in burst:
             self.history.append(self._inbound_row(earlier_message))
         self.history.append(inbound)
@@ -909,7 +918,7 @@ class Pipeline:
                 via_model = answer is None
                 if answer is None:
                     model_started = time.perf_counter()
-                    answer = await self._ask_model(message, inbound, text, burst)
+                    answer = await self._ask_model(message, inbound, text, context, before_burst)
                     model_time += time.perf_counter() - model_started
                 answer_text = answer.text
         except Exception:  # a bug or an odd input must cost the customer an apology, never the answer
@@ -930,8 +939,7 @@ class Pipeline:
         if media_notice and self.media_notices.told_recently(message.chat):
             # A photo after photos: the customer has just been told. Saved, unanswered, like any skip.
             self._skip(message, "media notice given a moment ago")
-            with contextlib.suppress(StoreUnavailable):
-                await self.store.set_status(message.id, MessageStatus.SKIPPED)
+            await self._mark([message.id], MessageStatus.SKIPPED)
             return
         # Overhead as the customer meets it, until the answer is ready to send: what follows (the governor's
         # typing pause, the outbox) is on purpose, not overhead.
@@ -957,10 +965,10 @@ class Pipeline:
         self.counters.merged += len(burst)
 
     async def _mark(self, ids: Sequence[str], status: MessageStatus) -> None:
-        """Set the status of a message, or of every message of a burst; a store that cannot write keeps the
+        """Set the status of a message, or of every message of a burst; a store that cannot write keeps each
         change for a retry."""
-        with contextlib.suppress(StoreUnavailable):
-            for message_id in ids:
+        for message_id in ids:
+            with contextlib.suppress(StoreUnavailable):
                 await self.store.set_status(message_id, status)
 
     async def _saved(self, message: Inbound, persisted: Awaitable[None]) -> None:
@@ -1048,19 +1056,20 @@ class Pipeline:
         return reply("audio_unreadable", self.language)
 
     async def _ask_model(
-        self, message: Inbound, inbound: StoredMessage, text: str, burst: Sequence[Inbound] = ()
+        self,
+        message: Inbound,
+        inbound: StoredMessage,
+        text: str,
+        context: str,
+        before_burst: list[StoredMessage] | None = None,
     ) -> Answer:
-        """The model's answer to `text` (a burst's texts together), with the chat's history before it and
-        what its messages reply to. The burst's earlier messages are in the text, so not in the history:
-        they take their places among the MAX_CHAT_HISTORY messages all the same."""
+        """The model's answer to `text`, told `context` (what the message replies to) and the chat's history
+        before it (`before_burst` for a burst)."""
         # Memory is critical while the gate is shut: the message is persisted and waits, in order
         # (_watch_busy tells the customer once if that lasts).
         await self.model_gate.wait()
         self._answering.add(message.chat)
-        in_text = {m.id for m in burst}
-        history = [row for row in await self.history.recent(inbound) if row.wa_message_id not in in_text]
-        notes = (quote_note(m, self.language) for m in [*burst, message])
-        context = "\n".join(dict.fromkeys(note for note in notes if note))  # each said once
+        history = before_burst if before_burst is not None else await self.history.recent(inbound)
         await self._typing(message.chat, True)
         try:
             return await self.responder.model_answer(text, history, context)
@@ -1141,7 +1150,8 @@ class Pipeline:
         # answered again after a restart, within the freshness window.
         write = asyncio.ensure_future(self.store.add_reply(outbound, message.id, also_answered))
         self._reply_writes.add(write)
-        write.add_done_callback(lambda done: self._reply_written(done, message.id))
+        answered = [*also_answered, message.id]
+        write.add_done_callback(lambda done: self._reply_written(done, answered))
         if not dropped:
             self.history.append(outbound)
         self.counters.answered += 1
@@ -1170,17 +1180,13 @@ class Pipeline:
                 self._dropped_early.popitem(last=False)
             reply_id = part_id
         self.history.forget(chat, reply_id)
+        self._spawn(self._mark([reply_id], MessageStatus.FAILED))
 
-        async def mark() -> None:
-            with contextlib.suppress(StoreUnavailable):
-                await self.store.set_status(reply_id, MessageStatus.FAILED)
-
-        self._spawn(mark())
-
-    def _reply_written(self, write: asyncio.Future[None], answered_id: str) -> None:
+    def _reply_written(self, write: asyncio.Future[None], answered: list[str]) -> None:
         self._reply_writes.discard(write)
         if not write.cancelled() and (error := write.exception()) is not None:
-            self._note_unrecorded(answered_id)
+            for answered_id in answered:  # still RECEIVED in the store: never taken back and answered again
+                self._note_unrecorded(answered_id)
             if isinstance(error, StoreWriteKept):  # the store retries it, and logs the outage once
                 logger.debug("a reply is recorded later: {}", error)
             else:

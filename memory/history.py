@@ -56,9 +56,10 @@ class ChatHistory:
         return [m for m in cached if m.wa_message_id != current.wa_message_id][-self.depth :]
 
     def append(self, message: StoredMessage) -> None:
-        """Record a message that was just persisted (only chats already in memory are updated)."""
+        """Record a message that was just persisted (only chats already in memory are updated; a message
+        already there, read with the chat from the store, is not added twice)."""
         cached = self._chats.get(message.chat_id)
-        if cached is not None:
+        if cached is not None and all(m.wa_message_id != message.wa_message_id for m in cached):
             if len(cached) == cached.maxlen:
                 self.chars -= len(cached[0].body)  # pushed out by the append
             cached.append(message)

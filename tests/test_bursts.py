@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,15 @@ from memory.store import Direction, MessageStatus
 from tests.conftest import BotHarness, inbound
 from tests.fake_openai import FakeOpenAI
 from tests.test_shutdown import FakeNeonize, free_port
+from tests.test_store_failures import full_disk, room_again, rows
 
 CHAT = "34600111222@s.whatsapp.net"
+OTHERS = [f"3460088{i:04d}@s.whatsapp.net" for i in range(10)]
+
+
+@pytest.fixture(autouse=True)
+def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("memory.sqlite_store.RETRY_AFTER_S", 0.1)
 
 
 def ai(fake: FakeOpenAI, **extra: object) -> dict[str, object]:
@@ -219,3 +227,121 @@ def test_wa_gather_s_is_bounded(make_settings: Any) -> None:
     assert make_settings().wa_gather_s == 3.0
     with pytest.raises(ValueError, match="wa_gather_s"):
         make_settings(wa_gather_s=31)
+
+
+async def test_a_burst_keeps_the_conversation_before_it(harness, fake_openai: FakeOpenAI) -> None:
+    """The burst's messages took the history's places and were then left out: six short texts left the
+    model with no history at all, and the customer's name and order were forgotten."""
+    async with harness(**ai(fake_openai)) as h:
+        gathering(h, 0.3)
+        await h.say("me llamo Ana, pedido 123")
+        await h.say(*[inbound(t) for t in ["hola", "otra", "cosa", "sobre", "mi", "pedido?"]])
+    contents = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
+    assert contents == [
+        "me llamo Ana, pedido 123",
+        "echo: me llamo Ana, pedido 123",
+        "hola\notra\ncosa\nsobre\nmi\npedido?",
+    ]
+
+
+async def test_a_burst_keeps_the_conversation_read_from_the_store(harness, fake_openai: FakeOpenAI) -> None:
+    """After a restart the history is read from the store: the model got replies without their questions."""
+    async with harness(**ai(fake_openai)) as h:
+        await h.say("me llamo Ana")
+        await h.say("quiero el plan pro")
+    async with gathering(harness(**ai(fake_openai)), 0.3) as again:
+        await again.say(*[inbound(t) for t in ["hola", "una", "pregunta", "más"]])
+    contents = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
+    assert contents == [
+        "me llamo Ana",
+        "echo: me llamo Ana",
+        "quiero el plan pro",
+        "echo: quiero el plan pro",
+        "hola\nuna\npregunta\nmás",
+    ]
+
+
+async def test_two_swipe_replies_are_answered_each_with_its_quote(harness, fake_openai: FakeOpenAI) -> None:
+    """ "¿precio?" under plan A then "¿y este?" under plan B, told to the model together, could not say which
+    question was about which plan: a second swipe reply starts the next burst."""
+    async with harness(**ai(fake_openai)) as h:
+        gathering(h, 0.3)
+        await h.say(
+            inbound("hola"),
+            inbound("¿precio?", quoted="Plan A: 100 GB", quoted_from="bot"),
+            inbound("¿y este?", quoted="Plan B: 500 GB", quoted_from="bot"),
+        )
+    first, second = (request["messages"][-1]["content"] for request in fake_openai.chat_requests)
+    assert "Plan A" in first and first.endswith("hola\n¿precio?") and "Plan B" not in first
+    assert "Plan B" in second and second.endswith("¿y este?") and "Plan A" not in second
+
+
+async def test_a_burst_whose_reply_could_not_be_recorded_is_not_answered_again(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """Only the burst's last message was noted as unrecorded: the others, still RECEIVED in the store, were
+    taken back from it and answered a second time."""
+    async with harness(**ai(fake_openai, max_waiting_messages=10)) as h:
+        gathering(h, 0.2)
+        store = h.bot.store
+        add_reply = store.add_reply
+
+        def failing_for_the_burst(reply: Any, answered_id: str, also_answered: Any = ()) -> Any:
+            if answered_id == "B":
+                future = asyncio.get_running_loop().create_future()
+                future.set_exception(OSError("disk I/O error"))
+                return future
+            return add_reply(reply, answered_id, also_answered)
+
+        store.add_reply = failing_for_the_burst
+        h.bot.pipeline.model_gate.clear()  # memory critical: everything waits in the store
+        h.bot.pipeline.submit(inbound("a", id="A"))
+        h.bot.pipeline.submit(inbound("b", id="B"))
+        for n in range(30):
+            h.bot.pipeline.submit(inbound(f"m{n}", chat=OTHERS[n % 10], id=f"M{n}"))
+        h.bot.pipeline.open_model_gate()
+        assert await h.bot.pipeline.drain(20)
+        assert h.transport.texts_to(CHAT) == ["echo: a\nb"]
+
+
+async def test_a_takeover_on_a_full_disk_skips_every_message_of_the_burst(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """The first status the store kept for a retry ended the loop: the burst's other messages stayed
+    RECEIVED, and a restart after the takeover answered what the owner had handled."""
+    settings = ai(fake_openai, max_inbound_chars=20000, human_takeover_minutes=0.01)  # a 0.6 s takeover
+    async with harness(**settings) as h:
+        gathering(h, 0.3)
+        store = h.bot.store
+        await h.say(inbound("primero", id="FIRST"))
+        await full_disk(store)
+        h.bot.pipeline.submit(inbound("hola " + "x" * 3900, id="S1"))
+        h.bot.pipeline.submit(inbound("¿precio? " + "y" * 3900, id="S2"))
+        h.bot.pipeline.submit(inbound("Te escribo yo", id="OWNER", from_me=True))
+        assert await h.bot.pipeline.drain(10)
+        assert h.transport.texts_to(CHAT) == ["echo: primero"]
+        await room_again(store)
+        await store.flush()
+        path = str(h.settings.data_dir / "bot.sqlite3")
+    stored = rows(path)
+    assert (stored["S1"][1], stored["S2"][1]) == ("skipped", "skipped")
+    await asyncio.sleep(1.0)  # the takeover is over
+    async with harness(**settings) as again:
+        assert await again.bot.pipeline.drain(10)
+        assert again.transport.texts_to(CHAT) == []
+
+
+async def test_group_messages_are_not_merged_after_a_restart(harness, fake_openai: FakeOpenAI) -> None:
+    """Recovery rebuilt them from the store as 1:1 messages, so two members' questions got one answer."""
+    group = "120363000000000001@g.us"
+    first = harness(**ai(fake_openai, reply_to_groups="always"))
+    await first.bot.start()
+    a_minute_ago = time.time() - 60
+    for n, (text, who) in enumerate([("¿abren hoy?", "34600000001"), ("¿y mañana?", "34600000002")]):
+        message = inbound(text, chat=group, id=f"G{n}", is_group=True, timestamp=a_minute_ago)
+        message = replace(message, sender=f"{who}@s.whatsapp.net", received_at=a_minute_ago)
+        await first.bot.store.add_message(first.bot.pipeline._inbound_row(message))
+    await first.bot.store.close()  # a crash: nothing answered
+    async with gathering(harness(**ai(fake_openai, reply_to_groups="always")), 3.0) as second:
+        assert await second.bot.pipeline.drain(10)
+        assert second.transport.texts_to(group) == ["echo: ¿abren hoy?", "echo: ¿y mañana?"]

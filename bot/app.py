@@ -188,6 +188,7 @@ class Bot:
             self.pipeline.takeover.prune()
             + (limiter.prune() if limiter else 0)
             + self.pipeline.media_notices.prune()
+            + self.pipeline.flow_files.prune()
             + (self.call_notices.prune() if self.call_notices else 0)
         )
         capped = max(1, round(full * (1 - self.settings.memory_shrink_fraction)))
@@ -531,6 +532,7 @@ class Bot:
             "dedup_ids": _bounded(pipeline.dedup, pipeline.dedup.max_ids),
             "rate_limit_windows": _bounded(limiter, limiter.max_keys if limiter is not None else 0),
             "media_notice_chats": _bounded(pipeline.media_notices, pipeline.media_notices.max_keys),
+            "flow_file_chats": _bounded(pipeline.flow_files, pipeline.flow_files.max_keys),
             "call_notice_chats": _bounded(calls, calls.max_keys if calls is not None else 0),
             "chats_with_work": {
                 "size": pipeline.active_chats,

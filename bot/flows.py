@@ -9,6 +9,9 @@ The flows file is YAML or JSON:
 
     - keywords: [horario, horarios, "a qué hora"]
       answer: Abrimos de lunes a viernes de 9:00 a 18:00.
+    - keywords: [carta, menú]
+      answer: Aquí tienes nuestra carta.
+      file: carta.pdf          # sent with the answer; relative to the flows file's folder
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -47,6 +51,9 @@ def normalize(text: str) -> str:
 MAX_FLOWS_FILE_BYTES = 1_000_000
 MAX_FLOWS = 5_000
 MAX_KEYWORDS = 50_000  # all flows together
+# A flow's file is read into memory to be sent: bounded like a photo WhatsApp takes (documents may be larger
+# there, but a menu or a price list is a few MB).
+MAX_FILE_BYTES = 16 * 1024 * 1024
 
 # libyaml's loader when PyYAML was built with it: several times faster than the pure-Python one.
 _YAML_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -63,7 +70,7 @@ def _read_bounded(path: Path) -> str:
     return raw.decode("utf-8")
 
 
-_FIELDS = frozenset({"keywords", "answer", "enabled"})
+_FIELDS = frozenset({"keywords", "answer", "enabled", "file"})
 
 
 def load_flows_file(path: Path) -> list[Flow]:
@@ -91,7 +98,9 @@ def load_flows_file(path: Path) -> list[Flow]:
         unknown = sorted(str(key) for key in entry if key not in _FIELDS)
         if unknown:  # a typo ("enable: false") would leave the flow on without a word
             fields = ", ".join(unknown)
-            raise FlowsFileError(f"{where}: unknown field(s) {fields} (known: keywords, answer, enabled)")
+            raise FlowsFileError(
+                f"{where}: unknown field(s) {fields} (known: keywords, answer, enabled, file)"
+            )
         keywords = entry.get("keywords")
         if isinstance(keywords, str):
             keywords = [keywords]
@@ -115,8 +124,32 @@ def load_flows_file(path: Path) -> list[Flow]:
             first = owner.setdefault(normal, index) if enabled else index
             if first != index:  # the first flow would always win: this one never answers it
                 raise FlowsFileError(f"{where}: keyword {keyword!r} is already a keyword of entry {first}")
-        flows.append(Flow(tuple(keywords), answer.strip(), enabled))
+        file = _attachment(path, entry["file"], where) if "file" in entry else None
+        flows.append(Flow(tuple(keywords), answer.strip(), enabled, file))
     return flows
+
+
+def _attachment(flows_file: Path, value: object, where: str) -> str:
+    """A flow's file, checked at start (there, and not at the first customer who asks): it exists, is a
+    file, and is at most MAX_FILE_BYTES. Relative paths are from the flows file's folder."""
+    if not isinstance(value, str) or not value.strip():
+        raise FlowsFileError(f"{where}: 'file' must be the path of a photo or document")
+    file = (flows_file.parent / value.strip()).resolve()
+    try:
+        size = file.stat().st_size
+    except OSError as error:
+        raise FlowsFileError(
+            f"{where}: file {value!r} cannot be read ({error.strerror}; relative to {flows_file.parent})"
+        ) from error
+    if not file.is_file():
+        raise FlowsFileError(f"{where}: file {value!r} is not a file")
+    if not size:
+        raise FlowsFileError(f"{where}: file {value!r} is empty")
+    if size > MAX_FILE_BYTES:
+        raise FlowsFileError(
+            f"{where}: file {value!r} is {size / 2**20:.1f} MB, at most {MAX_FILE_BYTES // 2**20} MB"
+        )
+    return str(file)
 
 
 def unusable(flow: Flow) -> str | None:
@@ -199,15 +232,15 @@ class FlowMatcher:
 
     def replace(self, flows: Iterable[Flow]) -> None:
         """Use these flows from now on; a flow that cannot answer (see `unusable`) is left out."""
-        self._flows: Sequence[tuple[tuple[str, ...], str]] = [
+        self._flows: Sequence[tuple[tuple[str, ...], Flow]] = [
             (
                 tuple(f" {normalize(k)} " for k in flow.keywords if normalize(k)),
-                flow.answer.strip(),
+                replace(flow, answer=flow.answer.strip()),
             )
             for flow in flows
             if flow.enabled and unusable(flow) is None
         ]
-        self._phrases = [(_by_first_word(keywords), answer) for keywords, answer in self._flows]
+        self._phrases = [(_by_first_word(keywords), flow) for keywords, flow in self._flows]
         self._keyword_words = frozenset(
             word for keywords, _ in self._flows for k in keywords for word in k.split()
         )
@@ -216,8 +249,13 @@ class FlowMatcher:
         return len(self._flows)
 
     def match(self, text: str) -> str | None:
-        """The answer of the first flow the text is just the question of: its keywords and filler words
-        (FILLER_WORDS), nothing else."""
+        """The answer of the first flow the text is just the question of (see `find`)."""
+        flow = self.find(text)
+        return flow.answer if flow is not None else None
+
+    def find(self, text: str) -> Flow | None:
+        """The first flow the text is just the question of: its keywords and filler words (FILLER_WORDS),
+        nothing else."""
         words = normalize(text).split()
         if len(words) > MAX_QUESTION_WORDS:
             return None
@@ -225,12 +263,12 @@ class FlowMatcher:
             return None  # a word no flow and no filler has: no flow's question alone (and no scan)
         if "?" not in text and "¿" not in text and _thanks_for(words):
             return None
-        coverage = [(_covered(words, phrases), answer) for phrases, answer in self._phrases]
-        for covered, answer in coverage:
+        coverage = [(_covered(words, phrases), flow) for phrases, flow in self._phrases]
+        for covered, flow in coverage:
             if covered and all(i in covered or word in FILLER_WORDS for i, word in enumerate(words)):
                 if any(other - covered for other, _ in coverage):
                     return None  # another flow's keyword outside this one's: the message asks that too
-                return answer
+                return flow
         return None
 
     def facts(self, text: str) -> list[str]:
@@ -238,7 +276,16 @@ class FlowMatcher:
         model when a flow does not answer the message on its own."""
         return list(itertools.islice(self._matches(f" {normalize(text)} "), MAX_FACTS))
 
+    def file_for(self, text: str) -> str | None:
+        """The file of the first of those flows that has one: "¿me pasas la carta?" asks more than the
+        flow's question, and the model's answer goes with the menu all the same."""
+        matched = itertools.islice(self._matching(f" {normalize(text)} "), MAX_FACTS)
+        return next((flow.file for flow in matched if flow.file), None)
+
     def _matches(self, padded: str) -> Iterator[str]:
-        for keywords, answer in self._flows:
+        return (flow.answer for flow in self._matching(padded))
+
+    def _matching(self, padded: str) -> Iterator[Flow]:
+        for keywords, flow in self._flows:
             if any(keyword in padded for keyword in keywords):
-                yield answer
+                yield flow

@@ -121,14 +121,14 @@ class GovernedTransport:
     def state(self) -> ConnectionState:
         return self.inner.state
 
-    async def send_text(self, chat: ChatId, text: str) -> MessageId:
+    async def send_text(self, chat: ChatId, text: str, file: str | None = None) -> MessageId:
         if not self._may_write_to(chat):
             self.counters["refused_unsolicited"] += 1
             raise TransportError("refused: the bot only replies to chats that wrote to it")
         await self._spread_same_text(chat, text)
         if not self._inner_paces:
             await self.pace(chat, text)
-        sent = await self.inner.send_text(chat, text)
+        sent = await self.inner.send_text(chat, text, file)
         self.counters["sent"] += 1
         return sent
 

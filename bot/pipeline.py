@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import time
 import unicodedata
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from loguru import logger
@@ -24,7 +26,7 @@ from bot.ai import percentile
 from bot.handoff import HandoffPhrases, customer_label, quote_for_owner
 from bot.limits import OncePerWindow, SlidingWindowLimiter
 from bot.replies import Language, duration, reply
-from bot.responder import Answer, Responder, split_message
+from bot.responder import Answer, Responder, Source, split_message
 from bot.takeover import Takeover, parse_command
 from connection.background import BackgroundTasks
 from connection.types import (
@@ -52,6 +54,8 @@ from memory.store import (
 GroupPolicy = Literal["never", "mentioned", "always"]
 # WhatsApp messages one answer may take (15,000 characters with the default MAX_REPLY_CHARS).
 MAX_REPLY_PARTS = 10
+# The longest caption a flow's answer goes in under its file; a longer answer follows the file as text.
+MAX_CAPTION_CHARS = 1024
 # Of the message a customer replied to, what the model is told: enough to say which one it was.
 MAX_QUOTE_CHARS = 300
 # A hand-off notice waits this long for the owner's own chat to be known (the session loading at start).
@@ -63,6 +67,9 @@ MAX_WAITING_OWNER_NOTICES = 50
 # writing is still answered.
 MAX_BURST_MESSAGES = 20
 MAX_GATHER_ROUNDS = 4
+# A flow's file goes with the model's answers to a chat once in this long (asked for by the flow's own
+# question, it is always sent): "¿la carta tiene opciones veganas?" after the menu came needs no second copy.
+FLOW_FILE_EVERY_S = 3600.0
 # "I can only read text and voice notes" goes to a chat once in this long: four photos in a row get it once.
 MEDIA_NOTICE_EVERY_S = 300.0
 _MEDIA_KINDS = {
@@ -260,6 +267,7 @@ class Pipeline:
         self.max_inbound_chars = max_inbound_chars
         self.rate_limiter = rate_limiter
         self.media_notices = OncePerWindow(MEDIA_NOTICE_EVERY_S)  # bounded: see limits.py
+        self.flow_files = OncePerWindow(FLOW_FILE_EVERY_S)  # chat and file, when a flow's file went out
         self.takeover = takeover or Takeover(pause_s=1800)
         self.handoff = handoff  # None: a customer asking for a person is answered like any message
         self.takeover.handoff_reply = reply("handoff", language)
@@ -899,6 +907,7 @@ class Pipeline:
         model_time = 0.0  # the model's and the transcription's time: not the pipeline's overhead
         canned: str | None = None
         handing_over: str | None = None
+        file: str | None = None  # a flow's photo or document
         try:
             for earlier_message in burst:
                 await self._mark_read(earlier_message)
@@ -920,7 +929,10 @@ class Pipeline:
                     model_started = time.perf_counter()
                     answer = await self._ask_model(message, inbound, text, context, before_burst)
                     model_time += time.perf_counter() - model_started
-                answer_text = answer.text
+                answer_text, file = answer.text, answer.file
+                recently = file and self.flow_files.told_recently(f"{message.chat}\n{file}")
+                if recently and answer.source is not Source.FLOW:
+                    file = None  # the model's answer, and the chat has just had this file
         except Exception:  # a bug or an odd input must cost the customer an apology, never the answer
             self.counters.failed += 1
             logger.exception(
@@ -946,7 +958,7 @@ class Pipeline:
         self._overhead.append(time.perf_counter() - started - model_time)
         went_out: list[tuple[MessageId, str]] = []  # the parts sent so far, filled by _send
         try:
-            sent_ids, answer_text = await self._send(message, answer_text, went_out)
+            sent_ids, answer_text = await self._send(message, answer_text, went_out, file)
         except SendWithheld:  # a human has the chat now
             logger.info("owner took over {} while its answer was typed: not sent", message.chat)
             self.counters.skipped += len(ids)
@@ -1077,9 +1089,10 @@ class Pipeline:
             await self._typing(message.chat, False)
 
     async def _send(
-        self, message: Inbound, text: str, went_out: list[tuple[MessageId, str]]
+        self, message: Inbound, text: str, went_out: list[tuple[MessageId, str]], file: str | None = None
     ) -> tuple[list[MessageId], str]:
-        """Send the answer in parts; returns their ids and the text sent (shorter if it was cut).
+        """Send the answer in parts (after `file`, a flow's photo or document, with the answer as its caption
+        when it fits); returns their ids and the text sent (shorter if it was cut, with the file named).
         `went_out` gets each part as it is sent, so a caller cancelled halfway knows what the customer has."""
         parts = split_message(text, self.max_reply_chars)
         if (
@@ -1089,6 +1102,18 @@ class Pipeline:
             parts = self._cut(parts)
             text = "\n".join(parts)  # the history holds what the customer got, note included
         sent: list[MessageId] = []
+        attached = ""  # the history says which file went out (the model is told so in later turns)
+        if file is not None:
+            caption = parts[0] if len(parts) == 1 and len(parts[0]) <= MAX_CAPTION_CHARS else ""
+            sent_id = await self._send_file(message.chat, file, caption)
+            if sent_id is not None:
+                self.flow_files.note(f"{message.chat}\n{file}")
+                self.takeover.note_sent(sent_id)
+                sent.append(sent_id)
+                attached = f"\n(📎 {Path(file).name})"
+                went_out.append((sent_id, (caption + attached).strip()))
+                if caption:
+                    return sent, text + attached
         for number, part in enumerate(parts):
             try:
                 sent_id = await self.transport.send_text(message.chat, part)
@@ -1096,11 +1121,25 @@ class Pipeline:
                 if not sent:
                     raise
                 logger.info("owner took over {} while its answer went out: the rest not sent", message.chat)
-                return sent, "\n".join(parts[:number])
+                return sent, ("\n".join(parts[:number]) + attached).strip()
             self.takeover.note_sent(sent_id)
             sent.append(sent_id)
             went_out.append((sent_id, part))
-        return sent, text
+        return sent, text + attached
+
+    async def _send_file(self, chat: ChatId, file: str, caption: str) -> MessageId | None:
+        """A flow's file with `caption` under it; None when it cannot go (deleted since the start, an upload
+        refused): the answer then goes as text, and the owner is told in the log."""
+        if not await asyncio.to_thread(os.path.isfile, file):
+            logger.error("the file of a flow is gone ({}): its answer goes without it", file)
+            return None
+        try:
+            return await self.transport.send_text(chat, caption, file)
+        except SendWithheld:
+            raise
+        except TransportError as error:
+            logger.warning("the file of a flow could not be sent ({}): its answer goes without it", error)
+            return None
 
     def _cut(self, parts: list[str]) -> list[str]:
         """The first MAX_REPLY_PARTS parts, the last ending in "…" and a note that the answer was shortened:

@@ -6,7 +6,7 @@ import enum
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from loguru import logger
 
@@ -29,6 +29,7 @@ class Source(enum.StrEnum):
 class Answer:
     text: str
     source: Source
+    file: str | None = None  # a flow's photo or document, sent with the text
 
     @property
     def canned(self) -> bool:
@@ -94,11 +95,11 @@ class Responder:
     def quick_answer(self, text: str) -> Answer | None:
         """A flow answer, or None when the text needs the history and the model (no flow matches, or the
         message asks more than a flow's question: see FlowMatcher.match)."""
-        answer = self.flows.match(text)
-        if answer is None:
+        flow = self.flows.find(text)
+        if flow is None:
             return None
         self.by_source[Source.FLOW.value] += 1
-        return Answer(answer, Source.FLOW)
+        return Answer(flow.answer, Source.FLOW, flow.file)
 
     async def answer(self, text: str, history: Sequence[StoredMessage]) -> Answer:
         """The whole chain: flows, then the cache, then the model."""
@@ -110,6 +111,8 @@ class Responder:
         the model only (what the message replies to): the flows read the customer's own words."""
         result = await self._from_model(text, history, context)
         self.by_source[result.source.value] += 1
+        if result.source is not Source.AI_ERROR and (file := self.flows.file_for(text)):
+            result = replace(result, file=file)  # the file of a flow the message matched
         return result
 
     async def _from_model(self, text: str, history: Sequence[StoredMessage], context: str) -> Answer:

@@ -83,7 +83,14 @@ class ConsoleTransport(LoopbackTransport):
 
     def _print(self, sent: Sent) -> None:
         if self.jsonl:
-            line = json.dumps({"to": number_of(sent.chat), "text": sent.text}, ensure_ascii=False)
+            out = {
+                "to": number_of(sent.chat),
+                "text": sent.text,
+                **({"file": sent.file} if sent.file else {}),
+            }
+            line = json.dumps(out, ensure_ascii=False)
+        elif sent.file:
+            line = f"bot> [{Path(sent.file).name}] {sent.text}".rstrip()
         else:
             line = f"bot> {sent.text}"
         self.out.write(line + "\n")

@@ -17,6 +17,7 @@ class Sent:
     chat: ChatId
     text: str
     id: MessageId
+    file: str | None = None  # a photo or document sent, `text` its caption
 
 
 @dataclass
@@ -43,13 +44,13 @@ class LoopbackTransport:
     def state(self) -> ConnectionState:
         return ConnectionState.CONNECTED
 
-    async def send_text(self, chat: ChatId, text: str) -> MessageId:
+    async def send_text(self, chat: ChatId, text: str, file: str | None = None) -> MessageId:
         if self.send_delay_s:
             await asyncio.sleep(self.send_delay_s)
         if self.fail_sends > 0:
             self.fail_sends -= 1
             raise TransportError("loopback: scripted send failure")
-        sent = Sent(chat, text, MessageId(f"out-{self._run}-{next(self._ids)}"))
+        sent = Sent(chat, text, MessageId(f"out-{self._run}-{next(self._ids)}"), file)
         if self.record:
             self.sent.append(sent)
         if self.on_send is not None:

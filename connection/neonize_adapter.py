@@ -32,6 +32,7 @@ import dataclasses
 import inspect
 import io
 import logging
+import mimetypes
 import os
 import re
 import subprocess
@@ -129,6 +130,8 @@ CALL_TIMEOUT_S = 30.0
 # reconnect within that time. Giving up sooner queued the reply again while whatsmeow still delivered the
 # first: the customer got it twice.
 SEND_TIMEOUT_S = 80.0
+SEND_FILE_TIMEOUT_S = 180.0  # the upload first: a 16 MB document on a slow link
+_PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 DOWNLOAD_TIMEOUT_S = 120.0
 
 STATUS_BROADCAST = "status@broadcast"
@@ -323,6 +326,18 @@ def _contact_text(card: Any) -> str:
     numbers = ", ".join(dict.fromkeys(number.strip() for number in _VCARD_TEL.findall(vcard)))
     name = " ".join(_text(card.displayName).split())
     return f"👤 {name}: {numbers}" if numbers else f"👤 {name}"
+
+
+async def _file_message(client: Any, file: str, caption: str) -> WAMessage:
+    """A flow's photo (shown inline) or document (with its file name), uploaded, `caption` under it."""
+    path = Path(file)
+    data = await asyncio.to_thread(path.read_bytes)
+    if path.suffix.lower() in _PHOTO_SUFFIXES:
+        return await client.build_image_message(data, caption=caption or None)
+    mimetype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return await client.build_document_message(
+        data, caption=caption or None, filename=path.name, mimetype=mimetype
+    )
 
 
 def _text(value: str | bytes) -> str:
@@ -989,8 +1004,9 @@ class NeonizeTransport:
         """Seconds left in a rest between unscanned pairings (for the /qr page); None when not resting."""
         return self._supervisor.pairing_rest_s()
 
-    async def send_text(self, chat: ChatId, text: str) -> MessageId:
-        """Send plain text (no neonize mention/link parsing); return the sent message id.
+    async def send_text(self, chat: ChatId, text: str, file: str | None = None) -> MessageId:
+        """Send plain text (no neonize mention/link parsing), or `file` (a photo or a document) with `text`
+        as its caption; return the sent message id.
 
         While disconnected, with an outbox, the text is queued and a provisional id returned; queued texts
         go out first so order holds; with the outbox full, waits for room. Raises TransportError when it
@@ -1001,7 +1017,7 @@ class NeonizeTransport:
                 chat, text
             )  # SendWithheld: the owner has the chat, neither sent nor queued
             try:
-                return await self._send_now(chat, text)
+                return await self._send_now(chat, text, file)
             except TransportError:
                 self._unspend(slot)  # it did not go out: its budget slot is the queued send's
                 if self._outbox is None or await self.is_connected():
@@ -1011,7 +1027,7 @@ class NeonizeTransport:
         if len(self._outbox) >= self._outbox.max_items:
             logger.debug("outbox full: a reply waits for room")
             self._kick_flush()
-        message_id = await self._outbox.put_when_room(chat, text)
+        message_id = await self._outbox.put_when_room(chat, text, file)
         self._kick_flush()
         return message_id
 
@@ -1069,11 +1085,14 @@ class NeonizeTransport:
 
     # ------------------------------------------------------------------ sending helpers
 
-    async def _send_now(self, chat: ChatId, text: str) -> MessageId:
+    async def _send_now(self, chat: ChatId, text: str, file: str | None = None) -> MessageId:
         client = self._driver._require()
         try:
-            async with asyncio.timeout(SEND_TIMEOUT_S):
-                resp = await client.send_message(_to_jid(chat), WAMessage(conversation=text))
+            async with asyncio.timeout(SEND_TIMEOUT_S if file is None else SEND_FILE_TIMEOUT_S):
+                message = (
+                    WAMessage(conversation=text) if file is None else await _file_message(client, file, text)
+                )
+                resp = await client.send_message(_to_jid(chat), message)
         except Exception as exc:
             raise TransportError(f"send failed: {_scrub(str(exc))}") from exc
         return MessageId(resp.ID)
@@ -1091,12 +1110,12 @@ class NeonizeTransport:
         """The pacer's budget slot (None without a pacer), for `_unspend` if the send then fails."""
         return await self._pacer(chat, text) if self._pacer is not None else None
 
-    async def _send_queued(self, chat: ChatId, text: str) -> None:
+    async def _send_queued(self, chat: ChatId, text: str, file: str | None = None) -> None:
         if self.state is not ConnectionState.CONNECTED:
             raise SendDeferred("not connected")
         slot = await self._pace(chat, text)  # SendWithheld: the outbox drops it (the owner has the chat)
         try:
-            await self._send_now(chat, text)
+            await self._send_now(chat, text, file)
         except TransportError as exc:
             self._unspend(slot)
             if not await self.is_connected():

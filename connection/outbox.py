@@ -35,7 +35,8 @@ create table if not exists outbox (
     body text not null,
     created_at real not null,
     tries integer not null default 0,
-    reply text
+    reply text,
+    file text
 )
 """
 
@@ -57,6 +58,7 @@ class Queued:
     created_at: float
     tries: int
     reply: MessageId | None = None  # the id of the reply this is a part of (its first part's), when grouped
+    file: str | None = None  # a photo or document to send, `text` its caption
 
 
 class Outbox:
@@ -89,6 +91,8 @@ class Outbox:
         columns = {row[1] for row in self._db.execute("pragma table_info(outbox)")}
         if "reply" not in columns:  # a file from before replies were grouped
             self._db.execute("alter table outbox add column reply text")
+        if "file" not in columns:  # a file from before flows sent files
+            self._db.execute("alter table outbox add column file text")
         self._count = int(self._db.execute("select count(*) from outbox").fetchone()[0])
         self._lock = asyncio.Lock()
         self._room = asyncio.Event()  # set whenever a queued text leaves
@@ -103,14 +107,15 @@ class Outbox:
     def __len__(self) -> int:
         return self._count
 
-    def put(self, chat: ChatId, text: str) -> MessageId:
-        """Queue a text; return a provisional id. Raises OutboxFull at the limit."""
+    def put(self, chat: ChatId, text: str, file: str | None = None) -> MessageId:
+        """Queue a text (or a file with its caption); return a provisional id. Raises OutboxFull at the
+        limit."""
         if len(self) >= self.max_items:
             raise OutboxFull(f"disconnected and the outbox is full ({self.max_items} messages waiting)")
         message_id = MessageId(f"outbox-{uuid.uuid4().hex[:20]}")
         self._db.execute(
-            "insert into outbox (id, chat, body, created_at) values (?, ?, ?, ?)",
-            (message_id, chat, text, self._clock()),
+            "insert into outbox (id, chat, body, created_at, file) values (?, ?, ?, ?, ?)",
+            (message_id, chat, text, self._clock(), file),
         )
         self._count += 1
         logger.info("outbox: queued a reply for {} ({} waiting)", scrub(chat), len(self))
@@ -123,14 +128,17 @@ class Outbox:
 
     def pending(self, limit: int = 1000) -> list[Queued]:
         rows = self._db.execute(
-            "select seq, id, chat, body, created_at, tries, reply from outbox order by seq limit ?", (limit,)
+            "select seq, id, chat, body, created_at, tries, reply, file from outbox order by seq limit ?",
+            (limit,),
         ).fetchall()
         return [
-            Queued(r[0], MessageId(r[1]), ChatId(r[2]), r[3], r[4], r[5], MessageId(r[6]) if r[6] else None)
+            Queued(
+                r[0], MessageId(r[1]), ChatId(r[2]), r[3], r[4], r[5], MessageId(r[6]) if r[6] else None, r[7]
+            )
             for r in rows
         ]
 
-    async def flush(self, send: Callable[[ChatId, str], Awaitable[Any]]) -> int:
+    async def flush(self, send: Callable[[ChatId, str, str | None], Awaitable[Any]]) -> int:
         """Send what waits, oldest first; return how many went out.
 
         Stops at the first failure (order holds), except that a message failing `max_tries` times is dropped.
@@ -143,7 +151,7 @@ class Outbox:
                     self._drop(item, "too old")
                     continue
                 try:
-                    await send(item.chat, item.text)
+                    await send(item.chat, item.text, item.file)
                 except SendDeferred:
                     break
                 except SendWithheld:  # the chat was handed to a human while this waited: never sent
@@ -169,12 +177,12 @@ class Outbox:
         self._count -= 1
         self._room.set()
 
-    async def put_when_room(self, chat: ChatId, text: str) -> MessageId:
+    async def put_when_room(self, chat: ChatId, text: str, file: str | None = None) -> MessageId:
         """Queue a text, waiting while the outbox is full: the caller (a chat's worker) holds its message
         until there is room, so a long disconnection makes answers wait, not fail. First come, first served:
         a caller arriving while others wait queues behind them, even if a slot is free. Cancel to give up."""
         if not self._waiting and len(self) < self.max_items:
-            return self.put(chat, text)
+            return self.put(chat, text, file)
         turn = object()
         self._waiting.append(turn)
         try:
@@ -184,7 +192,7 @@ class Outbox:
         finally:
             self._waiting.remove(turn)
             self._room.set()  # the next in line checks for a slot (or takes over a cancelled turn)
-        return self.put(chat, text)
+        return self.put(chat, text, file)
 
     def _drop(self, item: Queued, why: str) -> None:
         self._delete(item)

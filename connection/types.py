@@ -100,8 +100,9 @@ class SendWithheld(TransportError):
 class Transport(Protocol):
     """What the bot needs from a messaging connection."""
 
-    async def send_text(self, chat: ChatId, text: str) -> MessageId:
-        """Send `text` to `chat`; return the id of the sent message."""
+    async def send_text(self, chat: ChatId, text: str, file: str | None = None) -> MessageId:
+        """Send `text` to `chat`; return the id of the sent message. With `file` (the path of a photo or a
+        document) the file is sent, `text` as its caption (may be empty)."""
         ...
 
     async def set_typing(self, chat: ChatId, typing: bool) -> None: ...

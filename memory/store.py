@@ -106,6 +106,7 @@ class Flow:
     keywords: tuple[str, ...]
     answer: str
     enabled: bool = True
+    file: str | None = None  # a photo or document sent with the answer (flows file only: a checked path)
 
 
 # A `resume all` still queued when a `pause all` follows (both are the chat "*", of which the queue keeps

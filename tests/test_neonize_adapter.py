@@ -543,6 +543,7 @@ class FakeNewAClient:
         self.online = False
         self.connects = 0
         self.sent: list[tuple[str, str]] = []
+        self.messages: list[WAMessage] = []
         self.logged_out = False
         self.presences = 0
         self.rejected: list[tuple[str, str]] = []
@@ -616,7 +617,33 @@ class FakeNewAClient:
         if not self.online:
             raise RuntimeError("websocket not connected")
         self.sent.append((f"{jid.User}@{jid.Server}", message.conversation))
+        self.messages.append(message)
         return SimpleNamespace(ID=f"3EB0{next(self._ids):04d}")
+
+    # neonize uploads the file to WhatsApp's media servers and builds the message from the upload
+    async def build_image_message(self, file: bytes, caption: str | None = None) -> WAMessage:
+        if not self.online:
+            raise RuntimeError("websocket not connected")
+        return WAMessage(
+            imageMessage={"caption": caption or "", "fileLength": len(file), "mimetype": "image/jpeg"}
+        )
+
+    async def build_document_message(
+        self,
+        file: bytes,
+        caption: str | None = None,
+        filename: str | None = None,
+        mimetype: str | None = None,
+    ) -> WAMessage:
+        if not self.online:
+            raise RuntimeError("websocket not connected")
+        document = {
+            "caption": caption or "",
+            "fileLength": len(file),
+            "fileName": filename,
+            "mimetype": mimetype,
+        }
+        return WAMessage(documentMessage=document)
 
     async def send_chat_presence(self, *args: Any) -> None:
         pass

@@ -34,15 +34,17 @@ OTHER = ChatId("34600999888@s.whatsapp.net")
 class Recorder:
     def __init__(self, fail_on: set[str] | None = None, defer_on: set[str] | None = None) -> None:
         self.sent: list[tuple[str, str]] = []
+        self.files: list[str | None] = []
         self.fail_on = fail_on or set()
         self.defer_on = defer_on or set()
 
-    async def __call__(self, chat: ChatId, text: str) -> MessageId:
+    async def __call__(self, chat: ChatId, text: str, file: str | None = None) -> MessageId:
         if text in self.defer_on:
             raise SendDeferred("not connected")
         if text in self.fail_on:
             raise TransportError("send failed: bad request")
         self.sent.append((chat, text))
+        self.files.append(file)
         return MessageId(f"sent-{len(self.sent)}")
 
 
@@ -129,7 +131,7 @@ async def test_a_later_part_dropped_after_a_restart_is_reported_as_its_reply(tmp
     dropped: list[tuple[str, str]] = []
     box.on_drop = lambda reply, chat: dropped.append((reply, chat))
 
-    async def send(chat: ChatId, text: str) -> None:
+    async def send(chat: ChatId, text: str, file: str | None = None) -> None:
         if text == "segunda parte":
             raise SendWithheld("the owner took the chat over")
 
@@ -153,7 +155,7 @@ async def test_an_outbox_file_from_before_replies_were_grouped_still_opens_and_s
     box = Outbox(path)
     sent: list[str] = []
 
-    async def send(chat: ChatId, text: str) -> None:
+    async def send(chat: ChatId, text: str, file: str | None = None) -> None:
         sent.append(text)
 
     assert await box.flush(send) == 1 and sent == ["hola"]

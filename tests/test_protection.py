@@ -384,7 +384,7 @@ async def test_busy_notices_not_sent_when_answering_resumes_are_not_sent_at_all(
     release = asyncio.Event()
 
     class SlowSends(LoopbackTransport):  # as the send budget paces them: one notice takes a while
-        async def send_text(self, chat: ChatId, text: str) -> MessageId:
+        async def send_text(self, chat: ChatId, text: str, file: str | None = None) -> MessageId:
             if text == busy:
                 await release.wait()
             return await super().send_text(chat, text)

@@ -123,7 +123,7 @@ async def test_sigterm_during_a_slow_model_reply_delivers_it_and_exits_0(
 class StallsAfterFirstPart(LoopbackTransport):
     """The first part goes out, the next waits (a typing pause, a slow socket) until the stop."""
 
-    async def send_text(self, chat: ChatId, text: str) -> MessageId:
+    async def send_text(self, chat: ChatId, text: str, file: str | None = None) -> MessageId:
         if self.sent:
             await asyncio.Event().wait()
         return await super().send_text(chat, text)

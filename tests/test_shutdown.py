@@ -135,7 +135,7 @@ def test_railway_without_a_volume_warns_that_the_supabase_journal_is_ephemeral(t
 class StuckNeonize(FakeNeonize):
     """A send that never completes (the socket hangs) and a stop that hangs too."""
 
-    async def send_text(self, chat: ChatId, text: str) -> MessageId:
+    async def send_text(self, chat: ChatId, text: str, file: str | None = None) -> MessageId:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 

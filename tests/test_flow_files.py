@@ -1,0 +1,269 @@
+"""A keyword flow that sends a photo or a document ("carta" -> the menu PDF): the flows file, the real
+pipeline and SQLite store on a loopback transport, the console, the outbox, and the neonize adapter on its
+fake client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from bot.app import Bot
+from bot.flows import MAX_FILE_BYTES, FlowsFileError, load_flows_file
+from bot.limits import OncePerWindow
+from connection.console import ConsoleTransport
+from connection.loopback import LoopbackTransport
+from connection.outbox import Outbox
+from connection.types import ChatId, ConnectionState, MessageId, TransportError
+from memory.manager import MemoryManager, MemoryState
+from memory.store import Direction
+from tests.conftest import BotHarness, inbound
+from tests.fake_openai import FakeOpenAI
+from tests.test_neonize_adapter import FakeNewAClient, wait_state
+from tests.test_outbox import Recorder, transport
+from tests.test_outbox import fake_client as fake_client  # a fixture
+
+CHAT = "34600111222@s.whatsapp.net"
+MENU = "Aquí tienes nuestra carta."
+
+
+def ai(fake: FakeOpenAI, **extra: object) -> dict[str, object]:
+    return {"openai_api_key": "k", "openai_base_url": fake.base_url, **extra}
+
+
+def flows_with(tmp_path: Path, file: str, answer: str = MENU) -> Path:
+    flows = tmp_path / "flows" / "flows.yaml"
+    flows.parent.mkdir(exist_ok=True)
+    flows.write_text(f"- keywords: [carta, menu]\n  answer: {json.dumps(answer)}\n  file: {file}\n")
+    return flows
+
+
+def menu_pdf(tmp_path: Path) -> Path:
+    pdf = tmp_path / "flows" / "carta.pdf"
+    pdf.parent.mkdir(exist_ok=True)
+    pdf.write_bytes(b"%PDF-1.4 la carta")
+    return pdf
+
+
+# ---------------------------------------------------------------- the flows file
+
+
+def test_a_flows_file_names_the_file_relative_to_itself(tmp_path: Path) -> None:
+    pdf = menu_pdf(tmp_path)
+    [flow] = load_flows_file(flows_with(tmp_path, "carta.pdf"))
+    assert flow.file == str(pdf.resolve()) and flow.answer == MENU
+
+
+@pytest.mark.parametrize(
+    ("file", "problem"),
+    [
+        ("falta.pdf", "entry 1: file 'falta.pdf' cannot be read (No such file or directory; relative to"),
+        ("vacia.pdf", "entry 1: file 'vacia.pdf' is empty"),
+        ("enorme.pdf", f"entry 1: file 'enorme.pdf' is 17.0 MB, at most {MAX_FILE_BYTES // 2**20} MB"),
+        (".", "entry 1: file '.' is not a file"),
+        ("[1, 2]", "entry 1: 'file' must be the path of a photo or document"),
+    ],
+)
+def test_a_file_that_cannot_be_sent_stops_the_start_naming_it(
+    tmp_path: Path, file: str, problem: str
+) -> None:
+    """Found at start, not by the first customer who asks for the menu."""
+    flows = flows_with(tmp_path, file)
+    (flows.parent / "vacia.pdf").write_bytes(b"")
+    with (flows.parent / "enorme.pdf").open("wb") as huge:
+        huge.truncate(17 * 2**20)  # sparse: no disk used
+    with pytest.raises(FlowsFileError) as error:
+        load_flows_file(flows)
+    assert problem in str(error.value)
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+async def test_a_flow_sends_its_file_with_the_answer_as_caption(
+    harness, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    pdf = menu_pdf(tmp_path)
+    async with harness(**ai(fake_openai, flows_file=flows_with(tmp_path, "carta.pdf"))) as h:
+        await h.say("hola, ¿la carta?")
+        [sent] = h.transport.sent
+        assert (sent.text, sent.file) == (MENU, str(pdf.resolve()))
+        await h.say("¿tenéis opciones veganas?")
+        rows = await h.bot.store.recent_messages(CHAT, 10)
+    # The history says the file went out: the model knows the customer has the menu.
+    replies = [row.body for row in rows if row.direction is Direction.OUT]
+    assert replies[0] == f"{MENU}\n(📎 carta.pdf)"
+    assert f"{MENU}\n(📎 carta.pdf)" in [m["content"] for m in fake_openai.chat_requests[-1]["messages"]]
+
+
+async def test_a_long_answer_follows_its_file(harness, tmp_path: Path) -> None:
+    """A caption holds 1,024 characters: a longer answer goes as text after the file."""
+    menu_pdf(tmp_path)
+    long_answer = "Nuestra carta. " + "Platos del día y postres caseros. " * 40
+    async with harness(flows_file=flows_with(tmp_path, "carta.pdf", long_answer)) as h:
+        await h.say("carta")
+    first, *rest = h.transport.sent
+    assert (first.text, first.file is not None) == ("", True)
+    assert "\n".join(s.text for s in rest) == long_answer.strip() and all(s.file is None for s in rest)
+
+
+async def test_a_file_gone_since_the_start_leaves_the_answer(harness, tmp_path: Path) -> None:
+    pdf = menu_pdf(tmp_path)
+    async with harness(flows_file=flows_with(tmp_path, "carta.pdf")) as h:
+        pdf.unlink()
+        await h.say("carta")
+    assert [(s.text, s.file) for s in h.transport.sent] == [(MENU, None)]
+
+
+class RefusesFiles(LoopbackTransport):
+    async def send_text(self, chat: ChatId, text: str, file: str | None = None) -> MessageId:
+        if file is not None:
+            raise TransportError("send failed: media upload failed")
+        return await super().send_text(chat, text)
+
+
+async def test_a_file_the_upload_refuses_leaves_the_answer(make_settings, tmp_path: Path) -> None:
+    menu_pdf(tmp_path)
+    h = BotHarness(make_settings(flows_file=flows_with(tmp_path, "carta.pdf")))
+    h.transport = RefusesFiles()
+    h.bot = Bot.build(h.settings, h.transport)
+    async with h:
+        assert await h.say("carta") == [MENU]
+
+
+async def test_the_models_answer_goes_with_the_file_of_a_flow_it_matched_once_an_hour(
+    harness, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """ "¿me pasas la carta?" asks more than the flow's question: the model answers (told the flow's answer),
+    and the menu goes with it; "¿tiene opciones veganas la carta?" right after needs no second copy, while the
+    flow's own question always gets it."""
+    pdf = str(menu_pdf(tmp_path).resolve())
+    async with harness(**ai(fake_openai, flows_file=flows_with(tmp_path, "carta.pdf"))) as h:
+        await h.say("¿me pasas la carta?")
+        await h.say("¿tiene opciones veganas la carta?")
+        await h.say("la carta")
+        metrics = h.bot.metrics()["memory"]["structures"]["flow_file_chats"]
+    assert [(s.text, s.file) for s in h.transport.sent] == [
+        ("echo: ¿me pasas la carta?", pdf),
+        ("echo: ¿tiene opciones veganas la carta?", None),
+        (MENU, pdf),
+    ]
+    assert MENU in fake_openai.chat_requests[0]["messages"][0]["content"]
+    assert metrics["size"] == 1
+
+
+# ---------------------------------------------------------------- the console and the outbox
+
+
+async def test_the_console_shows_the_file() -> None:
+    out = io.StringIO()
+    console = ConsoleTransport(jsonl=True, out=out)
+    await console.send_text(ChatId(CHAT), MENU, "/srv/flows/carta.pdf")
+    assert json.loads(out.getvalue()) == {"to": "34600111222", "text": MENU, "file": "/srv/flows/carta.pdf"}
+    out = io.StringIO()
+    await ConsoleTransport(jsonl=False, out=out).send_text(ChatId(CHAT), MENU, "/srv/flows/carta.pdf")
+    assert out.getvalue() == f"bot> [carta.pdf] {MENU}\n"
+
+
+async def test_a_queued_file_survives_a_restart(tmp_path: Path) -> None:
+    first = Outbox(tmp_path / "outbox.sqlite3")
+    first.put(ChatId(CHAT), MENU, "/srv/flows/carta.pdf")
+    first.put(ChatId(CHAT), "¿algo más?")
+    first.close()
+    second = Outbox(tmp_path / "outbox.sqlite3")
+    recorder = Recorder()
+    assert await second.flush(recorder) == 2
+    assert recorder.files == ["/srv/flows/carta.pdf", None]
+    second.close()
+
+
+async def test_an_outbox_file_from_before_flows_sent_files_still_opens_and_sends(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as old:
+        old.execute(
+            "create table outbox (seq integer primary key autoincrement, id text not null,"
+            " chat text not null, body text not null, created_at real not null,"
+            " tries integer not null default 0, reply text)"
+        )
+        old.execute(
+            "insert into outbox (id, chat, body, created_at) values ('o1', ?, 'hola', ?)", (CHAT, time.time())
+        )
+        old.commit()
+    box = Outbox(path)
+    recorder = Recorder()
+    assert await box.flush(recorder) == 1 and recorder.files == [None]
+    box.close()
+
+
+# ---------------------------------------------------------------- the neonize adapter
+
+
+async def test_whatsapp_gets_a_photo_inline_and_a_document_with_its_name(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    photo, pdf = tmp_path / "Tarta.JPG", tmp_path / "carta.pdf"
+    photo.write_bytes(b"\xff\xd8\xff jpeg")
+    pdf.write_bytes(b"%PDF-1.4 la carta")
+    fake_client.script.extend(["ok"])
+    t = transport(tmp_path)
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        client = fake_client.instances[0]
+        await t.send_text(ChatId(CHAT), "La tarta del día", str(photo))
+        await t.send_text(ChatId(CHAT), "", str(pdf))
+        image, document = client.messages
+    finally:
+        await t.stop()
+    assert (image.imageMessage.caption, image.imageMessage.fileLength) == ("La tarta del día", 8)
+    assert (document.documentMessage.fileName, document.documentMessage.mimetype) == (
+        "carta.pdf",
+        "application/pdf",
+    )
+    assert document.documentMessage.caption == ""
+
+
+async def test_a_file_sent_while_disconnected_goes_out_after_the_reconnect(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    pdf = tmp_path / "carta.pdf"
+    pdf.write_bytes(b"%PDF-1.4 la carta")
+    fake_client.script.extend(["ok"])
+    t = transport(tmp_path)
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        client = fake_client.instances[0]
+        await client.drop()
+        queued = await t.send_text(ChatId(CHAT), MENU, str(pdf))
+        assert queued.startswith("outbox-") and client.messages == []
+        await client.back()
+        async with asyncio.timeout(5):
+            while not client.messages:
+                await asyncio.sleep(0.01)
+        [document] = client.messages
+    finally:
+        await t.stop()
+    assert (document.documentMessage.caption, document.documentMessage.fileName) == (MENU, "carta.pdf")
+
+
+async def test_chats_a_file_went_to_are_bounded_and_forgotten_under_pressure(harness, tmp_path: Path) -> None:
+    now = [1000.0]
+    menu_pdf(tmp_path)
+    async with harness(flows_file=flows_with(tmp_path, "carta.pdf")) as h:
+        h.bot.pipeline.flow_files = OncePerWindow(3600, max_keys=3, clock=lambda: now[0])
+        await h.say(*[inbound("carta", chat=f"3460077{i:04d}@s.whatsapp.net") for i in range(5)])
+        structures = h.bot.metrics()["memory"]["structures"]
+        now[0] += 3601
+        manager = MemoryManager(500, read_rss_mb=lambda: 410.0)
+        manager.on_change(h.bot._on_memory_state)
+        assert manager.check() is MemoryState.WARNING
+        after = h.bot.metrics()["memory"]["structures"]["flow_file_chats"]
+    assert structures["flow_file_chats"] == {"size": 3, "max": 3, "evictions": 2}
+    assert after["size"] == 0

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bot.handoff import CLAUSE_BREAKS, DEFAULT_PHRASES
+from bot.handoff import DEFAULT_PHRASES, spans_clauses
 
 MAX_HANDOFF_PHRASES = 200
 PLACEHOLDERS = {"changeme", "your-key-here", "sk-...", "xxx", "<your key>"}
@@ -258,7 +258,7 @@ class Settings(BaseSettings):
         for position, phrase in enumerate(phrases, 1):
             if not any(ch.isalnum() for ch in phrase):
                 raise ValueError(f"entry {position} ({phrase!r}) has no letters: it can never match")
-            if CLAUSE_BREAKS.search(phrase.strip(" ,;!?¡¿")):  # "¿hablar con ventas?" is fine
+            if spans_clauses(phrase):
                 raise ValueError(
                     f"entry {position} ({phrase!r}) has ; ! ? ¡ or ¿ between its words: messages are read"
                     " clause by clause, so it can never match (make it two phrases)"

@@ -73,6 +73,12 @@ CLAUSE_BREAKS = re.compile(r"[,;!?¡¿\n]+")
 NOTICE_QUOTE_CHARS = 200
 
 
+def spans_clauses(phrase: str) -> bool:
+    """A phrase with words on both sides of a clause break ("ventas; soporte"): messages are read clause by
+    clause, so it could never match. "¿hablar con ventas?" has words in one clause only."""
+    return sum(1 for part in CLAUSE_BREAKS.split(phrase) if normalize(part)) > 1
+
+
 class HandoffPhrases:
     """The phrases that ask for a person, matched as whole words anywhere in a message."""
 

@@ -364,8 +364,7 @@ class Pipeline:
                 self._from_owner(message)  # the owner taking a chat over is kept for the next start too
             elif message.id and message.chat and not self.dedup.seen(message.id):
                 reason = self._filter(message)
-                limiter = self.rate_limiter
-                if reason is None and limiter is not None and limiter.check(message.chat) != "ok":
+                if reason is None and self._rate_verdict(message) != "ok":
                     self.counters.rate_limited += 1  # a flood while draining, as at any other time
                     reason = _RATE_LIMITED
                 if reason is None:
@@ -391,9 +390,7 @@ class Pipeline:
                 self._keep_unanswered(message)
             return False
         if self.rate_limiter is not None:
-            verdict = self.rate_limiter.check(message.chat)
-            if verdict != "ok" and self._asks_for_a_person(message, clean_text(message.text, 1000)[0]):
-                verdict = "ok"  # a flood is often a customer getting nowhere: the request still goes through
+            verdict = self._rate_verdict(message)
             if verdict != "ok":
                 self.counters.rate_limited += 1
                 # Kept, unanswered, in the database (lost before): the owner finds it there. Not in the
@@ -421,6 +418,16 @@ class Pipeline:
             self._spill(message, row, persisted)
             return True
         return self._enqueue(message, persisted)
+
+    def _rate_verdict(self, message: Inbound) -> str:
+        """The rate limiter's verdict on the message ("ok" without a limiter). A request for a person always
+        goes through: a flood is often a customer getting nowhere."""
+        if self.rate_limiter is None:
+            return "ok"
+        verdict = self.rate_limiter.check(message.chat)
+        if verdict != "ok" and self._asks_for_a_person(message, clean_text(message.text, 1000)[0]):
+            return "ok"
+        return verdict
 
     def _flow_question(self, message: Inbound) -> bool:
         """A keyword flow's question, from a chat with nothing waiting in the store: answered at once while
@@ -720,7 +727,10 @@ class Pipeline:
 
     def _asks_for_a_person(self, message: Inbound, text: str) -> bool:
         """A customer's request for a person; never in a group, where one member would silence the rest."""
-        return self.handoff is not None and not message.is_group and self.handoff.asked(text)
+        if self.handoff is None or message.is_group:
+            return False
+        # "quiero hablar" / "con una persona" in a burst (or one message over two lines) asks too.
+        return self.handoff.asked(text) or ("\n" in text and self.handoff.asked(text.replace("\n", " ")))
 
     def _hand_over(self, message: Inbound, text: str) -> None:
         """The customer was told a person will write: the chat is left to the owner, who is told so in their
@@ -899,7 +909,13 @@ class Pipeline:
         if burst:
             # The model gets the MAX_CHAT_HISTORY messages before the burst, and the burst as one turn. From
             # here on `message` is that turn: the burst's texts, under the last one's id.
-            before_burst = await self.history.recent(self._inbound_row(burst[0]))
+            try:
+                before_burst = await self.history.recent(self._inbound_row(burst[0]))
+            except Exception as error:  # a store that cannot read: the burst is answered without history
+                logger.warning(
+                    "the history of {} could not be read ({}): answered without it", message.chat, error
+                )
+                before_burst = []
             message = replace(message, text="\n".join(m.text for m in [*burst, message]))
         for earlier_message in burst:
             self.history.append(self._inbound_row(earlier_message))

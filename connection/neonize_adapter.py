@@ -32,6 +32,7 @@ import dataclasses
 import inspect
 import io
 import logging
+import math
 import mimetypes
 import os
 import re
@@ -166,6 +167,8 @@ _MEDIA_KINDS = (
     ("documentMessage", MessageKind.DOCUMENT),
     ("ptvMessage", MessageKind.VIDEO),  # a round video note
 )
+# Read as text (see _location_text, _contact_text); a pin sent as a swipe reply keeps its quote.
+_READ_AS_TEXT = ("locationMessage", "liveLocationMessage", "contactMessage", "contactsArrayMessage")
 # Content the bot cannot read but a customer expects an answer to.
 _UNSUPPORTED = (
     "pollCreationMessage",
@@ -301,6 +304,9 @@ def _body(msg: WAMessage, me: frozenset[str]) -> tuple[MessageKind, str, MediaRe
 
 
 MAX_CONTACT_CARDS = 10
+MAX_CARD_NUMBERS = 10
+MAX_VCARD_CHARS = 20_000  # a card is a few hundred characters; a crafted one is not read past this
+_VCARD_FN = re.compile(r"^(?:item\d+\.)?FN[^:\n]*:([^\n]+)$", re.IGNORECASE | re.MULTILINE)
 _VCARD_TEL = re.compile(r"^(?:item\d+\.)?TEL[^:\n]*:([^\n]+)$", re.IGNORECASE | re.MULTILINE)
 
 
@@ -314,18 +320,22 @@ def _location_text(msg: WAMessage) -> str:
         words.append("live")
     else:
         words.append(", ".join(part for part in (_text(where.name), _text(where.address)) if part.strip()))
-    if where.degreesLatitude or where.degreesLongitude:
-        words.append(f"({where.degreesLatitude:.5f}, {where.degreesLongitude:.5f})")
+    lat, lon = where.degreesLatitude, where.degreesLongitude
+    if (lat or lon) and math.isfinite(lat) and math.isfinite(lon) and abs(lat) <= 90 and abs(lon) <= 180:
+        words.append(f"({lat:.5f}, {lon:.5f})")
     comment = _text(where.caption if live else where.comment).strip()
     return "\n".join(part for part in (" ".join(" ".join(words).split()), comment) if part)
 
 
 def _contact_text(card: Any) -> str:
-    """ "👤 Ana López: +34 600 11 12 22": a shared contact's name and the numbers its vCard lists."""
-    vcard = _text(card.vcard).replace("\r\n", "\n").replace("\n ", "")  # unfolded (RFC 6350 3.2)
-    numbers = ", ".join(dict.fromkeys(number.strip() for number in _VCARD_TEL.findall(vcard)))
-    name = " ".join(_text(card.displayName).split())
-    return f"👤 {name}: {numbers}" if numbers else f"👤 {name}"
+    """ "👤 Ana López: +34 600 11 12 22": a shared contact's name (its card's FN without one) and the first
+    MAX_CARD_NUMBERS numbers its vCard lists."""
+    vcard = re.sub(r"\r\n?", "\n", _text(card.vcard)[:MAX_VCARD_CHARS]).replace("\n ", "")  # RFC 6350 3.2
+    values = (value.strip().removeprefix("tel:").strip() for value in _VCARD_TEL.findall(vcard))
+    numbers = ", ".join(list(dict.fromkeys(value for value in values if value))[:MAX_CARD_NUMBERS])
+    name = _text(card.displayName).strip() or next(iter(_VCARD_FN.findall(vcard)), "")
+    label = " ".join(f"👤 {name}".split())
+    return f"{label}: {numbers}" if numbers else label
 
 
 async def _file_message(client: Any, file: str, caption: str) -> WAMessage:
@@ -432,7 +442,7 @@ def _quote(msg: WAMessage, own: frozenset[str]) -> tuple[str, QuoteSource, Messa
         )
     if msg.HasField("orderMessage"):
         return _order_details(msg.orderMessage), "order", MessageKind.TEXT
-    for field in ("extendedTextMessage", *(name for name, _ in _MEDIA_KINDS)):
+    for field in ("extendedTextMessage", *(name for name, _ in _MEDIA_KINDS), *_READ_AS_TEXT):
         if not msg.HasField(field):
             continue
         context = getattr(msg, field).contextInfo

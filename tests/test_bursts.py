@@ -18,7 +18,7 @@ from bot.config import Settings
 from bot.replies import reply
 from connection import neonize_adapter
 from connection.types import ChatId, MessageKind
-from memory.store import Direction, MessageStatus
+from memory.store import Direction, MessageStatus, StoreUnavailable
 from tests.conftest import BotHarness, inbound
 from tests.fake_openai import FakeOpenAI
 from tests.test_shutdown import FakeNeonize, free_port
@@ -345,3 +345,31 @@ async def test_group_messages_are_not_merged_after_a_restart(harness, fake_opena
     async with gathering(harness(**ai(fake_openai, reply_to_groups="always")), 3.0) as second:
         assert await second.bot.pipeline.drain(10)
         assert second.transport.texts_to(group) == ["echo: ¿abren hoy?", "echo: ¿y mañana?"]
+
+
+@pytest.mark.parametrize("texts", [["hola", "¿precio?"], ["hola", "quiero hablar con una persona"]])
+async def test_a_burst_is_answered_when_its_history_cannot_be_read(
+    harness, fake_openai: FakeOpenAI, texts: list[str]
+) -> None:
+    """The history read failed outside the answer's error handling: the burst got nothing at all, and a
+    request for a person in it reached nobody."""
+
+    async def unreadable(chat: str, limit: int) -> list[Any]:
+        raise StoreUnavailable("disk I/O error")
+
+    async with harness(**ai(fake_openai)) as h:
+        gathering(h, 0.2)
+        h.bot.store.recent_messages = unreadable  # the chat is not in memory: its history is read
+        sent = await h.say(*texts)
+        paused = h.bot.pipeline.takeover.is_paused(CHAT)
+    asks_for_a_person = "persona" in texts[1]
+    assert paused == asks_for_a_person
+    assert sent == ([reply("handoff", "es")] if asks_for_a_person else [f"echo: {texts[0]}\n{texts[1]}"])
+
+
+async def test_a_request_for_a_person_split_over_a_burst_hands_over(harness, fake_openai: FakeOpenAI) -> None:
+    async with harness(**ai(fake_openai)) as h:
+        gathering(h, 0.2)
+        assert await h.say("quiero hablar", "con una persona") == [reply("handoff", "es")]
+        assert await h.say("no", "quiero hablar con una persona") == []  # handed over already: silent
+        assert h.bot.pipeline.takeover.is_paused(CHAT)

@@ -214,10 +214,27 @@ def test_requests_for_a_person_and_mere_mentions(text: str, asks: bool) -> None:
     assert HandoffPhrases().asked(text) is asks
 
 
-def test_custom_phrases_asked_as_questions_are_accepted_and_match(make_settings) -> None:
-    settings = make_settings(handoff_phrases="¿hablar con ventas?, ¡un asesor!")
+@pytest.mark.parametrize(
+    "value",
+    ["¿hablar con ventas?, ¡un asesor!", "¿hablar con ventas?., (¡un asesor!)", '"¿hablar con ventas?"'],
+)
+def test_custom_phrases_asked_as_questions_are_accepted_and_match(make_settings, value: str) -> None:
+    settings = make_settings(handoff_phrases=value)
     phrases = HandoffPhrases(settings.handoff_phrase_list)
-    assert phrases.asked("hola, ¿puedo hablar con ventas?") and phrases.asked("¡Un asesor!")
+    assert phrases.asked("hola, ¿puedo hablar con ventas?")
+
+
+async def test_a_request_for_a_person_over_the_rate_limit_while_stopping_is_kept_for_the_next_start(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    async with harness(**ai(fake_openai, rate_limit_max_messages=1)) as h:
+        await h.say("hola")
+        h.bot.pipeline._accepting = False  # as while stop() drains
+        h.bot.pipeline.submit(inbound("quiero hablar con una persona", id="P1"))
+        await asyncio.sleep(0.3)
+        await h.bot.store.flush()
+        rows = {r.wa_message_id: r.status for r in await h.bot.store.recent_messages(CHAT, 10)}
+    assert rows["P1"] is MessageStatus.RECEIVED  # answered at the next start, not skipped
 
 
 def test_custom_phrases_with_inner_punctuation_match() -> None:

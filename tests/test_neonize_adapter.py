@@ -1193,6 +1193,45 @@ def test_locations_and_contacts_read_as_text(wa: WAMessage, text: str) -> None:
     assert msg is not None and (msg.kind, msg.text) == (MessageKind.TEXT, text)
 
 
+@pytest.mark.parametrize(
+    ("vcard", "name", "text"),
+    [
+        ("BEGIN:VCARD\nTEL;VALUE=uri:tel:+34600111222\nEND:VCARD", "Ana", "👤 Ana: +34600111222"),
+        ("BEGIN:VCARD\nTEL: \nTEL;CELL:+34 600\nEND:VCARD", "Ana", "👤 Ana: +34 600"),
+        ("BEGIN:VCARD\nFN:Ana López\nTEL:+34600111222\nEND:VCARD", "", "👤 Ana López: +34600111222"),
+        ("BEGIN:VCARD\rFN:Ana\rTEL:+34600111222\rEND:VCARD", "", "👤 Ana: +34600111222"),
+    ],
+    ids=["uri", "empty-number", "no-display-name", "old-mac-line-ends"],
+)
+def test_odd_contact_cards_read_well(vcard: str, name: str, text: str) -> None:
+    msg = translate_message(event(WAMessage(contactMessage={"displayName": name, "vcard": vcard})))
+    assert msg is not None and msg.text == text
+
+
+def test_a_card_with_thousands_of_numbers_is_bounded() -> None:
+    vcard = "BEGIN:VCARD\n" + "".join(f"TEL:+346{n:08d}\n" for n in range(20000)) + "END:VCARD"
+    msg = translate_message(event(WAMessage(contactMessage={"displayName": "X", "vcard": vcard})))
+    assert msg is not None and msg.text.count("+346") == 10
+
+
+def test_a_location_without_valid_coordinates_shows_none() -> None:
+    for lat, lon in ((float("nan"), float("nan")), (float("inf"), 3.0), (400.0, 3.0)):
+        wa = WAMessage(locationMessage={"degreesLatitude": lat, "degreesLongitude": lon, "name": "Casa"})
+        msg = translate_message(event(wa))
+        assert msg is not None and msg.text == "📍 Casa"
+
+
+def test_a_pin_sent_as_a_swipe_reply_keeps_its_quote() -> None:
+    """The bot asks "¿A qué dirección lo enviamos?" and the customer answers it with a pin, swiping."""
+    asked = WAMessage(conversation="¿A qué dirección lo enviamos?")
+    context = ContextInfo(participant=f"{ME}@s.whatsapp.net", quotedMessage=asked)
+    wa = WAMessage(
+        locationMessage={"degreesLatitude": 40.4, "degreesLongitude": -3.7, "contextInfo": context}
+    )
+    msg = translate_message(event(wa), {ME})
+    assert msg is not None and (msg.quoted, msg.quoted_from) == ("¿A qué dirección lo enviamos?", "bot")
+
+
 def test_a_swipe_reply_to_the_business_location_quotes_it() -> None:
     pin = WAMessage(locationMessage={"degreesLatitude": 40.4, "degreesLongitude": -3.7, "name": "Tienda"})
     context = ContextInfo(participant=f"{ME}@s.whatsapp.net", quotedMessage=pin)

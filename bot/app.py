@@ -323,6 +323,11 @@ class Bot:
             else:
                 if flows != seen:  # said once per change of the table, not every minute
                     seen = flows
+                    if flows and any(flow.file for flow in file_flows):
+                        logger.warning(
+                            "flows come from bot_flows: the files of the flows file ({}) are not sent",
+                            self.settings.flows_file,
+                        )
                     for flow in flows:
                         if flow.enabled and (why := unusable(flow)):
                             logger.warning(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from connection.types import MAX_FILE_BYTES, MAX_PHOTO_PIXELS, PHOTO_SUFFIXES
 from memory.store import Flow
 
 
@@ -51,9 +53,6 @@ def normalize(text: str) -> str:
 MAX_FLOWS_FILE_BYTES = 1_000_000
 MAX_FLOWS = 5_000
 MAX_KEYWORDS = 50_000  # all flows together
-# A flow's file is read into memory to be sent: bounded like a photo WhatsApp takes (documents may be larger
-# there, but a menu or a price list is a few MB).
-MAX_FILE_BYTES = 16 * 1024 * 1024
 
 # libyaml's loader when PyYAML was built with it: several times faster than the pure-Python one.
 _YAML_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -130,26 +129,46 @@ def load_flows_file(path: Path) -> list[Flow]:
 
 
 def _attachment(flows_file: Path, value: object, where: str) -> str:
-    """A flow's file, checked at start (there, and not at the first customer who asks): it exists, is a
-    file, and is at most MAX_FILE_BYTES. Relative paths are from the flows file's folder."""
+    """A flow's file, checked at start (there, and not at the first customer who asks): a readable file of
+    at most MAX_FILE_BYTES, and a photo Pillow reads, of at most MAX_PHOTO_PIXELS. Relative paths are from
+    the flows file's folder; a symlink is followed at each send (a swapped target is the new file)."""
     if not isinstance(value, str) or not value.strip():
         raise FlowsFileError(f"{where}: 'file' must be the path of a photo or document")
-    file = (flows_file.parent / value.strip()).resolve()
+    file = Path(os.path.abspath(flows_file.parent / value.strip()))
+    if file.is_dir():
+        raise FlowsFileError(f"{where}: file {value!r} is not a file")
     try:
-        size = file.stat().st_size
+        with file.open("rb") as opened:
+            size = os.fstat(opened.fileno()).st_size
+            opened.read(1)
     except OSError as error:
         raise FlowsFileError(
             f"{where}: file {value!r} cannot be read ({error.strerror}; relative to {flows_file.parent})"
         ) from error
-    if not file.is_file():
-        raise FlowsFileError(f"{where}: file {value!r} is not a file")
     if not size:
         raise FlowsFileError(f"{where}: file {value!r} is empty")
     if size > MAX_FILE_BYTES:
-        raise FlowsFileError(
-            f"{where}: file {value!r} is {size / 2**20:.1f} MB, at most {MAX_FILE_BYTES // 2**20} MB"
-        )
+        limit = MAX_FILE_BYTES // 2**20
+        raise FlowsFileError(f"{where}: file {value!r} is {size / 2**20:.1f} MB, at most {limit} MB")
+    if file.suffix.lower() in PHOTO_SUFFIXES:
+        _check_photo(file, value, where)
     return str(file)
+
+
+def _check_photo(file: Path, value: str, where: str) -> None:
+    """A photo is decoded whole for its preview when sent: refuse one Pillow cannot read, or a huge one."""
+    from PIL import Image, UnidentifiedImageError  # only for flows with photos: neonize has it loaded anyway
+
+    try:
+        with Image.open(file) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError) as error:
+        raise FlowsFileError(f"{where}: file {value!r} is not a photo Pillow can read ({error})") from error
+    if width * height > MAX_PHOTO_PIXELS:
+        raise FlowsFileError(
+            f"{where}: photo {value!r} is {width}x{height} pixels, at most {MAX_PHOTO_PIXELS // 10**6}"
+            " megapixels (WhatsApp shows photos at about 1600 pixels: shrink it, or send it as a PDF)"
+        )
 
 
 def unusable(flow: Flow) -> str | None:

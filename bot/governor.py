@@ -202,7 +202,7 @@ class GovernedTransport:
         return text in self.canned or any(pattern.fullmatch(text) for pattern in self._canned_patterns)
 
     async def _spread_same_text(self, chat: str, text: str) -> None:
-        if self._is_canned(text):
+        if not text.strip() or self._is_canned(text):  # no text: a flow's file without its caption
             return
         key = hashlib.blake2b(text.strip().casefold().encode(), digest_size=12).hexdigest()
         window = self.limits.same_text_window_s

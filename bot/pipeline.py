@@ -1119,6 +1119,9 @@ class Pipeline:
             text = "\n".join(parts)  # the history holds what the customer got, note included
         sent: list[MessageId] = []
         attached = ""  # the history says which file went out (the model is told so in later turns)
+        if file is not None and not self.model_gate.is_set():  # reading and previewing it takes memory
+            logger.info("memory is critical: a flow's answer to {} goes without its file", message.chat)
+            file = None
         if file is not None:
             caption = parts[0] if len(parts) == 1 and len(parts[0]) <= MAX_CAPTION_CHARS else ""
             sent_id = await self._send_file(message.chat, file, caption)

@@ -70,6 +70,8 @@ from connection.supervisor import (
 from connection.supervisor import mask_phone as _mask
 from connection.supervisor import scrub as _scrub
 from connection.types import (
+    MAX_FILE_BYTES,
+    PHOTO_SUFFIXES,
     ChatId,
     ConnectionState,
     Inbound,
@@ -132,7 +134,6 @@ CALL_TIMEOUT_S = 30.0
 # first: the customer got it twice.
 SEND_TIMEOUT_S = 80.0
 SEND_FILE_TIMEOUT_S = 180.0  # the upload first: a 16 MB document on a slow link
-_PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 DOWNLOAD_TIMEOUT_S = 120.0
 
 STATUS_BROADCAST = "status@broadcast"
@@ -338,13 +339,27 @@ def _contact_text(card: Any) -> str:
     return f"{label}: {numbers}" if numbers else label
 
 
+class FileGone(TransportError):
+    """A flow's file that cannot be read any more (deleted or replaced since the start): never sendable."""
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        with path.open("rb") as opened:
+            if os.fstat(opened.fileno()).st_size > MAX_FILE_BYTES:
+                raise FileGone(f"{path.name} is now over {MAX_FILE_BYTES // 2**20} MB")
+            return opened.read()
+    except OSError as error:
+        raise FileGone(f"{path.name} cannot be read: {error.strerror}") from error
+
+
 async def _file_message(client: Any, file: str, caption: str) -> WAMessage:
     """A flow's photo (shown inline) or document (with its file name), uploaded, `caption` under it."""
     path = Path(file)
-    data = await asyncio.to_thread(path.read_bytes)
-    if path.suffix.lower() in _PHOTO_SUFFIXES:
+    data = await asyncio.to_thread(_read_file, path)
+    if path.suffix.lower() in PHOTO_SUFFIXES:
         return await client.build_image_message(data, caption=caption or None)
-    mimetype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    mimetype = mimetypes.guess_type(path.name)[0]  # None: neonize reads it from the content
     return await client.build_document_message(
         data, caption=caption or None, filename=path.name, mimetype=mimetype
     )
@@ -1103,6 +1118,8 @@ class NeonizeTransport:
                     WAMessage(conversation=text) if file is None else await _file_message(client, file, text)
                 )
                 resp = await client.send_message(_to_jid(chat), message)
+        except FileGone:
+            raise
         except Exception as exc:
             raise TransportError(f"send failed: {_scrub(str(exc))}") from exc
         return MessageId(resp.ID)
@@ -1125,7 +1142,12 @@ class NeonizeTransport:
             raise SendDeferred("not connected")
         slot = await self._pace(chat, text)  # SendWithheld: the outbox drops it (the owner has the chat)
         try:
-            await self._send_now(chat, text, file)
+            try:
+                await self._send_now(chat, text, file)
+            except FileGone as gone:  # deleted while it waited in the outbox: the caption still goes
+                logger.error("a queued file of a flow cannot be sent ({}): its caption goes alone", gone)
+                if text:
+                    await self._send_now(chat, text)
         except TransportError as exc:
             self._unspend(slot)
             if not await self.is_connected():

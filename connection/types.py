@@ -88,6 +88,14 @@ class Inbound:
     received_at: float = 0.0
 
 
+# A photo or document the bot sends (a flow's file) is read into memory whole: at most this many bytes.
+# A photo is decoded whole for its preview (by neonize, with Pillow): at most this many pixels (a menu
+# scanned at 300 dpi is 9 MP; a 600 dpi poster took 130 MB to preview).
+MAX_FILE_BYTES = 16 * 1024 * 1024
+MAX_PHOTO_PIXELS = 16_000_000
+PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+
+
 class TransportError(Exception):
     """A send or download failed at the transport; the message may be retried."""
 

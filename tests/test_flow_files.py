@@ -16,6 +16,7 @@ import pytest
 
 from bot.app import Bot
 from bot.flows import MAX_FILE_BYTES, FlowsFileError, load_flows_file
+from bot.governor import GovernedTransport, GovernorLimits
 from bot.limits import OncePerWindow
 from connection.console import ConsoleTransport
 from connection.loopback import LoopbackTransport
@@ -25,9 +26,11 @@ from memory.manager import MemoryManager, MemoryState
 from memory.store import Direction
 from tests.conftest import BotHarness, inbound
 from tests.fake_openai import FakeOpenAI
+from tests.test_governor import FakeTime
 from tests.test_neonize_adapter import FakeNewAClient, wait_state
 from tests.test_outbox import Recorder, transport
 from tests.test_outbox import fake_client as fake_client  # a fixture
+from tests.test_protection import critical_memory
 
 CHAT = "34600111222@s.whatsapp.net"
 MENU = "Aquí tienes nuestra carta."
@@ -267,3 +270,104 @@ async def test_chats_a_file_went_to_are_bounded_and_forgotten_under_pressure(har
         after = h.bot.metrics()["memory"]["structures"]["flow_file_chats"]
     assert structures["flow_file_chats"] == {"size": 3, "max": 3, "evictions": 2}
     assert after["size"] == 0
+
+
+def test_a_photo_too_big_to_preview_or_unreadable_stops_the_start(tmp_path: Path) -> None:
+    """neonize decodes a photo whole for its preview, on the event loop: a 600 dpi poster took 130 MB and
+    half a second per send; a broken one failed at every send."""
+    from PIL import Image
+
+    flows = flows_with(tmp_path, "cartel.png")
+    Image.new("L", (5000, 4000)).save(flows.parent / "cartel.png")
+    with pytest.raises(
+        FlowsFileError, match=r"photo 'cartel\.png' is 5000x4000 pixels, at most 16 megapixels"
+    ):
+        load_flows_file(flows)
+    (flows.parent / "cartel.png").write_bytes(b"not a png at all")
+    with pytest.raises(FlowsFileError, match=r"file 'cartel\.png' is not a photo Pillow can read"):
+        load_flows_file(flows)
+    Image.new("RGB", (1600, 1200), "white").save(flows.parent / "cartel.png")
+    assert load_flows_file(flows)[0].file == str(flows.parent / "cartel.png")
+
+
+async def test_a_symlinked_file_swapped_after_the_start_sends_the_new_target(harness, tmp_path: Path) -> None:
+    """The path was resolved at start: a symlink swapped to a new menu (a ConfigMap update, `ln -sfn`) kept
+    pointing at the old, deleted one."""
+    folder = tmp_path / "flows"
+    folder.mkdir()
+    (folder / "v1.pdf").write_bytes(b"%PDF old")
+    (folder / "carta.pdf").symlink_to(folder / "v1.pdf")
+    async with harness(flows_file=flows_with(tmp_path, "carta.pdf")) as h:
+        (folder / "v2.pdf").write_bytes(b"%PDF new")
+        (folder / "carta.pdf").unlink()
+        (folder / "carta.pdf").symlink_to(folder / "v2.pdf")
+        (folder / "v1.pdf").unlink()
+        await h.say("carta")
+    [sent] = h.transport.sent
+    assert sent.file is not None and Path(sent.file).read_bytes() == b"%PDF new"
+
+
+async def test_while_memory_is_critical_a_flow_answers_without_its_file(harness, tmp_path: Path) -> None:
+    menu_pdf(tmp_path)
+    async with harness(flows_file=flows_with(tmp_path, "carta.pdf")) as h:
+        critical_memory(h.bot)
+        h.bot.pipeline.submit(inbound("carta"))
+        await asyncio.sleep(0.3)
+    assert [(s.text, s.file) for s in h.transport.sent] == [(MENU, None)]
+
+
+async def test_files_without_captions_to_many_chats_are_not_the_same_text() -> None:
+    """Six customers getting six different files (answers too long for a caption) within a minute were
+    "the same text to six chats", and the sixth waited a minute."""
+    time = FakeTime()
+    inner = LoopbackTransport()
+    gov = GovernedTransport(inner, GovernorLimits(typing_chars_per_s=0), clock=time.clock, sleep=time.sleep)
+    for n in range(8):
+        chat = ChatId(f"3460011{n:04d}@s.whatsapp.net")
+        gov.note_inbound(inbound("hola", chat=chat))
+        await gov.send_text(chat, "", f"/srv/flows/carta-{n}.pdf")
+    assert gov.counters["same_text_waits"] == 0 and len(inner.sent) == 8
+
+
+async def test_a_queued_file_deleted_before_the_reconnect_sends_its_caption_and_holds_nothing_up(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    pdf = tmp_path / "carta.pdf"
+    pdf.write_bytes(b"%PDF-1.4 la carta")
+    fake_client.script.extend(["ok"])
+    t = transport(tmp_path)
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        client = fake_client.instances[0]
+        await client.drop()
+        await t.send_text(ChatId(CHAT), MENU, str(pdf))
+        await t.send_text(ChatId("34600999888@s.whatsapp.net"), "Hola, ¿en qué te ayudo?")
+        pdf.unlink()
+        await client.back()
+        async with asyncio.timeout(5):
+            while len(client.sent) < 2:
+                await asyncio.sleep(0.01)
+        stats = t.stats()
+    finally:
+        await t.stop()
+    assert client.sent == [(CHAT, MENU), ("34600999888@s.whatsapp.net", "Hola, ¿en qué te ayudo?")]
+    assert stats["outbox_pending"] == 0 and stats["outbox_dropped"] == 0
+
+
+async def test_a_document_without_an_extension_is_typed_by_its_content(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    """An explicit application/octet-stream overrode neonize's reading of the content."""
+    pdf = tmp_path / "carta"
+    pdf.write_bytes(b"%PDF-1.4 la carta")
+    fake_client.script.extend(["ok"])
+    t = transport(tmp_path)
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        await t.send_text(ChatId(CHAT), MENU, str(pdf))
+        [document] = fake_client.instances[0].messages
+    finally:
+        await t.stop()
+    assert document.documentMessage.fileName == "carta" and document.documentMessage.mimetype == "sniffed"

@@ -641,7 +641,7 @@ class FakeNewAClient:
             "caption": caption or "",
             "fileLength": len(file),
             "fileName": filename,
-            "mimetype": mimetype,
+            "mimetype": mimetype or "sniffed",  # neonize reads it from the content (libmagic) when not given
         }
         return WAMessage(documentMessage=document)
 

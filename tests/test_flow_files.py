@@ -8,8 +8,7 @@ import asyncio
 import contextlib
 import io
 import json
-import sqlite3
-import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from bot.governor import GovernedTransport, GovernorLimits
 from bot.limits import OncePerWindow
 from connection.console import ConsoleTransport
 from connection.loopback import LoopbackTransport
+from connection.neonize_adapter import NeonizeTransport
 from connection.outbox import Outbox
 from connection.types import ChatId, ConnectionState, MessageId, TransportError
 from memory.manager import MemoryManager, MemoryState
@@ -186,74 +186,7 @@ async def test_a_queued_file_survives_a_restart(tmp_path: Path) -> None:
     second.close()
 
 
-async def test_an_outbox_file_from_before_flows_sent_files_still_opens_and_sends(tmp_path: Path) -> None:
-    path = tmp_path / "outbox.sqlite3"
-    with contextlib.closing(sqlite3.connect(path)) as old:
-        old.execute(
-            "create table outbox (seq integer primary key autoincrement, id text not null,"
-            " chat text not null, body text not null, created_at real not null,"
-            " tries integer not null default 0, reply text)"
-        )
-        old.execute(
-            "insert into outbox (id, chat, body, created_at) values ('o1', ?, 'hola', ?)", (CHAT, time.time())
-        )
-        old.commit()
-    box = Outbox(path)
-    recorder = Recorder()
-    assert await box.flush(recorder) == 1 and recorder.files == [None]
-    box.close()
-
-
 # ---------------------------------------------------------------- the neonize adapter
-
-
-async def test_whatsapp_gets_a_photo_inline_and_a_document_with_its_name(
-    fake_client: type[FakeNewAClient], tmp_path: Path
-) -> None:
-    photo, pdf = tmp_path / "Tarta.JPG", tmp_path / "carta.pdf"
-    photo.write_bytes(b"\xff\xd8\xff jpeg")
-    pdf.write_bytes(b"%PDF-1.4 la carta")
-    fake_client.script.extend(["ok"])
-    t = transport(tmp_path)
-    await t.start()
-    try:
-        await wait_state(t, ConnectionState.CONNECTED)
-        client = fake_client.instances[0]
-        await t.send_text(ChatId(CHAT), "La tarta del día", str(photo))
-        await t.send_text(ChatId(CHAT), "", str(pdf))
-        image, document = client.messages
-    finally:
-        await t.stop()
-    assert (image.imageMessage.caption, image.imageMessage.fileLength) == ("La tarta del día", 8)
-    assert (document.documentMessage.fileName, document.documentMessage.mimetype) == (
-        "carta.pdf",
-        "application/pdf",
-    )
-    assert document.documentMessage.caption == ""
-
-
-async def test_a_file_sent_while_disconnected_goes_out_after_the_reconnect(
-    fake_client: type[FakeNewAClient], tmp_path: Path
-) -> None:
-    pdf = tmp_path / "carta.pdf"
-    pdf.write_bytes(b"%PDF-1.4 la carta")
-    fake_client.script.extend(["ok"])
-    t = transport(tmp_path)
-    await t.start()
-    try:
-        await wait_state(t, ConnectionState.CONNECTED)
-        client = fake_client.instances[0]
-        await client.drop()
-        queued = await t.send_text(ChatId(CHAT), MENU, str(pdf))
-        assert queued.startswith("outbox-") and client.messages == []
-        await client.back()
-        async with asyncio.timeout(5):
-            while not client.messages:
-                await asyncio.sleep(0.01)
-        [document] = client.messages
-    finally:
-        await t.stop()
-    assert (document.documentMessage.caption, document.documentMessage.fileName) == (MENU, "carta.pdf")
 
 
 async def test_chats_a_file_went_to_are_bounded_and_forgotten_under_pressure(harness, tmp_path: Path) -> None:
@@ -329,45 +262,79 @@ async def test_files_without_captions_to_many_chats_are_not_the_same_text() -> N
     assert gov.counters["same_text_waits"] == 0 and len(inner.sent) == 8
 
 
-async def test_a_queued_file_deleted_before_the_reconnect_sends_its_caption_and_holds_nothing_up(
+@contextlib.asynccontextmanager
+async def connected(
     fake_client: type[FakeNewAClient], tmp_path: Path
-) -> None:
-    pdf = tmp_path / "carta.pdf"
-    pdf.write_bytes(b"%PDF-1.4 la carta")
+) -> AsyncIterator[tuple[NeonizeTransport, FakeNewAClient]]:
+    """The neonize adapter, connected, on its fake client."""
     fake_client.script.extend(["ok"])
     t = transport(tmp_path)
     await t.start()
     try:
         await wait_state(t, ConnectionState.CONNECTED)
-        client = fake_client.instances[0]
-        await client.drop()
-        await t.send_text(ChatId(CHAT), MENU, str(pdf))
-        await t.send_text(ChatId("34600999888@s.whatsapp.net"), "Hola, ¿en qué te ayudo?")
-        pdf.unlink()
-        await client.back()
-        async with asyncio.timeout(5):
-            while len(client.sent) < 2:
-                await asyncio.sleep(0.01)
-        stats = t.stats()
+        yield t, fake_client.instances[0]
     finally:
         await t.stop()
-    assert client.sent == [(CHAT, MENU), ("34600999888@s.whatsapp.net", "Hola, ¿en qué te ayudo?")]
-    assert stats["outbox_pending"] == 0 and stats["outbox_dropped"] == 0
+
+
+async def test_whatsapp_gets_a_photo_inline_and_a_document_with_its_name(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    photo, pdf = tmp_path / "Tarta.JPG", tmp_path / "carta.pdf"
+    photo.write_bytes(b"\xff\xd8\xff jpeg")
+    pdf.write_bytes(b"%PDF-1.4 la carta")
+    async with connected(fake_client, tmp_path) as (t, client):
+        await t.send_text(ChatId(CHAT), "La tarta del día", str(photo))
+        await t.send_text(ChatId(CHAT), "", str(pdf))
+        image, document = client.messages
+    assert (image.imageMessage.caption, image.imageMessage.fileLength) == ("La tarta del día", 8)
+    sent = document.documentMessage
+    assert (sent.fileName, sent.mimetype, sent.caption) == ("carta.pdf", "application/pdf", "")
 
 
 async def test_a_document_without_an_extension_is_typed_by_its_content(
     fake_client: type[FakeNewAClient], tmp_path: Path
 ) -> None:
     """An explicit application/octet-stream overrode neonize's reading of the content."""
-    pdf = tmp_path / "carta"
-    pdf.write_bytes(b"%PDF-1.4 la carta")
-    fake_client.script.extend(["ok"])
-    t = transport(tmp_path)
-    await t.start()
-    try:
-        await wait_state(t, ConnectionState.CONNECTED)
-        await t.send_text(ChatId(CHAT), MENU, str(pdf))
-        [document] = fake_client.instances[0].messages
-    finally:
-        await t.stop()
-    assert document.documentMessage.fileName == "carta" and document.documentMessage.mimetype == "sniffed"
+    (tmp_path / "carta").write_bytes(b"%PDF-1.4 la carta")
+    async with connected(fake_client, tmp_path) as (t, client):
+        await t.send_text(ChatId(CHAT), MENU, str(tmp_path / "carta"))
+        [document] = client.messages
+    assert (document.documentMessage.fileName, document.documentMessage.mimetype) == ("carta", "sniffed")
+
+
+async def test_a_file_sent_while_disconnected_goes_out_after_the_reconnect(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    (tmp_path / "carta.pdf").write_bytes(b"%PDF-1.4 la carta")
+    async with connected(fake_client, tmp_path) as (t, client):
+        await client.drop()
+        queued = await t.send_text(ChatId(CHAT), MENU, str(tmp_path / "carta.pdf"))
+        assert queued.startswith("outbox-") and client.messages == []
+        await client.back()
+        async with asyncio.timeout(5):
+            while not client.messages:
+                await asyncio.sleep(0.01)
+        [document] = client.messages
+    assert (document.documentMessage.caption, document.documentMessage.fileName) == (MENU, "carta.pdf")
+
+
+async def test_a_queued_file_deleted_before_the_reconnect_sends_its_caption_and_holds_nothing_up(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    """It counted as a failed try, held every reply behind it for 10 s a try, and was dropped after three:
+    the answer never came."""
+    other = "34600999888@s.whatsapp.net"
+    (tmp_path / "carta.pdf").write_bytes(b"%PDF-1.4 la carta")
+    async with connected(fake_client, tmp_path) as (t, client):
+        await client.drop()
+        await t.send_text(ChatId(CHAT), MENU, str(tmp_path / "carta.pdf"))
+        await t.send_text(ChatId(other), "Hola, ¿en qué te ayudo?")
+        (tmp_path / "carta.pdf").unlink()
+        await client.back()
+        async with asyncio.timeout(5):
+            while len(client.sent) < 2:
+                await asyncio.sleep(0.01)
+        stats = t.stats()
+    assert client.sent == [(CHAT, MENU), (other, "Hola, ¿en qué te ayudo?")]
+    assert stats["outbox_pending"] == 0 and stats["outbox_dropped"] == 0

@@ -140,25 +140,24 @@ async def test_a_later_part_dropped_after_a_restart_is_reported_as_its_reply(tmp
     box.close()
 
 
-async def test_an_outbox_file_from_before_replies_were_grouped_still_opens_and_sends(tmp_path: Path) -> None:
+@pytest.mark.parametrize("columns", ["", ", reply text"], ids=["before-grouped-replies", "before-files"])
+async def test_an_outbox_file_from_an_older_version_still_opens_and_sends(
+    tmp_path: Path, columns: str
+) -> None:
     path = tmp_path / "outbox.sqlite3"
     with contextlib.closing(sqlite3.connect(path)) as old:
         old.execute(
             "create table outbox (seq integer primary key autoincrement, id text not null,"
             " chat text not null, body text not null, created_at real not null,"
-            " tries integer not null default 0)"
+            f" tries integer not null default 0{columns})"
         )
         old.execute(
             "insert into outbox (id, chat, body, created_at) values ('o1', ?, 'hola', ?)", (CHAT, time.time())
         )
         old.commit()
     box = Outbox(path)
-    sent: list[str] = []
-
-    async def send(chat: ChatId, text: str, file: str | None = None) -> None:
-        sent.append(text)
-
-    assert await box.flush(send) == 1 and sent == ["hola"]
+    recorder = Recorder()
+    assert await box.flush(recorder) == 1 and recorder.sent == [(CHAT, "hola")] and recorder.files == [None]
     box.close()
 
 

@@ -144,7 +144,9 @@ def _check_flows(settings: Settings) -> bool:
         return _line(
             False,
             f"keyword flows: {' '.join(str(error).split())}",  # a YAML error spans lines
-            "fix the file: a YAML or JSON list of {keywords, answer} entries",
+            "fix the file a flow sends (its path is relative to the flows file)"
+            if " file '" in str(error) or " photo '" in str(error)
+            else "fix the file: a YAML or JSON list of {keywords, answer} entries",
         )
     return _line(True, f"keyword flows: {len(flows)} in {path}")
 

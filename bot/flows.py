@@ -20,7 +20,9 @@ import itertools
 import json
 import os
 import re
+import stat
 import unicodedata
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -135,9 +137,9 @@ def _attachment(flows_file: Path, value: object, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise FlowsFileError(f"{where}: 'file' must be the path of a photo or document")
     file = Path(os.path.abspath(flows_file.parent / value.strip()))
-    if file.is_dir():
-        raise FlowsFileError(f"{where}: file {value!r} is not a file")
     try:
+        if not stat.S_ISREG(file.stat().st_mode):  # a directory, or a FIFO that would block the start
+            raise FlowsFileError(f"{where}: file {value!r} is not a file")
         with file.open("rb") as opened:
             size = os.fstat(opened.fileno()).st_size
             opened.read(1)
@@ -160,8 +162,14 @@ def _check_photo(file: Path, value: str, where: str) -> None:
     from PIL import Image, UnidentifiedImageError  # only for flows with photos: neonize has it loaded anyway
 
     try:
-        with Image.open(file) as image:
-            width, height = image.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: the bound below says it
+            with Image.open(file) as image:
+                width, height = image.size
+    except Image.DecompressionBombError:
+        raise FlowsFileError(
+            f"{where}: photo {value!r} has far more than {MAX_PHOTO_PIXELS // 10**6} megapixels"
+        ) from None
     except (UnidentifiedImageError, OSError) as error:
         raise FlowsFileError(f"{where}: file {value!r} is not a photo Pillow can read ({error})") from error
     if width * height > MAX_PHOTO_PIXELS:

@@ -47,6 +47,7 @@ from typing import Any
 
 import segno
 from loguru import logger
+from PIL import Image
 
 from connection.background import BackgroundTasks
 from connection.outbox import Outbox, ResendRequests, SendDeferred
@@ -71,6 +72,7 @@ from connection.supervisor import mask_phone as _mask
 from connection.supervisor import scrub as _scrub
 from connection.types import (
     MAX_FILE_BYTES,
+    MAX_PHOTO_PIXELS,
     PHOTO_SUFFIXES,
     ChatId,
     ConnectionState,
@@ -344,13 +346,25 @@ class FileGone(TransportError):
 
 
 def _read_file(path: Path) -> bytes:
+    """A flow's file as it is now, within the bounds checked at start (its symlink may point elsewhere)."""
     try:
         with path.open("rb") as opened:
             if os.fstat(opened.fileno()).st_size > MAX_FILE_BYTES:
                 raise FileGone(f"{path.name} is now over {MAX_FILE_BYTES // 2**20} MB")
-            return opened.read()
+            data = opened.read()
     except OSError as error:
         raise FileGone(f"{path.name} cannot be read: {error.strerror}") from error
+    if path.suffix.lower() in PHOTO_SUFFIXES:
+        try:  # the header only: neonize decodes the whole photo for its preview
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # DecompressionBombWarning: the bound below says it
+                with Image.open(io.BytesIO(data)) as image:
+                    width, height = image.size
+        except Exception as error:  # Pillow's DecompressionBombError is no OSError
+            raise FileGone(f"{path.name} is no longer a photo Pillow reads: {error}") from error
+        if width * height > MAX_PHOTO_PIXELS:
+            raise FileGone(f"{path.name} is now {width}x{height} pixels")
+    return data
 
 
 async def _file_message(client: Any, file: str, caption: str) -> WAMessage:
@@ -1144,8 +1158,12 @@ class NeonizeTransport:
         try:
             try:
                 await self._send_now(chat, text, file)
-            except FileGone as gone:  # deleted while it waited in the outbox: the caption still goes
-                logger.error("a queued file of a flow cannot be sent ({}): its caption goes alone", gone)
+            except TransportError as error:
+                # The file itself cannot go (deleted or spoiled while it waited, refused by WhatsApp): its
+                # caption goes alone, and nothing behind it waits. A dropped connection is retried whole.
+                if file is None or not (isinstance(error, FileGone) or await self.is_connected()):
+                    raise
+                logger.error("a queued file of a flow cannot be sent ({}): its caption goes alone", error)
                 if text:
                     await self._send_now(chat, text)
         except TransportError as exc:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -205,6 +206,21 @@ async def test_chats_a_file_went_to_are_bounded_and_forgotten_under_pressure(har
     assert after["size"] == 0
 
 
+def test_a_photo_pillow_refuses_or_a_fifo_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    """A 225-megapixel PNG (27 KB) raised Pillow's DecompressionBombError, no OSError: a traceback instead of
+    the line naming the file; a FIFO hung the start."""
+    from PIL import Image
+
+    flows = flows_with(tmp_path, "cartel.png")
+    Image.new("1", (15000, 15000)).save(flows.parent / "cartel.png")
+    with pytest.raises(FlowsFileError, match=r"photo 'cartel\.png' has far more than 16 megapixels"):
+        load_flows_file(flows)
+    flows = flows_with(tmp_path, "fifo.pdf")
+    os.mkfifo(flows.parent / "fifo.pdf")
+    with pytest.raises(FlowsFileError, match=r"file 'fifo\.pdf' is not a file"):
+        load_flows_file(flows)
+
+
 def test_a_photo_too_big_to_preview_or_unreadable_stops_the_start(tmp_path: Path) -> None:
     """neonize decodes a photo whole for its preview, on the event loop: a 600 dpi poster took 130 MB and
     half a second per send; a broken one failed at every send."""
@@ -280,14 +296,19 @@ async def connected(
 async def test_whatsapp_gets_a_photo_inline_and_a_document_with_its_name(
     fake_client: type[FakeNewAClient], tmp_path: Path
 ) -> None:
+    from PIL import Image
+
     photo, pdf = tmp_path / "Tarta.JPG", tmp_path / "carta.pdf"
-    photo.write_bytes(b"\xff\xd8\xff jpeg")
+    Image.new("RGB", (64, 48), "white").save(photo, format="JPEG")
     pdf.write_bytes(b"%PDF-1.4 la carta")
     async with connected(fake_client, tmp_path) as (t, client):
         await t.send_text(ChatId(CHAT), "La tarta del día", str(photo))
         await t.send_text(ChatId(CHAT), "", str(pdf))
         image, document = client.messages
-    assert (image.imageMessage.caption, image.imageMessage.fileLength) == ("La tarta del día", 8)
+    assert (image.imageMessage.caption, image.imageMessage.fileLength) == (
+        "La tarta del día",
+        photo.stat().st_size,
+    )
     sent = document.documentMessage
     assert (sent.fileName, sent.mimetype, sent.caption) == ("carta.pdf", "application/pdf", "")
 
@@ -337,4 +358,37 @@ async def test_a_queued_file_deleted_before_the_reconnect_sends_its_caption_and_
                 await asyncio.sleep(0.01)
         stats = t.stats()
     assert client.sent == [(CHAT, MENU), (other, "Hola, ¿en qué te ayudo?")]
+    assert stats["outbox_pending"] == 0 and stats["outbox_dropped"] == 0
+
+
+@pytest.mark.parametrize("spoiled", ["refused", "unreadable", "too many pixels"])
+async def test_a_queued_file_that_cannot_go_sends_its_caption_and_holds_nothing_up(
+    fake_client: type[FakeNewAClient], tmp_path: Path, spoiled: str
+) -> None:
+    """Only a deleted file was caught: a photo spoiled while it waited, or one WhatsApp refused, still held
+    every reply behind it and was dropped with its caption."""
+    from PIL import Image
+
+    other = "34600999888@s.whatsapp.net"
+    photo = tmp_path / "promo.jpg"
+    Image.new("RGB", (100, 100)).save(photo)
+    async with connected(fake_client, tmp_path) as (t, client):
+        await client.drop()
+        await t.send_text(ChatId(CHAT), "La promo", str(photo))
+        await t.send_text(ChatId(other), "Hola, ¿en qué te ayudo?")
+        if spoiled == "refused":
+            fake_client.upload_error = "media upload failed: 415"
+        elif spoiled == "unreadable":
+            photo.write_bytes(b"half a jpeg")
+        else:  # a symlink swapped to a poster, say: the start's bound holds at the send
+            Image.new("1", (6000, 4000)).save(photo, format="PNG")
+        try:
+            await client.back()
+            async with asyncio.timeout(5):
+                while len(client.sent) < 2:
+                    await asyncio.sleep(0.01)
+        finally:
+            fake_client.upload_error = None
+        stats = t.stats()
+    assert client.sent == [(CHAT, "La promo"), (other, "Hola, ¿en qué te ayudo?")]
     assert stats["outbox_pending"] == 0 and stats["outbox_dropped"] == 0

@@ -621,9 +621,13 @@ class FakeNewAClient:
         return SimpleNamespace(ID=f"3EB0{next(self._ids):04d}")
 
     # neonize uploads the file to WhatsApp's media servers and builds the message from the upload
+    upload_error: ClassVar[str | None] = None  # set: every upload fails with it (WhatsApp refuses the file)
+
     async def build_image_message(self, file: bytes, caption: str | None = None) -> WAMessage:
         if not self.online:
             raise RuntimeError("websocket not connected")
+        if self.upload_error:
+            raise RuntimeError(self.upload_error)
         return WAMessage(
             imageMessage={"caption": caption or "", "fileLength": len(file), "mimetype": "image/jpeg"}
         )
@@ -637,6 +641,8 @@ class FakeNewAClient:
     ) -> WAMessage:
         if not self.online:
             raise RuntimeError("websocket not connected")
+        if self.upload_error:
+            raise RuntimeError(self.upload_error)
         document = {
             "caption": caption or "",
             "fileLength": len(file),

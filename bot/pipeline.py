@@ -946,9 +946,9 @@ class Pipeline:
                     answer = await self._ask_model(message, inbound, text, context, before_burst)
                     model_time += time.perf_counter() - model_started
                 answer_text, file = answer.text, answer.file
-                recently = file and self.flow_files.told_recently(f"{message.chat}\n{file}")
-                if recently and answer.source is not Source.FLOW:
-                    file = None  # the model's answer, and the chat has just had this file
+                from_model = answer.source is not Source.FLOW  # the flow's own question always gets it
+                if file and from_model and self.flow_files.told_recently(f"{message.chat}\n{file}"):
+                    file = None  # the chat has just had this file
         except Exception:  # a bug or an odd input must cost the customer an apology, never the answer
             self.counters.failed += 1
             logger.exception(

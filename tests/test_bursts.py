@@ -13,15 +13,13 @@ from typing import Any
 
 import pytest
 
-from bot import whatsapp
-from bot.config import Settings
 from bot.replies import reply
 from connection import neonize_adapter
 from connection.types import ChatId, MessageKind
 from memory.store import Direction, MessageStatus, StoreUnavailable
 from tests.conftest import BotHarness, inbound
 from tests.fake_openai import FakeOpenAI
-from tests.test_shutdown import FakeNeonize, free_port
+from tests.test_shutdown import FakeNeonize, start_run
 from tests.test_store_failures import full_disk, room_again, rows
 
 CHAT = "34600111222@s.whatsapp.net"
@@ -194,23 +192,10 @@ async def test_wa_gather_s_sets_the_wait_of_the_whatsapp_bot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_openai: FakeOpenAI
 ) -> None:
     monkeypatch.setattr(neonize_adapter, "NeonizeTransport", FakeNeonize)
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        data_dir=tmp_path,
-        flows_file=None,
-        port=free_port(),
-        wa_typing_chars_per_s=0,
-        wa_gather_s=0.5,
-        **ai(fake_openai),  # type: ignore[arg-type]
-    )
-    FakeNeonize.instance = None
-    run = asyncio.create_task(whatsapp.run_whatsapp(settings))
+    async with asyncio.timeout(20):
+        run, transport = await start_run(tmp_path, wa_gather_s=0.5, **ai(fake_openai))
     try:
         async with asyncio.timeout(20):
-            while FakeNeonize.instance is None:
-                await asyncio.sleep(0.01)
-            transport = FakeNeonize.instance
-            await asyncio.sleep(0.3)
             transport.on_inbound(inbound("hola"))
             await asyncio.sleep(0.1)
             transport.on_inbound(inbound("¿hacen envíos?"))

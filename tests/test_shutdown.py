@@ -69,11 +69,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def start_run(tmp_path: Path) -> tuple[asyncio.Task[int], FakeNeonize]:
-    """`run_whatsapp` on the embedded defaults, up: the lease held and recovery done."""
+async def start_run(tmp_path: Path, **overrides: Any) -> tuple[asyncio.Task[int], FakeNeonize]:
+    """`run_whatsapp` on the embedded defaults (and `overrides`), up: the lease held and recovery done."""
     FakeNeonize.instance = None
     settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, data_dir=tmp_path, flows_file=None, port=free_port(), wa_typing_chars_per_s=0
+        _env_file=None,
+        data_dir=tmp_path,
+        flows_file=None,
+        port=free_port(),
+        wa_typing_chars_per_s=0,
+        **overrides,
     )
     run = asyncio.create_task(whatsapp.run_whatsapp(settings))
     while FakeNeonize.instance is None:

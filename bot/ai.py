@@ -42,6 +42,7 @@ class Completion:
     whole: bool = True
 
 
+_ABOUT_IMAGES = re.compile(r"image|vision|multimodal|mmproj", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?…][)\"'»”’]*(?=\s|$)|\n")
 # Words a full stop follows without ending the sentence ("el Sr. García", "Bizum, etc. y").
 # fmt: off
@@ -151,9 +152,13 @@ class ChatModel:
         except openai.APIStatusError as error:
             self.errors += 1
             status = error.status_code
+            # A server that reads no images says so about this request, whatever the status (llama.cpp
+            # without its vision projector answers 5xx): the next text-only request will do.
+            about_images = status not in (401, 403, 429) and bool(_ABOUT_IMAGES.search(error.message or ""))
             raise AIError(
-                f"model answered HTTP {status}",
-                systemic=status in (401, 403, 404, 429) or status >= 500,  # 404: a model name nobody has
+                f"model answered HTTP {status}" + (" (about the images)" if about_images else ""),
+                # 404: a model name nobody has
+                systemic=not about_images and (status in (401, 403, 404, 429) or status >= 500),
                 context_too_long=error.code == "context_length_exceeded",
             ) from error
         except openai.OpenAIError as error:

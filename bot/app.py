@@ -27,6 +27,7 @@ from connection.background import BackgroundTasks
 from connection.lease import SessionLease
 from connection.types import ConnectionState, Transport
 from media.audio import AudioSettings, VoiceTranscriber
+from media.image import PhotoReader, PhotoSettings
 from memory.cache import TTLCache
 from memory.history import ChatHistory
 from memory.manager import MemoryManager, MemoryState
@@ -150,6 +151,10 @@ class Bot:
             max_reply_chars=settings.max_reply_chars,
             max_inbound_chars=settings.max_inbound_chars,
             transcriber=transcriber,
+            photos=PhotoReader(
+                PhotoSettings(max_mb=settings.image_max_mb),
+                enabled=settings.openai_vision and model is not None,
+            ),
             rate_limiter=SlidingWindowLimiter(
                 settings.rate_limit_max_messages, settings.rate_limit_cooldown / 1000
             ),

@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     # The voice notes' language for the transcription model (ISO 639-1), or "auto" to let it detect it;
     # unset: BOT_LANGUAGE. A hint helps short notes, but a note in another language comes out translated.
     transcribe_language: str | None = None
+    # Photos are shown to the model (it must read images: gpt-4o-mini does); off: their captions only.
+    openai_vision: bool = True
+    image_max_mb: float = Field(10.0, gt=0, le=64)
 
     # WhatsApp
     wa_pair_phone: str | None = None

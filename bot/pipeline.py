@@ -26,7 +26,7 @@ from bot.ai import percentile
 from bot.handoff import HandoffPhrases, customer_label, quote_for_owner
 from bot.limits import OncePerWindow, SlidingWindowLimiter
 from bot.replies import Language, duration, reply
-from bot.responder import Answer, Responder, Source, split_message
+from bot.responder import Answer, PhotoRefused, Responder, Source, split_message
 from bot.takeover import Takeover, parse_command
 from connection.background import BackgroundTasks
 from connection.types import (
@@ -39,6 +39,7 @@ from connection.types import (
     Transport,
     TransportError,
 )
+from media.image import PhotoRejected
 from memory.history import ChatHistory
 from memory.store import (
     BUSY_KIND,
@@ -67,6 +68,8 @@ MAX_WAITING_OWNER_NOTICES = 50
 # writing is still answered.
 MAX_BURST_MESSAGES = 20
 MAX_GATHER_ROUNDS = 4
+# Photos shown to the model in one turn (an album of ten is two turns): each is up to ~1,000 tokens.
+MAX_BURST_PHOTOS = 5
 # A flow's file goes with the model's answers to a chat once in this long (asked for by the flow's own
 # question, it is always sent): "¿la carta tiene opciones veganas?" after the menu came needs no second copy.
 FLOW_FILE_EVERY_S = 3600.0
@@ -93,6 +96,17 @@ class VoiceTranscriber(Protocol):
     def check_declared_size(self, size_bytes: int | None) -> None: ...
 
     async def transcribe(self, data: bytes, mimetype: str = ...) -> str: ...
+
+
+class PhotoPreparer(Protocol):
+    """What the pipeline needs to show photos to the model (see media.image.PhotoReader)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def check_declared_size(self, size_bytes: int | None) -> None: ...
+
+    async def prepare(self, data: bytes) -> str: ...
 
 
 _HANDED_OVER = "chat handed to a human"
@@ -135,6 +149,8 @@ class MessageCounters:
     spilled: int = 0  # left in the store while too many waited in memory, taken back later
     transcribed: int = 0
     merged: int = 0  # answered by the reply to a later message of their burst
+    photos: int = 0  # shown to the model
+    photos_unseen: int = 0  # not shown: not downloaded, unreadable, too large, or refused by the model
 
 
 def inbound_from_stored(stored: StoredMessage, media: MediaRef | None = None) -> Inbound:
@@ -240,6 +256,7 @@ class Pipeline:
         transport: Transport,
         language: Language = "es",
         transcriber: VoiceTranscriber | None = None,
+        photos: PhotoPreparer | None = None,
         group_policy: GroupPolicy = "never",
         max_reply_chars: int = 1500,
         max_inbound_chars: int = 4000,
@@ -262,6 +279,7 @@ class Pipeline:
         self.transport = transport
         self.language = language
         self.transcriber = transcriber
+        self.photos = photos  # None, or not enabled: a photo gets its caption answered, or a polite reply
         self.group_policy = group_policy
         self.max_reply_chars = max_reply_chars
         self.max_inbound_chars = max_inbound_chars
@@ -304,6 +322,7 @@ class Pipeline:
         self._told_busy: set[ChatId] = set()
         self._answering: set[ChatId] = set()  # chats whose message is past the model gate: no "busy" now
         self._transcription_warned_at = -60.0
+        self._photos_warned_at = -60.0
         self._to_tell: deque[ChatId] = deque()  # told "busy" next, one at a time (see _tell_busy)
         self._telling: asyncio.Task[None] | None = None
         self._busy_watch: asyncio.Task[None] | None = None
@@ -458,7 +477,7 @@ class Pipeline:
         self._spill_since = min(self._spill_since, row.created_at)
         self._spill_seq += 1
         self.counters.spilled += 1
-        if message.media is not None:  # a voice note's download handle is small; keep a bounded few
+        if message.media is not None:  # a voice note's or photo's download handle is small; keep a few
             self._spilled_media[message.id] = message.media
             while len(self._spilled_media) > 1000:
                 self._spilled_media.popitem(last=False)
@@ -815,10 +834,27 @@ class Pipeline:
                 self._idle.set()
 
     def _joins_burst(self, message: Inbound) -> bool:
-        """A text a customer may have split over several messages; not in a group, where the messages
-        in a row are often different members'."""
+        """A text a customer may have split over several messages, or a photo the model is shown (a photo,
+        then "¿lo tenéis en azul?"); not in a group, where the messages in a row are often different
+        members'."""
         group = message.is_group or message.chat.endswith("@g.us")
-        return message.kind is MessageKind.TEXT and not group and message.id not in self._notice_only
+        readable = message.kind is MessageKind.TEXT or self._shows_photo(message)
+        return readable and not group and message.id not in self._notice_only
+
+    @property
+    def _reads_photos(self) -> bool:
+        return self.photos is not None and self.photos.enabled
+
+    def _shows_photo(self, message: Inbound) -> bool:
+        """A photo the model can be shown: photos are on, and it can still be downloaded (not after a
+        restart)."""
+        media = message.media
+        return (
+            message.kind is MessageKind.IMAGE
+            and self._reads_photos
+            and media is not None
+            and media.handle is not None
+        )
 
     async def _wait_for_quiet(self, queue: deque[Queued]) -> None:
         """Wait until the chat's last message is `gather_s` old, and at most MAX_GATHER_ROUNDS times
@@ -845,6 +881,7 @@ class Pipeline:
             return burst
         chars = len(first.text)
         quotes = bool(quote_note(first, self.language))
+        photos = int(first.kind is MessageKind.IMAGE)
         while queue and len(burst) < MAX_BURST_MESSAGES:
             message = queue[0][0]
             chars += len(message.text) + 1
@@ -852,6 +889,9 @@ class Pipeline:
                 break
             quotes_too = bool(quote_note(message, self.language))
             if not self._joins_burst(message) or (quotes and quotes_too):
+                break
+            photos += message.kind is MessageKind.IMAGE
+            if photos > MAX_BURST_PHOTOS:
                 break
             quotes = quotes or quotes_too
             burst.append(queue.popleft())
@@ -916,7 +956,7 @@ class Pipeline:
                     "the history of {} could not be read ({}): answered without it", message.chat, error
                 )
                 before_burst = []
-            message = replace(message, text="\n".join(m.text for m in [*burst, message]))
+            message = replace(message, text="\n".join(m.text for m in [*burst, message] if m.text))
         for earlier_message in burst:
             self.history.append(self._inbound_row(earlier_message))
         self.history.append(inbound)
@@ -924,6 +964,8 @@ class Pipeline:
         canned: str | None = None
         handing_over: str | None = None
         file: str | None = None  # a flow's photo or document
+        photos = [m for m in [*burst, message] if self._shows_photo(m)]
+        shown: list[str] = []  # the photos as the model gets them (data: URLs)
         try:
             for earlier_message in burst:
                 await self._mark_read(earlier_message)
@@ -936,14 +978,20 @@ class Pipeline:
                     inbound = replace(inbound, body=text)
             if canned is None and self._asks_for_a_person(message, text):
                 canned = handing_over = reply("handoff", self.language)
+            if canned is None and photos:
+                looking = time.perf_counter()
+                shown, text, canned = await self._look(photos, text)
+                model_time += time.perf_counter() - looking
             if canned is not None:
                 answer_text, via_model = canned, False
             else:
-                answer = self.responder.quick_answer(text)
+                # A photo's words are about the photo ("¿precio?" under a shoe): the model answers them,
+                # told what the flows know, rather than a flow answering them blind.
+                answer = None if shown else self.responder.quick_answer(text)
                 via_model = answer is None
                 if answer is None:
                     model_started = time.perf_counter()
-                    answer = await self._ask_model(message, inbound, text, context, before_burst)
+                    answer = await self._ask_model(message, inbound, text, context, before_burst, shown)
                     model_time += time.perf_counter() - model_started
                 answer_text, file = answer.text, answer.file
                 from_model = answer.source is not Source.FLOW  # the flow's own question always gets it
@@ -963,7 +1011,10 @@ class Pipeline:
             self.counters.skipped += len(ids)
             await self._mark(ids, MessageStatus.SKIPPED)
             return
-        media_notice = canned is not None and canned == reply("media_unsupported", self.language)
+        media_notice = canned is not None and canned in (
+            self._media_unsupported,
+            reply("photo_unreadable", self.language),
+        )
         if media_notice and self.media_notices.told_recently(message.chat):
             # A photo after photos: the customer has just been told. Saved, unanswered, like any skip.
             self._skip(message, "media notice given a moment ago")
@@ -1015,9 +1066,14 @@ class Pipeline:
             self._answering.add(message.chat)
             return await self._transcribe(message)
         text, trimmed = clean_text(message.text, self.max_inbound_chars)
+        if message.kind is MessageKind.IMAGE and self._reads_photos:
+            if self._shows_photo(message):  # downloaded and shown with its words: see _look
+                return text, None
+            if not text:  # its download handle is gone (a restart): asked for it again
+                return "", reply("photo_unreadable", self.language)
         if message.kind in _MEDIA_KINDS:
             if not text or message.kind not in _CAPTIONED_KINDS:
-                return "", reply("media_unsupported", self.language)
+                return "", self._media_unsupported
             # A photo with "¿lo tenéis en azul?": the caption is answered, the model told what it misses.
             return f"{text}\n\n{reply('attachment_note', self.language)}", None
         if not text:
@@ -1027,6 +1083,47 @@ class Pipeline:
             logger.debug("message {} trimmed to {} characters", message.id, self.max_inbound_chars)
             return f"{text}\n\n{note}", None
         return text, None
+
+    @property
+    def _media_unsupported(self) -> str:
+        """The polite reply to what the bot cannot read: it names photos when the model is shown them."""
+        return reply("media_unsupported_photos" if self._reads_photos else "media_unsupported", self.language)
+
+    async def _look(self, photos: list[Inbound], text: str) -> tuple[list[str], str, str | None]:
+        """The photos as the model is shown them, after the memory gate (a download and a decode take
+        memory), with the text to answer, or a canned reply. A photo that cannot be downloaded or read is
+        left out and the model told so; with nothing left to answer the customer is asked to send it
+        again."""
+        assert self.photos is not None
+        await self.model_gate.wait()
+        self._answering.add(photos[-1].chat)
+        shown: list[str] = []
+        for photo in photos:
+            try:
+                self.photos.check_declared_size(photo.media.size_bytes if photo.media else None)
+                shown.append(await self.photos.prepare(await self.transport.download_media(photo)))
+            except (TransportError, PhotoRejected) as error:
+                self.counters.photos_unseen += 1
+                logger.warning("photo {} in {} not shown to the model: {}", photo.id, photo.chat, error)
+        if len(shown) == len(photos):
+            return shown, text, None
+        if not shown and not text:
+            return [], "", reply("photo_unreadable", self.language)
+        return shown, f"{text}\n\n{reply('attachment_note', self.language)}".lstrip(), None
+
+    def _warn_photos_refused(self, error: PhotoRefused) -> None:
+        """A model that reads no images is the owner's to fix (OPENAI_VISION=false, or a model that does):
+        said at WARNING, once a minute at most."""
+        now = time.monotonic()
+        if now - self._photos_warned_at < 60:
+            logger.debug("the model refused photos: {}", error)
+            return
+        self._photos_warned_at = now
+        logger.warning(
+            "the model refused photos ({}): answered without them; set OPENAI_VISION=false or use a model "
+            "that reads images",
+            error,
+        )
 
     async def _transcribe(self, message: Inbound) -> tuple[str, str | None]:
         if self.transcriber is None or not self.transcriber.enabled:
@@ -1090,9 +1187,10 @@ class Pipeline:
         text: str,
         context: str,
         before_burst: list[StoredMessage] | None = None,
+        photos: Sequence[str] = (),
     ) -> Answer:
-        """The model's answer to `text`, told `context` (what the message replies to) and the chat's history
-        before it (`before_burst` for a burst)."""
+        """The model's answer to `text` (and `photos`), told `context` (what the message replies to) and the
+        chat's history before it (`before_burst` for a burst)."""
         # Memory is critical while the gate is shut: the message is persisted and waits, in order
         # (_watch_busy tells the customer once if that lasts).
         await self.model_gate.wait()
@@ -1100,7 +1198,17 @@ class Pipeline:
         history = before_burst if before_burst is not None else await self.history.recent(inbound)
         await self._typing(message.chat, True)
         try:
-            return await self.responder.model_answer(text, history, context)
+            try:
+                answer = await self.responder.model_answer(text, history, context, photos)
+            except PhotoRefused as error:
+                self._warn_photos_refused(error)
+                self.counters.photos_unseen += len(photos)
+                if not text:
+                    return Answer(reply("media_unsupported", self.language), Source.AI_OFF)
+                note = reply("attachment_note", self.language)
+                return await self.responder.model_answer(f"{text}\n\n{note}", history, context)
+            self.counters.photos += len(photos)
+            return answer
         finally:
             await self._typing(message.chat, False)
 

@@ -148,6 +148,14 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "es": "Por ahora solo puedo leer mensajes de texto y notas de voz. ¿Me lo escribes, por favor?",
         "en": "For now I can only read text messages and voice notes. Could you type it, please?",
     },
+    "media_unsupported_photos": {
+        "es": "Por ahora solo puedo leer mensajes de texto, fotos y notas de voz. ¿Me lo escribes, por favor?",  # noqa: E501
+        "en": "For now I can only read text messages, photos and voice notes. Could you type it, please?",
+    },
+    "photo_unreadable": {
+        "es": "No he podido ver tu foto. ¿Puedes enviarla de nuevo o contarme por escrito qué necesitas?",
+        "en": "I couldn't see your photo. Could you send it again or tell me in writing what you need?",
+    },
     "audio_too_large": {
         "es": "La nota de voz es demasiado grande (el máximo es {limit:g} MB). ¿Puedes enviar una más corta?",
         "en": "That voice note is too large (the limit is {limit:g} MB). Could you send a shorter one?",

@@ -7,6 +7,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from loguru import logger
 
@@ -15,6 +16,9 @@ from bot.flows import FlowMatcher
 from bot.replies import Language, reply
 from memory.cache import TTLCache
 from memory.store import BUSY_KIND, Direction, MessageStatus, StoredMessage
+
+# How a photo shows in the history the model reads: the photo itself is shown only with its own turn.
+PHOTO_MARK = "(📷)"
 
 
 class Source(enum.StrEnum):
@@ -36,18 +40,32 @@ class Answer:
         return self.source is not Source.MODEL and self.source is not Source.CACHE
 
 
-def build_messages(system_prompt: str, history: Sequence[StoredMessage], text: str) -> list[dict[str, str]]:
+class PhotoRefused(Exception):
+    """The model refused a request with photos (one that reads no images): ask it again without them."""
+
+
+def build_messages(system_prompt: str, history: Sequence[StoredMessage], text: str) -> list[dict[str, Any]]:
     """System prompt, the chat's recent turns (user and bot alike), then the new message."""
-    messages = [{"role": "system", "content": system_prompt}]
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system_prompt}]
     for turn in history:
         never_got = turn.status is MessageStatus.FAILED  # dropped from the outbox
         if turn.direction is Direction.OUT and (never_got or turn.kind == BUSY_KIND):
             continue  # not a turn of the conversation: a reply the customer never got, or a busy notice
         role = "user" if turn.direction is Direction.IN else "assistant"
-        if turn.body:
-            messages.append({"role": role, "content": turn.body})
+        body = turn.body
+        if turn.kind == "image" and turn.direction is Direction.IN:  # "¿y en azul?" was about a photo
+            body = f"{PHOTO_MARK} {body}".rstrip()
+        if body:
+            messages.append({"role": role, "content": body})
     messages.append({"role": "user", "content": text})
     return messages
+
+
+def with_photos(text: str, photos: Sequence[str]) -> list[dict[str, Any]]:
+    """A user turn's content with its photos (data: URLs) after the words, in the chat completions format."""
+    parts: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    parts.extend({"type": "image_url", "image_url": {"url": url}} for url in photos)
+    return parts
 
 
 def with_facts(system_prompt: str, facts: Sequence[str]) -> str:
@@ -63,7 +81,7 @@ def with_facts(system_prompt: str, facts: Sequence[str]) -> str:
     )
 
 
-def cache_key(model: str, messages: list[dict[str, str]]) -> str:
+def cache_key(model: str, messages: list[dict[str, Any]]) -> str:
     """The whole context is the key, so an answer is only reused for an identical conversation.
 
     Two chats share a cached answer only when their system prompt, history and new
@@ -105,30 +123,41 @@ class Responder:
         """The whole chain: flows, then the cache, then the model."""
         return self.quick_answer(text) or await self.model_answer(text, history)
 
-    async def model_answer(self, text: str, history: Sequence[StoredMessage], context: str = "") -> Answer:
+    async def model_answer(
+        self, text: str, history: Sequence[StoredMessage], context: str = "", photos: Sequence[str] = ()
+    ) -> Answer:
         """The cache, then the model, told the answers of the flows the text matched (or the polite reply
         when AI is off, after those answers, or an apology on failure). `context` goes before the text for
-        the model only (what the message replies to): the flows read the customer's own words."""
-        result = await self._from_model(text, history, context)
+        the model only (what the message replies to): the flows read the customer's own words. `photos`
+        (data: URLs) are shown with the text, and their answer is not cached; a model that refuses them
+        raises PhotoRefused."""
+        result = await self._from_model(text, history, context, photos)
         self.by_source[result.source.value] += 1
         if result.source is not Source.AI_ERROR and (file := self.flows.file_for(text)):
             result = replace(result, file=file)  # the file of a flow the message matched
         return result
 
-    async def _from_model(self, text: str, history: Sequence[StoredMessage], context: str) -> Answer:
+    async def _from_model(
+        self, text: str, history: Sequence[StoredMessage], context: str, photos: Sequence[str]
+    ) -> Answer:
         facts = self.flows.facts(text)
         if self.model is None:  # what the flows know, and that someone will answer the rest
             return Answer("\n\n".join([*facts, reply("ai_off", self.language)]), Source.AI_OFF)
         asked = f"{context}\n\n{text}" if context else text
         messages = build_messages(with_facts(self.system_prompt, facts), history, asked)
-        # The facts are in the key (the system prompt): an answer is reused only with the same facts.
-        key = cache_key(self.model.model, messages)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return Answer(cached, Source.CACHE)
+        key = None
+        if photos:  # a photo is seldom sent twice: not worth a key over its bytes
+            messages[-1]["content"] = with_photos(asked, photos)
+        else:  # the facts are in the key (the system prompt): an answer is reused only with the same facts
+            key = cache_key(self.model.model, messages)
+            cached = self.cache.get(key)
+            if cached is not None:
+                return Answer(cached, Source.CACHE)
         try:
             completion = await self.model.complete(messages)
         except AIError as error:
+            if photos and not error.systemic and not error.context_too_long:
+                raise PhotoRefused(str(error)) from error
             if not (error.context_too_long and len(messages) > 2):
                 logger.error("model failed, sending an apology: {}", error)
                 return Answer(reply("ai_error", self.language), Source.AI_ERROR)
@@ -139,7 +168,7 @@ class Responder:
             except AIError as second:
                 logger.error("model failed, sending an apology: {}", second)
                 return Answer(reply("ai_error", self.language), Source.AI_ERROR)
-        if completion.whole:  # an answer cut at the token limit is not the answer to give everyone
+        if completion.whole and key is not None:  # an answer cut at the token limit is not for everyone
             self.cache.set(key, completion.text)
         return Answer(completion.text, Source.MODEL)
 

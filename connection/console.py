@@ -1,14 +1,16 @@
 """The console as a transport: try the bot in a terminal, or script it with JSON lines.
 
 `python -m bot chat` is interactive; `python -m bot chat --jsonl` reads one JSON
-object per stdin line ({"from": "<number>", "text": "..."} or {"from": ..., "audio":
-"<path>"}) and writes one per outgoing message ({"to": "<number>", "text": "..."}).
+object per stdin line ({"from": "<number>", "text": "..."}, {"from": ..., "audio": "<path>"} or
+{"from": ..., "image": "<path>", "text": "<caption>"}) and writes one per outgoing message
+({"to": "<number>", "text": "..."}).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import mimetypes
 import sys
 import threading
 import time
@@ -54,9 +56,16 @@ def parse_jsonl(line: str) -> Inbound:
         size = Path(path).stat().st_size if Path(path).is_file() else None
         media = MediaRef(mimetype="audio/ogg", size_bytes=size, voice_note=True, handle=path)
         return _inbound(message_id, number, MessageKind.AUDIO, "", media)
+    if "image" in data:  # a photo, with "text" as its caption
+        path, caption = data["image"], data.get("text", "")
+        if not isinstance(path, str) or not path or not isinstance(caption, str):
+            raise BadLine('"image" must be a path to a photo, and "text" (its caption) a string')
+        size = Path(path).stat().st_size if Path(path).is_file() else None
+        mimetype = mimetypes.guess_type(path)[0] or "image/jpeg"
+        return _inbound(message_id, number, MessageKind.IMAGE, caption, MediaRef(mimetype, size, handle=path))
     text = data.get("text")
     if not isinstance(text, str):
-        raise BadLine('expected "text" (a string) or "audio" (a path)')
+        raise BadLine('expected "text" (a string), "audio" or "image" (a path)')
     return _inbound(message_id, number, MessageKind.TEXT, text, None)
 
 

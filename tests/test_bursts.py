@@ -119,18 +119,21 @@ async def test_a_customer_who_keeps_writing_is_still_answered(harness, fake_open
     assert "\n".join(a.removeprefix("echo: ") for a in answers).split("\n") == [f"m{n}" for n in range(20)]
 
 
-async def test_voice_notes_photos_and_groups_are_not_merged(harness, fake_openai: FakeOpenAI) -> None:
+async def test_media_the_model_is_not_shown_and_groups_are_not_merged(
+    harness, fake_openai: FakeOpenAI
+) -> None:
     group = "120363000000000001@g.us"
     async with harness(**ai(fake_openai, reply_to_groups="always")) as h:
         gathering(h, 0.2)
         sent = await h.say(
             inbound("hola"),
-            inbound("", kind=MessageKind.IMAGE),
+            inbound("", kind=MessageKind.VIDEO),
             inbound("¿precio?"),
             inbound("uno", chat=group, is_group=True),
             inbound("dos", chat=group, is_group=True),
         )
-    assert h.transport.texts_to(CHAT) == ["echo: hola", reply("media_unsupported", "es"), "echo: ¿precio?"]
+    notice = reply("media_unsupported_photos", "es")
+    assert h.transport.texts_to(CHAT) == ["echo: hola", notice, "echo: ¿precio?"]
     assert h.transport.texts_to(group) == ["echo: uno", "echo: dos"]
     assert len(sent) == 5
 

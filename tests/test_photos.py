@@ -1,0 +1,303 @@
+"""Photos customers send, shown to the model (OPENAI_VISION): real Pillow, the real pipeline, SQLite store and
+SDK against the fake OpenAI server, loopback transport; and through `python -m bot chat --jsonl`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from loguru import logger
+from PIL import Image
+
+from bot.replies import reply
+from connection.console import parse_jsonl
+from connection.types import MediaRef, MessageKind
+from media.image import MAX_SIDE, PhotoRejected, shrink
+from memory.store import Direction, MessageStatus
+from tests.conftest import BotHarness, inbound
+from tests.fake_openai import FakeOpenAI
+from tests.test_console import lines, run_chat
+
+CHAT = "34600111222@s.whatsapp.net"
+OTHER = "5491122334455@s.whatsapp.net"
+
+
+def ai(fake: FakeOpenAI, **extra: object) -> dict[str, object]:
+    return {"openai_api_key": "test-key", "openai_base_url": fake.base_url, **extra}
+
+
+def jpeg(width: int = 800, height: int = 600, color: str = "red", **save: Any) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(out, "JPEG", **save)
+    return out.getvalue()
+
+
+def photo(data: bytes, caption: str = "", **fields: Any) -> Any:
+    media = MediaRef(mimetype="image/jpeg", size_bytes=len(data), handle=data)
+    return inbound(caption, kind=MessageKind.IMAGE, media=media, **fields)
+
+
+def describes(messages: list[dict[str, Any]]) -> str:
+    """The fake model's answer: what it was shown, so a test can tell a photo reached it."""
+    content = messages[-1]["content"]
+    if isinstance(content, str):
+        return f"texto: {content}"
+    words = " ".join(part["text"] for part in content if part["type"] == "text")
+    shown = sum(part["type"] == "image_url" for part in content)
+    return f"{shown} foto(s): {words}".rstrip()
+
+
+def shown_photos(request: dict[str, Any]) -> list[Image.Image]:
+    content = request["messages"][-1]["content"]
+    assert isinstance(content, list), content
+    images = []
+    for part in content:
+        if part["type"] == "image_url":
+            header, _, data = part["image_url"]["url"].partition(",")
+            assert header == "data:image/jpeg;base64"
+            images.append(Image.open(io.BytesIO(base64.b64decode(data))))
+    return images
+
+
+async def statuses(h: BotHarness) -> dict[str, MessageStatus]:
+    rows = await h.bot.store.recent_messages(CHAT, 50)
+    return {row.wa_message_id: row.status for row in rows if row.direction is Direction.IN}
+
+
+@pytest.fixture
+def fake(fake_openai: FakeOpenAI) -> FakeOpenAI:
+    fake_openai.reply = describes
+    return fake_openai
+
+
+async def test_a_photo_is_shown_to_the_model_with_its_caption(harness, fake: FakeOpenAI) -> None:
+    """A customer sends a photo of a shoe and "¿lo tenéis en azul?": the model used to be told it could not
+    see it, and the customer got an answer that guessed or asked what the photo was."""
+    async with harness(**ai(fake)) as h:
+        sent = await h.say(photo(jpeg(4000, 3000), "¿lo tenéis en azul?", id="P1"))
+        stored = await h.bot.store.recent_messages(CHAT, 5)
+        counters = h.bot.pipeline.counters
+    assert sent == ["1 foto(s): ¿lo tenéis en azul?"]
+    [shown] = shown_photos(fake.chat_requests[-1])
+    assert shown.format == "JPEG" and shown.size == (MAX_SIDE, MAX_SIDE * 3 // 4)  # shrunk, in proportion
+    assert "no puedes ver" not in json.dumps(fake.chat_requests[-1]["messages"][-1], ensure_ascii=False)
+    assert [(m.kind, m.body, m.status) for m in stored if m.direction is Direction.IN] == [
+        ("image", "¿lo tenéis en azul?", MessageStatus.ANSWERED)
+    ]
+    assert (counters.photos, counters.photos_unseen) == (1, 0)
+
+
+async def test_a_photo_alone_is_answered_and_the_next_turn_knows_it_came(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake)) as h:
+        assert await h.say(photo(jpeg())) == ["1 foto(s):"]
+        assert await h.say("¿cuánto cuesta?") == ["texto: ¿cuánto cuesta?"]
+    first, second = fake.chat_requests
+    assert [part["type"] for part in first["messages"][-1]["content"]] == ["image_url"]
+    # The next turn is told a photo came before (not shown it again) and what the bot answered.
+    assert [m["content"] for m in second["messages"][1:]] == ["(📷)", "1 foto(s):", "¿cuánto cuesta?"]
+
+
+async def test_a_photo_and_the_words_after_it_are_one_turn(harness, fake: FakeOpenAI) -> None:
+    """A photo, then "¿lo tenéis en azul?" a second later: one answer about the photo, not two."""
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.gather_s = 0.3  # as WA_GATHER_S sets it on WhatsApp
+        sent = await h.say(photo(jpeg(), id="P1"), inbound("¿lo tenéis en azul?", id="T1"))
+        assert sent == ["1 foto(s): ¿lo tenéis en azul?"]
+        assert await statuses(h) == {"P1": MessageStatus.ANSWERED, "T1": MessageStatus.ANSWERED}
+        assert h.bot.pipeline.counters.merged == 1
+
+
+async def test_an_album_is_one_turn_of_at_most_five_photos(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.gather_s = 0.3
+        album = [photo(jpeg(color=c)) for c in ("red", "green", "blue", "white", "black", "gray", "pink")]
+        sent = await h.say(*album, inbound("¿cuál es más barata?"))
+    assert sent == ["5 foto(s):", "2 foto(s): ¿cuál es más barata?"]
+    assert [len(shown_photos(r)) for r in fake.chat_requests] == [5, 2]
+
+
+async def test_a_photo_that_cannot_be_read_is_asked_for_again(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake)) as h:
+        corrupt = jpeg()[:300]
+        assert await h.say(photo(b"not a photo at all")) == [reply("photo_unreadable", "es")]
+        assert fake.chat_count == 0
+        # With words, the words are answered, the model told a photo it cannot see came with them.
+        assert await h.say(photo(corrupt, "¿precio?")) == [
+            f"texto: ¿precio?\n\n{reply('attachment_note', 'es')}"
+        ]
+        assert h.bot.pipeline.counters.photos_unseen == 2
+
+
+async def test_a_photo_over_image_max_mb_is_not_downloaded(
+    harness, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with harness(**ai(fake, image_max_mb=0.5)) as h:
+        downloads: list[str] = []
+        real = h.transport.download_media
+
+        async def counting(message: Any) -> bytes:
+            downloads.append(message.id)
+            return await real(message)
+
+        monkeypatch.setattr(h.transport, "download_media", counting)
+        declared = inbound("", kind=MessageKind.IMAGE, media=MediaRef("image/jpeg", 2_000_000, handle=jpeg()))
+        assert await h.say(declared) == [reply("photo_unreadable", "es")]
+        assert downloads == []
+        # Undeclared and too large: refused after the download, before anything is decoded.
+        big = jpeg(3000, 3000, quality=100) + b"\0" * 600_000
+        undeclared = inbound(  # another chat: a chat is told about its media once in 5 minutes
+            "", kind=MessageKind.IMAGE, media=MediaRef("image/jpeg", None, handle=big), chat=OTHER
+        )
+        assert await h.say(undeclared) == [reply("photo_unreadable", "es")]
+    assert fake.chat_count == 0
+
+
+async def test_a_model_that_reads_no_images_answers_without_them(harness, fake: FakeOpenAI) -> None:
+    """A text-only model (gpt-3.5, or llama.cpp without its vision projector) refuses the request: the
+    customer still gets the caption answered, and the owner is told at WARNING what to change."""
+    warnings: list[str] = []
+    sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")
+    try:
+        async with harness(**ai(fake)) as h:
+            fake.fail_next.append(400)
+            assert await h.say(photo(jpeg(), "¿precio?")) == [
+                f"texto: ¿precio?\n\n{reply('attachment_note', 'es')}"
+            ]
+            llama = json.dumps({"error": {"code": 500, "message": "image input is not supported (mmproj)"}})
+            fake.raw_next.extend([(500, "application/json", llama)] * 2)  # the SDK retries a 5xx once
+            assert await h.say(photo(jpeg())) == [reply("media_unsupported", "es")]
+            breaker = h.bot.model.breaker.stats() if h.bot.model else {}
+    finally:
+        logger.remove(sink)
+    assert [isinstance(r["messages"][-1]["content"], list) for r in fake.chat_requests] == [
+        True,
+        False,
+        True,
+        True,
+    ]
+    assert any("OPENAI_VISION=false" in line for line in warnings)
+    assert breaker["failures"] == 0  # refused photos do not open the circuit
+
+
+async def test_with_openai_vision_off_a_photo_gets_the_polite_reply(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake, openai_vision=False)) as h:
+        assert await h.say(photo(jpeg())) == [reply("media_unsupported", "es")]
+        assert await h.say(photo(jpeg(), "¿precio?")) == [
+            f"texto: ¿precio?\n\n{reply('attachment_note', 'es')}"
+        ]
+    assert len(fake.chat_requests) == 1
+
+
+async def test_a_photo_whose_download_handle_is_gone_is_asked_for_again(harness, fake: FakeOpenAI) -> None:
+    """After a restart a photo left unanswered has no download handle (see inbound_from_stored)."""
+    async with harness(**ai(fake)) as h:
+        assert await h.say(inbound("", kind=MessageKind.IMAGE)) == [reply("photo_unreadable", "es")]
+        # Other media the model is not shown: the polite reply names photos among what the bot reads.
+        video = inbound("", kind=MessageKind.VIDEO, chat=OTHER)  # another chat: told once in 5 minutes
+        assert await h.say(video) == [reply("media_unsupported_photos", "es")]
+    assert fake.chat_count == 0
+
+
+async def test_a_photo_waits_for_memory_before_it_is_downloaded(
+    harness, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with harness(**ai(fake)) as h:
+        downloads: list[str] = []
+        real = h.transport.download_media
+
+        async def counting(message: Any) -> bytes:
+            downloads.append(message.id)
+            return await real(message)
+
+        monkeypatch.setattr(h.transport, "download_media", counting)
+        h.bot.pipeline.model_gate.clear()  # memory critical
+        h.bot.pipeline.submit(photo(jpeg(), id="P1"))
+        await asyncio.sleep(0.3)
+        assert downloads == [] and h.transport.sent == []
+        h.bot.pipeline.model_gate.set()
+        assert await h.bot.pipeline.drain(10)
+    assert downloads == ["P1"]
+    assert h.transport.texts_to(CHAT) == ["1 foto(s):"]
+
+
+async def test_the_same_photo_twice_is_asked_twice(harness, fake: FakeOpenAI) -> None:
+    """The answer to a photo is not cached: two customers sending the same catalogue photo may ask different
+    things of it, and a key over its bytes would cost more than it saves."""
+    async with harness(**ai(fake)) as h:
+        await h.say(photo(jpeg()), photo(jpeg(), chat=OTHER))
+    assert fake.chat_count == 2
+
+
+async def test_a_caption_that_is_a_flow_question_is_answered_about_the_photo(
+    harness, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """ "¿precio?" under a shoe asks that shoe's price: the model answers, told the flow's answer."""
+    flows = tmp_path / "flows.yaml"
+    flows.write_text("- keywords: [precio]\n  answer: Las zapatillas cuestan 50 €.\n")
+    async with harness(**ai(fake), flows_file=flows) as h:
+        assert await h.say(photo(jpeg(), "¿precio?")) == ["1 foto(s): ¿precio?"]
+        assert await h.say("¿precio?") == ["Las zapatillas cuestan 50 €."]  # without a photo, the flow
+    assert "Las zapatillas cuestan 50 €." in fake.chat_requests[0]["messages"][0]["content"]
+
+
+async def test_a_request_for_a_person_in_a_caption_hands_over_without_downloading(
+    harness, fake: FakeOpenAI
+) -> None:
+    async with harness(**ai(fake)) as h:
+        sent = await h.say(photo(b"never read", "quiero hablar con una persona"))
+    assert sent == [reply("handoff", "es")]
+    assert fake.chat_count == 0
+
+
+def test_a_photo_is_turned_upright_and_flattened_on_white() -> None:
+    """Phones save a portrait photo landscape with an EXIF orientation; a PNG may have transparency."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to show
+    out = io.BytesIO()
+    Image.new("RGB", (300, 100), "red").save(out, "JPEG", exif=exif)
+    assert Image.open(io.BytesIO(shrink(out.getvalue(), MAX_SIDE))).size == (100, 300)
+    clear = io.BytesIO()
+    Image.new("RGBA", (50, 50), (0, 0, 0, 0)).save(clear, "PNG")
+    flat = Image.open(io.BytesIO(shrink(clear.getvalue(), MAX_SIDE)))
+    assert flat.mode == "RGB" and min(flat.getpixel((25, 25))) > 240  # white, not black
+
+
+def test_a_photo_too_large_to_decode_is_refused_before_decoding() -> None:
+    huge = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(huge, "PNG")  # 25 megapixels in a few kilobytes
+    with pytest.raises(PhotoRejected) as refused:
+        shrink(huge.getvalue(), MAX_SIDE)
+    assert refused.value.reason == "too_large"
+    # A JPEG that large is decoded at a fraction of its size (draft mode), so it is read.
+    assert Image.open(io.BytesIO(shrink(jpeg(6000, 4500), MAX_SIDE))).size == (MAX_SIDE, 1152)
+
+
+def test_the_console_reads_a_photo_line(tmp_path: Path) -> None:
+    path = tmp_path / "shoe.png"
+    path.write_bytes(b"png")
+    message = parse_jsonl(json.dumps({"from": "34600111222", "image": str(path), "text": "¿en azul?"}))
+    assert (message.kind, message.text) == (MessageKind.IMAGE, "¿en azul?")
+    assert message.media is not None and (message.media.mimetype, message.media.handle) == (
+        "image/png",
+        str(path),
+    )
+
+
+async def test_jsonl_chat_shows_a_photo_to_the_model(tmp_path: Path, fake: FakeOpenAI) -> None:
+    path = tmp_path / "shoe.jpg"
+    path.write_bytes(jpeg())
+    line = json.dumps({"from": "34600111222", "image": str(path), "text": "¿lo tenéis en azul?"})
+    code, out, err = await run_chat(
+        tmp_path,
+        line + "\n",
+        "--jsonl",
+        OPENAI_API_KEY="test-key",
+        OPENAI_BASE_URL=fake.base_url,
+    )
+    assert code == 0, err
+    assert lines(out) == [{"to": "34600111222", "text": "1 foto(s): ¿lo tenéis en azul?"}]

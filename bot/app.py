@@ -20,6 +20,7 @@ from bot.config import Settings, config_error
 from bot.flows import FlowMatcher, FlowsFileError, load_flows_file, unusable
 from bot.handoff import HandoffPhrases
 from bot.limits import CircuitBreaker, SlidingWindowLimiter
+from bot.localtime import time_zone
 from bot.pipeline import Pipeline, inbound_from_stored
 from bot.responder import Responder
 from bot.takeover import Takeover
@@ -140,6 +141,7 @@ class Bot:
             model=model,
             system_prompt=settings.system_prompt,
             language=settings.bot_language,
+            time_zone=time_zone(settings.bot_timezone) if settings.bot_timezone else None,
         )
         pipeline = Pipeline(
             store=store,

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bot.handoff import DEFAULT_PHRASES, spans_clauses
+from bot.localtime import time_zone
 
 MAX_HANDOFF_PHRASES = 200
 PLACEHOLDERS = {"changeme", "your-key-here", "sk-...", "xxx", "<your key>"}
@@ -59,6 +60,8 @@ class Settings(BaseSettings):
     )
     bot_system_prompt_file: Path | None = None
     bot_language: Literal["es", "en"] = "es"
+    # The business's time zone (IANA name): the model is told the local date and time ("¿abrís hoy?").
+    bot_timezone: str | None = None
     flows_file: Path | None = Path("flows.yaml")
 
     # Database
@@ -153,6 +156,13 @@ class Settings(BaseSettings):
                 return None
             if value.lower() in PLACEHOLDERS:
                 raise ValueError("is a placeholder: set the real value or leave it empty")
+        return value
+
+    @field_validator("bot_timezone")
+    @classmethod
+    def _time_zone_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            value = time_zone(value.strip()).key
         return value
 
     @field_validator("transcribe_language", mode="before")

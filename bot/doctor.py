@@ -6,7 +6,9 @@ import contextlib
 import difflib
 import shutil
 import sqlite3
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from bot.ai import OPENAI_DEFAULT_BASE_URL
 from bot.config import Settings, data_dir_problem, local_database_problems
@@ -250,6 +252,21 @@ def _check_admin_token(settings: Settings) -> bool:
     )
 
 
+def _check_time_zone(settings: Settings) -> bool:
+    """Without BOT_TIMEZONE the model cannot tell "¿abrís hoy?" from yesterday: a warning, not a failure."""
+    if settings.bot_timezone:
+        now = datetime.now(ZoneInfo(settings.bot_timezone))
+        return _line(
+            True, f"BOT_TIMEZONE {settings.bot_timezone}: the model is told it is {now:%A %H:%M} there"
+        )
+    return _line(
+        True,
+        'BOT_TIMEZONE not set: the model does not know the local date or time ("¿abrís hoy?")',
+        "set BOT_TIMEZONE to the business's time zone, such as Europe/Madrid",
+        warn=settings.ai_enabled,
+    )
+
+
 async def run_doctor(settings: Settings) -> int:
     results = [
         _line(
@@ -271,6 +288,7 @@ async def run_doctor(settings: Settings) -> int:
         if settings.supabase_db_url
         else _check_session(settings),
         _check_admin_token(settings),
+        _check_time_zone(settings),
     ]
     failed = results.count(False)
     print("all good" if not failed else f"{failed} problem(s) found")

@@ -5,14 +5,17 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from loguru import logger
 
 from bot.ai import AIError, ChatModel
 from bot.flows import FlowMatcher
+from bot.localtime import local_time_line
 from bot.replies import Language, reply
 from memory.cache import TTLCache
 from memory.store import BUSY_KIND, Direction, MessageStatus, StoredMessage
@@ -102,12 +105,16 @@ class Responder:
         model: ChatModel | None,
         system_prompt: str,
         language: Language,
+        time_zone: ZoneInfo | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.flows = flows
         self.cache = cache
         self.model = model
         self.system_prompt = system_prompt
         self.language = language
+        self.time_zone = time_zone  # the model is told the local date and time (BOT_TIMEZONE)
+        self.clock = clock
         self.by_source: dict[str, int] = {source.value: 0 for source in Source}
 
     def quick_answer(self, text: str) -> Answer | None:
@@ -144,7 +151,10 @@ class Responder:
         if self.model is None:  # what the flows know, and that someone will answer the rest
             return Answer("\n\n".join([*facts, reply("ai_off", self.language)]), Source.AI_OFF)
         asked = f"{context}\n\n{text}" if context else text
-        messages = build_messages(with_facts(self.system_prompt, facts), history, asked)
+        prompt = self.system_prompt
+        if self.time_zone is not None:  # to the minute, so a cached answer is reused within that minute only
+            prompt = f"{prompt}\n\n{local_time_line(self.time_zone, self.language, self.clock())}"
+        messages = build_messages(with_facts(prompt, facts), history, asked)
         key = None
         if photos:  # a photo is seldom sent twice: not worth a key over its bytes
             messages[-1]["content"] = with_photos(asked, photos)

@@ -115,7 +115,9 @@ async def test_a_transcription_model_the_server_does_not_list_is_a_warning(
 
 async def test_a_listed_transcription_model_is_ok(tmp_path: Path, fake_openai: FakeOpenAI) -> None:
     fake_openai.models = ["gpt-4o-mini", "gpt-4o-mini-transcribe"]
-    code, out = await doctor_against(tmp_path, fake_openai, OPENAI_TRANSCRIBE_MODEL="gpt-4o-mini-transcribe")
+    code, out = await doctor_against(
+        tmp_path, fake_openai, OPENAI_TRANSCRIBE_MODEL="gpt-4o-mini-transcribe", BOT_TIMEZONE="Europe/Madrid"
+    )
     assert code == 0 and "[ok  ] OpenAI: voice notes transcribed by gpt-4o-mini-transcribe" in out, out
     assert "[warn]" not in out
 

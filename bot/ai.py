@@ -27,10 +27,18 @@ class AIError(Exception):
     request (another 4xx, an empty answer) and must not cost every other chat its answers.
     """
 
-    def __init__(self, message: str, *, systemic: bool = True, context_too_long: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        systemic: bool = True,
+        context_too_long: bool = False,
+        about_images: bool = False,
+    ) -> None:
         super().__init__(message)
         self.systemic = systemic
         self.context_too_long = context_too_long
+        self.about_images = about_images  # a request with photos refused for them: ask again without
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,15 @@ def cut_to_last_sentence(text: str) -> str:
         if kept and not kept.endswith(":"):
             return kept
     return text.rstrip(" ,;:-") + "…"
+
+
+def _has_images(messages: list[dict[str, Any]]) -> bool:
+    return any(
+        isinstance(part, dict) and part.get("type") == "image_url"
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -152,14 +169,19 @@ class ChatModel:
         except openai.APIStatusError as error:
             self.errors += 1
             status = error.status_code
-            # A server that reads no images says so about this request, whatever the status (llama.cpp
-            # without its vision projector answers 5xx): the next text-only request will do.
-            about_images = status not in (401, 403, 429) and bool(_ABOUT_IMAGES.search(error.message or ""))
+            # A server that reads no images says so about a request with photos, whatever the status
+            # (llama.cpp without its vision projector answers 5xx): the next text-only request will do.
+            about_images = (
+                status not in (401, 403, 429)
+                and _has_images(messages)
+                and bool(_ABOUT_IMAGES.search(error.message or ""))
+            )
             raise AIError(
                 f"model answered HTTP {status}" + (" (about the images)" if about_images else ""),
                 # 404: a model name nobody has
                 systemic=not about_images and (status in (401, 403, 404, 429) or status >= 500),
                 context_too_long=error.code == "context_length_exceeded",
+                about_images=about_images,
             ) from error
         except openai.OpenAIError as error:
             self.errors += 1

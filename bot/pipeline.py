@@ -1011,14 +1011,18 @@ class Pipeline:
             self.counters.skipped += len(ids)
             await self._mark(ids, MessageStatus.SKIPPED)
             return
-        media_notice = canned is not None and canned in (
-            self._media_unsupported,
-            reply("photo_unreadable", self.language),
-        )
-        if media_notice and self.media_notices.told_recently(message.chat):
-            # A photo after photos: the customer has just been told. Saved, unanswered, like any skip.
+        # "I can only read text..." and "I couldn't see your photo" each go to a chat once in a while, apart:
+        # a sticker's notice must not silence the news that a photo was not seen.
+        notice_key = {
+            self._media_unsupported: f"{message.chat}\nmedia",
+            reply("photo_unreadable", self.language): f"{message.chat}\nphoto",
+        }.get(canned or "")
+        if notice_key is not None and self.media_notices.told_recently(notice_key):
+            # A photo after photos: the customer has just been told. Saved, unanswered, like any skip (an
+            # album's every photo).
+            self.counters.skipped += len(ids) - 1
             self._skip(message, "media notice given a moment ago")
-            await self._mark([message.id], MessageStatus.SKIPPED)
+            await self._mark(ids, MessageStatus.SKIPPED)
             return
         # Overhead as the customer meets it, until the answer is ready to send: what follows (the governor's
         # typing pause, the outbox) is on purpose, not overhead.
@@ -1036,8 +1040,8 @@ class Pipeline:
                 partial = "\n".join(part for _, part in went_out)
                 await self._record_reply(message, [i for i, _ in went_out], partial, via_model, ids[:-1])
             raise
-        if media_notice:
-            self.media_notices.note(message.chat)
+        if notice_key is not None:
+            self.media_notices.note(notice_key)
         if handing_over is not None and answer_text == handing_over:
             self._hand_over(message, text)
         await self._record_reply(message, sent_ids, answer_text, via_model, ids[:-1])
@@ -1069,7 +1073,8 @@ class Pipeline:
         if message.kind is MessageKind.IMAGE and self._reads_photos:
             if self._shows_photo(message):  # downloaded and shown with its words: see _look
                 return text, None
-            if not text:  # its download handle is gone (a restart): asked for it again
+            self.counters.photos_unseen += 1  # its download handle is gone (a restart)
+            if not text:  # asked for it again
                 return "", reply("photo_unreadable", self.language)
         if message.kind in _MEDIA_KINDS:
             if not text or message.kind not in _CAPTIONED_KINDS:
@@ -1097,19 +1102,25 @@ class Pipeline:
         assert self.photos is not None
         await self.model_gate.wait()
         self._answering.add(photos[-1].chat)
-        shown: list[str] = []
-        for photo in photos:
-            try:
-                self.photos.check_declared_size(photo.media.size_bytes if photo.media else None)
-                shown.append(await self.photos.prepare(await self.transport.download_media(photo)))
-            except (TransportError, PhotoRejected) as error:
-                self.counters.photos_unseen += 1
-                logger.warning("photo {} in {} not shown to the model: {}", photo.id, photo.chat, error)
+        # Downloaded together: an album's five photos one after another could take minutes on a bad network.
+        outcomes = await asyncio.gather(*map(self._prepare_photo, photos))
+        shown = [url for url in outcomes if url is not None]
         if len(shown) == len(photos):
             return shown, text, None
         if not shown and not text:
             return [], "", reply("photo_unreadable", self.language)
         return shown, f"{text}\n\n{reply('attachment_note', self.language)}".lstrip(), None
+
+    async def _prepare_photo(self, photo: Inbound) -> str | None:
+        """One photo as the model is shown it, or None (logged and counted) when it cannot be."""
+        assert self.photos is not None
+        try:
+            self.photos.check_declared_size(photo.media.size_bytes if photo.media else None)
+            return await self.photos.prepare(await self.transport.download_media(photo))
+        except (TransportError, PhotoRejected) as error:
+            self.counters.photos_unseen += 1
+            logger.warning("photo {} in {} not shown to the model: {}", photo.id, photo.chat, error)
+            return None
 
     def _warn_photos_refused(self, error: PhotoRefused) -> None:
         """A model that reads no images is the owner's to fix (OPENAI_VISION=false, or a model that does):
@@ -1207,7 +1218,8 @@ class Pipeline:
                     return Answer(reply("media_unsupported", self.language), Source.AI_OFF)
                 note = reply("attachment_note", self.language)
                 return await self.responder.model_answer(f"{text}\n\n{note}", history, context)
-            self.counters.photos += len(photos)
+            if answer.source is Source.MODEL:  # not an apology: the model saw them
+                self.counters.photos += len(photos)
             return answer
         finally:
             await self._typing(message.chat, False)

@@ -44,7 +44,7 @@ class Answer:
 
 
 class PhotoRefused(Exception):
-    """The model refused a request with photos (one that reads no images): ask it again without them."""
+    """The model refused a request for its photos (one that reads no images): ask it again without them."""
 
 
 def build_messages(system_prompt: str, history: Sequence[StoredMessage], text: str) -> list[dict[str, Any]]:
@@ -166,7 +166,7 @@ class Responder:
         try:
             completion = await self.model.complete(messages)
         except AIError as error:
-            if photos and not error.systemic and not error.context_too_long:
+            if photos and error.about_images:
                 raise PhotoRefused(str(error)) from error
             if not (error.context_too_long and len(messages) > 2):
                 logger.error("model failed, sending an apology: {}", error)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import math
 from dataclasses import dataclass
@@ -101,7 +102,10 @@ def shrink(data: bytes, max_side: int) -> bytes:
             width, height = image.size
             if width * height > MAX_DECODE_PIXELS:
                 raise PhotoRejected("too_large", f"{width}x{height} pixels to decode")
-            ImageOps.exif_transpose(image, in_place=True)  # a copy of the whole photo otherwise
+            # In place: a copy of the whole photo otherwise. An EXIF tag of an odd type (struct.error): the
+            # photo is shown as stored, not refused.
+            with contextlib.suppress(Exception):
+                ImageOps.exif_transpose(image, in_place=True)
             image.thumbnail((max_side, max_side))
             flat = _on_white(image)
             out = io.BytesIO()
@@ -111,7 +115,7 @@ def shrink(data: bytes, max_side: int) -> bytes:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as error:
         raise PhotoRejected("unreadable", type(error).__name__) from None
-    except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt data, as Pillow says it
+    except Exception as error:  # truncated or corrupt data, odd EXIF (struct.error): as Pillow says it
         raise PhotoRejected("unreadable", f"{type(error).__name__}: {error}"[:200]) from None
 
 

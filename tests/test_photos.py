@@ -164,7 +164,9 @@ async def test_a_model_that_reads_no_images_answers_without_them(harness, fake: 
     sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")
     try:
         async with harness(**ai(fake)) as h:
-            fake.fail_next.append(400)
+            # What api.openai.com answers a photo sent to a model that reads none (gpt-3.5-turbo).
+            refusal = {"message": "Invalid content type. image_url is only supported by certain models."}
+            fake.raw_next.append((400, "application/json", json.dumps({"error": refusal})))
             assert await h.say(photo(jpeg(), "¿precio?")) == [
                 f"texto: ¿precio?\n\n{reply('attachment_note', 'es')}"
             ]
@@ -301,3 +303,81 @@ async def test_jsonl_chat_shows_a_photo_to_the_model(tmp_path: Path, fake: FakeO
     )
     assert code == 0, err
     assert lines(out) == [{"to": "34600111222", "text": "1 foto(s): ¿lo tenéis en azul?"}]
+
+
+async def test_an_album_past_the_notice_window_is_kept_unanswered_whole(harness, fake: FakeOpenAI) -> None:
+    """An album of unreadable photos just after the notice: only its last photo was marked, the others
+    stayed unanswered and got "No he podido ver tu foto" again after a restart."""
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.gather_s = 0.3
+        assert await h.say(photo(b"junk", id="P0")) == [reply("photo_unreadable", "es")]
+        assert await h.say(photo(b"junk", id="P1"), photo(b"junk", id="P2")) == []
+        assert await statuses(h) == {
+            "P0": MessageStatus.ANSWERED,
+            "P1": MessageStatus.SKIPPED,
+            "P2": MessageStatus.SKIPPED,
+        }
+    async with BotHarness(h.settings) as again:  # a restart on the same data
+        await again.bot.recover()
+        assert await again.bot.pipeline.drain(10)
+        assert again.transport.texts_to(CHAT) == []
+
+
+async def test_a_sticker_notice_does_not_silence_an_unseen_photo(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake)) as h:
+        assert await h.say(inbound("", kind=MessageKind.STICKER)) == [reply("media_unsupported_photos", "es")]
+        gone = MediaRef("image/jpeg", 100, handle="/nonexistent.jpg")
+        assert await h.say(inbound("", kind=MessageKind.IMAGE, media=gone)) == [
+            reply("photo_unreadable", "es")
+        ]
+        assert await h.say(inbound("", kind=MessageKind.VIDEO)) == []  # its own notice, given a moment ago
+
+
+async def test_a_one_off_model_error_with_a_photo_is_not_taken_for_no_vision(
+    harness, fake: FakeOpenAI
+) -> None:
+    """A content filter (or an empty answer) is about that answer: an apology, not "I only read text", and
+    no advice to the owner to turn photos off."""
+    warnings: list[str] = []
+    sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")
+    try:
+        async with harness(**ai(fake)) as h:
+            fake.finish_next.append("content_filter")
+            assert await h.say(photo(jpeg())) == [reply("ai_error", "es")]
+            counters = h.bot.pipeline.counters
+            assert (counters.photos, counters.photos_unseen) == (0, 0)  # the model gave no answer about it
+    finally:
+        logger.remove(sink)
+    assert not any("OPENAI_VISION" in line for line in warnings)
+
+
+async def test_an_error_naming_a_vision_model_on_a_text_request_still_counts(
+    harness, fake: FakeOpenAI
+) -> None:
+    """Ollama's "model llama3.2-vision not found" (404) on a text-only request is an outage like any other:
+    it counts towards opening the circuit."""
+    body = json.dumps({"error": {"message": 'model "llama3.2-vision" not found, try pulling it first'}})
+    async with harness(**ai(fake)) as h:
+        fake.raw_next.append((404, "application/json", body))
+        assert await h.say("hola") == [reply("ai_error", "es")]
+        assert h.bot.model is not None and h.bot.model.breaker.stats()["failures"] == 1
+
+
+async def test_a_photo_with_odd_exif_is_still_shown(harness, fake: FakeOpenAI) -> None:
+    """An EXIF tag of an unexpected type (seen in real camera files) made Pillow raise struct.error: the
+    customer got an apology at every retry, and an album with it lost its good photos too."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Canon"
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(out, "JPEG", exif=exif)
+    odd = out.getvalue().replace(b"\x01\x0f\x00\x02", b"\x01\x1c\x00\x02", 1)  # tag 0x011C, ASCII type
+    async with harness(**ai(fake)) as h:
+        assert await h.say(photo(odd, "¿precio?")) == ["1 foto(s): ¿precio?"]
+        assert h.bot.pipeline.counters.failed == 0
+
+
+async def test_a_photo_whose_handle_is_gone_counts_as_unseen(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake)) as h:
+        await h.say(inbound("", kind=MessageKind.IMAGE))
+        assert h.bot.pipeline.counters.photos_unseen == 1

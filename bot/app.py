@@ -142,6 +142,7 @@ class Bot:
             system_prompt=settings.system_prompt,
             language=settings.bot_language,
             time_zone=time_zone(settings.bot_timezone) if settings.bot_timezone else None,
+            photo_detail=settings.image_detail,
         )
         pipeline = Pipeline(
             store=store,

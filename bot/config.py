@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     # Photos are shown to the model (it must read images: gpt-4o-mini does); off: their captions only.
     openai_vision: bool = True
     image_max_mb: float = Field(10.0, gt=0, le=64)
+    # How closely OpenAI looks at a photo: "low" (512 px, a fixed small cost), "high" (tiles of 512 px: small
+    # print, receipts) or "auto" (the model picks).
+    image_detail: Literal["auto", "low", "high"] = "auto"
 
     # WhatsApp
     wa_pair_phone: str | None = None

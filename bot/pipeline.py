@@ -68,7 +68,8 @@ MAX_WAITING_OWNER_NOTICES = 50
 # writing is still answered.
 MAX_BURST_MESSAGES = 20
 MAX_GATHER_ROUNDS = 4
-# Photos shown to the model in one turn (an album of ten is two turns): each is up to ~1,000 tokens.
+# Photos shown to the model in one turn (an album of ten is two turns): a photo costs gpt-4o-mini up to
+# ~25,000 input tokens at high detail (gpt-4o ~800), about $0.004 either way.
 MAX_BURST_PHOTOS = 5
 # A flow's file goes with the model's answers to a chat once in this long (asked for by the flow's own
 # question, it is always sent): "¿la carta tiene opciones veganas?" after the menu came needs no second copy.

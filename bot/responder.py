@@ -64,10 +64,11 @@ def build_messages(system_prompt: str, history: Sequence[StoredMessage], text: s
     return messages
 
 
-def with_photos(text: str, photos: Sequence[str]) -> list[dict[str, Any]]:
-    """A user turn's content with its photos (data: URLs) after the words, in the chat completions format."""
+def with_photos(text: str, photos: Sequence[str], detail: str = "auto") -> list[dict[str, Any]]:
+    """A user turn's content with its photos (data: URLs) after the words, in the chat completions format.
+    `detail` is OpenAI's (low, high, auto); other servers ignore it."""
     parts: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
-    parts.extend({"type": "image_url", "image_url": {"url": url}} for url in photos)
+    parts.extend({"type": "image_url", "image_url": {"url": url, "detail": detail}} for url in photos)
     return parts
 
 
@@ -107,6 +108,7 @@ class Responder:
         language: Language,
         time_zone: ZoneInfo | None = None,
         clock: Callable[[], float] = time.time,
+        photo_detail: str = "auto",
     ) -> None:
         self.flows = flows
         self.cache = cache
@@ -115,6 +117,7 @@ class Responder:
         self.language = language
         self.time_zone = time_zone  # the model is told the local date and time (BOT_TIMEZONE)
         self.clock = clock
+        self.photo_detail = photo_detail  # IMAGE_DETAIL
         self.by_source: dict[str, int] = {source.value: 0 for source in Source}
 
     def quick_answer(self, text: str) -> Answer | None:
@@ -157,7 +160,7 @@ class Responder:
         messages = build_messages(with_facts(prompt, facts), history, asked)
         key = None
         if photos:  # a photo is seldom sent twice: not worth a key over its bytes
-            messages[-1]["content"] = with_photos(asked, photos)
+            messages[-1]["content"] = with_photos(asked, photos, self.photo_detail)
         else:  # the facts are in the key (the system prompt): an answer is reused only with the same facts
             key = cache_key(self.model.model, messages)
             cached = self.cache.get(key)

@@ -170,6 +170,7 @@ _MEDIA_KINDS = (
     ("documentMessage", MessageKind.DOCUMENT),
     ("ptvMessage", MessageKind.VIDEO),  # a round video note
 )
+_PHOTO_MIMETYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
 # Read as text (see _location_text, _contact_text); a pin sent as a swipe reply keeps its quote.
 _READ_AS_TEXT = ("locationMessage", "liveLocationMessage", "contactMessage", "contactsArrayMessage")
 # Content the bot cannot read but a customer expects an answer to.
@@ -227,6 +228,29 @@ def _timestamp(raw: int) -> float:
     return raw / 1000.0 if raw > 100_000_000_000 else float(raw)
 
 
+# An associatedChildMessage tagged so is another copy, or a part, of a message already received: the HD
+# copy WhatsApp sends after a photo or video's normal one, a motion photo's video, an event's cover. Only
+# album photos (MEDIA_ALBUM) are messages of their own.
+_COPIES = frozenset({"HD_IMAGE_DUAL_UPLOAD", "HD_VIDEO_DUAL_UPLOAD", "HEVC_VIDEO_DUAL_UPLOAD", "MOTION_PHOTO",
+                     "EVENT_COVER_IMAGE"})  # fmt: skip
+
+
+def _is_a_copy(msg: WAMessage) -> bool:
+    """True for the second copy of a message (see _COPIES): the model would see the photo twice, or the
+    customer get a second answer to it."""
+    for _ in range(4):
+        if msg.HasField("messageContextInfo") and msg.messageContextInfo.HasField("messageAssociation"):
+            association = msg.messageContextInfo.messageAssociation
+            name = type(association).AssociationType.Name(association.associationType)
+            if name in _COPIES:
+                return True
+        inner = next((getattr(msg, n) for n in _WRAPPERS if msg.HasField(n)), None)
+        if inner is None or not inner.HasField("message"):
+            return False
+        msg = inner.message
+    return False
+
+
 def _unwrap(msg: WAMessage) -> WAMessage:
     for _ in range(3):
         for name in _WRAPPERS:
@@ -270,6 +294,8 @@ def _body(msg: WAMessage, me: frozenset[str]) -> tuple[MessageKind, str, MediaRe
             voice_note=bool(getattr(sub, "PTT", False)),
             handle=msg,  # download_any wants the whole waE2E Message
         )
+        if field == "documentMessage" and sub.mimetype.split(";")[0].strip().lower() in _PHOTO_MIMETYPES:
+            kind = MessageKind.IMAGE  # a photo sent as a document, to keep its quality: still a photo
         return kind, _text(getattr(sub, "caption", "")), media, _mentions(sub, me)
     # A product of the business's catalog sent to ask about it, or an order from its cart: read as the
     # customer's words (or the product's name) with the details in `quoted` (see _quote).
@@ -549,6 +575,9 @@ def translate_message(
     own = frozenset(_bare_user(x) for x in me or ())
     try:
         kind, text, media, mentions_me = _body(_unwrap(ev.Message), own)
+        if _is_a_copy(ev.Message):
+            logger.debug("message {} is another copy of one received (HD, motion photo): kind=other", msg_id)
+            kind, text, media, mentions_me = MessageKind.OTHER, "", None, False
     except Exception as exc:
         logger.debug("message {} has an odd body ({}); kind=other", msg_id, type(exc).__name__)
         kind, text, media, mentions_me = MessageKind.OTHER, "", None, False

@@ -21,6 +21,7 @@ import base64
 import contextlib
 import io
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -73,6 +74,7 @@ class PhotoReader:
 
     async def prepare(self, data: bytes) -> str:
         """The photo as a `data:image/jpeg;base64,...` URL, at most `max_side` pixels a side."""
+        _quiet_pillow()
         if len(data) > self.max_bytes:
             self.rejected += 1
             raise PhotoRejected("too_large", f"{len(data)} bytes, limit {self.max_bytes}")
@@ -89,13 +91,28 @@ class PhotoReader:
         return {"enabled": self.enabled, "prepared": self.prepared, "rejected": self.rejected}
 
 
+def _quiet_pillow() -> None:
+    """Pillow warns of a header claiming 89+ megapixels and of corrupt EXIF on stderr, past loguru; what
+    matters is said by PhotoRejected. Set on the event loop's thread, once (the filters are global)."""
+    global _quieted
+    if not _quieted:
+        from PIL import Image
+
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        _quieted = True
+
+
+_quieted = False
+
+
 def shrink(data: bytes, max_side: int) -> bytes:
     """`data` (any format Pillow reads) as a JPEG fitting `max_side`, upright, on white where transparent."""
     from PIL import Image, ImageOps, UnidentifiedImageError  # loaded by neonize anyway; not in the console
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.format == "JPEG":  # decoded at 1/2, 1/4 or 1/8 straight away, still covering the fit
+            if image.format in ("JPEG", "MPO"):  # decoded at 1/2, 1/4 or 1/8 at once, still covering the fit
                 scale = max_side / max(image.size)
                 if scale < 1:
                     image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
@@ -120,9 +137,13 @@ def shrink(data: bytes, max_side: int) -> bytes:
 
 
 def _on_white(image: PILImage) -> PILImage:
+    """RGB for the JPEG: transparency (an alpha channel, or a palette's or tRNS transparent colour) on white,
+    not on the black it would be; 16-bit greys scaled to 8 bits, not clipped to white."""
     from PIL import Image
 
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = image.convert("I").point(lambda value: value / 256).convert("L")
+    if image.has_transparency_data:
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, "white")
         background.paste(rgba, mask=rgba.getchannel("A"))

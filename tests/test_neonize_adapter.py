@@ -44,9 +44,12 @@ with warnings.catch_warnings():
     from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import (
         AudioMessage,
         ContextInfo,
+        DocumentMessage,
         ExtendedTextMessage,
         FutureProofMessage,
         ImageMessage,
+        MessageAssociation,
+        MessageContextInfo,
         OrderMessage,
         ProductMessage,
         ReactionMessage,
@@ -329,6 +332,42 @@ def test_a_photo_sent_in_an_album_is_read_with_its_caption() -> None:
     assert msg is not None and msg.kind is MessageKind.IMAGE and msg.text == "¿Lo tenéis en azul?"
     marker = translate_message(event(WAMessage(albumMessage={"expectedImageCount": 2})))
     assert marker is not None and marker.kind is MessageKind.OTHER  # the album's announcement: nothing to say
+    album = MessageContextInfo(messageAssociation=MessageAssociation(associationType="MEDIA_ALBUM"))
+    child = WAMessage(associatedChildMessage=FutureProofMessage(message=inner), messageContextInfo=album)
+    assert translate_message(event(child)).kind is MessageKind.IMAGE  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("association", ["HD_IMAGE_DUAL_UPLOAD", "HD_VIDEO_DUAL_UPLOAD", "MOTION_PHOTO"])
+def test_the_hd_copy_of_a_photo_is_not_a_second_photo(association: str) -> None:
+    """WhatsApp sends a photo sent in HD twice: the normal one, then the HD copy as an associated child. The
+    copy was read as another photo: the model saw it twice, or the customer got a second answer to it."""
+    photo = ImageMessage(mimetype="image/jpeg", caption="¿Lo tenéis en azul?")
+    tag = MessageContextInfo(messageAssociation=MessageAssociation(associationType=association))
+    tagged_outside = WAMessage(
+        associatedChildMessage=FutureProofMessage(message=WAMessage(imageMessage=photo)),
+        messageContextInfo=tag,
+    )
+    tagged_inside = WAMessage(
+        associatedChildMessage=FutureProofMessage(
+            message=WAMessage(imageMessage=photo, messageContextInfo=tag)
+        )
+    )
+    for copy in (tagged_outside, tagged_inside):
+        msg = translate_message(event(copy))
+        assert msg is not None and msg.kind is MessageKind.OTHER and msg.media is None
+
+
+def test_a_photo_sent_as_a_document_is_a_photo() -> None:
+    """Customers send photos "as a document" to keep their quality: it was read as a document the bot could
+    not read, while the bot reads photos."""
+    document = DocumentMessage(
+        mimetype="image/jpeg", caption="¿precio?", fileName="IMG_2041.jpg", fileLength=900
+    )
+    msg = translate_message(event(WAMessage(documentMessage=document)))
+    assert msg is not None and (msg.kind, msg.text) == (MessageKind.IMAGE, "¿precio?")
+    assert msg.media is not None and msg.media.size_bytes == 900
+    pdf = translate_message(event(WAMessage(documentMessage=DocumentMessage(mimetype="application/pdf"))))
+    assert pdf is not None and pdf.kind is MessageKind.DOCUMENT
 
 
 def test_from_me() -> None:

@@ -381,3 +381,33 @@ async def test_a_photo_whose_handle_is_gone_counts_as_unseen(harness, fake: Fake
     async with harness(**ai(fake)) as h:
         await h.say(inbound("", kind=MessageKind.IMAGE))
         assert h.bot.pipeline.counters.photos_unseen == 1
+
+
+async def test_image_detail_is_told_to_the_model(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake, image_detail="low")) as h:
+        await h.say(photo(jpeg()))
+    [part] = fake.chat_requests[-1]["messages"][-1]["content"]
+    assert part["image_url"]["detail"] == "low"
+
+
+def test_sixteen_bit_greys_and_a_transparent_colour_read_as_they_look() -> None:
+    """A 16-bit grey scan came out all white (clipped); a PNG whose transparent colour is black, black."""
+    ramp = Image.linear_gradient("L").resize((64, 256)).convert("I").point(lambda v: v * 256).convert("I;16")
+    out = io.BytesIO()
+    ramp.save(out, "PNG")
+    flat = Image.open(io.BytesIO(shrink(out.getvalue(), MAX_SIDE)))
+    shades = [flat.getpixel((10, y))[0] for y in (0, 128, 255)]
+    assert shades[0] < 10 and 100 < shades[1] < 160 and shades[2] > 245
+    keyed = io.BytesIO()
+    Image.new("RGB", (20, 20), (0, 0, 0)).save(keyed, "PNG", transparency=(0, 0, 0))
+    assert Image.open(io.BytesIO(shrink(keyed.getvalue(), MAX_SIDE))).getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_a_large_mpo_photo_is_decoded_small_like_a_jpeg() -> None:
+    """Some phones save photos as MPO (a JPEG with a second image): it was decoded whole and refused past 16
+    megapixels, while the same JPEG was read."""
+    out = io.BytesIO()
+    big = Image.new("RGB", (4200, 4000), "blue")
+    big.save(out, "MPO", save_all=True, append_images=[big.resize((10, 10))])
+    assert Image.open(io.BytesIO(out.getvalue())).format == "MPO"
+    assert Image.open(io.BytesIO(shrink(out.getvalue(), MAX_SIDE))).size == (MAX_SIDE, 1463)

@@ -222,14 +222,19 @@ def clean_text(text: str, max_chars: int) -> tuple[str, bool]:
     return cleaned, False
 
 
-def quote_note(message: Inbound, language: Language) -> str:
+def quote_note(message: Inbound, language: Language, *, photo_shown: bool = False) -> str:
     """What the message replies to, told to the model before the customer's words: "¿y este?" under one
-    plan of a list, or under an answer from yesterday no longer in the history, says which one."""
+    plan of a list, or under an answer from yesterday no longer in the history, says which one. With
+    `photo_shown` the photo replied to goes with the message: the note says it is "this photo"."""
     quoted, cut = clean_text(message.quoted, MAX_QUOTE_CHARS)
     quoted += "…" if cut else ""
     whose = reply("whose_bot" if message.quoted_from == "bot" else "whose_customer", language)
     if message.quoted_kind is MessageKind.AUDIO:  # its transcript, if the customer's, is in the history
         return reply("quote_audio_note", language, whose=whose)
+    if photo_shown:
+        if not quoted:
+            return reply("quote_photo_note", language, whose=whose)
+        return reply("quote_photo_caption_note", language, whose=whose, quoted=quoted)
     if message.quoted_kind in _QUOTED_MEDIA:  # a photo the business sent, and "¿precio?" under it
         what = reply(f"label_{message.quoted_kind.value}", language)
         if not quoted:
@@ -966,7 +971,13 @@ class Pipeline:
         handing_over: str | None = None
         file: str | None = None  # a flow's photo or document
         photos = [m for m in [*burst, message] if self._shows_photo(m)]
+        # A photo the turn replies to is shown too, when the turn has none of its own ("this photo" is then
+        # unambiguous); a turn has at most one reply (see _take_burst).
+        quoting = None
+        if self._reads_photos and not photos:
+            quoting = next((m for m in [*burst, message] if m.quoted_media is not None), None)
         shown: list[str] = []  # the photos as the model gets them (data: URLs)
+        without_photos: tuple[str, str] | None = None
         try:
             for earlier_message in burst:
                 await self._mark_read(earlier_message)
@@ -983,6 +994,12 @@ class Pipeline:
                 looking = time.perf_counter()
                 shown, text, canned = await self._look(photos, text)
                 model_time += time.perf_counter() - looking
+            elif canned is None and quoting is not None:  # "¿precio de este?" under a product's photo
+                looking = time.perf_counter()
+                if seen := await self._look_at_quote(quoting):
+                    shown, without_photos = [seen], (text, context)
+                    context = quote_note(quoting, self.language, photo_shown=True)
+                model_time += time.perf_counter() - looking
             if canned is not None:
                 answer_text, via_model = canned, False
             else:
@@ -992,7 +1009,9 @@ class Pipeline:
                 via_model = answer is None
                 if answer is None:
                     model_started = time.perf_counter()
-                    answer = await self._ask_model(message, inbound, text, context, before_burst, shown)
+                    answer = await self._ask_model(
+                        message, inbound, text, context, before_burst, shown, without_photos
+                    )
                     model_time += time.perf_counter() - model_started
                 answer_text, file = answer.text, answer.file
                 from_model = answer.source is not Source.FLOW  # the flow's own question always gets it
@@ -1112,6 +1131,13 @@ class Pipeline:
             return [], "", reply("photo_unreadable", self.language)
         return shown, f"{text}\n\n{reply('attachment_note', self.language)}".lstrip(), None
 
+    async def _look_at_quote(self, message: Inbound) -> str | None:
+        """The photo `message` replies to, as the model is shown it; None when it cannot be downloaded (the
+        model is then told of a photo it cannot see, as before)."""
+        await self.model_gate.wait()
+        self._answering.add(message.chat)
+        return await self._prepare_photo(replace(message, kind=MessageKind.IMAGE, media=message.quoted_media))
+
     async def _prepare_photo(self, photo: Inbound) -> str | None:
         """One photo as the model is shown it, or None (logged and counted) when it cannot be."""
         assert self.photos is not None
@@ -1200,9 +1226,11 @@ class Pipeline:
         context: str,
         before_burst: list[StoredMessage] | None = None,
         photos: Sequence[str] = (),
+        without_photos: tuple[str, str] | None = None,
     ) -> Answer:
         """The model's answer to `text` (and `photos`), told `context` (what the message replies to) and the
-        chat's history before it (`before_burst` for a burst)."""
+        chat's history before it (`before_burst` for a burst). A model that refuses the photos is asked
+        `without_photos` (text and context), or the text with a note that a photo came with it."""
         # Memory is critical while the gate is shut: the message is persisted and waits, in order
         # (_watch_busy tells the customer once if that lasts).
         await self.model_gate.wait()
@@ -1215,6 +1243,9 @@ class Pipeline:
             except PhotoRefused as error:
                 self._warn_photos_refused(error)
                 self.counters.photos_unseen += len(photos)
+                if without_photos is not None:  # a quoted photo: asked as if it could not be shown
+                    plain_text, plain_context = without_photos
+                    return await self.responder.model_answer(plain_text, history, plain_context)
                 if not text:
                     return Answer(reply("media_unsupported", self.language), Source.AI_OFF)
                 note = reply("attachment_note", self.language)

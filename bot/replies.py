@@ -94,6 +94,14 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "(The customer is replying to {what}, a message of {whose}, that you cannot see, captioned: "
         "“{quoted}”)",
     },
+    "quote_photo_note": {
+        "es": "(El cliente responde a esta foto, un mensaje {whose}.)",
+        "en": "(The customer is replying to this photo, a message of {whose}.)",
+    },
+    "quote_photo_caption_note": {
+        "es": "(El cliente responde a esta foto, un mensaje {whose}, con este texto: «{quoted}»)",
+        "en": "(The customer is replying to this photo, a message of {whose}, captioned: “{quoted}”)",
+    },
     "quote_audio_note": {
         "es": "(El cliente responde a una nota de voz, un mensaje {whose}.)",
         "en": "(The customer is replying to a voice note, a message of {whose}.)",

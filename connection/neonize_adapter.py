@@ -482,41 +482,45 @@ def _source(src: Any, lids: LidToPhone | None = None) -> tuple[str, str, bool, b
 # --------------------------------------------------------------------------- translation
 
 
-def _quote(msg: WAMessage, own: frozenset[str]) -> tuple[str, QuoteSource, MessageKind]:
+def _quote(msg: WAMessage, own: frozenset[str]) -> tuple[str, QuoteSource, MessageKind, MediaRef | None]:
     """What `msg` replies to (swipe-to-reply) as text, and who wrote it; a first message from a
     click-to-WhatsApp ad quotes the ad's title and text. ("", "customer") when it quotes nothing; a
     quoted photo reads as its caption, a quoted product as its name, price and description. A product or an
     order the customer sends quotes its own details ("product", "order"). The kind is the quoted message's
-    (a photo without a caption quotes no text, but the model is told what it cannot see)."""
+    (a photo without a caption quotes no text, but the model is told what it cannot see). A quoted photo
+    comes with its media, which WhatsApp quotes whole: it can be downloaded like the photo itself."""
     if msg.HasField("productMessage"):
         ours = _sold_by_us(msg.productMessage.businessOwnerJID, own)
         return (
             _product_details(msg.productMessage.product),
             "product" if ours else "other_product",
             MessageKind.TEXT,
+            None,
         )
     if msg.HasField("orderMessage"):
-        return _order_details(msg.orderMessage), "order", MessageKind.TEXT
+        return _order_details(msg.orderMessage), "order", MessageKind.TEXT, None
     for field in ("extendedTextMessage", *(name for name, _ in _MEDIA_KINDS), *_READ_AS_TEXT):
         if not msg.HasField(field):
             continue
         context = getattr(msg, field).contextInfo
         if context.HasField("quotedMessage"):
             quoted = _unwrap(context.quotedMessage)
-            kind, text, _, _ = _body(quoted, own)
+            kind, text, media, _ = _body(quoted, own)
             if quoted.HasField("productMessage"):
                 text = _product_details(quoted.productMessage.product)
             elif quoted.HasField("orderMessage"):
                 text = _order_details(quoted.orderMessage)
             author: QuoteSource = "bot" if own and _bare_user(context.participant) in own else "customer"
-            return text, author, kind
+            return text, author, kind, media if kind is MessageKind.IMAGE else None
         # Bots dress their messages as cards too (showAdAttribution alone): an ad has its click id.
         ad = context.externalAdReply
         if ad.sourceType.lower() == "ad" or ad.ctwaClid:
             words = "\n".join(part for part in (_text(ad.title), _text(ad.body)) if part.strip())
-            return (words, "ad", MessageKind.TEXT) if words else ("", "customer", MessageKind.TEXT)
+            return (
+                (words, "ad", MessageKind.TEXT, None) if words else ("", "customer", MessageKind.TEXT, None)
+            )
         break
-    return "", "customer", MessageKind.TEXT
+    return "", "customer", MessageKind.TEXT, None
 
 
 def _sold_by_us(owner_jid: str, own: frozenset[str]) -> bool:
@@ -582,10 +586,10 @@ def translate_message(
         logger.debug("message {} has an odd body ({}); kind=other", msg_id, type(exc).__name__)
         kind, text, media, mentions_me = MessageKind.OTHER, "", None, False
     try:
-        quoted, quoted_from, quoted_kind = _quote(_unwrap(ev.Message), own)
+        quoted, quoted_from, quoted_kind, quoted_media = _quote(_unwrap(ev.Message), own)
     except Exception as exc:  # the message is still answered, without what it replies to
         logger.debug("message {} has an odd quote ({})", msg_id, type(exc).__name__)
-        quoted, quoted_from, quoted_kind = "", "customer", MessageKind.TEXT
+        quoted, quoted_from, quoted_kind, quoted_media = "", "customer", MessageKind.TEXT, None
 
     return Inbound(
         id=MessageId(msg_id),
@@ -604,6 +608,7 @@ def translate_message(
         quoted=quoted,
         quoted_from=quoted_from,
         quoted_kind=quoted_kind,
+        quoted_media=quoted_media,
     )
 
 

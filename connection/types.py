@@ -83,6 +83,9 @@ class Inbound:
     quoted: str = ""
     quoted_from: QuoteSource = "customer"
     quoted_kind: MessageKind = MessageKind.TEXT  # a photo replied to: the model is told it cannot see it
+    # A photo replied to, as WhatsApp quotes it (with what it takes to download it): shown to the model
+    # with the message ("¿precio de este?" under one of the products the owner sent).
+    quoted_media: MediaRef | None = None
     # When the bot took it (set by the pipeline; WhatsApp's `timestamp` is the sender's, in whole seconds):
     # what orders a chat's history, next to replies dated by this host's clock.
     received_at: float = 0.0

@@ -182,13 +182,18 @@ def test_a_swipe_reply_carries_the_text_it_replies_to_and_who_wrote_it() -> None
         MessageKind.IMAGE,
     )
 
-    # A photo without a caption the business sent, and "¿precio?" under it: no text, but a photo.
-    photo = WAMessage(imageMessage=ImageMessage(mimetype="image/jpeg"))
+    # A photo without a caption the business sent, and "¿precio?" under it: no text, but a photo, quoted
+    # whole by WhatsApp, so it can be downloaded and shown to the model.
+    photo = WAMessage(imageMessage=ImageMessage(mimetype="image/jpeg", fileLength=48_000, mediaKey=b"k" * 32))
     context = ContextInfo(participant=f"{ME}@s.whatsapp.net", quotedMessage=photo)
     wa = WAMessage(extendedTextMessage=ExtendedTextMessage(text="¿precio?", contextInfo=context))
     msg = translate_message(event(wa), {ME})
     assert msg is not None
     assert (msg.quoted, msg.quoted_from, msg.quoted_kind) == ("", "bot", MessageKind.IMAGE)
+    assert msg.quoted_media is not None and msg.quoted_media.size_bytes == 48_000
+    assert msg.quoted_media.handle == photo  # what download_any takes
+    plain = translate_message(event(WAMessage(conversation="hola")), {ME})
+    assert plain is not None and plain.quoted_media is None
 
 
 def test_a_first_message_from_an_ad_carries_the_ads_words() -> None:

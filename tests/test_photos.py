@@ -411,3 +411,63 @@ def test_a_large_mpo_photo_is_decoded_small_like_a_jpeg() -> None:
     big.save(out, "MPO", save_all=True, append_images=[big.resize((10, 10))])
     assert Image.open(io.BytesIO(out.getvalue())).format == "MPO"
     assert Image.open(io.BytesIO(shrink(out.getvalue(), MAX_SIDE))).size == (MAX_SIDE, 1463)
+
+
+def under(data: bytes, text: str = "¿precio de este?", **fields: Any) -> Any:
+    """A text replying to a photo the business sent (its media quoted whole, as WhatsApp does)."""
+    media = MediaRef(mimetype="image/jpeg", size_bytes=len(data), handle=data)
+    return inbound(text, quoted_from="bot", quoted_kind=MessageKind.IMAGE, quoted_media=media, **fields)
+
+
+async def test_a_reply_to_a_photo_shows_the_model_that_photo(
+    harness, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """The owner sends product photos from the phone; "¿precio de este?" under one of them: the model was
+    told of a photo it could not see, and could only ask which product."""
+    flows = tmp_path / "flows.yaml"
+    flows.write_text("- keywords: [precio]\n  answer: Depende del modelo.\n")
+    async with harness(**ai(fake), flows_file=flows) as h:
+        assert await h.say(under(jpeg(), "¿precio?")) == [
+            "1 foto(s): (El cliente responde a esta foto, un mensaje tuyo.)\n\n¿precio?"
+        ]
+        assert h.bot.pipeline.counters.photos == 1
+    [shown] = shown_photos(fake.chat_requests[-1])
+    assert shown.size == (800, 600)
+
+
+async def test_a_reply_to_a_photo_that_cannot_be_downloaded_says_so(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake)) as h:
+        assert await h.say(under(b"gone", "¿precio?")) == [
+            "texto: (El cliente responde a una foto, un mensaje tuyo, que no puedes ver.)\n\n¿precio?"
+        ]
+
+
+async def test_a_model_that_reads_no_images_is_asked_of_a_reply_as_before(harness, fake: FakeOpenAI) -> None:
+    refusal = {"message": "Invalid content type. image_url is only supported by certain models."}
+    async with harness(**ai(fake)) as h:
+        fake.raw_next.append((400, "application/json", json.dumps({"error": refusal})))
+        assert await h.say(under(jpeg(), "¿precio?")) == [
+            "texto: (El cliente responde a una foto, un mensaje tuyo, que no puedes ver.)\n\n¿precio?"
+        ]
+
+
+async def test_a_photo_replying_to_a_photo_shows_its_own_only(harness, fake: FakeOpenAI) -> None:
+    """Two photos and "this photo" would be ambiguous: the quoted one is named, not shown."""
+    async with harness(**ai(fake)) as h:
+        quoted = MediaRef(mimetype="image/jpeg", size_bytes=10, handle=jpeg(color="blue"))
+        sent = await h.say(
+            photo(
+                jpeg(), "¿como esta?", quoted_from="bot", quoted_kind=MessageKind.IMAGE, quoted_media=quoted
+            )
+        )
+    assert sent == [
+        "1 foto(s): (El cliente responde a una foto, un mensaje tuyo, que no puedes ver.)\n\n¿como esta?"
+    ]
+    assert shown_photos(fake.chat_requests[-1])[0].getpixel((5, 5))[0] > 200  # the red one, its own
+
+
+async def test_with_openai_vision_off_a_reply_to_a_photo_is_as_before(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake, openai_vision=False)) as h:
+        assert await h.say(under(jpeg(), "¿precio?")) == [
+            "texto: (El cliente responde a una foto, un mensaje tuyo, que no puedes ver.)\n\n¿precio?"
+        ]

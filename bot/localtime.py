@@ -7,7 +7,7 @@ Names are written out here rather than taken from the C locale, which containers
 from __future__ import annotations
 
 from datetime import datetime
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from bot.replies import Language
 
@@ -23,14 +23,23 @@ _MONTHS = {
 }  # fmt: skip
 
 
+# Files of a system's zone database that are no zone of a place: the host's own zone (UTC in a container),
+# and a placeholder.
+_NOT_PLACES = frozenset({"localtime", "Factory"})
+
+
 def time_zone(name: str) -> ZoneInfo:
-    """The IANA zone called `name` ("Europe/Madrid"); ValueError naming what is accepted otherwise."""
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    """The IANA zone called `name` ("Europe/Madrid"); ValueError naming what is accepted otherwise. Only
+    names of the zone list (the system's, else the tzdata package's), so a setting reads the same in every
+    image: not a folder ("America/Argentina"), not "localtime" or a "right/" variant."""
+    if name in _NOT_PLACES or name not in available_timezones():
         raise ValueError(
             "not a time zone name; use an IANA name such as Europe/Madrid or America/Mexico_City"
-        ) from None
+        )
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(f"time zone {name} cannot be read from the zone database") from None
 
 
 def local_time_line(zone: ZoneInfo, language: Language, timestamp: float) -> str:

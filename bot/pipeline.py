@@ -105,6 +105,9 @@ class PhotoPreparer(Protocol):
     @property
     def enabled(self) -> bool: ...
 
+    @property
+    def max_mb(self) -> float | None: ...
+
     def check_declared_size(self, size_bytes: int | None) -> None: ...
 
     async def prepare(self, data: bytes) -> str: ...
@@ -973,8 +976,9 @@ class Pipeline:
         photos = [m for m in [*burst, message] if self._shows_photo(m)]
         # A photo the turn replies to is shown too, when the turn has none of its own ("this photo" is then
         # unambiguous); a turn has at most one reply (see _take_burst).
+        # While memory is critical a flow's question is answered at once by the flow, under a photo too.
         quoting = None
-        if self._reads_photos and not photos:
+        if self._reads_photos and not photos and not self._is_flow_question(message):
             quoting = next((m for m in [*burst, message] if m.quoted_media is not None), None)
         shown: list[str] = []  # the photos as the model gets them (data: URLs)
         without_photos: tuple[str, str] | None = None
@@ -1124,10 +1128,14 @@ class Pipeline:
         self._answering.add(photos[-1].chat)
         # Downloaded together: an album's five photos one after another could take minutes on a bad network.
         outcomes = await asyncio.gather(*map(self._prepare_photo, photos))
-        shown = [url for url in outcomes if url is not None]
+        shown = [url for url in outcomes if isinstance(url, str)]
         if len(shown) == len(photos):
             return shown, text, None
         if not shown and not text:
+            too_large = [e for e in outcomes if isinstance(e, PhotoRejected) and e.reason == "too_large"]
+            if too_large and self.photos.max_mb is not None:
+                # Sending it again would not help: a camera original sent as a document, most often.
+                return [], "", reply("photo_too_large", self.language, limit=self.photos.max_mb)
             return [], "", reply("photo_unreadable", self.language)
         return shown, f"{text}\n\n{reply('attachment_note', self.language)}".lstrip(), None
 
@@ -1136,10 +1144,11 @@ class Pipeline:
         model is then told of a photo it cannot see, as before)."""
         await self.model_gate.wait()
         self._answering.add(message.chat)
-        return await self._prepare_photo(replace(message, kind=MessageKind.IMAGE, media=message.quoted_media))
+        seen = await self._prepare_photo(replace(message, kind=MessageKind.IMAGE, media=message.quoted_media))
+        return seen if isinstance(seen, str) else None
 
-    async def _prepare_photo(self, photo: Inbound) -> str | None:
-        """One photo as the model is shown it, or None (logged and counted) when it cannot be."""
+    async def _prepare_photo(self, photo: Inbound) -> str | TransportError | PhotoRejected:
+        """One photo as the model is shown it, or why it cannot be (logged and counted)."""
         assert self.photos is not None
         try:
             self.photos.check_declared_size(photo.media.size_bytes if photo.media else None)
@@ -1147,7 +1156,7 @@ class Pipeline:
         except (TransportError, PhotoRejected) as error:
             self.counters.photos_unseen += 1
             logger.warning("photo {} in {} not shown to the model: {}", photo.id, photo.chat, error)
-            return None
+            return error
 
     def _warn_photos_refused(self, error: PhotoRefused) -> None:
         """A model that reads no images is the owner's to fix (OPENAI_VISION=false, or a model that does):

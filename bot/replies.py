@@ -160,6 +160,12 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "es": "Por ahora solo puedo leer mensajes de texto, fotos y notas de voz. ¿Me lo escribes, por favor?",  # noqa: E501
         "en": "For now I can only read text messages, photos and voice notes. Could you type it, please?",
     },
+    "photo_too_large": {
+        "es": "Tu foto es demasiado grande para mí (el máximo es {limit:g} MB). ¿Puedes enviarla como foto y "
+        "no como documento, o contarme por escrito qué necesitas?",
+        "en": "Your photo is too large for me (the limit is {limit:g} MB). Could you send it as a photo "
+        "rather than a document, or tell me in writing what you need?",
+    },
     "photo_unreadable": {
         "es": "No he podido ver tu foto. ¿Puedes enviarla de nuevo o contarme por escrito qué necesitas?",
         "en": "I couldn't see your photo. Could you send it again or tell me in writing what you need?",

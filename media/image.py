@@ -59,9 +59,15 @@ class PhotoReader:
     def __init__(self, settings: PhotoSettings, *, enabled: bool) -> None:
         self.settings = settings
         self.enabled = enabled
+        if enabled:
+            _quiet_pillow()  # here, before any thread uses Pillow (a flow's photo being sent, say)
         self.prepared = 0
         self.rejected = 0
         self._decoding = asyncio.Semaphore(MAX_DECODES_AT_ONCE)
+
+    @property
+    def max_mb(self) -> float:
+        return self.settings.max_mb
 
     @property
     def max_bytes(self) -> int:
@@ -74,7 +80,6 @@ class PhotoReader:
 
     async def prepare(self, data: bytes) -> str:
         """The photo as a `data:image/jpeg;base64,...` URL, at most `max_side` pixels a side."""
-        _quiet_pillow()
         if len(data) > self.max_bytes:
             self.rejected += 1
             raise PhotoRejected("too_large", f"{len(data)} bytes, limit {self.max_bytes}")

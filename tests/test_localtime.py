@@ -72,7 +72,21 @@ async def test_a_cached_answer_is_reused_within_the_minute_only(harness, fake_op
     assert "las 21:06" in system_prompt(fake_openai.chat_requests[-1])
 
 
-@pytest.mark.parametrize("value", ["Madrid", "GMT+1", "../etc/passwd", "europe/madrid"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Madrid",
+        "GMT+1",
+        "../etc/passwd",
+        "europe/madrid",
+        # A folder of the database, a name too long for a file name (each was a traceback at start-up), and
+        # files that are no place's zone: the host's own, a leap-second variant.
+        "America/Argentina",
+        "A" * 300,
+        "localtime",
+        "right/Europe/Madrid",
+    ],
+)
 def test_a_name_that_is_no_time_zone_stops_start_up(value: str) -> None:
     with pytest.raises(ValidationError) as caught:
         Settings(_env_file=None, bot_timezone=value)  # type: ignore[call-arg]

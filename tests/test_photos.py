@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -146,14 +147,17 @@ async def test_a_photo_over_image_max_mb_is_not_downloaded(
 
         monkeypatch.setattr(h.transport, "download_media", counting)
         declared = inbound("", kind=MessageKind.IMAGE, media=MediaRef("image/jpeg", 2_000_000, handle=jpeg()))
-        assert await h.say(declared) == [reply("photo_unreadable", "es")]
+        # Sending it again would be refused again (a camera original sent as a document, most often): the
+        # customer is told the limit and how to send it, every time.
+        too_large = reply("photo_too_large", "es", limit=0.5)
+        assert "0.5 MB" in too_large
+        assert await h.say(declared) == [too_large]
+        assert await h.say(replace(declared, id="AGAIN")) == [too_large]
         assert downloads == []
         # Undeclared and too large: refused after the download, before anything is decoded.
         big = jpeg(3000, 3000, quality=100) + b"\0" * 600_000
-        undeclared = inbound(  # another chat: a chat is told about its media once in 5 minutes
-            "", kind=MessageKind.IMAGE, media=MediaRef("image/jpeg", None, handle=big), chat=OTHER
-        )
-        assert await h.say(undeclared) == [reply("photo_unreadable", "es")]
+        undeclared = inbound("", kind=MessageKind.IMAGE, media=MediaRef("image/jpeg", None, handle=big))
+        assert await h.say(undeclared) == [too_large]
     assert fake.chat_count == 0
 
 
@@ -471,3 +475,23 @@ async def test_with_openai_vision_off_a_reply_to_a_photo_is_as_before(harness, f
         assert await h.say(under(jpeg(), "¿precio?")) == [
             "texto: (El cliente responde a una foto, un mensaje tuyo, que no puedes ver.)\n\n¿precio?"
         ]
+
+
+async def test_a_flow_question_under_a_photo_is_answered_at_once_while_memory_is_critical(
+    harness, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """While memory is critical a flow's question is answered at once, past the chats waiting for the model.
+    Under a photo it took that path, then waited for memory to download the photo, and the customer was
+    told "busy" instead of the flow's answer."""
+    flows = tmp_path / "flows.yaml"
+    flows.write_text("- keywords: [precio]\n  answer: Depende del modelo.\n")
+    async with harness(**ai(fake), flows_file=flows) as h:
+        h.bot.pipeline.model_gate.clear()  # memory critical
+        h.bot.pipeline.submit(under(jpeg(), "¿precio?"))
+        for _ in range(100):
+            if h.transport.texts_to(CHAT):
+                break
+            await asyncio.sleep(0.05)
+        assert h.transport.texts_to(CHAT) == ["Depende del modelo."]
+        h.bot.pipeline.model_gate.set()
+    assert fake.chat_count == 0

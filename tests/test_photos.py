@@ -65,6 +65,19 @@ def shown_photos(request: dict[str, Any]) -> list[Image.Image]:
     return images
 
 
+def count_downloads(h: BotHarness, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ids of the messages whose media the transport is asked to download, as they are asked."""
+    downloads: list[str] = []
+    real = h.transport.download_media
+
+    async def counting(message: Any) -> bytes:
+        downloads.append(message.id)
+        return await real(message)
+
+    monkeypatch.setattr(h.transport, "download_media", counting)
+    return downloads
+
+
 async def statuses(h: BotHarness) -> dict[str, MessageStatus]:
     rows = await h.bot.store.recent_messages(CHAT, 50)
     return {row.wa_message_id: row.status for row in rows if row.direction is Direction.IN}
@@ -138,14 +151,7 @@ async def test_a_photo_over_image_max_mb_is_not_downloaded(
     harness, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with harness(**ai(fake, image_max_mb=0.5)) as h:
-        downloads: list[str] = []
-        real = h.transport.download_media
-
-        async def counting(message: Any) -> bytes:
-            downloads.append(message.id)
-            return await real(message)
-
-        monkeypatch.setattr(h.transport, "download_media", counting)
+        downloads = count_downloads(h, monkeypatch)
         declared = inbound("", kind=MessageKind.IMAGE, media=MediaRef("image/jpeg", 2_000_000, handle=jpeg()))
         # Sending it again would be refused again (a camera original sent as a document, most often): the
         # customer is told the limit and how to send it, every time.
@@ -213,14 +219,7 @@ async def test_a_photo_waits_for_memory_before_it_is_downloaded(
     harness, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with harness(**ai(fake)) as h:
-        downloads: list[str] = []
-        real = h.transport.download_media
-
-        async def counting(message: Any) -> bytes:
-            downloads.append(message.id)
-            return await real(message)
-
-        monkeypatch.setattr(h.transport, "download_media", counting)
+        downloads = count_downloads(h, monkeypatch)
         h.bot.pipeline.model_gate.clear()  # memory critical
         h.bot.pipeline.submit(photo(jpeg(), id="P1"))
         await asyncio.sleep(0.3)

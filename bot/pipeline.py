@@ -84,6 +84,11 @@ _MEDIA_KINDS = {
     MessageKind.UNSUPPORTED,
 }
 _CAPTIONED_KINDS = {MessageKind.IMAGE, MessageKind.VIDEO, MessageKind.DOCUMENT}
+# Shown to the model as images: a sticker is a small WebP picture ("👍", "gracias", "?").
+_PHOTO_KINDS = {MessageKind.IMAGE, MessageKind.STICKER}
+# What `_understand` and `_look` give for a message that needs no reply at all (a sticker the model cannot
+# be shown): kept, unanswered. Never a real reply's text.
+_NO_REPLY = "\x00no reply"
 # What a message can reply to that the model cannot see (each has a `label_<kind>` reply).
 _QUOTED_MEDIA = {*_CAPTIONED_KINDS, MessageKind.STICKER}
 
@@ -859,7 +864,7 @@ class Pipeline:
         restart)."""
         media = message.media
         return (
-            message.kind is MessageKind.IMAGE
+            message.kind in _PHOTO_KINDS
             and self._reads_photos
             and media is not None
             and media.handle is not None
@@ -890,7 +895,7 @@ class Pipeline:
             return burst
         chars = len(first.text)
         quotes = bool(quote_note(first, self.language))
-        photos = int(first.kind is MessageKind.IMAGE)
+        photos = int(first.kind in _PHOTO_KINDS)
         while queue and len(burst) < MAX_BURST_MESSAGES:
             message = queue[0][0]
             chars += len(message.text) + 1
@@ -899,7 +904,7 @@ class Pipeline:
             quotes_too = bool(quote_note(message, self.language))
             if not self._joins_burst(message) or (quotes and quotes_too):
                 break
-            photos += message.kind is MessageKind.IMAGE
+            photos += message.kind in _PHOTO_KINDS
             if photos > MAX_BURST_PHOTOS:
                 break
             quotes = quotes or quotes_too
@@ -1035,6 +1040,11 @@ class Pipeline:
             self.counters.skipped += len(ids)
             await self._mark(ids, MessageStatus.SKIPPED)
             return
+        if canned == _NO_REPLY:
+            self.counters.skipped += len(ids) - 1
+            self._skip(message, "a sticker the model cannot be shown")
+            await self._mark(ids, MessageStatus.SKIPPED)
+            return
         # "I can only read text..." and "I couldn't see your photo" each go to a chat once in a while, apart:
         # a sticker's notice must not silence the news that a photo was not seen.
         notice_key = {
@@ -1094,9 +1104,11 @@ class Pipeline:
             self._answering.add(message.chat)
             return await self._transcribe(message)
         text, trimmed = clean_text(message.text, self.max_inbound_chars)
+        if self._shows_photo(message):  # a photo or a sticker, downloaded and shown with its words: _look
+            return text, None
+        if message.kind is MessageKind.STICKER:
+            return "", _NO_REPLY  # a "👍" needs no "I can only read text": kept, unanswered
         if message.kind is MessageKind.IMAGE and self._reads_photos:
-            if self._shows_photo(message):  # downloaded and shown with its words: see _look
-                return text, None
             self.counters.photos_unseen += 1  # its download handle is gone (a restart)
             if not text:  # asked for it again
                 return "", reply("photo_unreadable", self.language)
@@ -1132,6 +1144,8 @@ class Pipeline:
         if len(shown) == len(photos):
             return shown, text, None
         if not shown and not text:
+            if all(photo.kind is MessageKind.STICKER for photo in photos):
+                return [], "", _NO_REPLY
             too_large = [e for e in outcomes if isinstance(e, PhotoRejected) and e.reason == "too_large"]
             if too_large and self.photos.max_mb is not None:
                 # Sending it again would not help: a camera original sent as a document, most often.

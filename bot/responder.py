@@ -22,6 +22,7 @@ from memory.store import BUSY_KIND, Direction, MessageStatus, StoredMessage
 
 # How a photo shows in the history the model reads: the photo itself is shown only with its own turn.
 PHOTO_MARK = "(📷)"
+STICKER_MARK = "(sticker)"
 
 
 class Source(enum.StrEnum):
@@ -58,6 +59,8 @@ def build_messages(system_prompt: str, history: Sequence[StoredMessage], text: s
         body = turn.body
         if turn.kind == "image" and turn.direction is Direction.IN:  # "¿y en azul?" was about a photo
             body = f"{PHOTO_MARK} {body}".rstrip()
+        elif turn.kind == "sticker" and turn.direction is Direction.IN:
+            body = STICKER_MARK
         if body:
             messages.append({"role": role, "content": body})
     messages.append({"role": "user", "content": text})

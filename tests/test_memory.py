@@ -240,10 +240,10 @@ async def test_chats_told_about_media_are_bounded_and_forgotten_under_pressure(h
     now = [1000.0]
     async with harness() as h:
         h.bot.pipeline.media_notices = OncePerWindow(300, max_keys=3, clock=lambda: now[0])
-        stickers = [
-            inbound("", kind=MessageKind.STICKER, chat=f"3460055{i:04d}@s.whatsapp.net") for i in range(5)
+        videos = [
+            inbound("", kind=MessageKind.VIDEO, chat=f"3460055{i:04d}@s.whatsapp.net") for i in range(5)
         ]
-        assert len(await h.say(*stickers)) == 5  # one notice each: five chats
+        assert len(await h.say(*videos)) == 5  # one notice each: five chats
         structures = h.bot.metrics()["memory"]["structures"]
         assert structures["media_notice_chats"] == {"size": 3, "max": 3, "evictions": 2}
         now[0] += 301

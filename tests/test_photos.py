@@ -326,14 +326,14 @@ async def test_an_album_past_the_notice_window_is_kept_unanswered_whole(harness,
         assert again.transport.texts_to(CHAT) == []
 
 
-async def test_a_sticker_notice_does_not_silence_an_unseen_photo(harness, fake: FakeOpenAI) -> None:
+async def test_a_media_notice_does_not_silence_an_unseen_photo(harness, fake: FakeOpenAI) -> None:
     async with harness(**ai(fake)) as h:
-        assert await h.say(inbound("", kind=MessageKind.STICKER)) == [reply("media_unsupported_photos", "es")]
+        assert await h.say(inbound("", kind=MessageKind.VIDEO)) == [reply("media_unsupported_photos", "es")]
         gone = MediaRef("image/jpeg", 100, handle="/nonexistent.jpg")
         assert await h.say(inbound("", kind=MessageKind.IMAGE, media=gone)) == [
             reply("photo_unreadable", "es")
         ]
-        assert await h.say(inbound("", kind=MessageKind.VIDEO)) == []  # its own notice, given a moment ago
+        assert await h.say(inbound("", kind=MessageKind.DOCUMENT)) == []  # its notice, given a moment ago
 
 
 async def test_a_one_off_model_error_with_a_photo_is_not_taken_for_no_vision(
@@ -494,3 +494,45 @@ async def test_a_flow_question_under_a_photo_is_answered_at_once_while_memory_is
         assert h.transport.texts_to(CHAT) == ["Depende del modelo."]
         h.bot.pipeline.model_gate.set()
     assert fake.chat_count == 0
+
+
+def webp(color: str = "yellow") -> bytes:
+    out = io.BytesIO()
+    Image.new("RGBA", (512, 512), color).save(out, "WEBP")
+    return out.getvalue()
+
+
+def sticker(data: bytes, **fields: Any) -> Any:
+    media = MediaRef(mimetype="image/webp", size_bytes=len(data), handle=data)
+    return inbound("", kind=MessageKind.STICKER, media=media, **fields)
+
+
+async def test_a_sticker_is_shown_to_the_model_and_remembered(harness, fake: FakeOpenAI) -> None:
+    """A "👍" or "gracias" sticker got "For now I can only read text messages and voice notes": robotic, and
+    wrong about what the customer meant. The model sees it as the picture it is."""
+    async with harness(**ai(fake)) as h:
+        assert await h.say(sticker(webp())) == ["1 foto(s):"]
+        await h.say("¿y el envío?")
+    assert [part["type"] for part in fake.chat_requests[0]["messages"][-1]["content"]] == ["image_url"]
+    assert [m["content"] for m in fake.chat_requests[1]["messages"][1:3]] == ["(sticker)", "1 foto(s):"]
+
+
+async def test_a_sticker_the_model_cannot_see_gets_no_reply(harness, fake: FakeOpenAI) -> None:
+    """With photos off, or an animated (Lottie) sticker Pillow cannot read: kept, unanswered, rather than
+    "I can only read text" under a thumbs-up."""
+    async with harness(**ai(fake, openai_vision=False)) as h:
+        assert await h.say(sticker(webp(), id="S1")) == []
+        assert (await statuses(h))["S1"] is MessageStatus.SKIPPED
+    async with harness(**ai(fake)) as h:
+        assert await h.say(sticker(b"\x00lottie animation", id="S2")) == []
+        assert (await statuses(h))["S2"] is MessageStatus.SKIPPED
+        assert await h.say("hola") == ["texto: hola"]  # the chat goes on
+    assert fake.chat_count == 1
+
+
+async def test_a_sticker_after_a_question_is_part_of_it(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.gather_s = 0.3
+        assert await h.say(inbound("¿tenéis envío gratis?"), sticker(webp())) == [
+            "1 foto(s): ¿tenéis envío gratis?"
+        ]

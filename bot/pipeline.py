@@ -1169,7 +1169,9 @@ class Pipeline:
             return await self.photos.prepare(await self.transport.download_media(photo))
         except (TransportError, PhotoRejected) as error:
             self.counters.photos_unseen += 1
-            logger.warning("photo {} in {} not shown to the model: {}", photo.id, photo.chat, error)
+            # An animated (Lottie) sticker is no picture Pillow reads: common, and nobody's to fix.
+            say = logger.debug if photo.kind is MessageKind.STICKER else logger.warning
+            say("{} {} in {} not shown to the model: {}", photo.kind.value, photo.id, photo.chat, error)
             return error
 
     def _warn_photos_refused(self, error: PhotoRefused) -> None:

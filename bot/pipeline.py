@@ -302,7 +302,9 @@ class Pipeline:
         self.flow_files = OncePerWindow(FLOW_FILE_EVERY_S)  # chat and file, when a flow's file went out
         self.takeover = takeover or Takeover(pause_s=1800)
         self.handoff = handoff  # None: a customer asking for a person is answered like any message
-        self.takeover.handoff_reply = reply("handoff", language)
+        self.takeover.handoff_replies = frozenset(
+            {reply("handoff", language), reply("order_handoff", language)}
+        )
         self.allowed_numbers = allowed_numbers
         self.blocked_numbers = blocked_numbers
         self.busy_after_s = busy_after_s
@@ -474,6 +476,8 @@ class Pipeline:
         if message.id in self._notice_only:  # over the rate limit: a notice, not a flow's answer
             return False
         text = clean_text(message.text, self.max_inbound_chars)[0]
+        if self._order_in([message]) is not None:  # handed over: no model either
+            return True
         return self.responder.flows.match(text) is not None or self._asks_for_a_person(message, text)
 
     def _spill(self, message: Inbound, row: StoredMessage, persisted: Awaitable[None]) -> None:
@@ -765,17 +769,26 @@ class Pipeline:
         # "quiero hablar" / "con una persona" in a burst (or one message over two lines) asks too.
         return self.handoff.asked(text) or ("\n" in text and self.handoff.asked(text.replace("\n", " ")))
 
-    def _hand_over(self, message: Inbound, text: str) -> None:
+    def _order_in(self, messages: Sequence[Inbound]) -> Inbound | None:
+        """An order from the business's catalog (the cart): a person confirms stock, payment and delivery, so
+        the chat is handed over like a request for a person (when hand-offs are on; never in a group)."""
+        if self.handoff is None:
+            return None
+        return next((m for m in messages if m.quoted_from == "order" and not m.is_group), None)
+
+    def _hand_over(self, message: Inbound, text: str, *, order: bool = False) -> None:
         """The customer was told a person will write: the chat is left to the owner, who is told so in their
         own chat (the only place the customer's number and words are shown)."""
         self.takeover.hand_over(message.chat)
-        logger.warning("a customer in {} asked for a person: the chat is left to the owner", message.chat)
+        what = "sent an order" if order else "asked for a person"
+        logger.warning("a customer in {} {}: the chat is left to the owner", message.chat, what)
         self._tell_owner(
             reply(
-                "handoff_owner_notice",
+                "order_owner_notice" if order else "handoff_owner_notice",
                 self.language,
                 who=customer_label(message.push_name, message.sender, self.language),
-                text=quote_for_owner(message.text or text),  # the caption, not the note for the model
+                # the caption, or the order's title, total and items: not the note for the model
+                text=quote_for_owner(message.quoted if order else message.text or text),
                 duration=duration(self.takeover.pause_s / 60, self.language),
             )
         )
@@ -977,6 +990,7 @@ class Pipeline:
         model_time = 0.0  # the model's and the transcription's time: not the pipeline's overhead
         canned: str | None = None
         handing_over: str | None = None
+        order: Inbound | None = None  # an order from the catalog, handed over
         file: str | None = None  # a flow's photo or document
         photos = [m for m in [*burst, message] if self._shows_photo(m)]
         # A photo the turn replies to is shown too, when the turn has none of its own ("this photo" is then
@@ -999,6 +1013,8 @@ class Pipeline:
                     inbound = replace(inbound, body=text)
             if canned is None and self._asks_for_a_person(message, text):
                 canned = handing_over = reply("handoff", self.language)
+            elif canned is None and (order := self._order_in([*burst, message])) is not None:
+                canned = handing_over = reply("order_handoff", self.language)
             if canned is None and photos:
                 looking = time.perf_counter()
                 shown, text, canned = await self._look(photos, text)
@@ -1077,7 +1093,10 @@ class Pipeline:
         if notice_key is not None:
             self.media_notices.note(notice_key)
         if handing_over is not None and answer_text == handing_over:
-            self._hand_over(message, text)
+            if order is not None:
+                self._hand_over(order, text, order=True)
+            else:
+                self._hand_over(message, text)
         await self._record_reply(message, sent_ids, answer_text, via_model, ids[:-1])
         self.counters.merged += len(burst)
 

@@ -77,6 +77,18 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "es": "De acuerdo, aviso a una persona del equipo y te escribirá por aquí en cuanto pueda.",
         "en": "Sure, I'm letting someone from the team know; they'll write to you here as soon as they can.",
     },
+    "order_handoff": {
+        "es": "¡Gracias por tu pedido! Una persona del equipo lo revisa y te escribe por aquí para "
+        "confirmarlo.",
+        "en": "Thank you for your order! Someone from the team will check it and write to you here to "
+        "confirm it.",
+    },
+    "order_owner_notice": {
+        "es": "🛒 {who} ha enviado un pedido: «{text}». No le contestaré durante {duration}, o hasta que "
+        "escribas «!bot reanuda» en su chat.",
+        "en": "🛒 {who} has sent an order: “{text}”. I won't answer them for {duration}, or until you write "
+        "“!bot resume” in their chat.",
+    },
     "a_customer": {"es": "Un cliente", "en": "A customer"},
     "handoff_owner_notice": {
         "es": "🙋 {who} quiere hablar con una persona: «{text}». No le contestaré durante {duration}, "

@@ -95,9 +95,10 @@ class Takeover:
         self._paused: OrderedDict[str, float] = OrderedDict()  # chat -> until (monotonic)
         self._sent: OrderedDict[str, None] = OrderedDict()
         self._exempt: set[str] = set()  # chats resumed one by one during a pause of every chat
-        # The bot's "someone will write" (set by the pipeline): promised before the chat was handed over, it
-        # goes out even if the outbox held it (disconnected) until after, in this process or the next.
-        self.handoff_reply: str | None = None
+        # The bot's "someone will write" replies (set by the pipeline: to a request for a person, to an
+        # order): promised before the chat was handed over, they go out even if the outbox held them
+        # (disconnected) until after, in this process or the next.
+        self.handoff_replies: frozenset[str] = frozenset()
         self.global_until = 0.0
         self.takeovers = 0
         self.handoffs = 0
@@ -151,7 +152,7 @@ class Takeover:
     def holds(self, chat: str, text: str) -> bool:
         """Whether the bot's `text` to `chat` must not go out now (the governor's hold): anything in a chat a
         human has, except the hand-off reply itself."""
-        return self.is_paused(chat) and text != self.handoff_reply
+        return self.is_paused(chat) and text not in self.handoff_replies
 
     def pause(self, chat: str | None, seconds: float | None = None, *, keep_exempt: bool = False) -> None:
         until = math.inf if seconds is None else self._clock() + seconds

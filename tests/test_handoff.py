@@ -256,3 +256,40 @@ def test_custom_phrases_with_inner_punctuation_match() -> None:
 def test_unusable_handoff_phrases_are_refused(make_settings, value: str, problem: str) -> None:
     with pytest.raises(ValueError, match=problem.replace("?", r"\?").replace("(", r"\(").replace(")", r"\)")):
         make_settings(handoff_phrases=value)
+
+
+def an_order(**fields: object) -> Inbound:
+    """An order from the catalog's cart, as the adapter reads it: its words, and its details as the quote."""
+    details = "Pedido de Ana · 3 items · 45.00 EUR"
+    return inbound("Hola, quiero esto", quoted=details, quoted_from="order", **fields)  # type: ignore[arg-type]
+
+
+async def test_an_order_from_the_catalog_is_handed_to_the_owner(harness, fake_openai: FakeOpenAI) -> None:
+    """The model answered orders: it could only guess at stock, payment and delivery ("¡Pedido confirmado!"),
+    and nobody was told an order had come."""
+    async with owned(harness(**ai(fake_openai))) as h:
+        assert await told(h, an_order(push_name="Ana")) == [reply("order_handoff", "es")]
+        assert await told(h, "¿me confirmáis?") == []  # the owner has the chat now
+        notices = h.transport.texts_to(ME)
+        stats = h.bot.pipeline.takeover.stats()
+    assert fake_openai.chat_count == 0
+    assert notices == [
+        "🛒 Ana (+34600111222) ha enviado un pedido: «Pedido de Ana · 3 items · 45.00 EUR». No le contestaré "
+        "durante 30 minutos, o hasta que escribas «!bot reanuda» en su chat."
+    ]
+    assert stats["handoffs"] == 1
+
+
+async def test_an_order_goes_to_the_model_with_hand_offs_off(harness, fake_openai: FakeOpenAI) -> None:
+    async with owned(harness(**ai(fake_openai, handoff_phrases="off"))) as h:
+        [answer] = await told(h, an_order())
+    assert answer.startswith("echo: (El cliente envía un pedido de tu catálogo")
+    assert h.transport.texts_to(ME) == []
+
+
+async def test_an_order_is_handed_over_while_memory_is_critical(harness, fake_openai: FakeOpenAI) -> None:
+    async with owned(harness(**ai(fake_openai))) as h:
+        critical_memory(h.bot)
+        h.bot.pipeline.submit(an_order())
+        await asyncio.sleep(0.3)
+        assert h.transport.texts_to(CHAT) == [reply("order_handoff", "es")]

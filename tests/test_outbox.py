@@ -607,20 +607,26 @@ async def test_a_reply_queued_before_a_restart_and_dropped_after_it_is_not_remem
         await assert_not_remembered(bot, governed, fake_openai, "echo: ¿tenéis talla M?")
 
 
+@pytest.mark.parametrize("asking", ["a person", "an order"])
 async def test_a_hand_off_queued_while_disconnected_still_tells_the_customer(
-    fake_client: type[FakeNewAClient], tmp_path: Path, fake_openai: Any
+    fake_client: type[FakeNewAClient], tmp_path: Path, fake_openai: Any, asking: str
 ) -> None:
     """ "Someone will write" waited in the outbox while the chat was already the owner's: at the reconnect
-    the hold dropped it, and the customer met 30 minutes of silence without a word."""
+    the hold dropped it, and the customer met 30 minutes of silence without a word. An order from the
+    catalog is handed over the same way, with its own reply."""
     from bot.replies import reply
     from tests.conftest import inbound
 
+    if asking == "a person":
+        handing, promise = inbound("quiero hablar con una persona", chat=CHAT), reply("handoff", "es")
+    else:
+        order = {"quoted": "Pedido · 2 items · 30.00 EUR", "quoted_from": "order"}
+        handing, promise = inbound("Hola", chat=CHAT, **order), reply("order_handoff", "es")
     fake_client.script.extend(["ok"])
     async with bot_behind_the_outbox(tmp_path, fake_openai) as (bot, t, governed):
         client = fake_client.instances[0]
         await client.drop()
-        for text in ("¿tenéis talla M?", "quiero hablar con una persona"):
-            message = inbound(text, chat=CHAT)
+        for message in (inbound("¿tenéis talla M?", chat=CHAT), handing):
             governed.note_inbound(message)
             bot.pipeline.submit(message)
             assert await bot.pipeline.drain(5)
@@ -630,7 +636,7 @@ async def test_a_hand_off_queued_while_disconnected_still_tells_the_customer(
             while t.stats()["outbox_pending"]:
                 await asyncio.sleep(0.01)
         # The answer queued before it is the owner's to give now, as after any takeover; the promise goes.
-        assert [text for _, text in client.sent] == [reply("handoff", "es")]
+        assert [text for _, text in client.sent] == [promise]
         later = inbound("¿hola?", chat=CHAT)
         governed.note_inbound(later)
         bot.pipeline.submit(later)

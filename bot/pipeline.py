@@ -68,8 +68,8 @@ MAX_WAITING_OWNER_NOTICES = 50
 # writing is still answered.
 MAX_BURST_MESSAGES = 20
 MAX_GATHER_ROUNDS = 4
-# Photos shown to the model in one turn (an album of ten is two turns): a photo costs gpt-4o-mini up to
-# ~25,000 input tokens at high detail (gpt-4o ~800), about $0.004 either way.
+# Photos shown to the model in one turn (an album of ten is two turns): a photo costs gpt-4o-mini 25,000 to
+# 37,000 input tokens at high detail (gpt-4o ~800 to 1,200), $0.004 to $0.006 either way.
 MAX_BURST_PHOTOS = 5
 # A flow's file goes with the model's answers to a chat once in this long (asked for by the flow's own
 # question, it is always sent): "¿la carta tiene opciones veganas?" after the menu came needs no second copy.
@@ -123,7 +123,15 @@ _STALE = "too old to answer (offline backlog)"
 _RATE_LIMITED = "over the chat's rate limit"
 # Voice notes: not the customer's doing. "no_transcription": the server has no speech-to-text (Ollama).
 _OUR_SIDE_FAILURES = ("transcription_failed", "timeout", "no_transcription")
-_KEPT_UNANSWERED = (_HANDED_OVER, _STALE, _RATE_LIMITED)  # stored as SKIPPED: part of the chat's history
+# A "👍" the model cannot be shown (photos off, an animated Lottie sticker, a group's chatter) needs no "I can
+# only read text".
+_UNSEEN_STICKER = "a sticker the model cannot be shown"
+_KEPT_UNANSWERED = (
+    _HANDED_OVER,
+    _STALE,
+    _RATE_LIMITED,
+    _UNSEEN_STICKER,
+)  # stored as SKIPPED: part of the chat's history
 
 
 async def _all_of(writes: Sequence[Awaitable[None]]) -> None:
@@ -701,6 +709,8 @@ class Pipeline:
             return "number not allowed"
         if self.takeover.is_paused(message.chat):
             return _HANDED_OVER
+        if message.kind is MessageKind.STICKER and not self._shows_photo(message):
+            return _UNSEEN_STICKER  # kept, unanswered: never queued, spilled or promised an answer
         return None
 
     def _keep_unanswered(self, message: Inbound, *, in_history: bool = True) -> None:
@@ -876,6 +886,10 @@ class Pipeline:
         """A photo the model can be shown: photos are on, and it can still be downloaded (not after a
         restart)."""
         media = message.media
+        if message.kind is MessageKind.STICKER and (
+            message.is_group or not media or "image/" not in media.mimetype
+        ):
+            return False  # a group's chatter, or an animated (Lottie) sticker: no picture to show
         return (
             message.kind in _PHOTO_KINDS
             and self._reads_photos
@@ -1000,7 +1014,8 @@ class Pipeline:
         if self._reads_photos and not photos and not self._is_flow_question(message):
             quoting = next((m for m in [*burst, message] if m.quoted_media is not None), None)
         shown: list[str] = []  # the photos as the model gets them (data: URLs)
-        without_photos: tuple[str, str] | None = None
+        # What the model is asked if it refuses the photos: text, context, and the reply when no text is left.
+        without_photos: tuple[str, str, str] | None = None
         try:
             for earlier_message in burst:
                 await self._mark_read(earlier_message)
@@ -1019,10 +1034,16 @@ class Pipeline:
                 looking = time.perf_counter()
                 shown, text, canned = await self._look(photos, text)
                 model_time += time.perf_counter() - looking
+                if any(photo.kind is MessageKind.IMAGE for photo in photos):  # told a photo came with it
+                    note = reply("attachment_note", self.language)
+                    plain_reply = reply("media_unsupported", self.language)  # without "photos": refused
+                    without_photos = (f"{text}\n\n{note}" if text else "", context, plain_reply)
+                else:  # stickers only: the words alone, and nothing at all for a sticker alone
+                    without_photos = (text, context, _NO_REPLY)
             elif canned is None and quoting is not None:  # "¿precio de este?" under a product's photo
                 looking = time.perf_counter()
                 if seen := await self._look_at_quote(quoting):
-                    shown, without_photos = [seen], (text, context)
+                    shown, without_photos = [seen], (text, context, "")
                     context = quote_note(quoting, self.language, photo_shown=True)
                 model_time += time.perf_counter() - looking
             if canned is not None:
@@ -1050,15 +1071,15 @@ class Pipeline:
             answer_text, via_model = reply("ai_error", self.language), False
         finally:
             await self._saved(message, persisted)
+        if answer_text == _NO_REPLY:  # a sticker the model could not be shown: kept, unanswered
+            self.counters.skipped += len(ids) - 1
+            self._skip(message, _UNSEEN_STICKER)
+            await self._mark(ids, MessageStatus.SKIPPED)
+            return
         answer_text = db_text(answer_text)  # a model can answer half an emoji too; no protobuf takes it
         if self.takeover.is_paused(message.chat):  # the owner wrote while the answer was being prepared
             logger.info("owner took over {} while its answer was prepared: not sent", message.chat)
             self.counters.skipped += len(ids)
-            await self._mark(ids, MessageStatus.SKIPPED)
-            return
-        if canned == _NO_REPLY:
-            self.counters.skipped += len(ids) - 1
-            self._skip(message, "a sticker the model cannot be shown")
             await self._mark(ids, MessageStatus.SKIPPED)
             return
         # "I can only read text..." and "I couldn't see your photo" each go to a chat once in a while, apart:
@@ -1160,12 +1181,16 @@ class Pipeline:
         # Downloaded together: an album's five photos one after another could take minutes on a bad network.
         outcomes = await asyncio.gather(*map(self._prepare_photo, photos))
         shown = [url for url in outcomes if isinstance(url, str)]
-        if len(shown) == len(photos):
-            return shown, text, None
+        # A sticker that could not be shown is no attachment the model must be told of: only photos count.
+        unseen = [
+            outcome
+            for photo, outcome in zip(photos, outcomes, strict=True)
+            if photo.kind is MessageKind.IMAGE and not isinstance(outcome, str)
+        ]
+        if not unseen:
+            return shown, text, (None if shown or text else _NO_REPLY)
         if not shown and not text:
-            if all(photo.kind is MessageKind.STICKER for photo in photos):
-                return [], "", _NO_REPLY
-            too_large = [e for e in outcomes if isinstance(e, PhotoRejected) and e.reason == "too_large"]
+            too_large = [e for e in unseen if isinstance(e, PhotoRejected) and e.reason == "too_large"]
             if too_large and self.photos.max_mb is not None:
                 # Sending it again would not help: a camera original sent as a document, most often.
                 return [], "", reply("photo_too_large", self.language, limit=self.photos.max_mb)
@@ -1270,11 +1295,12 @@ class Pipeline:
         context: str,
         before_burst: list[StoredMessage] | None = None,
         photos: Sequence[str] = (),
-        without_photos: tuple[str, str] | None = None,
+        without_photos: tuple[str, str, str] | None = None,
     ) -> Answer:
         """The model's answer to `text` (and `photos`), told `context` (what the message replies to) and the
         chat's history before it (`before_burst` for a burst). A model that refuses the photos is asked
-        `without_photos` (text and context), or the text with a note that a photo came with it."""
+        `without_photos` instead (text, context, and the reply when there is no text: the polite reply to a
+        photo alone, none to a sticker)."""
         # Memory is critical while the gate is shut: the message is persisted and waits, in order
         # (_watch_busy tells the customer once if that lasts).
         await self.model_gate.wait()
@@ -1287,13 +1313,14 @@ class Pipeline:
             except PhotoRefused as error:
                 self._warn_photos_refused(error)
                 self.counters.photos_unseen += len(photos)
-                if without_photos is not None:  # a quoted photo: asked as if it could not be shown
-                    plain_text, plain_context = without_photos
+                plain_text, plain_context, alone = without_photos or (
+                    text,
+                    context,
+                    reply("media_unsupported", self.language),
+                )
+                if plain_text:
                     return await self.responder.model_answer(plain_text, history, plain_context)
-                if not text:
-                    return Answer(reply("media_unsupported", self.language), Source.AI_OFF)
-                note = reply("attachment_note", self.language)
-                return await self.responder.model_answer(f"{text}\n\n{note}", history, context)
+                return Answer(alone, Source.AI_OFF)
             if answer.source is Source.MODEL:  # not an apology: the model saw them
                 self.counters.photos += len(photos)
             return answer

@@ -536,3 +536,57 @@ async def test_a_sticker_after_a_question_is_part_of_it(harness, fake: FakeOpenA
         assert await h.say(inbound("¿tenéis envío gratis?"), sticker(webp())) == [
             "1 foto(s): ¿tenéis envío gratis?"
         ]
+
+
+async def test_a_sticker_to_a_model_that_reads_no_images_gets_no_reply(harness, fake: FakeOpenAI) -> None:
+    """With a model that reads no images every "👍" got "For now I can only read text messages and voice
+    notes", the reply stickers were meant to be spared, and not even once in 5 minutes."""
+    refusal = {"message": "Invalid content type. image_url is only supported by certain models."}
+    async with harness(**ai(fake)) as h:
+        fake.raw_next.extend([(400, "application/json", json.dumps({"error": refusal}))] * 2)
+        assert await h.say(sticker(webp(), id="S1"), sticker(webp("red"), id="S2")) == []
+        assert await statuses(h) == {"S1": MessageStatus.SKIPPED, "S2": MessageStatus.SKIPPED}
+
+
+async def test_a_sticker_that_cannot_be_read_in_a_burst_is_no_unseen_attachment(
+    harness, fake: FakeOpenAI
+) -> None:
+    """ "gracias, ¿cuándo llega?" and a thumbs-up the bot cannot decode: the model was told the customer had
+    attached something it could not see, and apologised for it."""
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.gather_s = 0.3
+        sent = await h.say(inbound("gracias, ¿cuándo llega?", id="T1"), sticker(b"\x00lottie", id="S1"))
+        assert await statuses(h) == {"T1": MessageStatus.ANSWERED, "S1": MessageStatus.ANSWERED}
+    assert sent == ["texto: gracias, ¿cuándo llega?"]
+
+
+async def test_a_sticker_that_will_not_be_answered_is_not_promised_an_answer(
+    harness, fake: FakeOpenAI
+) -> None:
+    """Photos off, memory critical: the sticker waited in the store, the chat was told "te respondo en
+    breve", then the sticker was skipped: a promise never kept."""
+    async with harness(**ai(fake, openai_vision=False, busy_reply_after_s=0.2)) as h:
+        h.bot.pipeline.model_gate.clear()  # memory critical
+        h.bot.pipeline.submit(sticker(webp(), id="S1"))
+        await asyncio.sleep(0.8)
+        h.bot.pipeline.open_model_gate()
+        assert await h.bot.pipeline.drain(5)
+        assert (await statuses(h))["S1"] is MessageStatus.SKIPPED
+        assert h.transport.texts_to(CHAT) == []
+
+
+async def test_stickers_in_a_group_are_its_chatter(harness, fake: FakeOpenAI) -> None:
+    group = "120363000000000001@g.us"
+    async with harness(**ai(fake, reply_to_groups="always")) as h:
+        assert await h.say(sticker(webp(), chat=group, is_group=True)) == []
+    assert fake.chat_count == 0
+
+
+async def test_an_animated_lottie_sticker_is_kept_without_a_download(
+    harness, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with harness(**ai(fake)) as h:
+        downloads = count_downloads(h, monkeypatch)
+        lottie = MediaRef(mimetype="application/was", size_bytes=9000, handle=b"lottie")
+        assert await h.say(inbound("", kind=MessageKind.STICKER, media=lottie)) == []
+        assert downloads == []

@@ -43,6 +43,8 @@ from media.image import PhotoRejected
 from memory.history import ChatHistory
 from memory.store import (
     BUSY_KIND,
+    ORDER_KIND,
+    ORDER_MARK,
     Direction,
     MessageStatus,
     Store,
@@ -176,6 +178,9 @@ def inbound_from_stored(stored: StoredMessage, media: MediaRef | None = None) ->
     A voice note already transcribed is answered from its transcript. One not transcribed needs `media`
     to be downloaded; without it (after a restart) the customer is asked to send it again.
     """
+    if stored.kind == ORDER_KIND:  # an order from the catalog: handed over, with its details for the owner
+        details = stored.body.rpartition(ORDER_MARK)[2] if ORDER_MARK in stored.body else stored.body
+        return replace(inbound_from_stored(replace(stored, kind="text")), quoted=details, quoted_from="order")
     try:
         kind = MessageKind(stored.kind)
     except ValueError:
@@ -464,10 +469,12 @@ class Pipeline:
 
     def _rate_verdict(self, message: Inbound) -> str:
         """The rate limiter's verdict on the message ("ok" without a limiter). A request for a person always
-        goes through: a flood is often a customer getting nowhere."""
+        goes through (a flood is often a customer getting nowhere), and so does an order."""
         if self.rate_limiter is None:
             return "ok"
         verdict = self.rate_limiter.check(message.chat)
+        if verdict != "ok" and self._order_in([message]) is not None:
+            return "ok"  # an order is the owner's to see, however much the customer wrote before it
         if verdict != "ok" and self._asks_for_a_person(message, clean_text(message.text, 1000)[0]):
             return "ok"
         return verdict
@@ -631,12 +638,16 @@ class Pipeline:
             self._unrecorded.popitem(last=False)
 
     def _inbound_row(self, message: Inbound) -> StoredMessage:
+        kind, body = message.kind.value, message.text
+        if message.quoted_from == "order":  # kept as one: handed over when it comes back from the store too
+            kind = ORDER_KIND
+            body = body if message.quoted in body else f"{body}{ORDER_MARK}{message.quoted}".strip()
         return StoredMessage(
             wa_message_id=message.id,
             chat_id=message.chat,
             direction=Direction.IN,
-            kind=message.kind.value,
-            body=message.text[: self.max_inbound_chars],
+            kind=kind,
+            body=body[: self.max_inbound_chars],
             status=MessageStatus.RECEIVED,
             created_at=message.received_at or message.timestamp or self.clock(),
         )
@@ -1026,10 +1037,11 @@ class Pipeline:
                 model_time += time.perf_counter() - understood
                 if canned is None:  # the transcript is this turn's text, in the history read below too
                     inbound = replace(inbound, body=text)
-            if canned is None and self._asks_for_a_person(message, text):
-                canned = handing_over = reply("handoff", self.language)
-            elif canned is None and (order := self._order_in([*burst, message])) is not None:
+            # An order first: with "quiero hablar con una persona" in its burst, the owner hears of the order.
+            if canned is None and (order := self._order_in([*burst, message])) is not None:
                 canned = handing_over = reply("order_handoff", self.language)
+            elif canned is None and self._asks_for_a_person(message, text):
+                canned = handing_over = reply("handoff", self.language)
             if canned is None and photos:
                 looking = time.perf_counter()
                 shown, text, canned = await self._look(photos, text)

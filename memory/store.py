@@ -31,6 +31,10 @@ class MessageStatus(enum.StrEnum):
 # The kind of an outbound row that is the "busy, I will answer shortly" notice: a promise recovery keeps
 # (bot.app.Bot.recover), and not a turn of the conversation the model is shown.
 BUSY_KIND = "busy"
+# The kind of an inbound row that is an order from the catalog's cart (its body: the customer's words, then
+# "🛒 " and the order's details): handed to the owner, also when it is answered from the store.
+ORDER_KIND = "order"
+ORDER_MARK = "\n\n🛒 "
 
 
 @dataclass(frozen=True, slots=True)

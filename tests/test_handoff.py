@@ -293,3 +293,74 @@ async def test_an_order_is_handed_over_while_memory_is_critical(harness, fake_op
         h.bot.pipeline.submit(an_order())
         await asyncio.sleep(0.3)
         assert h.transport.texts_to(CHAT) == [reply("order_handoff", "es")]
+
+
+async def test_an_order_over_the_rate_limit_is_still_handed_over(harness, fake_openai: FakeOpenAI) -> None:
+    """A request for a person passed the rate limit, an order did not: the customer got the rate-limit
+    notice or silence, and the owner was never told of the order."""
+    async with owned(harness(**ai(fake_openai, rate_limit_max_messages=3))) as h:
+        answers = await told(h, "hola", "¿hola?", "¿me oyes?", "no me contestas", "???")
+        assert answers[-1] == reply("rate_limited", "es")
+        assert await told(h, an_order(push_name="Ana")) == [reply("order_handoff", "es")]
+        assert len(h.transport.texts_to(ME)) == 1
+
+
+async def test_an_order_that_waited_in_the_store_is_still_handed_over(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """Memory critical, the chat's "hola" waiting in the store, so the order waits there too. Read back it
+    was a plain text: the model answered it and the owner was never told."""
+    async with owned(harness(**ai(fake_openai))) as h:
+        manager, rss = critical_memory(h.bot)
+        h.bot.pipeline.submit(inbound("hola"))
+        h.bot.pipeline.submit(an_order(push_name="Ana"))
+        await asyncio.sleep(0.3)
+        rss[0] = 100
+        manager.check()
+        assert await h.bot.pipeline.drain(10)
+        sent = [t for t in h.transport.texts_to(CHAT) if t != reply("busy", "es")]
+        notices = h.transport.texts_to(ME)
+    assert sent == ["echo: hola", reply("order_handoff", "es")]
+    assert len(notices) == 1 and "Pedido de Ana · 3 items · 45.00 EUR" in notices[0]
+
+
+async def test_an_order_past_the_waiting_bound_is_still_handed_over(harness, fake_openai: FakeOpenAI) -> None:
+    async with owned(harness(**ai(fake_openai, max_waiting_messages=10))) as h:
+        for n in range(10):  # ten wait in memory, the bound: the order waits in the store
+            h.bot.pipeline.submit(inbound(f"m{n}", chat=f"346005500{n:02d}@s.whatsapp.net"))
+        h.bot.pipeline.submit(an_order(push_name="Ana"))
+        assert h.bot.pipeline.counters.spilled == 1
+        assert await h.bot.pipeline.drain(10)
+    assert h.transport.texts_to(CHAT) == [reply("order_handoff", "es")]
+    assert len(h.transport.texts_to(ME)) == 1
+
+
+async def test_an_order_recovered_after_a_restart_is_still_handed_over(
+    make_settings, fake_openai: FakeOpenAI
+) -> None:
+    """An order saved while stopping (or left by a crash) was answered at the next start by the model."""
+    settings: Settings = make_settings(**ai(fake_openai))
+    async with owned(BotHarness(settings)) as h:
+        h.bot.pipeline._accepting = False  # as while stop() drains
+        h.bot.pipeline.submit(an_order(id="O1", push_name="Ana"))
+        await asyncio.sleep(0.3)
+        await h.bot.store.flush()
+        stored = {r.wa_message_id: r for r in await h.bot.store.recent_messages(CHAT, 10)}
+        assert stored["O1"].status is MessageStatus.RECEIVED
+        assert stored["O1"].body == "Hola, quiero esto\n\n🛒 Pedido de Ana · 3 items · 45.00 EUR"
+    async with owned(BotHarness(settings)) as h:
+        assert await h.bot.pipeline.drain(10)
+        assert h.transport.texts_to(CHAT) == [reply("order_handoff", "es")]
+    assert fake_openai.chat_count == 0
+
+
+async def test_an_order_and_a_request_for_a_person_in_one_burst_tell_the_owner_of_the_order(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    async with owned(harness(**ai(fake_openai))) as h:
+        h.bot.pipeline.gather_s = 0.3
+        assert await told(h, an_order(push_name="Ana"), inbound("quiero hablar con una persona")) == [
+            reply("order_handoff", "es")
+        ]
+        [notice] = h.transport.texts_to(ME)
+    assert notice.startswith("🛒 Ana (+34600111222) ha enviado un pedido: «Pedido de Ana · 3 items")

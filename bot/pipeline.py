@@ -1049,13 +1049,15 @@ class Pipeline:
                 if any(photo.kind is MessageKind.IMAGE for photo in photos):  # told a photo came with it
                     note = reply("attachment_note", self.language)
                     plain_reply = reply("media_unsupported", self.language)  # without "photos": refused
-                    without_photos = (f"{text}\n\n{note}" if text else "", context, plain_reply)
+                    told = text if not text or note in text else f"{text}\n\n{note}"  # once, if _look told it
+                    without_photos = (told, context, plain_reply)
                 else:  # stickers only: the words alone, and nothing at all for a sticker alone
                     without_photos = (text, context, _NO_REPLY)
             elif canned is None and quoting is not None:  # "¿precio de este?" under a product's photo
                 looking = time.perf_counter()
                 if seen := await self._look_at_quote(quoting):
-                    shown, without_photos = [seen], (text, context, "")
+                    plain_reply = reply("media_unsupported", self.language)  # only if no words: none yet
+                    shown, without_photos = [seen], (text, context, plain_reply)
                     context = quote_note(quoting, self.language, photo_shown=True)
                 model_time += time.perf_counter() - looking
             if canned is not None:
@@ -1095,7 +1097,7 @@ class Pipeline:
             await self._mark(ids, MessageStatus.SKIPPED)
             return
         # "I can only read text..." and "I couldn't see your photo" each go to a chat once in a while, apart:
-        # a sticker's notice must not silence the news that a photo was not seen.
+        # a video's notice must not silence the news that a photo was not seen.
         notice_key = {
             self._media_unsupported: f"{message.chat}\nmedia",
             reply("photo_unreadable", self.language): f"{message.chat}\nphoto",

@@ -168,7 +168,9 @@ _MEDIA_KINDS = (
     ("videoMessage", MessageKind.VIDEO),
     ("stickerMessage", MessageKind.STICKER),
     ("documentMessage", MessageKind.DOCUMENT),
-    ("ptvMessage", MessageKind.VIDEO),  # a round video note
+    # A round video note: customers talk in it as in a voice note, so what they say is transcribed like one
+    # (ffmpeg takes the audio track of the MP4).
+    ("ptvMessage", MessageKind.AUDIO),
 )
 _PHOTO_MIMETYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
 # Read as text (see _location_text, _contact_text); a pin sent as a swipe reply keeps its quote.
@@ -291,7 +293,7 @@ def _body(msg: WAMessage, me: frozenset[str]) -> tuple[MessageKind, str, MediaRe
             mimetype=sub.mimetype,
             size_bytes=int(sub.fileLength) if sub.fileLength else None,
             duration_s=seconds or None,
-            voice_note=bool(getattr(sub, "PTT", False)),
+            voice_note=bool(getattr(sub, "PTT", False)) or field == "ptvMessage",
             handle=msg,  # download_any wants the whole waE2E Message
         )
         if field == "documentMessage" and sub.mimetype.split(";")[0].strip().lower() in _PHOTO_MIMETYPES:

@@ -53,6 +53,7 @@ with warnings.catch_warnings():
         OrderMessage,
         ProductMessage,
         ReactionMessage,
+        VideoMessage,
     )
     from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import Message as WAMessage
 
@@ -1405,3 +1406,17 @@ async def test_a_slow_lid_lookup_holds_messages_once_not_at_every_message(
         await transport.stop()
     assert list(arrived) == ["L0", "L1", "L2", "L3", "OTHER"]  # in order, none lost
     assert max(arrived.values()) - started < 1.5, {k: round(v - started, 2) for k, v in arrived.items()}
+
+
+def test_a_round_video_note_is_read_as_a_voice_note() -> None:
+    """Customers talk in round video notes (ptv) as in voice notes: read as one, so it is transcribed."""
+    ptv = VideoMessage(mimetype="video/mp4", seconds=12, fileLength=900_000)
+    msg = translate_message(event(WAMessage(ptvMessage=ptv)))
+    assert msg is not None and msg.kind is MessageKind.AUDIO
+    assert msg.media is not None and (msg.media.mimetype, msg.media.duration_s, msg.media.voice_note) == (
+        "video/mp4",
+        12,
+        True,
+    )
+    video = translate_message(event(WAMessage(videoMessage=VideoMessage(mimetype="video/mp4"))))
+    assert video is not None and video.kind is MessageKind.VIDEO  # a video is still a video

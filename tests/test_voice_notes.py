@@ -254,3 +254,30 @@ async def test_the_chats_next_message_sees_what_the_voice_note_said(
         await h.say("¿Y cuándo llegará?")  # after a restart: the same context, read from the store
     context = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
     assert context == [*turns[-5:], "¿Y cuándo llegará?"]
+
+
+@pytest.fixture(scope="module")
+def video_note(tmp_path_factory: pytest.TempPathFactory, voice_note: Path) -> Path:
+    """A round video note as WhatsApp sends one: an MP4, H.264-like video with the customer talking (AAC)."""
+    mp4 = tmp_path_factory.mktemp("ptv") / "note.mp4"
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "color=c=black:s=240x240:d=3",
+         "-i", str(voice_note), "-shortest", "-c:v", "mpeg4", "-c:a", "aac", "-y", str(mp4)],
+        check=True,
+    )  # fmt: skip
+    return mp4
+
+
+async def test_a_video_note_is_heard_like_a_voice_note(
+    harness, fake_openai: FakeOpenAI, video_note: Path
+) -> None:
+    """A round video note of the customer talking got "I can only read text, photos and voice notes": it
+    is a voice note with a picture, and what they say is transcribed and answered."""
+    fake_openai.transcript = "¿Tenéis cita para mañana?"
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        ref = MediaRef(mimetype="video/mp4", voice_note=True, handle=video_note.read_bytes())
+        assert await h.say(inbound("", kind=MessageKind.AUDIO, media=ref)) == [
+            "echo: ¿Tenéis cita para mañana?"
+        ]
+    [upload] = fake_openai.transcriptions
+    assert upload.head.startswith(b"OggS")  # the audio track alone, as Opus

@@ -179,8 +179,9 @@ def inbound_from_stored(stored: StoredMessage, media: MediaRef | None = None) ->
     to be downloaded; without it (after a restart) the customer is asked to send it again.
     """
     if stored.kind == ORDER_KIND:  # an order from the catalog: handed over, with its details for the owner
-        details = stored.body.rpartition(ORDER_MARK)[2] if ORDER_MARK in stored.body else stored.body
-        return replace(inbound_from_stored(replace(stored, kind="text")), quoted=details, quoted_from="order")
+        words, mark, details = stored.body.partition(ORDER_MARK)
+        as_text = inbound_from_stored(replace(stored, kind="text", body=words if mark else stored.body))
+        return replace(as_text, quoted=details if mark else stored.body, quoted_from="order")
     try:
         kind = MessageKind(stored.kind)
     except ValueError:
@@ -198,6 +199,17 @@ def inbound_from_stored(stored: StoredMessage, media: MediaRef | None = None) ->
         media=media,
         received_at=stored.created_at,
     )
+
+
+def with_extras(message: Inbound, kept: Inbound | None) -> Inbound:
+    """A message back from the store with what the store does not keep: its media (to download) and what it
+    replies to, when the pipeline kept them (see Pipeline._spill)."""
+    if kept is None:
+        return message
+    quote = {"quoted": kept.quoted, "quoted_from": kept.quoted_from, "quoted_kind": kept.quoted_kind}
+    if message.quoted_from == "order":  # read back from its row already
+        quote = {}
+    return replace(message, media=kept.media, quoted_media=kept.quoted_media, **quote)
 
 
 class DedupWindow:
@@ -340,7 +352,9 @@ class Pipeline:
         self._spilled = False
         self._spill_since = 0.0
         self._spill_seq = 0
-        self._spilled_media: OrderedDict[str, MediaRef] = OrderedDict()
+        # What the store does not keep of a spilled message, kept for its refill (bounded): the download
+        # handle of its media, and what it replies to ("¿precio de este?" under a product photo).
+        self._spilled_extras: OrderedDict[str, Inbound] = OrderedDict()
         self._refilling: asyncio.Task[None] | None = None
         # Answered (or failed) but the store could not record it: still RECEIVED there, never refill it.
         self._unrecorded: OrderedDict[str, None] = OrderedDict()
@@ -510,10 +524,10 @@ class Pipeline:
         self._spill_since = min(self._spill_since, row.created_at)
         self._spill_seq += 1
         self.counters.spilled += 1
-        if message.media is not None:  # a voice note's or photo's download handle is small; keep a few
-            self._spilled_media[message.id] = message.media
-            while len(self._spilled_media) > 1000:
-                self._spilled_media.popitem(last=False)
+        if message.media is not None or message.quoted or message.quoted_media is not None:
+            self._spilled_extras[message.id] = message  # handles and quotes are small; a bounded few
+            while len(self._spilled_extras) > 1000:
+                self._spilled_extras.popitem(last=False)
         # Per chat, when its first message went to the store and how many wait there: for the "busy"
         # notice. Bounded: past 50,000 chats a chat waits without the notice.
         since, count = self._spilled_chats.get(message.chat, (time.monotonic(), 0))
@@ -575,7 +589,9 @@ class Pipeline:
                     continue
                 if taken == room:
                     break
-                message = inbound_from_stored(row, self._spilled_media.pop(row.wa_message_id, None))
+                message = with_extras(
+                    inbound_from_stored(row), self._spilled_extras.pop(row.wa_message_id, None)
+                )
                 self._unspill_chat(message.chat)
                 if self.refuses_number(message.sender):  # blocked while it waited
                     self._skip_stored(message, "number not allowed")
@@ -586,7 +602,7 @@ class Pipeline:
                 taken += 1
             if len(rows) < limit and taken < room and seq == self._spill_seq:
                 self._spilled = False
-                self._spilled_media.clear()
+                self._spilled_extras.clear()
                 self._spilled_chats.clear()
                 logger.info("every waiting message is back from the store")
                 return
@@ -1022,7 +1038,9 @@ class Pipeline:
         # unambiguous); a turn has at most one reply (see _take_burst).
         # While memory is critical a flow's question is answered at once by the flow, under a photo too.
         quoting = None
-        if self._reads_photos and not photos and not self._is_flow_question(message):
+        # A sticker of its own leaves "this photo" clear; a photo of its own would not.
+        own_photos = any(m.kind is MessageKind.IMAGE for m in photos)
+        if self._reads_photos and not own_photos and not self._is_flow_question(message):
             quoting = next((m for m in [*burst, message] if m.quoted_media is not None), None)
         shown: list[str] = []  # the photos as the model gets them (data: URLs)
         # What the model is asked if it refuses the photos: text, context, and the reply when no text is left.
@@ -1053,11 +1071,12 @@ class Pipeline:
                     without_photos = (told, context, plain_reply)
                 else:  # stickers only: the words alone, and nothing at all for a sticker alone
                     without_photos = (text, context, _NO_REPLY)
-            elif canned is None and quoting is not None:  # "¿precio de este?" under a product's photo
+            if canned is None and quoting is not None:  # "¿precio de este?" under a product's photo
                 looking = time.perf_counter()
                 if seen := await self._look_at_quote(quoting):
-                    plain_reply = reply("media_unsupported", self.language)  # only if no words: none yet
-                    shown, without_photos = [seen], (text, context, plain_reply)
+                    alone = without_photos[2] if without_photos else reply("media_unsupported", self.language)
+                    shown = [seen, *shown]  # the photo replied to first
+                    without_photos = (text, context, alone)
                     context = quote_note(quoting, self.language, photo_shown=True)
                 model_time += time.perf_counter() - looking
             if canned is not None:

@@ -1136,6 +1136,9 @@ class NeonizeTransport:
         handle = message.media.handle if message.media else None
         if not isinstance(handle, WAMessage):
             raise TransportError("message has no downloadable media")
+        # whatsmeow's DownloadAny knows no video note: it is a VideoMessage, downloaded as one.
+        if handle.HasField("ptvMessage"):
+            handle = WAMessage(videoMessage=handle.ptvMessage)
         try:
             async with asyncio.timeout(DOWNLOAD_TIMEOUT_S):
                 data = await client.download_any(handle)

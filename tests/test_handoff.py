@@ -364,3 +364,19 @@ async def test_an_order_and_a_request_for_a_person_in_one_burst_tell_the_owner_o
         ]
         [notice] = h.transport.texts_to(ME)
     assert notice.startswith("🛒 Ana (+34600111222) ha enviado un pedido: «Pedido de Ana · 3 items")
+
+
+async def test_an_order_read_back_from_the_store_tells_its_details_once(
+    make_settings, fake_openai: FakeOpenAI
+) -> None:
+    """With hand-offs off, an order answered after a restart gave the model its details twice."""
+    settings: Settings = make_settings(**ai(fake_openai, handoff_phrases="off"))
+    async with owned(BotHarness(settings)) as h:
+        h.bot.pipeline._accepting = False  # as while stop() drains
+        h.bot.pipeline.submit(an_order(id="O1"))
+        await asyncio.sleep(0.3)
+        await h.bot.store.flush()
+    async with owned(BotHarness(settings)) as h:
+        assert await h.bot.pipeline.drain(10)
+    asked = fake_openai.chat_requests[-1]["messages"][-1]["content"]
+    assert asked.count("Pedido de Ana · 3 items") == 1 and asked.endswith("Hola, quiero esto")

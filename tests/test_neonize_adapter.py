@@ -1420,3 +1420,28 @@ def test_a_round_video_note_is_read_as_a_voice_note() -> None:
     )
     video = translate_message(event(WAMessage(videoMessage=VideoMessage(mimetype="video/mp4"))))
     assert video is not None and video.kind is MessageKind.VIDEO  # a video is still a video
+
+
+async def test_a_video_note_is_downloaded_as_the_video_it_is() -> None:
+    """whatsmeow's DownloadAny takes image, video, audio, document and sticker messages only: every video
+    note failed to download, and the customer was asked to send it again, to fail again."""
+
+    class WhatsmeowLikeClient:
+        async def download_any(self, message: WAMessage) -> bytes:
+            for field in (
+                "imageMessage",
+                "videoMessage",
+                "audioMessage",
+                "documentMessage",
+                "stickerMessage",
+            ):
+                if message.HasField(field):
+                    return b"media bytes"
+            raise RuntimeError("failed to find any downloadable media in message")
+
+    ptv = VideoMessage(mimetype="video/mp4", seconds=12, fileLength=900_000, mediaKey=b"k" * 32)
+    msg = translate_message(event(WAMessage(ptvMessage=ptv)))
+    assert msg is not None and msg.kind is MessageKind.AUDIO
+    transport = NeonizeTransport("unused.db", on_inbound=lambda _: None)
+    transport._driver.client = WhatsmeowLikeClient()  # type: ignore[assignment]
+    assert await transport.download_media(msg) == b"media bytes"

@@ -590,3 +590,30 @@ async def test_an_animated_lottie_sticker_is_kept_without_a_download(
         lottie = MediaRef(mimetype="application/was", size_bytes=9000, handle=b"lottie")
         assert await h.say(inbound("", kind=MessageKind.STICKER, media=lottie)) == []
         assert downloads == []
+
+
+async def test_a_reply_to_a_photo_that_waited_in_the_store_still_shows_it(harness, fake: FakeOpenAI) -> None:
+    """Memory critical: "¿precio de este?" under the owner's product photo waited in the store, and came back
+    without the photo or the note that it replies to one."""
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.model_gate.clear()
+        h.bot.pipeline.submit(under(jpeg(), "¿precio de este?"))
+        await asyncio.sleep(0.2)
+        assert h.bot.pipeline.counters.spilled == 1
+        h.bot.pipeline.open_model_gate()
+        assert await h.bot.pipeline.drain(5)
+        sent = [text for text in h.transport.texts_to(CHAT) if text != reply("busy", "es")]
+    assert sent == ["1 foto(s): (El cliente responde a esta foto, un mensaje tuyo.)\n\n¿precio de este?"]
+
+
+async def test_a_sticker_after_a_reply_to_a_photo_still_shows_the_quoted_photo(
+    harness, fake: FakeOpenAI
+) -> None:
+    """ "¿lo tenéis en rojo?" swiped on a product photo, then a 🙏 sticker: the model saw the sticker and was
+    told of a photo it could not see."""
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.gather_s = 0.3
+        sent = await h.say(under(jpeg(color="blue"), "¿lo tenéis en rojo?"), sticker(webp()))
+    assert sent == ["2 foto(s): (El cliente responde a esta foto, un mensaje tuyo.)\n\n¿lo tenéis en rojo?"]
+    quoted, _ = shown_photos(fake.chat_requests[-1])
+    assert quoted.getpixel((5, 5))[2] > 200  # the blue product photo first, then the sticker

@@ -525,7 +525,9 @@ class Pipeline:
         self._spill_seq += 1
         self.counters.spilled += 1
         if message.media is not None or message.quoted or message.quoted_media is not None:
-            self._spilled_extras[message.id] = message  # handles and quotes are small; a bounded few
+            # Small: the text is in the store, and a quote is told the model 300 characters at most.
+            kept = replace(message, text="", quoted=message.quoted[: MAX_QUOTE_CHARS + 1])
+            self._spilled_extras[message.id] = kept
             while len(self._spilled_extras) > 1000:
                 self._spilled_extras.popitem(last=False)
         # Per chat, when its first message went to the store and how many wait there: for the "busy"

@@ -17,10 +17,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# ffmpeg: pydub transcodes voice notes with it. libmagic1t64 (libmagic1 before trixie): python-magic,
-# which neonize imports.
+# ffmpeg: pydub transcodes voice notes with it. poppler-utils: pdftotext and pdftoppm read the PDFs customers
+# send. libmagic1t64 (libmagic1 before trixie): python-magic, which neonize imports.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ffmpeg libmagic1t64 \
+    && apt-get install -y --no-install-recommends ffmpeg poppler-utils libmagic1t64 \
     && rm -rf /var/lib/apt/lists/*
 
 # Dependencies before the code, so a code change reuses this layer. Every requirement has a manylinux

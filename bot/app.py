@@ -28,6 +28,7 @@ from connection.background import BackgroundTasks
 from connection.lease import SessionLease
 from connection.types import ConnectionState, Transport
 from media.audio import AudioSettings, VoiceTranscriber
+from media.document import PdfReader
 from media.image import PhotoReader, PhotoSettings
 from memory.cache import TTLCache
 from memory.history import ChatHistory
@@ -158,6 +159,7 @@ class Bot:
                 PhotoSettings(max_mb=settings.image_max_mb),
                 enabled=settings.openai_vision and model is not None,
             ),
+            documents=PdfReader(max_mb=settings.pdf_max_mb, enabled=settings.read_pdfs and model is not None),
             rate_limiter=SlidingWindowLimiter(
                 settings.rate_limit_max_messages, settings.rate_limit_cooldown / 1000
             ),
@@ -310,6 +312,12 @@ class Bot:
 
     def _warn_missing_tools(self) -> None:
         """Said at start, where the owner looks, rather than as a vague apology to each voice note."""
+        documents = self.pipeline.documents
+        if isinstance(documents, PdfReader) and documents.missing_tool:
+            logger.warning(
+                "pdftotext not found: PDFs get the polite reply until it is installed "
+                "(apt-get install poppler-utils)"
+            )
         if not self.transcriber.enabled:
             return
         for tool in ("ffmpeg", "ffprobe"):

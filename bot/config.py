@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     # How closely OpenAI looks at a photo: "low" (512 px, a fixed small cost), "high" (tiles of 512 px: small
     # print, receipts) or "auto" (the model picks).
     image_detail: Literal["auto", "low", "high"] = "auto"
+    # PDFs are read as text for the model (pdftotext); a scan without text is shown as photos when photos are.
+    read_pdfs: bool = True
+    pdf_max_mb: float = Field(10.0, gt=0, le=100)
 
     # WhatsApp
     wa_pair_phone: str | None = None

@@ -267,6 +267,18 @@ def _check_time_zone(settings: Settings) -> bool:
     )
 
 
+def _check_pdftotext(settings: Settings) -> bool:
+    if shutil.which("pdftotext") is not None:
+        return _line(True, "pdftotext installed")
+    if not settings.read_pdfs:
+        return _line(True, "pdftotext not installed (READ_PDFS=false: PDFs are not read)")
+    return _line(
+        False,
+        "pdftotext not installed: PDFs get the polite reply",
+        "apt-get install poppler-utils, or set READ_PDFS=false",
+    )
+
+
 async def run_doctor(settings: Settings) -> int:
     results = [
         _line(
@@ -279,6 +291,7 @@ async def run_doctor(settings: Settings) -> int:
             "ffprobe installed",
             "apt-get install ffmpeg",
         ),
+        _check_pdftotext(settings),
         _check_data_dir(settings),
         *_check_local_databases(settings),
         _check_flows(settings),

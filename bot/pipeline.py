@@ -39,6 +39,7 @@ from connection.types import (
     Transport,
     TransportError,
 )
+from media.document import DocumentRejected, PdfText, is_pdf
 from media.image import PhotoRejected
 from memory.history import ChatHistory
 from memory.store import (
@@ -73,6 +74,10 @@ MAX_GATHER_ROUNDS = 4
 # Photos shown to the model in one turn (an album of ten is two turns): a photo costs gpt-4o-mini 25,000 to
 # 37,000 input tokens at high detail (gpt-4o ~800 to 1,200), $0.004 to $0.006 either way.
 MAX_BURST_PHOTOS = 5
+# PDFs read in one turn: each is up to 12,000 characters of text (media.document.MAX_CHARS).
+MAX_BURST_DOCUMENTS = 3
+# The pages of a scanned PDF (no text) shown to the model as photos, when it is shown photos.
+MAX_SCANNED_PAGES = 2
 # A flow's file goes with the model's answers to a chat once in this long (asked for by the flow's own
 # question, it is always sent): "¿la carta tiene opciones veganas?" after the menu came needs no second copy.
 FLOW_FILE_EVERY_S = 3600.0
@@ -120,6 +125,22 @@ class PhotoPreparer(Protocol):
     async def prepare(self, data: bytes) -> str: ...
 
 
+class DocumentReader(Protocol):
+    """What the pipeline needs to read PDFs (see media.document.PdfReader)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    @property
+    def max_mb(self) -> float: ...
+
+    def check_declared_size(self, size_bytes: int | None) -> None: ...
+
+    async def read(self, data: bytes) -> PdfText: ...
+
+    async def page_images(self, data: bytes, pages: int) -> list[bytes]: ...
+
+
 _HANDED_OVER = "chat handed to a human"
 _STALE = "too old to answer (offline backlog)"
 _RATE_LIMITED = "over the chat's rate limit"
@@ -148,6 +169,11 @@ async def _all_of(writes: Sequence[Awaitable[None]]) -> None:
 Queued = tuple[Inbound, Awaitable[None] | None]
 
 
+def _joined(*parts: str) -> str:
+    """The non-empty parts, a blank line apart."""
+    return "\n\n".join(part for part in parts if part)
+
+
 def _done() -> asyncio.Future[None]:
     """An intake write that is already durable: a future, so it can be awaited more than once (a voice
     note awaits it before transcribing and again before sending)."""
@@ -170,6 +196,8 @@ class MessageCounters:
     merged: int = 0  # answered by the reply to a later message of their burst
     photos: int = 0  # shown to the model
     photos_unseen: int = 0  # not shown: not downloaded, unreadable, too large, or refused by the model
+    documents: int = 0  # PDFs read (their text, or a scan's pages shown as photos)
+    documents_unread: int = 0  # not downloaded, too large, password-protected, corrupt, or a scan unshown
 
 
 def inbound_from_stored(stored: StoredMessage, media: MediaRef | None = None) -> Inbound:
@@ -296,6 +324,7 @@ class Pipeline:
         language: Language = "es",
         transcriber: VoiceTranscriber | None = None,
         photos: PhotoPreparer | None = None,
+        documents: DocumentReader | None = None,
         group_policy: GroupPolicy = "never",
         max_reply_chars: int = 1500,
         max_inbound_chars: int = 4000,
@@ -319,6 +348,7 @@ class Pipeline:
         self.language = language
         self.transcriber = transcriber
         self.photos = photos  # None, or not enabled: a photo gets its caption answered, or a polite reply
+        self.documents = documents  # None, or not enabled: a PDF gets its caption answered, or a polite reply
         self.group_policy = group_policy
         self.max_reply_chars = max_reply_chars
         self.max_inbound_chars = max_inbound_chars
@@ -904,12 +934,28 @@ class Pipeline:
         then "¿lo tenéis en azul?"); not in a group, where the messages in a row are often different
         members'."""
         group = message.is_group or message.chat.endswith("@g.us")
-        readable = message.kind is MessageKind.TEXT or self._shows_photo(message)
+        readable = message.kind is MessageKind.TEXT or self._shows_photo(message) or self._reads_pdf(message)
         return readable and not group and message.id not in self._notice_only
 
     @property
     def _reads_photos(self) -> bool:
         return self.photos is not None and self.photos.enabled
+
+    @property
+    def _reads_pdfs(self) -> bool:
+        return self.documents is not None and self.documents.enabled
+
+    def _reads_pdf(self, message: Inbound) -> bool:
+        """A PDF whose text the model is given: PDFs are read, and it can still be downloaded (not after a
+        restart)."""
+        media = message.media
+        return (
+            message.kind is MessageKind.DOCUMENT
+            and self._reads_pdfs
+            and media is not None
+            and media.handle is not None
+            and is_pdf(media.mimetype, media.file_name)
+        )
 
     def _shows_photo(self, message: Inbound) -> bool:
         """A photo the model can be shown: photos are on, and it can still be downloaded (not after a
@@ -952,6 +998,7 @@ class Pipeline:
         chars = len(first.text)
         quotes = bool(quote_note(first, self.language))
         photos = int(first.kind in _PHOTO_KINDS)
+        documents = int(first.kind is MessageKind.DOCUMENT)
         while queue and len(burst) < MAX_BURST_MESSAGES:
             message = queue[0][0]
             chars += len(message.text) + 1
@@ -961,7 +1008,8 @@ class Pipeline:
             if not self._joins_burst(message) or (quotes and quotes_too):
                 break
             photos += message.kind in _PHOTO_KINDS
-            if photos > MAX_BURST_PHOTOS:
+            documents += message.kind is MessageKind.DOCUMENT
+            if photos > MAX_BURST_PHOTOS or documents > MAX_BURST_DOCUMENTS:
                 break
             quotes = quotes or quotes_too
             burst.append(queue.popleft())
@@ -1036,6 +1084,10 @@ class Pipeline:
         order: Inbound | None = None  # an order from the catalog, handed over
         file: str | None = None  # a flow's photo or document
         photos = [m for m in [*burst, message] if self._shows_photo(m)]
+        pdfs = [m for m in [*burst, message] if self._reads_pdf(m)]
+        # For the model only (the flows read the customer's words): the PDFs' texts, and the note on a scan
+        # whose pages are shown as photos (not said if the model refuses them).
+        attached, scans = "", ""
         # A photo the turn replies to is shown too, when the turn has none of its own ("this photo" is then
         # unambiguous); a turn has at most one reply (see _take_burst).
         # While memory is critical a flow's question is answered at once by the flow, under a photo too.
@@ -1062,13 +1114,24 @@ class Pipeline:
                 canned = handing_over = reply("order_handoff", self.language)
             elif canned is None and self._asks_for_a_person(message, text):
                 canned = handing_over = reply("handoff", self.language)
+            if canned is None and pdfs:  # an invoice, a receipt, a quote: the model reads its text
+                reading = time.perf_counter()
+                attached, scans, shown, unread = await self._read_pdfs(pdfs)
+                model_time += time.perf_counter() - reading
+                if unread and not (attached or shown or text or photos):  # nothing else to answer
+                    canned = self._pdf_reply(unread[0])
+                elif unread:  # the rest is answered, the model told a file it cannot read came with it
+                    text = f"{text}\n\n{reply('attachment_note', self.language)}".lstrip()
+                if shown:  # a scan's pages: if the model reads no images, asked to write (not for a photo)
+                    without_photos = (text, context, reply("pdf_no_text", self.language))
             if canned is None and photos:
                 looking = time.perf_counter()
-                shown, text, canned = await self._look(photos, text)
+                looked, text, canned = await self._look(photos, text, more=bool(attached or shown))
+                shown = [*shown, *looked]
                 model_time += time.perf_counter() - looking
                 if any(photo.kind is MessageKind.IMAGE for photo in photos):  # told a photo came with it
                     note = reply("attachment_note", self.language)
-                    plain_reply = reply("media_unsupported", self.language)  # without "photos": refused
+                    plain_reply = self._unsupported(photos=False)  # without "photos": refused
                     told = text if not text or note in text else f"{text}\n\n{note}"  # once, if _look told it
                     without_photos = (told, context, plain_reply)
                 else:  # stickers only: the words alone, and nothing at all for a sticker alone
@@ -1076,7 +1139,7 @@ class Pipeline:
             if canned is None and quoting is not None:  # "¿precio de este?" under a product's photo
                 looking = time.perf_counter()
                 if seen := await self._look_at_quote(quoting):
-                    alone = without_photos[2] if without_photos else reply("media_unsupported", self.language)
+                    alone = without_photos[2] if without_photos else self._unsupported(photos=False)
                     shown = [seen, *shown]  # the photo replied to first
                     without_photos = (text, context, alone)
                     context = quote_note(quoting, self.language, photo_shown=True)
@@ -1086,12 +1149,20 @@ class Pipeline:
             else:
                 # A photo's words are about the photo ("¿precio?" under a shoe): the model answers them,
                 # told what the flows know, rather than a flow answering them blind.
-                answer = None if shown else self.responder.quick_answer(text)
+                # A PDF's question too ("¿está bien?" under a receipt).
+                answer = None if shown or attached else self.responder.quick_answer(text)
                 via_model = answer is None
                 if answer is None:
                     model_started = time.perf_counter()
                     answer = await self._ask_model(
-                        message, inbound, text, context, before_burst, shown, without_photos
+                        message,
+                        inbound,
+                        text,
+                        context,
+                        before_burst,
+                        shown,
+                        without_photos,
+                        attached=(attached, scans),
                     )
                     model_time += time.perf_counter() - model_started
                 answer_text, file = answer.text, answer.file
@@ -1179,7 +1250,7 @@ class Pipeline:
             self._answering.add(message.chat)
             return await self._transcribe(message)
         text, trimmed = clean_text(message.text, self.max_inbound_chars)
-        if self._shows_photo(message):  # a photo or a sticker, downloaded and shown with its words: _look
+        if self._shows_photo(message) or self._reads_pdf(message):  # downloaded with its words: _look, _read
             return text, None
         if message.kind is MessageKind.STICKER:
             return "", _NO_REPLY  # a "👍" needs no "I can only read text": kept, unanswered
@@ -1202,14 +1273,20 @@ class Pipeline:
 
     @property
     def _media_unsupported(self) -> str:
-        """The polite reply to what the bot cannot read: it names photos when the model is shown them."""
-        return reply("media_unsupported_photos" if self._reads_photos else "media_unsupported", self.language)
+        """The polite reply to what the bot cannot read: it names photos and PDFs when the model gets them."""
+        return self._unsupported(photos=self._reads_photos)
 
-    async def _look(self, photos: list[Inbound], text: str) -> tuple[list[str], str, str | None]:
+    def _unsupported(self, *, photos: bool) -> str:
+        key = "media_unsupported" + ("_photos" if photos else "") + ("_pdf" if self._reads_pdfs else "")
+        return reply(key, self.language)
+
+    async def _look(
+        self, photos: list[Inbound], text: str, more: bool = False
+    ) -> tuple[list[str], str, str | None]:
         """The photos as the model is shown them, after the memory gate (a download and a decode take
         memory), with the text to answer, or a canned reply. A photo that cannot be downloaded or read is
-        left out and the model told so; with nothing left to answer the customer is asked to send it
-        again."""
+        left out and the model told so; with nothing left to answer (no text, and not `more`: a PDF read)
+        the customer is asked to send it again."""
         assert self.photos is not None
         await self.model_gate.wait()
         self._answering.add(photos[-1].chat)
@@ -1223,14 +1300,89 @@ class Pipeline:
             if photo.kind is MessageKind.IMAGE and not isinstance(outcome, str)
         ]
         if not unseen:
-            return shown, text, (None if shown or text else _NO_REPLY)
-        if not shown and not text:
+            return shown, text, (None if shown or text or more else _NO_REPLY)
+        if not shown and not text and not more:
             too_large = [e for e in unseen if isinstance(e, PhotoRejected) and e.reason == "too_large"]
             if too_large and self.photos.max_mb is not None:
                 # Sending it again would not help: a camera original sent as a document, most often.
                 return [], "", reply("photo_too_large", self.language, limit=self.photos.max_mb)
             return [], "", reply("photo_unreadable", self.language)
         return shown, f"{text}\n\n{reply('attachment_note', self.language)}".lstrip(), None
+
+    async def _read_pdfs(
+        self, pdfs: list[Inbound]
+    ) -> tuple[str, str, list[str], list[TransportError | DocumentRejected]]:
+        """The PDFs' texts for the model, each after a note naming it; a note on each scan and their first
+        pages as photos (when the model is shown photos); and why the others could not be read. After the
+        memory gate: a download and pdftotext take memory."""
+        await self.model_gate.wait()
+        self._answering.add(pdfs[-1].chat)
+        outcomes = await asyncio.gather(*map(self._read_pdf, pdfs))  # together, as an album's photos
+        notes: list[str] = []
+        scans: list[str] = []
+        pages: list[str] = []
+        unread: list[TransportError | DocumentRejected] = []
+        for pdf, outcome in zip(pdfs, outcomes, strict=True):
+            name = (pdf.media.file_name if pdf.media else "") or "documento.pdf"
+            if isinstance(outcome, PdfText):
+                cut = reply("pdf_cut_note", self.language) if outcome.cut else ""
+                note = reply("pdf_text_note", self.language, name=name)
+                notes.append(_joined(f"{note}\n{outcome.text}", cut))
+            elif isinstance(outcome, list):
+                scans.append(reply("pdf_scan_note", self.language, name=name))
+                pages.extend(outcome)
+            else:
+                unread.append(outcome)
+        return _joined(*notes), _joined(*scans), pages, unread
+
+    async def _read_pdf(self, pdf: Inbound) -> PdfText | list[str] | TransportError | DocumentRejected:
+        """One PDF's text; a scan's first pages as the model is shown photos; or why it cannot be read
+        (logged and counted)."""
+        assert self.documents is not None
+        try:
+            self.documents.check_declared_size(pdf.media.size_bytes if pdf.media else None)
+            data = await self.transport.download_media(pdf)
+            try:
+                outcome: PdfText | list[str] = await self.documents.read(data)
+            except DocumentRejected as error:
+                if error.reason != "no_text" or not (outcome := await self._scanned_pages(data)):
+                    raise
+            self.counters.documents += 1
+            return outcome
+        except (TransportError, DocumentRejected) as error:
+            self.counters.documents_unread += 1
+            say = logger.warning if isinstance(error, TransportError) else logger.info
+            say("PDF {} in {} not read: {}", pdf.id, pdf.chat, error)
+            return error
+
+    async def _scanned_pages(self, data: bytes) -> list[str]:
+        """The first pages of a PDF without text (a scan, a photo saved as PDF) as photos for the model; none
+        when the model is not shown photos or they cannot be drawn."""
+        if not self._reads_photos:
+            return []
+        assert self.photos is not None and self.documents is not None
+        try:
+            images = await self.documents.page_images(data, MAX_SCANNED_PAGES)
+        except DocumentRejected as error:
+            logger.info("the pages of a scanned PDF could not be drawn: {}", error)
+            return []
+        pages: list[str] = []
+        for image in images:
+            with contextlib.suppress(PhotoRejected):  # a page too large to decode: the others are shown
+                pages.append(await self.photos.prepare(image))
+        return pages
+
+    def _pdf_reply(self, error: TransportError | DocumentRejected) -> str:
+        """What a customer whose PDF could not be read is told."""
+        reason = error.reason if isinstance(error, DocumentRejected) else "unreadable"
+        if reason == "too_large":
+            assert self.documents is not None
+            return reply("pdf_too_large", self.language, limit=self.documents.max_mb)
+        if reason == "protected":
+            return reply("pdf_protected", self.language)
+        if reason == "no_text":
+            return reply("pdf_no_text_photos" if self._reads_photos else "pdf_no_text", self.language)
+        return reply("pdf_unreadable", self.language)
 
     async def _look_at_quote(self, message: Inbound) -> str | None:
         """The photo `message` replies to, as the model is shown it; None when it cannot be downloaded (the
@@ -1331,11 +1483,13 @@ class Pipeline:
         before_burst: list[StoredMessage] | None = None,
         photos: Sequence[str] = (),
         without_photos: tuple[str, str, str] | None = None,
+        attached: tuple[str, str] = ("", ""),
     ) -> Answer:
-        """The model's answer to `text` (and `photos`), told `context` (what the message replies to) and the
-        chat's history before it (`before_burst` for a burst). A model that refuses the photos is asked
-        `without_photos` instead (text, context, and the reply when there is no text: the polite reply to a
-        photo alone, none to a sticker)."""
+        """The model's answer to `text` (and `photos`), told `context` (what the message replies to),
+        `attached` (the PDFs' texts, and the notes on scans shown as photos) and the chat's history before
+        it (`before_burst` for a burst). A model that refuses the photos is asked `without_photos` instead
+        (text, context, and the reply when there is nothing left: the polite reply to a photo alone, none to
+        a sticker)."""
         # Memory is critical while the gate is shut: the message is persisted and waits, in order
         # (_watch_busy tells the customer once if that lasts).
         await self.model_gate.wait()
@@ -1344,17 +1498,21 @@ class Pipeline:
         await self._typing(message.chat, True)
         try:
             try:
-                answer = await self.responder.model_answer(text, history, context, photos)
+                documents, scans = attached
+                told = _joined(documents, scans, context)
+                answer = await self.responder.model_answer(text, history, told, photos)
             except PhotoRefused as error:
                 self._warn_photos_refused(error)
                 self.counters.photos_unseen += len(photos)
                 plain_text, plain_context, alone = without_photos or (
                     text,
                     context,
-                    reply("media_unsupported", self.language),
+                    self._unsupported(photos=False),
                 )
-                if plain_text:
-                    return await self.responder.model_answer(plain_text, history, plain_context)
+                if plain_text or documents:
+                    return await self.responder.model_answer(
+                        plain_text, history, _joined(documents, plain_context)
+                    )
                 return Answer(alone, Source.AI_OFF)
             if answer.source is Source.MODEL:  # not an apology: the model saw them
                 self.counters.photos += len(photos)

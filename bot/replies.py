@@ -106,6 +106,19 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "(The customer is replying to {what}, a message of {whose}, that you cannot see, captioned: "
         "“{quoted}”)",
     },
+    # Before a PDF's text, for the model only.
+    "pdf_text_note": {
+        "es": "(El cliente envía el PDF «{name}»; este es su texto:)",
+        "en": "(The customer sends the PDF “{name}”; this is its text:)",
+    },
+    "pdf_cut_note": {
+        "es": "(El PDF sigue, pero solo tienes su principio: si te preguntan por el resto, dilo.)",
+        "en": "(The PDF goes on, but you only have its beginning: if asked about the rest, say so.)",
+    },
+    "pdf_scan_note": {
+        "es": "(El cliente envía el PDF «{name}», escaneado: ves sus primeras páginas como imágenes.)",
+        "en": "(The customer sends the PDF “{name}”, a scan: you see its first pages as images.)",
+    },
     "quote_photo_note": {
         "es": "(El cliente responde a esta foto, un mensaje {whose}.)",
         "en": "(The customer is replying to this photo, a message of {whose}.)",
@@ -171,6 +184,44 @@ _REPLIES: dict[str, dict[Language, str]] = {
     "media_unsupported_photos": {
         "es": "Por ahora solo puedo leer mensajes de texto, fotos y notas de voz. ¿Me lo escribes, por favor?",  # noqa: E501
         "en": "For now I can only read text messages, photos and voice notes. Could you type it, please?",
+    },
+    "media_unsupported_pdf": {
+        "es": "Por ahora solo puedo leer mensajes de texto, PDF y notas de voz. ¿Me lo escribes, por favor?",
+        "en": "For now I can only read text messages, PDFs and voice notes. Could you type it, please?",
+    },
+    "media_unsupported_photos_pdf": {
+        "es": "Por ahora solo puedo leer mensajes de texto, fotos, PDF y notas de voz. ¿Me lo escribes, "
+        "por favor?",
+        "en": "For now I can only read text messages, photos, PDFs and voice notes. Could you type it, "
+        "please?",
+    },
+    "pdf_unreadable": {
+        "es": "No he podido abrir tu PDF. ¿Puedes enviarlo de nuevo o contarme por escrito qué necesitas?",
+        "en": "I couldn't open your PDF. Could you send it again or tell me in writing what you need?",
+    },
+    "pdf_too_large": {
+        "es": "Tu PDF es demasiado grande para mí (el máximo es {limit:g} MB). ¿Puedes enviarme una "
+        "captura de lo importante o contarme por escrito qué necesitas?",
+        "en": "Your PDF is too large for me (the limit is {limit:g} MB). Could you send me a screenshot of "
+        "what matters or tell me in writing what you need?",
+    },
+    "pdf_protected": {
+        "es": "Tu PDF está protegido con contraseña y no puedo abrirlo. ¿Puedes enviarme una captura o "
+        "contarme por escrito qué necesitas?",
+        "en": "Your PDF is password-protected and I can't open it. Could you send me a screenshot or tell "
+        "me in writing what you need?",
+    },
+    "pdf_no_text": {
+        "es": "Tu PDF no tiene texto que yo pueda leer (parece escaneado). ¿Puedes contarme por escrito qué "
+        "necesitas?",
+        "en": "Your PDF has no text I can read (it looks scanned). Could you tell me in writing what you "
+        "need?",
+    },
+    "pdf_no_text_photos": {
+        "es": "Tu PDF no tiene texto que yo pueda leer (parece escaneado). ¿Puedes enviarme una foto o una "
+        "captura, o contarme por escrito qué necesitas?",
+        "en": "Your PDF has no text I can read (it looks scanned). Could you send me a photo or a "
+        "screenshot, or tell me in writing what you need?",
     },
     "photo_too_large": {
         "es": "Tu foto es demasiado grande para mí (el máximo es {limit:g} MB). ¿Puedes enviarla como foto y "

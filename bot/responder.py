@@ -23,6 +23,7 @@ from memory.store import BUSY_KIND, Direction, MessageStatus, StoredMessage
 # How a photo shows in the history the model reads: the photo itself is shown only with its own turn.
 PHOTO_MARK = "(📷)"
 STICKER_MARK = "(sticker)"
+DOCUMENT_MARK = "(📄)"
 
 
 class Source(enum.StrEnum):
@@ -61,6 +62,8 @@ def build_messages(system_prompt: str, history: Sequence[StoredMessage], text: s
             body = f"{PHOTO_MARK} {body}".rstrip()
         elif turn.kind == "sticker" and turn.direction is Direction.IN:
             body = STICKER_MARK
+        elif turn.kind == "document" and turn.direction is Direction.IN:  # its text: in its own turn only
+            body = f"{DOCUMENT_MARK} {body}".rstrip()
         if body:
             messages.append({"role": role, "content": body})
     messages.append({"role": "user", "content": text})
@@ -156,7 +159,7 @@ class Responder:
         facts = self.flows.facts(text)
         if self.model is None:  # what the flows know, and that someone will answer the rest
             return Answer("\n\n".join([*facts, reply("ai_off", self.language)]), Source.AI_OFF)
-        asked = f"{context}\n\n{text}" if context else text
+        asked = f"{context}\n\n{text}" if context and text else context or text  # a PDF alone: its text
         prompt = self.system_prompt
         if self.time_zone is not None:  # to the minute, so a cached answer is reused within that minute only
             prompt = f"{prompt}\n\n{local_time_line(self.time_zone, self.language, self.clock())}"

@@ -1,9 +1,9 @@
 """The console as a transport: try the bot in a terminal, or script it with JSON lines.
 
 `python -m bot chat` is interactive; `python -m bot chat --jsonl` reads one JSON
-object per stdin line ({"from": "<number>", "text": "..."}, {"from": ..., "audio": "<path>"} or
-{"from": ..., "image": "<path>", "text": "<caption>"}) and writes one per outgoing message
-({"to": "<number>", "text": "..."}).
+object per stdin line ({"from": "<number>", "text": "..."}, {"from": ..., "audio": "<path>"},
+{"from": ..., "image": "<path>", "text": "<caption>"} or the same with "document" for a PDF) and writes one
+per outgoing message ({"to": "<number>", "text": "..."}).
 """
 
 from __future__ import annotations
@@ -63,9 +63,17 @@ def parse_jsonl(line: str) -> Inbound:
         size = Path(path).stat().st_size if Path(path).is_file() else None
         mimetype = mimetypes.guess_type(path)[0] or "image/jpeg"
         return _inbound(message_id, number, MessageKind.IMAGE, caption, MediaRef(mimetype, size, handle=path))
+    if "document" in data:  # a file (a PDF), with "text" as its caption
+        path, caption = data["document"], data.get("text", "")
+        if not isinstance(path, str) or not path or not isinstance(caption, str):
+            raise BadLine('"document" must be a path to a file, and "text" (its caption) a string')
+        size = Path(path).stat().st_size if Path(path).is_file() else None
+        mimetype = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        media = MediaRef(mimetype, size, file_name=Path(path).name, handle=path)
+        return _inbound(message_id, number, MessageKind.DOCUMENT, caption, media)
     text = data.get("text")
     if not isinstance(text, str):
-        raise BadLine('expected "text" (a string), "audio" or "image" (a path)')
+        raise BadLine('expected "text" (a string), "audio", "image" or "document" (a path)')
     return _inbound(message_id, number, MessageKind.TEXT, text, None)
 
 

@@ -294,6 +294,7 @@ def _body(msg: WAMessage, me: frozenset[str]) -> tuple[MessageKind, str, MediaRe
             size_bytes=int(sub.fileLength) if sub.fileLength else None,
             duration_s=seconds or None,
             voice_note=bool(getattr(sub, "PTT", False)) or field == "ptvMessage",
+            file_name=_text(getattr(sub, "fileName", ""))[:200],
             handle=msg,  # download_any wants the whole waE2E Message
         )
         if field == "documentMessage" and sub.mimetype.split(";")[0].strip().lower() in _PHOTO_MIMETYPES:

@@ -58,6 +58,7 @@ class MediaRef:
     size_bytes: int | None = None
     duration_s: int | None = None
     voice_note: bool = False
+    file_name: str = ""  # a document's, as the sender named it ("factura.pdf")
     handle: Any = field(default=None, repr=False, compare=False)
 
 

@@ -56,10 +56,27 @@ async def _read_tail(stream: asyncio.StreamReader | None, limit: int) -> str:
     return b"".join(tail)[-limit:].decode("utf-8", "replace")
 
 
+async def _write_all(stream: asyncio.StreamWriter | None, data: bytes) -> None:
+    if stream is None:
+        return
+    # A program that exits without reading all of it (a corrupt file, say) closes the pipe: not an error here,
+    # its exit code says what went wrong.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        stream.write(data)
+        await stream.drain()
+        stream.close()
+
+
 async def run(
-    argv: list[str], *, timeout_s: float, stdout_limit: int = 1024 * 1024, stderr_tail: int = 64 * 1024
+    argv: list[str],
+    *,
+    timeout_s: float,
+    stdout_limit: int = 1024 * 1024,
+    stderr_tail: int = 64 * 1024,
+    stdin_data: bytes | None = None,
 ) -> ProcResult:
-    """Run `argv`, return its exit code, stdout and the tail of stderr.
+    """Run `argv`, return its exit code, stdout and the tail of stderr. `stdin_data` is written to its stdin
+    (else it reads nothing).
 
     On timeout, on too much stdout and on cancellation the process is killed and reaped before this returns
     or raises, so a caller's `finally` can delete the files it was writing. FileNotFoundError when the program
@@ -67,15 +84,17 @@ async def run(
     """
     proc = await asyncio.create_subprocess_exec(
         *argv,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.DEVNULL if stdin_data is None else asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     try:
         try:
             async with asyncio.timeout(timeout_s):
-                out, err = await asyncio.gather(
-                    _read_all(proc.stdout, stdout_limit), _read_tail(proc.stderr, stderr_tail)
+                out, err, _ = await asyncio.gather(
+                    _read_all(proc.stdout, stdout_limit),
+                    _read_tail(proc.stderr, stderr_tail),
+                    _write_all(proc.stdin, stdin_data or b""),
                 )
                 returncode = await proc.wait()
         except TimeoutError:

@@ -132,7 +132,7 @@ async def test_media_the_model_is_not_shown_and_groups_are_not_merged(
             inbound("uno", chat=group, is_group=True),
             inbound("dos", chat=group, is_group=True),
         )
-    notice = reply("media_unsupported_photos", "es")
+    notice = reply("media_unsupported_photos_pdf", "es")
     assert h.transport.texts_to(CHAT) == ["echo: hola", notice, "echo: ¿precio?"]
     assert h.transport.texts_to(group) == ["echo: uno", "echo: dos"]
     assert len(sent) == 5

@@ -376,6 +376,24 @@ def test_a_photo_sent_as_a_document_is_a_photo() -> None:
     assert pdf is not None and pdf.kind is MessageKind.DOCUMENT
 
 
+def test_a_pdf_keeps_its_name_and_size_for_the_reader() -> None:
+    """The model is told which PDF it reads ("factura.pdf"), and one over PDF_MAX_MB is refused before its
+    download."""
+    document = DocumentMessage(
+        mimetype="application/pdf", fileName="factura_0042.pdf", fileLength=52_000, caption="¿está bien?"
+    )
+    msg = translate_message(event(WAMessage(documentWithCaptionMessage=FutureProofMessage(
+        message=WAMessage(documentMessage=document)
+    ))))  # fmt: skip
+    assert msg is not None and (msg.kind, msg.text) == (MessageKind.DOCUMENT, "¿está bien?")
+    assert msg.media is not None
+    assert (msg.media.file_name, msg.media.size_bytes, msg.media.mimetype) == (
+        "factura_0042.pdf",
+        52_000,
+        "application/pdf",
+    )
+
+
 def test_from_me() -> None:
     msg = translate_message(event(WAMessage(conversation="yo"), sender=jid(ME, device=0), from_me=True))
     assert msg is not None

@@ -182,7 +182,7 @@ async def test_a_model_that_reads_no_images_answers_without_them(harness, fake: 
             ]
             llama = json.dumps({"error": {"code": 500, "message": "image input is not supported (mmproj)"}})
             fake.raw_next.extend([(500, "application/json", llama)] * 2)  # the SDK retries a 5xx once
-            assert await h.say(photo(jpeg())) == [reply("media_unsupported", "es")]
+            assert await h.say(photo(jpeg())) == [reply("media_unsupported_pdf", "es")]
             breaker = h.bot.model.breaker.stats() if h.bot.model else {}
     finally:
         logger.remove(sink)
@@ -198,7 +198,7 @@ async def test_a_model_that_reads_no_images_answers_without_them(harness, fake: 
 
 async def test_with_openai_vision_off_a_photo_gets_the_polite_reply(harness, fake: FakeOpenAI) -> None:
     async with harness(**ai(fake, openai_vision=False)) as h:
-        assert await h.say(photo(jpeg())) == [reply("media_unsupported", "es")]
+        assert await h.say(photo(jpeg())) == [reply("media_unsupported_pdf", "es")]
         assert await h.say(photo(jpeg(), "¿precio?")) == [
             f"texto: ¿precio?\n\n{reply('attachment_note', 'es')}"
         ]
@@ -211,7 +211,7 @@ async def test_a_photo_whose_download_handle_is_gone_is_asked_for_again(harness,
         assert await h.say(inbound("", kind=MessageKind.IMAGE)) == [reply("photo_unreadable", "es")]
         # Other media the model is not shown: the polite reply names photos among what the bot reads.
         video = inbound("", kind=MessageKind.VIDEO, chat=OTHER)  # another chat: told once in 5 minutes
-        assert await h.say(video) == [reply("media_unsupported_photos", "es")]
+        assert await h.say(video) == [reply("media_unsupported_photos_pdf", "es")]
     assert fake.chat_count == 0
 
 
@@ -328,7 +328,9 @@ async def test_an_album_past_the_notice_window_is_kept_unanswered_whole(harness,
 
 async def test_a_media_notice_does_not_silence_an_unseen_photo(harness, fake: FakeOpenAI) -> None:
     async with harness(**ai(fake)) as h:
-        assert await h.say(inbound("", kind=MessageKind.VIDEO)) == [reply("media_unsupported_photos", "es")]
+        assert await h.say(inbound("", kind=MessageKind.VIDEO)) == [
+            reply("media_unsupported_photos_pdf", "es")
+        ]
         gone = MediaRef("image/jpeg", 100, handle="/nonexistent.jpg")
         assert await h.say(inbound("", kind=MessageKind.IMAGE, media=gone)) == [
             reply("photo_unreadable", "es")

@@ -448,7 +448,7 @@ async def test_photos_in_a_row_get_the_media_notice_once_and_are_all_kept(
     """Four photos or stickers sent in a row got four identical "I can only read text and voice notes"
     messages (photos the model is not shown: OPENAI_VISION=false)."""
     now = [1000.0]
-    notice = reply("media_unsupported", "es")
+    notice = reply("media_unsupported_pdf", "es")
     other = "5491122334455@s.whatsapp.net"
     async with harness(**ai(fake_openai), openai_vision=False) as h:
         h.bot.pipeline.media_notices = OncePerWindow(300, clock=lambda: now[0])

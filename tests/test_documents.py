@@ -1,0 +1,282 @@
+"""PDFs customers send (a receipt, an invoice, a quote), read for the model: real pdftotext and pdftoppm, the
+real pipeline, SQLite store and SDK against the fake OpenAI server, loopback transport; and through
+`python -m bot chat --jsonl`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.replies import reply
+from connection.console import parse_jsonl
+from connection.types import MediaRef, MessageKind
+from media.document import MAX_CHARS, MAX_PAGES, DocumentRejected, PdfReader, is_pdf
+from media.proc import run
+from memory.store import Direction, MessageStatus
+from tests.conftest import inbound
+from tests.fake_openai import FakeOpenAI
+from tests.pdfs import protected_pdf, scanned_pdf, text_pdf
+from tests.test_console import lines, run_chat
+from tests.test_photos import ai, count_downloads, describes, shown_photos
+
+CHAT = "34600111222@s.whatsapp.net"
+RECEIPT = text_pdf(["Comprobante de transferencia", "Importe: 45,00 EUR", "Beneficiario: Zapatería Ñandú"])
+
+
+def pdf(data: bytes, caption: str = "", name: str = "comprobante.pdf", **fields: Any) -> Any:
+    media = MediaRef(mimetype="application/pdf", size_bytes=len(data), file_name=name, handle=data)
+    return inbound(caption, kind=MessageKind.DOCUMENT, media=media, **fields)
+
+
+def asked(fake: FakeOpenAI, request: int = -1) -> str:
+    """The words of the last user turn the model got in a request."""
+    content = fake.chat_requests[request]["messages"][-1]["content"]
+    if isinstance(content, str):
+        return content
+    return " ".join(part["text"] for part in content if part["type"] == "text")
+
+
+@pytest.fixture
+def fake(fake_openai: FakeOpenAI) -> FakeOpenAI:
+    fake_openai.reply = describes
+    return fake_openai
+
+
+async def test_a_pdf_is_read_to_the_model_with_its_caption(harness, fake: FakeOpenAI) -> None:
+    """A customer sends a transfer receipt as a PDF and "¿os ha llegado?": the bot answered "I can only read
+    text, photos and voice notes", or answered the words blind."""
+    async with harness(**ai(fake)) as h:
+        [answer] = await h.say(pdf(RECEIPT, "¿os ha llegado?", id="D1"))
+        assert await h.say("¿y cuándo lo enviáis?") == ["texto: ¿y cuándo lo enviáis?"]
+        stored = await h.bot.store.recent_messages(CHAT, 5)
+        counters = h.bot.pipeline.counters
+    first = asked(fake, 0)
+    assert "Importe: 45,00 EUR" in first and "Beneficiario: Zapatería Ñandú" in first
+    assert "«comprobante.pdf»" in first and first.endswith("¿os ha llegado?")
+    assert answer.startswith("texto: (El cliente envía el PDF")
+    # The PDF's text is in its own turn only: the history says a PDF came, with its caption, and is stored so.
+    history = [m["content"] for m in fake.chat_requests[1]["messages"][1:-1]]
+    assert history[0] == "(📄) ¿os ha llegado?"  # and the bot's answer: the fake model echoes the PDF
+    assert next((m.kind, m.body, m.status) for m in stored if m.direction is Direction.IN) == (
+        "document",
+        "¿os ha llegado?",
+        MessageStatus.ANSWERED,
+    )
+    assert (counters.documents, counters.documents_unread) == (1, 0)
+
+
+async def test_a_pdf_alone_is_answered_from_its_text(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake)) as h:
+        [answer] = await h.say(pdf(RECEIPT))
+    assert asked(fake).startswith("(El cliente envía el PDF «comprobante.pdf»; este es su texto:)\n")
+    assert asked(fake).endswith("Beneficiario: Zapatería Ñandú")  # nothing after: no empty caption
+    assert "Importe" in answer
+
+
+async def test_a_pdf_and_the_words_after_it_are_one_turn(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.gather_s = 0.3  # as WA_GATHER_S sets it on WhatsApp
+        sent = await h.say(pdf(RECEIPT), "hola", "¿os ha llegado el pago?")
+    assert len(sent) == 1 and fake.chat_count == 1
+    assert "Importe: 45,00 EUR" in asked(fake) and asked(fake).endswith("hola\n¿os ha llegado el pago?")
+
+
+async def test_words_in_a_pdf_do_not_set_off_a_flow(harness, fake: FakeOpenAI, tmp_path: Path) -> None:
+    """A menu PDF says "horario" somewhere: the flow for "horario" must not answer a question about the PDF,
+    nor hand its facts or files to the model as if the customer had asked."""
+    flows = tmp_path / "flows.yaml"
+    flows.write_text("- keywords: [horario]\n  answer: Abrimos de 9 a 14.\n")
+    menu = text_pdf(["Carta de temporada", "Horario de cocina: hasta las 23:00"])
+    async with harness(**ai(fake), flows_file=flows) as h:
+        [answer] = await h.say(pdf(menu, "¿tenéis opciones veganas?", name="carta.pdf"))
+        assert await h.say(pdf(menu, "¿horario?", name="carta.pdf")) != ["Abrimos de 9 a 14."]
+    assert answer.startswith("texto:") and "Carta de temporada" in answer
+    assert "Abrimos de 9 a 14." not in fake.chat_requests[0]["messages"][0]["content"]
+
+
+async def test_a_long_pdf_is_read_in_part_and_the_model_told_so(harness, fake: FakeOpenAI) -> None:
+    pages = [[f"Página {n}: precio del artículo {n}, {n},00 EUR"] for n in range(1, MAX_PAGES + 6)]
+    async with harness(**ai(fake)) as h:
+        await h.say(pdf(text_pdf(*pages), "¿qué precio tiene el artículo 33?", name="catalogo.pdf"))
+    text = asked(fake)
+    assert f"Página {MAX_PAGES}:" in text and f"Página {MAX_PAGES + 1}:" not in text
+    assert reply("pdf_cut_note", "es") in text
+
+
+async def test_a_pdf_of_exactly_the_pages_read_is_not_called_cut(harness, fake: FakeOpenAI) -> None:
+    pages = [[f"Página {n}"] for n in range(1, MAX_PAGES + 1)]
+    async with harness(**ai(fake)) as h:
+        await h.say(pdf(text_pdf(*pages)))
+    assert f"Página {MAX_PAGES}" in asked(fake) and reply("pdf_cut_note", "es") not in asked(fake)
+
+
+async def test_a_pdf_of_much_text_is_cut_at_a_line_end() -> None:
+    line = "Cláusula: el cliente acepta las condiciones generales de venta y envío."
+    many = text_pdf(*[[f"{n} {line}"] * 40 for n in range(10)])
+    read = await PdfReader(enabled=True).read(many)
+    assert read.cut and MAX_CHARS // 2 < len(read.text) <= MAX_CHARS
+    assert read.text.endswith(line)  # a whole line, not half a word
+
+
+async def test_a_password_protected_pdf_gets_a_reply_that_says_so(harness, fake: FakeOpenAI) -> None:
+    """Bank statements are often protected with the customer's ID number: "send it again" would not help."""
+    async with harness(**ai(fake)) as h:
+        sent = await h.say(pdf(protected_pdf(RECEIPT), id="D1"))
+        counters = h.bot.pipeline.counters
+        [row] = [m for m in await h.bot.store.recent_messages(CHAT, 5) if m.direction is Direction.IN]
+    assert sent == [reply("pdf_protected", "es")]
+    assert fake.chat_count == 0 and counters.documents_unread == 1
+    assert row.status is MessageStatus.ANSWERED
+
+
+@pytest.mark.parametrize(
+    "data",
+    [RECEIPT[: len(RECEIPT) // 3], b"%PDF-1.4\n" + bytes(range(256)) * 40, b"PK\x03\x04 not a pdf at all"],
+    ids=["truncated", "garbage", "a zip named .pdf"],
+)
+async def test_a_corrupt_pdf_alone_is_asked_for_again(harness, fake: FakeOpenAI, data: bytes) -> None:
+    async with harness(**ai(fake)) as h:
+        assert await h.say(pdf(data)) == [reply("pdf_unreadable", "es")]
+    assert fake.chat_count == 0
+
+
+async def test_a_corrupt_pdf_with_words_gets_the_words_answered(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake)) as h:
+        [answer] = await h.say(pdf(b"%PDF-1.4 broken", "te paso la factura, ¿la veis bien?"))
+    assert answer == f"texto: te paso la factura, ¿la veis bien?\n\n{reply('attachment_note', 'es')}"
+
+
+async def test_a_pdf_over_the_limit_is_refused_before_downloading(
+    harness, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = MediaRef("application/pdf", size_bytes=30 * 1024 * 1024, file_name="catalogo.pdf", handle=b"x")
+    async with harness(**ai(fake), pdf_max_mb=20) as h:
+        downloads = count_downloads(h, monkeypatch)
+        sent = await h.say(inbound("", kind=MessageKind.DOCUMENT, media=big))
+    assert sent == [reply("pdf_too_large", "es", limit=20)] and "20 MB" in sent[0]
+    assert downloads == [] and fake.chat_count == 0
+
+
+async def test_a_scanned_pdf_is_shown_to_the_model_as_photos(harness, fake: FakeOpenAI) -> None:
+    """A receipt scanned with a phone app is images in a PDF: no text to read, but the model reads images."""
+    async with harness(**ai(fake)) as h:
+        [answer] = await h.say(pdf(scanned_pdf(pages=3), "¿está bien?", name="escaneo.pdf"))
+        counters = h.bot.pipeline.counters
+    pages = shown_photos(fake.chat_requests[-1])
+    assert len(pages) == 2  # MAX_SCANNED_PAGES of the 3
+    assert all(page.format == "JPEG" and page.height == 1536 for page in pages)
+    assert answer.startswith("2 foto(s): (El cliente envía el PDF «escaneo.pdf», escaneado")
+    assert answer.endswith("¿está bien?")
+    assert (counters.documents, counters.documents_unread) == (1, 0)
+
+
+async def test_a_scanned_pdf_without_photos_asks_for_a_photo_or_words(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake), openai_vision=False) as h:
+        assert await h.say(pdf(scanned_pdf())) == [reply("pdf_no_text", "es")]
+    assert fake.chat_count == 0
+
+
+async def test_a_scan_refused_by_a_model_that_reads_no_images(harness, fake: FakeOpenAI) -> None:
+    """gpt-3.5 refuses image parts: the customer is asked to write, not told "I can only read ... PDFs"."""
+    refusal = {"message": "Invalid content type. image_url is only supported by certain models."}
+    fake.raw_next.append((400, "application/json", json.dumps({"error": refusal})))
+    async with harness(**ai(fake)) as h:
+        assert await h.say(pdf(scanned_pdf())) == [reply("pdf_no_text", "es")]
+
+
+async def test_other_documents_get_the_polite_reply_naming_pdfs(harness, fake: FakeOpenAI) -> None:
+    sheet = MediaRef(mimetype="application/vnd.ms-excel", size_bytes=10, file_name="precios.xls", handle=b"x")
+    async with harness(**ai(fake)) as h:
+        sent = await h.say(inbound("", kind=MessageKind.DOCUMENT, media=sheet))
+    assert sent == [reply("media_unsupported_photos_pdf", "es")]
+    assert "PDF" in sent[0]
+
+
+async def test_with_pdfs_off_a_pdf_gets_the_reply_of_before(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake), read_pdfs=False) as h:
+        assert await h.say(pdf(RECEIPT)) == [reply("media_unsupported_photos", "es")]
+        [answer] = await h.say(pdf(RECEIPT, "¿os ha llegado?"))
+    assert answer == f"texto: ¿os ha llegado?\n\n{reply('attachment_note', 'es')}"
+
+
+async def test_a_pdf_named_but_not_typed_is_read() -> None:
+    """Some phones send application/octet-stream: the name tells."""
+    assert is_pdf("application/octet-stream", "Factura.PDF") and is_pdf("application/pdf; charset=binary")
+    assert not is_pdf("application/octet-stream", "precios.xlsx") and not is_pdf("image/png", "x.pdf")
+
+
+async def test_two_pdfs_at_once_are_read_together(harness, fake: FakeOpenAI) -> None:
+    other = text_pdf(["Presupuesto 77", "Total: 120,00 EUR"])
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.gather_s = 0.3  # as WA_GATHER_S sets it on WhatsApp
+        sent = await h.say(pdf(RECEIPT, id="D1"), pdf(other, name="presupuesto.pdf", id="D2"))
+    assert len(sent) == 1
+    text = asked(fake)
+    assert text.index("Importe: 45,00") < text.index("Presupuesto 77")  # in the order sent
+
+
+async def test_a_pdf_that_cannot_be_downloaded_is_asked_for_again(harness, fake: FakeOpenAI) -> None:
+    gone = MediaRef("application/pdf", size_bytes=100, file_name="f.pdf", handle="/nonexistent/f.pdf")
+    async with harness(**ai(fake)) as h:
+        sent = await h.say(inbound("", kind=MessageKind.DOCUMENT, media=gone))
+    assert sent == [reply("pdf_unreadable", "es")]
+
+
+async def test_a_pdf_waits_for_memory_like_a_photo(harness, fake: FakeOpenAI) -> None:
+    """While memory is critical nothing is downloaded or read: pdftotext would take memory too."""
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.model_gate.clear()
+        h.bot.pipeline.submit(pdf(RECEIPT))
+        await asyncio.sleep(0.3)
+        assert h.transport.sent == [] and h.bot.pipeline.counters.documents == 0
+        h.bot.pipeline.model_gate.set()
+        assert await h.bot.pipeline.drain(10)
+        assert len(h.transport.sent) == 1 and h.bot.pipeline.counters.documents == 1
+
+
+def test_the_console_reads_a_document_line(tmp_path: Path) -> None:
+    path = tmp_path / "factura.pdf"
+    path.write_bytes(RECEIPT)
+    message = parse_jsonl(json.dumps({"from": "34600111222", "document": str(path), "text": "¿bien?"}))
+    assert (message.kind, message.text) == (MessageKind.DOCUMENT, "¿bien?")
+    assert message.media is not None and message.media.file_name == "factura.pdf"
+    assert message.media.mimetype == "application/pdf" and message.media.size_bytes == len(RECEIPT)
+
+
+async def test_a_pdf_through_python_m_bot_chat(tmp_path: Path, fake_openai: FakeOpenAI) -> None:
+    fake_openai.reply = describes
+    path = tmp_path / "factura.pdf"
+    path.write_bytes(RECEIPT)
+    line = json.dumps({"from": "34600111222", "document": str(path), "text": "¿os ha llegado?"})
+    env = {"OPENAI_API_KEY": "test-key", "OPENAI_BASE_URL": fake_openai.base_url}
+    code, out, err = await run_chat(tmp_path, line + "\n", "--jsonl", **env)
+    assert code == 0, err
+    [sent] = lines(out)
+    assert "Importe: 45,00 EUR" in sent["text"] and sent["text"].endswith("¿os ha llegado?")
+
+
+async def test_a_program_that_leaves_its_input_unread_is_no_error() -> None:
+    """pdftotext stops reading a file that is not a PDF: its exit code tells, not a broken pipe here."""
+    result = await run(["sh", "-c", "exit 3"], timeout_s=10, stdin_data=b"x" * (4 * 1024 * 1024))
+    assert result.returncode == 3
+
+
+async def test_without_pdftotext_pdfs_are_not_read(tmp_path: Path) -> None:
+    reader = PdfReader(enabled=True, pdftotext=str(tmp_path / "no-such-pdftotext"))
+    assert not reader.enabled and reader.missing_tool
+    with pytest.raises(DocumentRejected):
+        await reader.read(RECEIPT)
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="no prlimit on this system")
+async def test_pdftotext_runs_capped_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crafted PDF must not take the bot's container past its memory: pdftotext's address space is
+    capped."""
+    monkeypatch.setattr("media.document.ADDRESS_SPACE_BYTES", 4 * 1024 * 1024)  # too small to even start
+    with pytest.raises(DocumentRejected):
+        await PdfReader(enabled=True).read(RECEIPT)

@@ -88,6 +88,13 @@ class HandoffPhrases:
     def asked(self, text: str) -> bool:
         return any(self._asked_in(f" {normalize(clause)} ") for clause in CLAUSE_BREAKS.split(text))
 
+    def asked_over_lines(self, text: str) -> bool:
+        """`asked`, for a message over several lines or a burst of messages: "quiero hablar" / "con una
+        persona" asks, "no quiero" / "hablar con una persona" does not. A line that is a bare "no" answers
+        something else: "no" / "quiero hablar con una persona" asks."""
+        lines = [line for line in text.split("\n") if line.strip()]
+        return self.asked(" ".join(f"{line}," if normalize(line) in _NEGATIONS else line for line in lines))
+
     def _asked_in(self, padded: str) -> bool:
         for phrase in self._padded:
             start = padded.find(phrase)

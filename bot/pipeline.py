@@ -836,7 +836,7 @@ class Pipeline:
         if self.handoff is None or message.is_group:
             return False
         # "quiero hablar" / "con una persona" in a burst (or one message over two lines) asks too.
-        return self.handoff.asked(text) or ("\n" in text and self.handoff.asked(text.replace("\n", " ")))
+        return self.handoff.asked_over_lines(text)
 
     def _order_in(self, messages: Sequence[Inbound]) -> Inbound | None:
         """An order from the business's catalog (the cart): a person confirms stock, payment and delivery, so

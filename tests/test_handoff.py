@@ -215,6 +215,29 @@ def test_requests_for_a_person_and_mere_mentions(text: str, asks: bool) -> None:
 
 
 @pytest.mark.parametrize(
+    ("lines", "asks"),
+    [
+        (["quiero hablar", "con una persona"], True),
+        (["hola", "quiero hablar con una persona"], True),
+        (["no", "quiero hablar con una persona"], True),  # "no" answers the bot's question
+        (["No.", "Quiero hablar con una persona"], True),
+        (["no quiero", "hablar con una persona"], False),  # one refusal over two lines
+        (["No quiero", "hablar con una persona, gracias"], False),
+        (["I don't want", "to talk to a human"], False),
+        (["esto no funciona", "quiero hablar con una persona"], True),
+    ],
+)
+async def test_a_request_over_several_messages(harness, fake_openai, lines: list[str], asks: bool) -> None:
+    """A burst is read as one message: "no quiero" / "hablar con una persona" refuses, as it does on one
+    line, and used to hand the chat over."""
+    ai = {"openai_api_key": "test-key", "openai_base_url": fake_openai.base_url}
+    async with harness(**ai) as h:
+        h.bot.pipeline.gather_s = 0.2  # as WA_GATHER_S sets it on WhatsApp
+        sent = await told(h, *(inbound(line, id=f"L{n}") for n, line in enumerate(lines)))
+    assert (sent == [reply("handoff", "es")]) is asks, sent
+
+
+@pytest.mark.parametrize(
     "value",
     ["¿hablar con ventas?, ¡un asesor!", "¿hablar con ventas?., (¡un asesor!)", '"¿hablar con ventas?"'],
 )

@@ -16,7 +16,7 @@ import time
 import unicodedata
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -163,6 +163,17 @@ async def _all_of(writes: Sequence[Awaitable[None]]) -> None:
     for outcome in await asyncio.gather(*map(asyncio.shield, writes), return_exceptions=True):
         if isinstance(outcome, BaseException):
             raise outcome
+
+
+@dataclass
+class ReadPdfs:
+    """What a turn's PDFs give the model (see Pipeline._read_pdfs)."""
+
+    texts: str = ""  # the PDFs' texts, each after a note naming it: read with or without photos
+    scans: str = ""  # a note on each scan whose pages are shown: said only with the pages
+    pages: list[str] = field(default_factory=list)  # the scans' first pages, as photos (data: URLs)
+    scanned: int = 0  # the PDFs shown as pages: counted read once the model has seen them
+    unread: list[TransportError | DocumentRejected] = field(default_factory=list)
 
 
 # A message waiting in its chat's queue, with the pending write of its row (None: already in the store).
@@ -1085,9 +1096,7 @@ class Pipeline:
         file: str | None = None  # a flow's photo or document
         photos = [m for m in [*burst, message] if self._shows_photo(m)]
         pdfs = [m for m in [*burst, message] if self._reads_pdf(m)]
-        # For the model only (the flows read the customer's words): the PDFs' texts, and the note on a scan
-        # whose pages are shown as photos (not said if the model refuses them).
-        attached, scans = "", ""
+        read = ReadPdfs()  # for the model only: the flows read the customer's words
         # A photo the turn replies to is shown too, when the turn has none of its own ("this photo" is then
         # unambiguous); a turn has at most one reply (see _take_burst).
         # While memory is critical a flow's question is answered at once by the flow, under a photo too.
@@ -1116,25 +1125,32 @@ class Pipeline:
                 canned = handing_over = reply("handoff", self.language)
             if canned is None and pdfs:  # an invoice, a receipt, a quote: the model reads its text
                 reading = time.perf_counter()
-                attached, scans, shown, unread = await self._read_pdfs(pdfs)
+                # A scan's pages are images of the turn: with its photos, MAX_BURST_PHOTOS at most.
+                read = await self._read_pdfs(pdfs, pages=max(0, MAX_BURST_PHOTOS - len(photos)))
                 model_time += time.perf_counter() - reading
-                if unread and not (attached or shown or text or photos):  # nothing else to answer
-                    canned = self._pdf_reply(unread[0])
-                elif unread:  # the rest is answered, the model told a file it cannot read came with it
-                    text = f"{text}\n\n{reply('attachment_note', self.language)}".lstrip()
-                if shown:  # a scan's pages: if the model reads no images, asked to write (not for a photo)
-                    without_photos = (text, context, reply("pdf_no_text", self.language))
+                shown = list(read.pages)
+                if read.unread and not (read.texts or shown or text or photos):  # nothing else to answer
+                    canned = self._pdf_reply(read.unread[0])
+                elif read.unread and (read.texts or shown or text):  # told a file it cannot read came
+                    text = self._noted(text)
+                if shown:  # a scan: if the model reads no images, the customer is asked to write (no photo)
+                    write_it = reply("pdf_no_text", self.language)
+                    without_photos = (self._noted(text) if text else "", context, write_it)
+                    quoting = None  # its pages are images of the turn's own: "this photo" would be ambiguous
             if canned is None and photos:
                 looking = time.perf_counter()
-                looked, text, canned = await self._look(photos, text, more=bool(attached or shown))
+                looked, text, canned = await self._look(photos, text, more=bool(read.texts or shown))
                 shown = [*shown, *looked]
                 model_time += time.perf_counter() - looking
+                if read.unread and canned == _NO_REPLY:  # an unreadable sticker and an unread PDF
+                    canned = self._pdf_reply(read.unread[0])
+                elif read.unread and canned is None:
+                    text = self._noted(text)
                 if any(photo.kind is MessageKind.IMAGE for photo in photos):  # told a photo came with it
-                    note = reply("attachment_note", self.language)
-                    plain_reply = self._unsupported(photos=False)  # without "photos": refused
-                    told = text if not text or note in text else f"{text}\n\n{note}"  # once, if _look told it
-                    without_photos = (told, context, plain_reply)
-                else:  # stickers only: the words alone, and nothing at all for a sticker alone
+                    # Without "photos" (refused), or a scan's "write it to me".
+                    plain_reply = without_photos[2] if without_photos else self._unsupported(photos=False)
+                    without_photos = (self._noted(text) if text else text, context, plain_reply)
+                elif without_photos is None:  # stickers only: the words alone, nothing for a sticker alone
                     without_photos = (text, context, _NO_REPLY)
             if canned is None and quoting is not None:  # "¿precio de este?" under a product's photo
                 looking = time.perf_counter()
@@ -1150,7 +1166,7 @@ class Pipeline:
                 # A photo's words are about the photo ("¿precio?" under a shoe): the model answers them,
                 # told what the flows know, rather than a flow answering them blind.
                 # A PDF's question too ("¿está bien?" under a receipt).
-                answer = None if shown or attached else self.responder.quick_answer(text)
+                answer = None if shown or read.texts else self.responder.quick_answer(text)
                 via_model = answer is None
                 if answer is None:
                     model_started = time.perf_counter()
@@ -1162,7 +1178,7 @@ class Pipeline:
                         before_burst,
                         shown,
                         without_photos,
-                        attached=(attached, scans),
+                        read=read,
                     )
                     model_time += time.perf_counter() - model_started
                 answer_text, file = answer.text, answer.file
@@ -1258,6 +1274,13 @@ class Pipeline:
             self.counters.photos_unseen += 1  # its download handle is gone (a restart)
             if not text:  # asked for it again
                 return "", reply("photo_unreadable", self.language)
+        handle = message.media.handle if message.media else None
+        if message.kind is MessageKind.DOCUMENT and self._reads_pdfs and handle is None:
+            # Its download handle is gone (a restart), and with it its name and type: it may have been a PDF,
+            # so not "I can read PDFs, type it". Asked for it again.
+            self.counters.documents_unread += 1
+            if not text:
+                return "", reply("document_unreadable", self.language)
         if message.kind in _MEDIA_KINDS:
             if not text or message.kind not in _CAPTIONED_KINDS:
                 return "", self._media_unsupported
@@ -1309,60 +1332,72 @@ class Pipeline:
             return [], "", reply("photo_unreadable", self.language)
         return shown, f"{text}\n\n{reply('attachment_note', self.language)}".lstrip(), None
 
-    async def _read_pdfs(
-        self, pdfs: list[Inbound]
-    ) -> tuple[str, str, list[str], list[TransportError | DocumentRejected]]:
+    def _noted(self, text: str) -> str:
+        """`text`, with the model told (once) that a file, photo or video it cannot see came with it."""
+        note = reply("attachment_note", self.language)
+        return text if note in text else _joined(text, note)
+
+    async def _read_pdfs(self, pdfs: list[Inbound], pages: int) -> ReadPdfs:
         """The PDFs' texts for the model, each after a note naming it; a note on each scan and their first
-        pages as photos (when the model is shown photos); and why the others could not be read. After the
-        memory gate: a download and pdftotext take memory."""
+        pages as photos (`pages` at most in all, when the model is shown photos); and why the others could not
+        be read. After the memory gate: a download and pdftotext take memory."""
         await self.model_gate.wait()
         self._answering.add(pdfs[-1].chat)
-        outcomes = await asyncio.gather(*map(self._read_pdf, pdfs))  # together, as an album's photos
+        each = min(MAX_SCANNED_PAGES, pages // len(pdfs))
+        # Together, as an album's photos.
+        outcomes = await asyncio.gather(*(self._read_pdf(pdf, each) for pdf in pdfs))
         notes: list[str] = []
         scans: list[str] = []
-        pages: list[str] = []
-        unread: list[TransportError | DocumentRejected] = []
+        read = ReadPdfs()
         for pdf, outcome in zip(pdfs, outcomes, strict=True):
-            name = (pdf.media.file_name if pdf.media else "") or "documento.pdf"
+            name = (pdf.media.file_name if pdf.media else "") or reply("pdf_unnamed", self.language)
             if isinstance(outcome, PdfText):
                 cut = reply("pdf_cut_note", self.language) if outcome.cut else ""
                 note = reply("pdf_text_note", self.language, name=name)
                 notes.append(_joined(f"{note}\n{outcome.text}", cut))
             elif isinstance(outcome, list):
                 scans.append(reply("pdf_scan_note", self.language, name=name))
-                pages.extend(outcome)
+                read.pages.extend(outcome)
+                read.scanned += 1
             else:
-                unread.append(outcome)
-        return _joined(*notes), _joined(*scans), pages, unread
+                read.unread.append(outcome)
+        read.texts, read.scans = _joined(*notes), _joined(*scans)
+        return read
 
-    async def _read_pdf(self, pdf: Inbound) -> PdfText | list[str] | TransportError | DocumentRejected:
-        """One PDF's text; a scan's first pages as the model is shown photos; or why it cannot be read
-        (logged and counted)."""
+    async def _read_pdf(
+        self, pdf: Inbound, pages: int
+    ) -> PdfText | list[str] | TransportError | DocumentRejected:
+        """One PDF's text; a scan's first `pages` pages as the model is shown photos; or why it cannot be read
+        (logged and counted; a scan is counted read once the model has seen it)."""
         assert self.documents is not None
         try:
             self.documents.check_declared_size(pdf.media.size_bytes if pdf.media else None)
             data = await self.transport.download_media(pdf)
             try:
-                outcome: PdfText | list[str] = await self.documents.read(data)
+                text = await self.documents.read(data)
             except DocumentRejected as error:
-                if error.reason != "no_text" or not (outcome := await self._scanned_pages(data)):
+                if error.reason != "no_text" or not (scan := await self._scanned_pages(data, pages)):
                     raise
+                return scan
+            # A scan stamped "Escaneado con CamScanner" has that line of text and no more: its pages say more.
+            if text.sparse and (scan := await self._scanned_pages(data, pages)):
+                return scan
             self.counters.documents += 1
-            return outcome
+            return text
         except (TransportError, DocumentRejected) as error:
             self.counters.documents_unread += 1
             say = logger.warning if isinstance(error, TransportError) else logger.info
             say("PDF {} in {} not read: {}", pdf.id, pdf.chat, error)
             return error
 
-    async def _scanned_pages(self, data: bytes) -> list[str]:
-        """The first pages of a PDF without text (a scan, a photo saved as PDF) as photos for the model; none
-        when the model is not shown photos or they cannot be drawn."""
-        if not self._reads_photos:
+    async def _scanned_pages(self, data: bytes, pages: int) -> list[str]:
+        """The first `pages` pages of a PDF without text (a scan, a photo saved as PDF) as photos for the
+        model; none when the model is not shown photos or they cannot be drawn."""
+        if not self._reads_photos or pages < 1:
             return []
         assert self.photos is not None and self.documents is not None
         try:
-            images = await self.documents.page_images(data, MAX_SCANNED_PAGES)
+            images = await self.documents.page_images(data, pages)
         except DocumentRejected as error:
             logger.info("the pages of a scanned PDF could not be drawn: {}", error)
             return []
@@ -1483,10 +1518,10 @@ class Pipeline:
         before_burst: list[StoredMessage] | None = None,
         photos: Sequence[str] = (),
         without_photos: tuple[str, str, str] | None = None,
-        attached: tuple[str, str] = ("", ""),
+        read: ReadPdfs | None = None,
     ) -> Answer:
         """The model's answer to `text` (and `photos`), told `context` (what the message replies to),
-        `attached` (the PDFs' texts, and the notes on scans shown as photos) and the chat's history before
+        `read` (the PDFs' texts, and the notes on scans shown as photos) and the chat's history before
         it (`before_burst` for a burst). A model that refuses the photos is asked `without_photos` instead
         (text, context, and the reply when there is nothing left: the polite reply to a photo alone, none to
         a sticker)."""
@@ -1496,26 +1531,29 @@ class Pipeline:
         self._answering.add(message.chat)
         history = before_burst if before_burst is not None else await self.history.recent(inbound)
         await self._typing(message.chat, True)
+        read = read or ReadPdfs()
+        real_photos = len(photos) - len(read.pages)  # a scan's pages count as its PDF, not as photos
         try:
             try:
-                documents, scans = attached
-                told = _joined(documents, scans, context)
+                told = _joined(read.texts, read.scans, context)
                 answer = await self.responder.model_answer(text, history, told, photos)
             except PhotoRefused as error:
                 self._warn_photos_refused(error)
-                self.counters.photos_unseen += len(photos)
+                self.counters.photos_unseen += real_photos
+                self.counters.documents_unread += read.scanned
                 plain_text, plain_context, alone = without_photos or (
                     text,
                     context,
                     self._unsupported(photos=False),
                 )
-                if plain_text or documents:
+                if plain_text or read.texts:
                     return await self.responder.model_answer(
-                        plain_text, history, _joined(documents, plain_context)
+                        plain_text, history, _joined(read.texts, plain_context)
                     )
                 return Answer(alone, Source.AI_OFF)
             if answer.source is Source.MODEL:  # not an apology: the model saw them
-                self.counters.photos += len(photos)
+                self.counters.photos += real_photos
+                self.counters.documents += read.scanned
             return answer
         finally:
             await self._typing(message.chat, False)

@@ -111,6 +111,7 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "es": "(El cliente envía el PDF «{name}»; este es su texto:)",
         "en": "(The customer sends the PDF “{name}”; this is its text:)",
     },
+    "pdf_unnamed": {"es": "documento.pdf", "en": "document.pdf"},
     "pdf_cut_note": {
         "es": "(El PDF sigue, pero solo tienes su principio: si te preguntan por el resto, dilo.)",
         "en": "(The PDF goes on, but you only have its beginning: if asked about the rest, say so.)",
@@ -198,6 +199,11 @@ _REPLIES: dict[str, dict[Language, str]] = {
     "pdf_unreadable": {
         "es": "No he podido abrir tu PDF. ¿Puedes enviarlo de nuevo o contarme por escrito qué necesitas?",
         "en": "I couldn't open your PDF. Could you send it again or tell me in writing what you need?",
+    },
+    "document_unreadable": {
+        "es": "No he podido abrir tu archivo. ¿Puedes enviarlo de nuevo o contarme por escrito qué "
+        "necesitas?",
+        "en": "I couldn't open your file. Could you send it again or tell me in writing what you need?",
     },
     "pdf_too_large": {
         "es": "Tu PDF es demasiado grande para mí (el máximo es {limit:g} MB). ¿Puedes enviarme una "

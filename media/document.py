@@ -29,6 +29,9 @@ from media.settings import MB
 MAX_PAGES = 30
 # About 3,000 tokens: $0.0005 a PDF on gpt-4o-mini, and room left for the conversation.
 MAX_CHARS = 12_000
+# Fewer visible characters a page than this and a PDF reads as a scan: "Escaneado con CamScanner" is 22, a
+# receipt a few hundred.
+SPARSE_CHARS_PER_PAGE = 30
 MAX_READS_AT_ONCE = 2
 READ_TIMEOUT_S = 20.0
 PAGE_SIDE = 1536  # a scanned page's longer side as drawn for the model (media.image.MAX_SIDE)
@@ -58,6 +61,12 @@ class PdfText:
     text: str
     pages: int  # the pages read (at most MAX_PAGES)
     cut: bool  # more pages or more text than was read
+
+    @property
+    def sparse(self) -> bool:
+        """Hardly any text for its pages: a scan with a scanner app's stamp ("Escaneado con CamScanner") or a
+        page number, whose pages say more than its text."""
+        return len("".join(self.text.split())) < SPARSE_CHARS_PER_PAGE * self.pages
 
 
 def is_pdf(mimetype: str, file_name: str = "") -> bool:

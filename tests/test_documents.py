@@ -5,24 +5,27 @@ real pipeline, SQLite store and SDK against the fake OpenAI server, loopback tra
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bot.pipeline import MAX_BURST_PHOTOS
 from bot.replies import reply
 from connection.console import parse_jsonl
 from connection.types import MediaRef, MessageKind
 from media.document import MAX_CHARS, MAX_PAGES, DocumentRejected, PdfReader, is_pdf
 from media.proc import run
-from memory.store import Direction, MessageStatus
-from tests.conftest import inbound
+from memory.store import Direction, MessageStatus, StoredMessage
+from tests.conftest import BotHarness, inbound
 from tests.fake_openai import FakeOpenAI
 from tests.pdfs import protected_pdf, scanned_pdf, text_pdf
 from tests.test_console import lines, run_chat
-from tests.test_photos import ai, count_downloads, describes, shown_photos
+from tests.test_photos import ai, count_downloads, describes, jpeg, photo, shown_photos
 
 CHAT = "34600111222@s.whatsapp.net"
 RECEIPT = text_pdf(["Comprobante de transferencia", "Importe: 45,00 EUR", "Beneficiario: Zapatería Ñandú"])
@@ -109,7 +112,7 @@ async def test_a_long_pdf_is_read_in_part_and_the_model_told_so(harness, fake: F
 
 
 async def test_a_pdf_of_exactly_the_pages_read_is_not_called_cut(harness, fake: FakeOpenAI) -> None:
-    pages = [[f"Página {n}"] for n in range(1, MAX_PAGES + 1)]
+    pages = [[f"Página {n}", "Condiciones generales de venta y envío"] for n in range(1, MAX_PAGES + 1)]
     async with harness(**ai(fake)) as h:
         await h.say(pdf(text_pdf(*pages)))
     assert f"Página {MAX_PAGES}" in asked(fake) and reply("pdf_cut_note", "es") not in asked(fake)
@@ -211,7 +214,7 @@ async def test_a_pdf_named_but_not_typed_is_read() -> None:
 
 
 async def test_two_pdfs_at_once_are_read_together(harness, fake: FakeOpenAI) -> None:
-    other = text_pdf(["Presupuesto 77", "Total: 120,00 EUR"])
+    other = text_pdf(["Presupuesto 77", "Reparación de calzado", "Total: 120,00 EUR"])
     async with harness(**ai(fake)) as h:
         h.bot.pipeline.gather_s = 0.3  # as WA_GATHER_S sets it on WhatsApp
         sent = await h.say(pdf(RECEIPT, id="D1"), pdf(other, name="presupuesto.pdf", id="D2"))
@@ -280,3 +283,148 @@ async def test_pdftotext_runs_capped_in_memory(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr("media.document.ADDRESS_SPACE_BYTES", 4 * 1024 * 1024)  # too small to even start
     with pytest.raises(DocumentRejected):
         await PdfReader(enabled=True).read(RECEIPT)
+
+
+# -- how PDFs meet the rest of a turn (from the review of the first version) ----------------------------
+
+REFUSAL = json.dumps(
+    {"error": {"message": "Invalid content type. image_url is only supported by certain models."}}
+)
+
+
+def watermarked_scan() -> bytes:
+    """A scanned page (an image) with the one line of text scanner apps stamp on it."""
+    from pypdf import PdfReader as PyPdfReader
+    from pypdf import PdfWriter
+
+    writer = PdfWriter(clone_from=PyPdfReader(io.BytesIO(scanned_pdf())))
+    writer.pages[0].merge_page(PyPdfReader(io.BytesIO(text_pdf(["Escaneado con CamScanner"]))).pages[0])
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+async def test_a_scan_stamped_by_a_scanner_app_is_still_shown_as_a_scan(harness, fake: FakeOpenAI) -> None:
+    """CamScanner stamps "Escaneado con CamScanner" on each page: that line was all the model got."""
+    async with harness(**ai(fake)) as h:
+        [answer] = await h.say(pdf(watermarked_scan(), "¿os ha llegado el pago?", name="escaneo.pdf"))
+    assert len(shown_photos(fake.chat_requests[-1])) == 1
+    assert answer.startswith("1 foto(s): (El cliente envía el PDF «escaneo.pdf», escaneado")
+
+
+async def test_a_pdf_recovered_after_a_restart_is_asked_for_again(harness, fake: FakeOpenAI) -> None:
+    """Its download handle, name and type are gone: it was told "I can read PDFs... could you type it?"."""
+    async with harness(**ai(fake)) as h:
+        row = StoredMessage("D9", CHAT, Direction.IN, "document", "", MessageStatus.RECEIVED, time.time())
+        await h.bot.store.add_message(row)
+    async with BotHarness(h.settings) as again:
+        await again.bot.recover()
+        assert await again.bot.pipeline.drain(10)
+        sent = again.transport.texts_to(CHAT)
+        unread = again.bot.pipeline.counters.documents_unread
+    assert sent == [reply("document_unreadable", "es")] and unread == 1
+
+
+async def test_a_spilled_pdf_comes_back_readable_with_its_name(harness, fake: FakeOpenAI) -> None:
+    """Held in the store while memory was critical, it keeps its download handle and name (up to 1,000)."""
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.model_gate.clear()
+        h.bot.pipeline.submit(pdf(RECEIPT, "¿os ha llegado?", name="pago.pdf", id="D1"))
+        await asyncio.sleep(0.2)
+        assert h.bot.pipeline.counters.spilled == 1
+        h.bot.pipeline.open_model_gate()
+        assert await h.bot.pipeline.drain(10)
+    assert "«pago.pdf»" in asked(fake) and "Importe: 45,00 EUR" in asked(fake)
+
+
+async def test_a_corrupt_pdf_and_an_unreadable_photo_get_a_reply_not_a_blind_answer(
+    harness, fake: FakeOpenAI
+) -> None:
+    """The model got two copies of "a file you cannot see came" and nothing else, and made up an answer."""
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.gather_s = 0.3
+        sent = await h.say(pdf(b"%PDF-1.4 broken", id="D1"), photo(b"junk", id="P1"))
+    assert fake.chat_count == 0
+    assert sent in ([reply("pdf_unreadable", "es")], [reply("photo_unreadable", "es")])
+
+
+async def test_a_corrupt_pdf_with_a_photo_shown_tells_the_model_once(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.gather_s = 0.3
+        [answer] = await h.say(pdf(b"%PDF-1.4 broken", id="D1"), photo(jpeg(), id="P1"))
+    assert answer == f"1 foto(s): {reply('attachment_note', 'es')}"
+
+
+async def test_a_refused_scan_with_words_tells_the_model_a_file_came(harness, fake: FakeOpenAI) -> None:
+    """ "¿os ha llegado el pago?" under a scanned receipt, on a text-only model, was answered blind."""
+    fake.raw_next.append((400, "application/json", REFUSAL))
+    async with harness(**ai(fake)) as h:
+        await h.say(pdf(scanned_pdf(), "¿os ha llegado el pago?", name="escaneo.pdf"))
+        counters = h.bot.pipeline.counters
+    assert fake.chat_count == 2
+    assert asked(fake) == f"¿os ha llegado el pago?\n\n{reply('attachment_note', 'es')}"
+    assert (counters.documents, counters.documents_unread, counters.photos_unseen) == (0, 1, 0)
+
+
+async def test_a_refused_scan_and_photo_are_asked_to_write(harness, fake: FakeOpenAI) -> None:
+    """They were told "I can only read text, PDFs and voice notes" for a PDF."""
+    fake.raw_next.append((400, "application/json", REFUSAL))
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.gather_s = 0.3
+        sent = await h.say(pdf(scanned_pdf(), name="escaneo.pdf", id="D1"), photo(jpeg(), id="P1"))
+    assert sent == [reply("pdf_no_text", "es")]
+
+
+async def test_a_scan_shown_counts_as_a_document_not_as_photos(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake)) as h:
+        await h.say(pdf(scanned_pdf(pages=2)))
+        counters = h.bot.pipeline.counters
+    assert (counters.documents, counters.documents_unread, counters.photos) == (1, 0, 0)
+
+
+async def test_a_scan_replying_to_a_photo_does_not_show_that_photo(harness, fake: FakeOpenAI) -> None:
+    """ "esta foto" with a scan's pages and the quoted photo: the model could not tell which one."""
+    media = MediaRef(mimetype="application/pdf", size_bytes=1, file_name="escaneo.pdf", handle=scanned_pdf())
+    message = inbound(
+        "¿es este?", kind=MessageKind.DOCUMENT, media=media, quoted_from="bot",
+        quoted_kind=MessageKind.IMAGE, quoted_media=MediaRef("image/jpeg", 10, handle=jpeg()),
+    )  # fmt: skip
+    async with harness(**ai(fake)) as h:
+        await h.say(message)
+    assert len(shown_photos(fake.chat_requests[-1])) == 1 and "esta foto" not in asked(fake)
+
+
+async def test_a_text_pdf_replying_to_a_photo_shows_that_photo(harness, fake: FakeOpenAI) -> None:
+    media = MediaRef(mimetype="application/pdf", size_bytes=1, file_name="p.pdf", handle=RECEIPT)
+    message = inbound(
+        "¿es este?", kind=MessageKind.DOCUMENT, media=media, quoted_from="bot",
+        quoted_kind=MessageKind.IMAGE, quoted_media=MediaRef("image/jpeg", 10, handle=jpeg()),
+    )  # fmt: skip
+    async with harness(**ai(fake)) as h:
+        [answer] = await h.say(message)
+    assert answer.startswith("1 foto(s): (El cliente envía el PDF «p.pdf»") and "esta foto" in answer
+
+
+async def test_a_turn_shows_the_model_at_most_max_burst_photos_images(harness, fake: FakeOpenAI) -> None:
+    """5 photos and 3 two-page scans were 11 images in one request, twice the cost the cap allows."""
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.gather_s = 0.3
+        messages = [photo(jpeg(), id=f"P{n}") for n in range(4)]
+        messages += [pdf(scanned_pdf(pages=2), id=f"S{n}", name=f"s{n}.pdf") for n in range(3)]
+        await h.say(*messages)
+    assert max(len(shown_photos(r)) for r in fake.chat_requests) <= MAX_BURST_PHOTOS
+
+
+async def test_a_pdf_in_english(harness, fake: FakeOpenAI) -> None:
+    async with harness(**ai(fake), bot_language="en") as h:
+        await h.say(pdf(RECEIPT, "did you get it?", name=""))
+        assert await h.say(pdf(b"broken")) == [reply("pdf_unreadable", "en")]
+    assert asked(fake, 0).startswith("(The customer sends the PDF “document.pdf”; this is its text:)")
+
+
+async def test_a_scan_and_a_text_pdf_refused_are_answered_from_the_text(harness, fake: FakeOpenAI) -> None:
+    fake.raw_next.append((400, "application/json", REFUSAL))
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.gather_s = 0.3
+        [answer] = await h.say(pdf(scanned_pdf(), id="D1", name="s.pdf"), pdf(RECEIPT, id="D2"))
+    assert "Importe" in answer and "escaneado" not in answer

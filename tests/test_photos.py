@@ -335,7 +335,8 @@ async def test_a_media_notice_does_not_silence_an_unseen_photo(harness, fake: Fa
         assert await h.say(inbound("", kind=MessageKind.IMAGE, media=gone)) == [
             reply("photo_unreadable", "es")
         ]
-        assert await h.say(inbound("", kind=MessageKind.DOCUMENT)) == []  # its notice, given a moment ago
+        archive = MediaRef("application/zip", 10, file_name="fotos.zip", handle=b"PK")
+        assert await h.say(inbound("", kind=MessageKind.DOCUMENT, media=archive)) == []  # told a moment ago
 
 
 async def test_a_one_off_model_error_with_a_photo_is_not_taken_for_no_vision(

@@ -136,9 +136,7 @@ class DocumentReader(Protocol):
 
     def check_declared_size(self, size_bytes: int | None) -> None: ...
 
-    async def read(self, data: bytes) -> PdfText: ...
-
-    async def page_images(self, data: bytes, pages: int) -> list[bytes]: ...
+    async def read(self, data: bytes, scan_pages: int = 0) -> PdfText | list[bytes]: ...
 
 
 _HANDED_OVER = "chat handed to a human"
@@ -1373,34 +1371,23 @@ class Pipeline:
         try:
             self.documents.check_declared_size(pdf.media.size_bytes if pdf.media else None)
             data = await self.transport.download_media(pdf)
-            try:
-                text = await self.documents.read(data)
-            except DocumentRejected as error:
-                if error.reason != "no_text" or not (scan := await self._scanned_pages(data, pages)):
-                    raise
-                return scan
-            # A scan stamped "Escaneado con CamScanner" has that line of text and no more: its pages say more.
-            if text.sparse and (scan := await self._scanned_pages(data, pages)):
-                return scan
-            self.counters.documents += 1
-            return text
+            # A scan (no text, or only "Escaneado con CamScanner") comes back as its first pages.
+            outcome = await self.documents.read(data, scan_pages=pages if self._reads_photos else 0)
+            if isinstance(outcome, PdfText):
+                self.counters.documents += 1
+                return outcome
+            if not (scan := await self._as_photos(outcome)):
+                raise DocumentRejected("no_text", "its pages could not be shown")
+            return scan
         except (TransportError, DocumentRejected) as error:
             self.counters.documents_unread += 1
             say = logger.warning if isinstance(error, TransportError) else logger.info
             say("PDF {} in {} not read: {}", pdf.id, pdf.chat, error)
             return error
 
-    async def _scanned_pages(self, data: bytes, pages: int) -> list[str]:
-        """The first `pages` pages of a PDF without text (a scan, a photo saved as PDF) as photos for the
-        model; none when the model is not shown photos or they cannot be drawn."""
-        if not self._reads_photos or pages < 1:
-            return []
-        assert self.photos is not None and self.documents is not None
-        try:
-            images = await self.documents.page_images(data, pages)
-        except DocumentRejected as error:
-            logger.info("the pages of a scanned PDF could not be drawn: {}", error)
-            return []
+    async def _as_photos(self, images: list[bytes]) -> list[str]:
+        """A scan's pages as the model is shown photos."""
+        assert self.photos is not None
         pages: list[str] = []
         for image in images:
             with contextlib.suppress(PhotoRejected):  # a page too large to decode: the others are shown

@@ -30,6 +30,7 @@ from connection.types import ConnectionState, Transport
 from media.audio import AudioSettings, VoiceTranscriber
 from media.document import PdfReader
 from media.image import PhotoReader, PhotoSettings
+from media.video import VideoReader
 from memory.cache import TTLCache
 from memory.history import ChatHistory
 from memory.manager import MemoryManager, MemoryState
@@ -158,6 +159,11 @@ class Bot:
             photos=PhotoReader(
                 PhotoSettings(max_mb=settings.image_max_mb),
                 enabled=settings.openai_vision and model is not None,
+            ),
+            videos=VideoReader(
+                max_mb=settings.video_max_mb,
+                enabled=settings.openai_vision and model is not None,
+                temp_dir=settings.data_dir / "tmp" / "video",
             ),
             documents=PdfReader(max_mb=settings.pdf_max_mb, enabled=settings.read_pdfs and model is not None),
             rate_limiter=SlidingWindowLimiter(
@@ -379,6 +385,8 @@ class Bot:
         """Leftover temp files (from a crash mid-transcode) go at start and every ten minutes."""
         while not self._stop.is_set():
             removed = await asyncio.to_thread(self.transcriber.sweep)
+            if isinstance(self.pipeline.videos, VideoReader):
+                removed += await asyncio.to_thread(self.pipeline.videos.sweep)
             if removed:
                 logger.info("removed {} leftover temp file(s)", removed)
             with contextlib.suppress(TimeoutError):

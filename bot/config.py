@@ -122,6 +122,8 @@ class Settings(BaseSettings):
     # PDFs are read as text for the model (pdftotext); a scan without text is shown as photos when photos are.
     read_pdfs: bool = True
     pdf_max_mb: float = Field(10.0, gt=0, le=100)
+    # Videos are shown to the model as frames when photos are (OPENAI_VISION); larger ones are not downloaded.
+    video_max_mb: float = Field(20.0, gt=0, le=100)
 
     # WhatsApp
     wa_pair_phone: str | None = None

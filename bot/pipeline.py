@@ -41,6 +41,7 @@ from connection.types import (
 )
 from media.document import DocumentRejected, PdfText, is_pdf
 from media.image import PhotoRejected
+from media.video import Frames, VideoRejected
 from memory.history import ChatHistory
 from memory.store import (
     BUSY_KIND,
@@ -93,6 +94,8 @@ _MEDIA_KINDS = {
 _CAPTIONED_KINDS = {MessageKind.IMAGE, MessageKind.VIDEO, MessageKind.DOCUMENT}
 # Shown to the model as images: a sticker is a small WebP picture ("👍", "gracias", "?").
 _PHOTO_KINDS = {MessageKind.IMAGE, MessageKind.STICKER}
+# A video is shown to the model as this many frames, spread over it.
+MAX_VIDEO_FRAMES = 3
 # What `_understand` and `_look` give for a message that needs no reply at all (a sticker the model cannot
 # be shown): kept, unanswered. Never a real reply's text.
 _NO_REPLY = "\x00no reply"
@@ -139,6 +142,20 @@ class DocumentReader(Protocol):
     async def read(self, data: bytes, scan_pages: int = 0) -> PdfText | list[bytes]: ...
 
 
+class VideoWatcher(Protocol):
+    """What the pipeline needs to show videos (see media.video.VideoReader)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    @property
+    def max_mb(self) -> float: ...
+
+    def check_declared_size(self, size_bytes: int | None) -> None: ...
+
+    async def frames(self, data: bytes, count: int) -> Frames: ...
+
+
 _HANDED_OVER = "chat handed to a human"
 _STALE = "too old to answer (offline backlog)"
 _RATE_LIMITED = "over the chat's rate limit"
@@ -164,18 +181,26 @@ async def _all_of(writes: Sequence[Awaitable[None]]) -> None:
 
 
 @dataclass
-class ReadPdfs:
-    """What a turn's PDFs give the model (see Pipeline._read_pdfs)."""
+class Attached:
+    """What a turn's PDFs and videos give the model (see Pipeline._read_attachments)."""
 
     texts: str = ""  # the PDFs' texts, each after a note naming it: read with or without photos
-    scans: str = ""  # a note on each scan whose pages are shown: said only with the pages
-    pages: list[str] = field(default_factory=list)  # the scans' first pages, as photos (data: URLs)
+    scans: str = ""  # a note on each scan or video shown as images: said only with the images
+    pages: list[str] = field(default_factory=list)  # scans' pages and videos' frames, as photos (data: URLs)
     scanned: int = 0  # the PDFs shown as pages: counted read once the model has seen them
-    unread: list[TransportError | DocumentRejected] = field(default_factory=list)
+    videos: int = 0  # the videos shown as frames: counted seen once the model has seen them
+    unread: list[TransportError | DocumentRejected | VideoRejected] = field(default_factory=list)
 
 
 # A message waiting in its chat's queue, with the pending write of its row (None: already in the store).
 Queued = tuple[Inbound, Awaitable[None] | None]
+
+
+def _images_of(message: Inbound) -> int:
+    """The images a message may show the model: a video's frames, a photo or a sticker."""
+    if message.kind is MessageKind.VIDEO:
+        return MAX_VIDEO_FRAMES
+    return int(message.kind in _PHOTO_KINDS)
 
 
 def _joined(*parts: str) -> str:
@@ -207,6 +232,8 @@ class MessageCounters:
     photos_unseen: int = 0  # not shown: not downloaded, unreadable, too large, or refused by the model
     documents: int = 0  # PDFs read (their text, or a scan's pages shown as photos)
     documents_unread: int = 0  # not downloaded, too large, password-protected, corrupt, or a scan unshown
+    videos: int = 0  # shown to the model as frames
+    videos_unseen: int = 0  # not downloaded, too large, undecodable, or refused by the model
 
 
 def inbound_from_stored(stored: StoredMessage, media: MediaRef | None = None) -> Inbound:
@@ -334,6 +361,7 @@ class Pipeline:
         transcriber: VoiceTranscriber | None = None,
         photos: PhotoPreparer | None = None,
         documents: DocumentReader | None = None,
+        videos: VideoWatcher | None = None,
         group_policy: GroupPolicy = "never",
         max_reply_chars: int = 1500,
         max_inbound_chars: int = 4000,
@@ -358,6 +386,7 @@ class Pipeline:
         self.transcriber = transcriber
         self.photos = photos  # None, or not enabled: a photo gets its caption answered, or a polite reply
         self.documents = documents  # None, or not enabled: a PDF gets its caption answered, or a polite reply
+        self.videos = videos  # None, or not enabled (or photos off): as a PDF
         self.group_policy = group_policy
         self.max_reply_chars = max_reply_chars
         self.max_inbound_chars = max_inbound_chars
@@ -943,7 +972,12 @@ class Pipeline:
         then "¿lo tenéis en azul?"); not in a group, where the messages in a row are often different
         members'."""
         group = message.is_group or message.chat.endswith("@g.us")
-        readable = message.kind is MessageKind.TEXT or self._shows_photo(message) or self._reads_pdf(message)
+        readable = (
+            message.kind is MessageKind.TEXT
+            or self._shows_photo(message)
+            or self._reads_pdf(message)
+            or self._shows_video(message)
+        )
         return readable and not group and message.id not in self._notice_only
 
     @property
@@ -964,6 +998,19 @@ class Pipeline:
             and media is not None
             and media.handle is not None
             and is_pdf(media.mimetype, media.file_name)
+        )
+
+    @property
+    def _shows_videos(self) -> bool:
+        return self._reads_photos and self.videos is not None and self.videos.enabled
+
+    def _shows_video(self, message: Inbound) -> bool:
+        """A video the model is shown as frames: photos and videos are on, and it can still be downloaded."""
+        return (
+            message.kind is MessageKind.VIDEO
+            and self._shows_videos
+            and message.media is not None
+            and message.media.handle is not None
         )
 
     def _shows_photo(self, message: Inbound) -> bool:
@@ -1006,7 +1053,7 @@ class Pipeline:
             return burst
         chars = len(first.text)
         quotes = bool(quote_note(first, self.language))
-        photos = int(first.kind in _PHOTO_KINDS)
+        photos = _images_of(first)
         documents = int(first.kind is MessageKind.DOCUMENT)
         while queue and len(burst) < MAX_BURST_MESSAGES:
             message = queue[0][0]
@@ -1016,7 +1063,7 @@ class Pipeline:
             quotes_too = bool(quote_note(message, self.language))
             if not self._joins_burst(message) or (quotes and quotes_too):
                 break
-            photos += message.kind in _PHOTO_KINDS
+            photos += _images_of(message)
             documents += message.kind is MessageKind.DOCUMENT
             if photos > MAX_BURST_PHOTOS or documents > MAX_BURST_DOCUMENTS:
                 break
@@ -1094,13 +1141,14 @@ class Pipeline:
         file: str | None = None  # a flow's photo or document
         photos = [m for m in [*burst, message] if self._shows_photo(m)]
         pdfs = [m for m in [*burst, message] if self._reads_pdf(m)]
-        read = ReadPdfs()  # for the model only: the flows read the customer's words
+        videos = [m for m in [*burst, message] if self._shows_video(m)]
+        read = Attached()  # for the model only: the flows read the customer's words
         # A photo the turn replies to is shown too, when the turn has none of its own ("this photo" is then
         # unambiguous); a turn has at most one reply (see _take_burst).
         # While memory is critical a flow's question is answered at once by the flow, under a photo too.
         quoting = None
         # A sticker of its own leaves "this photo" clear; a photo of its own would not.
-        own_photos = any(m.kind is MessageKind.IMAGE for m in photos)
+        own_photos = any(m.kind is MessageKind.IMAGE for m in photos) or bool(videos)
         if self._reads_photos and not own_photos and not self._is_flow_question(message):
             quoting = next((m for m in [*burst, message] if m.quoted_media is not None), None)
         shown: list[str] = []  # the photos as the model gets them (data: URLs)
@@ -1121,18 +1169,24 @@ class Pipeline:
                 canned = handing_over = reply("order_handoff", self.language)
             elif canned is None and self._asks_for_a_person(message, text):
                 canned = handing_over = reply("handoff", self.language)
-            if canned is None and pdfs:  # an invoice, a receipt, a quote: the model reads its text
+            if canned is None and (pdfs or videos):  # a receipt's text, a video's frames
                 reading = time.perf_counter()
-                # A scan's pages are images of the turn: with its photos, MAX_BURST_PHOTOS at most.
-                read = await self._read_pdfs(pdfs, pages=max(0, MAX_BURST_PHOTOS - len(photos)))
+                # A scan's pages and a video's frames are images of the turn: with its photos,
+                # MAX_BURST_PHOTOS at most.
+                room = max(0, MAX_BURST_PHOTOS - len(photos))
+                read = await self._read_attachments(pdfs, videos, room)
                 model_time += time.perf_counter() - reading
                 shown = list(read.pages)
                 if read.unread and not (read.texts or shown or text or photos):  # nothing else to answer
-                    canned = self._pdf_reply(read.unread[0])
+                    canned = self._unread_reply(read.unread[0])
                 elif read.unread and (read.texts or shown or text):  # told a file it cannot read came
                     text = self._noted(text)
-                if shown:  # a scan: if the model reads no images, the customer is asked to write (no photo)
-                    write_it = reply("pdf_no_text", self.language)
+                if shown:  # a scan, a video: if the model reads no images, the customer is asked to write
+                    write_it = (
+                        reply("pdf_no_text", self.language)
+                        if read.scanned
+                        else self._unsupported(photos=False)
+                    )
                     without_photos = (self._noted(text) if text else "", context, write_it)
                     quoting = None  # its pages are images of the turn's own: "this photo" would be ambiguous
             if canned is None and photos:
@@ -1141,7 +1195,7 @@ class Pipeline:
                 shown = [*shown, *looked]
                 model_time += time.perf_counter() - looking
                 if read.unread and canned == _NO_REPLY:  # an unreadable sticker and an unread PDF
-                    canned = self._pdf_reply(read.unread[0])
+                    canned = self._unread_reply(read.unread[0])
                 elif read.unread and canned is None:
                     text = self._noted(text)
                 if any(photo.kind is MessageKind.IMAGE for photo in photos):  # told a photo came with it
@@ -1207,6 +1261,7 @@ class Pipeline:
         notice_key = {
             self._media_unsupported: f"{message.chat}\nmedia",
             reply("photo_unreadable", self.language): f"{message.chat}\nphoto",
+            reply("video_unreadable", self.language): f"{message.chat}\nphoto",
         }.get(canned or "")
         if notice_key is not None and self.media_notices.told_recently(notice_key):
             # A photo after photos: the customer has just been told. Saved, unanswered, like any skip (an
@@ -1264,8 +1319,8 @@ class Pipeline:
             self._answering.add(message.chat)
             return await self._transcribe(message)
         text, trimmed = clean_text(message.text, self.max_inbound_chars)
-        if self._shows_photo(message) or self._reads_pdf(message):  # downloaded with its words: _look, _read
-            return text, None
+        if self._shows_photo(message) or self._reads_pdf(message) or self._shows_video(message):
+            return text, None  # downloaded with its words: _look, _read_attachments
         if message.kind is MessageKind.STICKER:
             return "", _NO_REPLY  # a "👍" needs no "I can only read text": kept, unanswered
         if message.kind is MessageKind.IMAGE and self._reads_photos:
@@ -1273,6 +1328,10 @@ class Pipeline:
             if not text:  # asked for it again
                 return "", reply("photo_unreadable", self.language)
         handle = message.media.handle if message.media else None
+        if message.kind is MessageKind.VIDEO and self._shows_videos and handle is None:
+            self.counters.videos_unseen += 1  # its download handle is gone (a restart)
+            if not text:  # asked for it again
+                return "", reply("video_unreadable", self.language)
         if message.kind is MessageKind.DOCUMENT and self._reads_pdfs and handle is None:
             # Its download handle is gone (a restart), and with it its name and type: it may have been a PDF,
             # so not "I can read PDFs, type it". Asked for it again.
@@ -1335,19 +1394,30 @@ class Pipeline:
         note = reply("attachment_note", self.language)
         return text if note in text else _joined(text, note)
 
-    async def _read_pdfs(self, pdfs: list[Inbound], pages: int) -> ReadPdfs:
-        """The PDFs' texts for the model, each after a note naming it; a note on each scan and their first
-        pages as photos (`pages` at most in all, when the model is shown photos); and why the others could not
-        be read. After the memory gate: a download and pdftotext take memory."""
+    async def _read_attachments(self, pdfs: list[Inbound], videos: list[Inbound], images: int) -> Attached:
+        """The PDFs' texts for the model, each after a note naming it; a note on each scan and video and
+        their pages and frames as photos (`images` at most in all, when the model is shown photos); and why
+        the others could not be read. After the memory gate: a download, pdftotext and ffmpeg take memory."""
         await self.model_gate.wait()
-        self._answering.add(pdfs[-1].chat)
-        each = min(MAX_SCANNED_PAGES, pages // len(pdfs))
+        self._answering.add([*pdfs, *videos][-1].chat)
+        share = images // (len(pdfs) + len(videos))
         # Together, as an album's photos.
-        outcomes = await asyncio.gather(*(self._read_pdf(pdf, each) for pdf in pdfs))
+        outcomes = await asyncio.gather(
+            *(self._read_pdf(pdf, min(MAX_SCANNED_PAGES, share)) for pdf in pdfs),
+            *(self._watch_video(video, min(MAX_VIDEO_FRAMES, share)) for video in videos),
+        )
         notes: list[str] = []
         scans: list[str] = []
-        read = ReadPdfs()
-        for pdf, outcome in zip(pdfs, outcomes, strict=True):
+        read = Attached()
+        for video, outcome in zip(videos, outcomes[len(pdfs) :], strict=True):
+            if isinstance(outcome, tuple):
+                frames, seconds = outcome
+                scans.append(self._video_note(video, len(frames), seconds))
+                read.pages.extend(frames)
+                read.videos += 1
+            else:
+                read.unread.append(outcome)
+        for pdf, outcome in zip(pdfs, outcomes[: len(pdfs)], strict=True):
             name = (pdf.media.file_name if pdf.media else "") or reply("pdf_unnamed", self.language)
             if isinstance(outcome, PdfText):
                 cut = reply("pdf_cut_note", self.language) if outcome.cut else ""
@@ -1361,6 +1431,34 @@ class Pipeline:
                 read.unread.append(outcome)
         read.texts, read.scans = _joined(*notes), _joined(*scans)
         return read
+
+    def _video_note(self, video: Inbound, frames: int, seconds: float | None) -> str:
+        length = f"{round(seconds)} s" if seconds else "?"
+        return reply("video_note", self.language, seconds=length, frames=frames)
+
+    async def _watch_video(
+        self, video: Inbound, frames: int
+    ) -> tuple[list[str], float | None] | TransportError | VideoRejected:
+        """A video's frames as the model is shown photos, and its length; or why it cannot be shown (logged
+        and counted)."""
+        assert self.videos is not None and self.photos is not None
+        try:
+            if frames < 1:
+                raise VideoRejected("unreadable", "no room left for its frames in this turn")
+            self.videos.check_declared_size(video.media.size_bytes if video.media else None)
+            seen = await self.videos.frames(await self.transport.download_media(video), frames)
+            shown: list[str] = []
+            for image in seen.images:
+                with contextlib.suppress(PhotoRejected):  # a frame too large to decode: the others are shown
+                    shown.append(await self.photos.prepare(image))
+            if not shown:
+                raise VideoRejected("unreadable", "no frame could be prepared")
+            return shown, seen.duration_s
+        except (TransportError, VideoRejected) as error:
+            self.counters.videos_unseen += 1
+            say = logger.warning if isinstance(error, TransportError) else logger.info
+            say("video {} in {} not shown to the model: {}", video.id, video.chat, error)
+            return error
 
     async def _read_pdf(
         self, pdf: Inbound, pages: int
@@ -1394,8 +1492,13 @@ class Pipeline:
                 pages.append(await self.photos.prepare(image))
         return pages
 
-    def _pdf_reply(self, error: TransportError | DocumentRejected) -> str:
-        """What a customer whose PDF could not be read is told."""
+    def _unread_reply(self, error: TransportError | DocumentRejected | VideoRejected) -> str:
+        """What a customer whose PDF or video could not be read is told."""
+        if isinstance(error, VideoRejected):
+            assert self.videos is not None
+            if error.reason == "too_large":
+                return reply("video_too_large", self.language, limit=self.videos.max_mb)
+            return reply("video_unreadable", self.language)
         reason = error.reason if isinstance(error, DocumentRejected) else "unreadable"
         if reason == "too_large":
             assert self.documents is not None
@@ -1505,7 +1608,7 @@ class Pipeline:
         before_burst: list[StoredMessage] | None = None,
         photos: Sequence[str] = (),
         without_photos: tuple[str, str, str] | None = None,
-        read: ReadPdfs | None = None,
+        read: Attached | None = None,
     ) -> Answer:
         """The model's answer to `text` (and `photos`), told `context` (what the message replies to),
         `read` (the PDFs' texts, and the notes on scans shown as photos) and the chat's history before
@@ -1518,8 +1621,8 @@ class Pipeline:
         self._answering.add(message.chat)
         history = before_burst if before_burst is not None else await self.history.recent(inbound)
         await self._typing(message.chat, True)
-        read = read or ReadPdfs()
-        real_photos = len(photos) - len(read.pages)  # a scan's pages count as its PDF, not as photos
+        read = read or Attached()
+        real_photos = len(photos) - len(read.pages)  # a scan's pages and a video's frames are not photos
         try:
             try:
                 told = _joined(read.texts, read.scans, context)
@@ -1528,6 +1631,7 @@ class Pipeline:
                 self._warn_photos_refused(error)
                 self.counters.photos_unseen += real_photos
                 self.counters.documents_unread += read.scanned
+                self.counters.videos_unseen += read.videos
                 plain_text, plain_context, alone = without_photos or (
                     text,
                     context,
@@ -1541,6 +1645,7 @@ class Pipeline:
             if answer.source is Source.MODEL:  # not an apology: the model saw them
                 self.counters.photos += real_photos
                 self.counters.documents += read.scanned
+                self.counters.videos += read.videos
             return answer
         finally:
             await self._typing(message.chat, False)

@@ -116,6 +116,12 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "es": "(El PDF sigue, pero solo tienes su principio: si te preguntan por el resto, dilo.)",
         "en": "(The PDF goes on, but you only have its beginning: if asked about the rest, say so.)",
     },
+    "video_note": {
+        "es": "(El cliente envía un vídeo de {seconds}: ves {frames} fotogramas repartidos por él, en orden; "
+        "no oyes su sonido.)",
+        "en": "(The customer sends a video of {seconds}: you see {frames} frames spread over it, in order; "
+        "you do not hear its sound.)",
+    },
     "pdf_scan_note": {
         "es": "(El cliente envía el PDF «{name}», escaneado: ves sus primeras páginas como imágenes.)",
         "en": "(The customer sends the PDF “{name}”, a scan: you see its first pages as images.)",
@@ -183,18 +189,30 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "For now I can only read text messages and voice notes. Could you type it, please?",
     },
     "media_unsupported_photos": {
-        "es": "Por ahora solo puedo leer mensajes de texto, fotos y notas de voz. ¿Me lo escribes, por favor?",  # noqa: E501
-        "en": "For now I can only read text messages, photos and voice notes. Could you type it, please?",
+        "es": "Por ahora solo puedo leer mensajes de texto, fotos, vídeos y notas de voz. ¿Me lo escribes, "
+        "por favor?",
+        "en": "For now I can only read text messages, photos, videos and voice notes. Could you type it, "
+        "please?",
     },
     "media_unsupported_pdf": {
         "es": "Por ahora solo puedo leer mensajes de texto, PDF y notas de voz. ¿Me lo escribes, por favor?",
         "en": "For now I can only read text messages, PDFs and voice notes. Could you type it, please?",
     },
     "media_unsupported_photos_pdf": {
-        "es": "Por ahora solo puedo leer mensajes de texto, fotos, PDF y notas de voz. ¿Me lo escribes, "
-        "por favor?",
-        "en": "For now I can only read text messages, photos, PDFs and voice notes. Could you type it, "
-        "please?",
+        "es": "Por ahora solo puedo leer mensajes de texto, fotos, vídeos, PDF y notas de voz. ¿Me lo "
+        "escribes, por favor?",
+        "en": "For now I can only read text messages, photos, videos, PDFs and voice notes. Could you type "
+        "it, please?",
+    },
+    "video_unreadable": {
+        "es": "No he podido ver tu vídeo. ¿Puedes enviarlo de nuevo o contarme por escrito qué necesitas?",
+        "en": "I couldn't watch your video. Could you send it again or tell me in writing what you need?",
+    },
+    "video_too_large": {
+        "es": "Tu vídeo es demasiado grande para mí (el máximo es {limit:g} MB). ¿Puedes enviar uno más "
+        "corto o contarme por escrito qué necesitas?",
+        "en": "Your video is too large for me (the limit is {limit:g} MB). Could you send a shorter one or "
+        "tell me in writing what you need?",
     },
     "pdf_unreadable": {
         "es": "No he podido abrir tu PDF. ¿Puedes enviarlo de nuevo o contarme por escrito qué necesitas?",

@@ -24,6 +24,7 @@ from memory.store import BUSY_KIND, Direction, MessageStatus, StoredMessage
 PHOTO_MARK = "(📷)"
 STICKER_MARK = "(sticker)"
 DOCUMENT_MARK = "(📄)"
+VIDEO_MARK = "(🎬)"
 
 
 class Source(enum.StrEnum):
@@ -62,6 +63,8 @@ def build_messages(system_prompt: str, history: Sequence[StoredMessage], text: s
             body = f"{PHOTO_MARK} {body}".rstrip()
         elif turn.kind == "sticker" and turn.direction is Direction.IN:
             body = STICKER_MARK
+        elif turn.kind == "video" and turn.direction is Direction.IN:
+            body = f"{VIDEO_MARK} {body}".rstrip()
         elif turn.kind == "document" and turn.direction is Direction.IN:  # its text: in its own turn only
             body = f"{DOCUMENT_MARK} {body}".rstrip()
         if body:

@@ -2,7 +2,7 @@
 
 `python -m bot chat` is interactive; `python -m bot chat --jsonl` reads one JSON
 object per stdin line ({"from": "<number>", "text": "..."}, {"from": ..., "audio": "<path>"},
-{"from": ..., "image": "<path>", "text": "<caption>"} or the same with "document" for a PDF) and writes one
+{"from": ..., "image": "<path>", "text": "<caption>"} or the same with "video" or "document") and writes one
 per outgoing message ({"to": "<number>", "text": "..."}).
 """
 
@@ -63,6 +63,13 @@ def parse_jsonl(line: str) -> Inbound:
         size = Path(path).stat().st_size if Path(path).is_file() else None
         mimetype = mimetypes.guess_type(path)[0] or "image/jpeg"
         return _inbound(message_id, number, MessageKind.IMAGE, caption, MediaRef(mimetype, size, handle=path))
+    if "video" in data:  # a video, with "text" as its caption
+        path, caption = data["video"], data.get("text", "")
+        if not isinstance(path, str) or not path or not isinstance(caption, str):
+            raise BadLine('"video" must be a path to a video, and "text" (its caption) a string')
+        size = Path(path).stat().st_size if Path(path).is_file() else None
+        mimetype = mimetypes.guess_type(path)[0] or "video/mp4"
+        return _inbound(message_id, number, MessageKind.VIDEO, caption, MediaRef(mimetype, size, handle=path))
     if "document" in data:  # a file (a PDF), with "text" as its caption
         path, caption = data["document"], data.get("text", "")
         if not isinstance(path, str) or not path or not isinstance(caption, str):
@@ -73,7 +80,7 @@ def parse_jsonl(line: str) -> Inbound:
         return _inbound(message_id, number, MessageKind.DOCUMENT, caption, media)
     text = data.get("text")
     if not isinstance(text, str):
-        raise BadLine('expected "text" (a string), "audio", "image" or "document" (a path)')
+        raise BadLine('expected "text" (a string), "audio", "image", "video" or "document" (a path)')
     return _inbound(message_id, number, MessageKind.TEXT, text, None)
 
 

@@ -127,7 +127,7 @@ async def test_media_the_model_is_not_shown_and_groups_are_not_merged(
         gathering(h, 0.2)
         sent = await h.say(
             inbound("hola"),
-            inbound("", kind=MessageKind.VIDEO),
+            inbound("", kind=MessageKind.UNSUPPORTED),
             inbound("¿precio?"),
             inbound("uno", chat=group, is_group=True),
             inbound("dos", chat=group, is_group=True),

@@ -210,8 +210,8 @@ async def test_a_photo_whose_download_handle_is_gone_is_asked_for_again(harness,
     async with harness(**ai(fake)) as h:
         assert await h.say(inbound("", kind=MessageKind.IMAGE)) == [reply("photo_unreadable", "es")]
         # Other media the model is not shown: the polite reply names photos among what the bot reads.
-        video = inbound("", kind=MessageKind.VIDEO, chat=OTHER)  # another chat: told once in 5 minutes
-        assert await h.say(video) == [reply("media_unsupported_photos_pdf", "es")]
+        poll = inbound("", kind=MessageKind.UNSUPPORTED, chat=OTHER)  # another chat: told once in 5 minutes
+        assert await h.say(poll) == [reply("media_unsupported_photos_pdf", "es")]
     assert fake.chat_count == 0
 
 
@@ -328,7 +328,7 @@ async def test_an_album_past_the_notice_window_is_kept_unanswered_whole(harness,
 
 async def test_a_media_notice_does_not_silence_an_unseen_photo(harness, fake: FakeOpenAI) -> None:
     async with harness(**ai(fake)) as h:
-        assert await h.say(inbound("", kind=MessageKind.VIDEO)) == [
+        assert await h.say(inbound("", kind=MessageKind.UNSUPPORTED)) == [
             reply("media_unsupported_photos_pdf", "es")
         ]
         gone = MediaRef("image/jpeg", 100, handle="/nonexistent.jpg")

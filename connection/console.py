@@ -56,32 +56,27 @@ def parse_jsonl(line: str) -> Inbound:
         size = Path(path).stat().st_size if Path(path).is_file() else None
         media = MediaRef(mimetype="audio/ogg", size_bytes=size, voice_note=True, handle=path)
         return _inbound(message_id, number, MessageKind.AUDIO, "", media)
-    if "image" in data:  # a photo, with "text" as its caption
-        path, caption = data["image"], data.get("text", "")
-        if not isinstance(path, str) or not path or not isinstance(caption, str):
-            raise BadLine('"image" must be a path to a photo, and "text" (its caption) a string')
-        size = Path(path).stat().st_size if Path(path).is_file() else None
-        mimetype = mimetypes.guess_type(path)[0] or "image/jpeg"
-        return _inbound(message_id, number, MessageKind.IMAGE, caption, MediaRef(mimetype, size, handle=path))
-    if "video" in data:  # a video, with "text" as its caption
-        path, caption = data["video"], data.get("text", "")
-        if not isinstance(path, str) or not path or not isinstance(caption, str):
-            raise BadLine('"video" must be a path to a video, and "text" (its caption) a string')
-        size = Path(path).stat().st_size if Path(path).is_file() else None
-        mimetype = mimetypes.guess_type(path)[0] or "video/mp4"
-        return _inbound(message_id, number, MessageKind.VIDEO, caption, MediaRef(mimetype, size, handle=path))
-    if "document" in data:  # a file (a PDF), with "text" as its caption
-        path, caption = data["document"], data.get("text", "")
-        if not isinstance(path, str) or not path or not isinstance(caption, str):
-            raise BadLine('"document" must be a path to a file, and "text" (its caption) a string')
-        size = Path(path).stat().st_size if Path(path).is_file() else None
-        mimetype = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        media = MediaRef(mimetype, size, file_name=Path(path).name, handle=path)
-        return _inbound(message_id, number, MessageKind.DOCUMENT, caption, media)
+    for key, kind, what, default_type in _ATTACHMENTS:  # a photo, a video or a PDF, "text" its caption
+        if key in data:
+            path, caption = data[key], data.get("text", "")
+            if not isinstance(path, str) or not path or not isinstance(caption, str):
+                raise BadLine(f'"{key}" must be a path to {what}, and "text" (its caption) a string')
+            size = Path(path).stat().st_size if Path(path).is_file() else None
+            mimetype = mimetypes.guess_type(path)[0] or default_type
+            media = MediaRef(mimetype, size, file_name=Path(path).name, handle=path)
+            return _inbound(message_id, number, kind, caption, media)
     text = data.get("text")
     if not isinstance(text, str):
         raise BadLine('expected "text" (a string), "audio", "image", "video" or "document" (a path)')
     return _inbound(message_id, number, MessageKind.TEXT, text, None)
+
+
+# The attachments a line can carry: its key, the kind of message, what it must be, its type when unknown.
+_ATTACHMENTS = (
+    ("image", MessageKind.IMAGE, "a photo", "image/jpeg"),
+    ("video", MessageKind.VIDEO, "a video", "video/mp4"),
+    ("document", MessageKind.DOCUMENT, "a file", "application/octet-stream"),
+)
 
 
 def _inbound(message_id: str, number: str, kind: MessageKind, text: str, media: MediaRef | None) -> Inbound:

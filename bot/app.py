@@ -324,12 +324,14 @@ class Bot:
                 "pdftotext not found: PDFs get the polite reply until it is installed "
                 "(apt-get install poppler-utils)"
             )
-        if not self.transcriber.enabled:
+        videos = self.pipeline.videos
+        if not (self.transcriber.enabled or (videos is not None and videos.enabled)):
             return
         for tool in ("ffmpeg", "ffprobe"):
             if shutil.which(tool) is None:
                 logger.warning(
-                    "{} not found: voice notes get an apology until it is installed (apt-get install ffmpeg)",
+                    "{} not found: voice notes and videos get an apology until it is installed "
+                    "(apt-get install ffmpeg)",
                     tool,
                 )
 

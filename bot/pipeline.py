@@ -197,10 +197,9 @@ Queued = tuple[Inbound, Awaitable[None] | None]
 
 
 def _images_of(message: Inbound) -> int:
-    """The images a message may show the model: a video's frames, a photo or a sticker."""
-    if message.kind is MessageKind.VIDEO:
-        return MAX_VIDEO_FRAMES
-    return int(message.kind in _PHOTO_KINDS)
+    """The images a message shows the model at least: a photo, a sticker, a video (two videos share the
+    turn's images: see _read_attachments)."""
+    return int(message.kind in _PHOTO_KINDS or message.kind is MessageKind.VIDEO)
 
 
 def _joined(*parts: str) -> str:
@@ -1261,7 +1260,7 @@ class Pipeline:
         notice_key = {
             self._media_unsupported: f"{message.chat}\nmedia",
             reply("photo_unreadable", self.language): f"{message.chat}\nphoto",
-            reply("video_unreadable", self.language): f"{message.chat}\nphoto",
+            reply("video_unreadable", self.language): f"{message.chat}\nvideo",
         }.get(canned or "")
         if notice_key is not None and self.media_notices.told_recently(notice_key):
             # A photo after photos: the customer has just been told. Saved, unanswered, like any skip (an
@@ -1409,10 +1408,10 @@ class Pipeline:
         notes: list[str] = []
         scans: list[str] = []
         read = Attached()
-        for video, outcome in zip(videos, outcomes[len(pdfs) :], strict=True):
+        for outcome in outcomes[len(pdfs) :]:  # the videos'
             if isinstance(outcome, tuple):
                 frames, seconds = outcome
-                scans.append(self._video_note(video, len(frames), seconds))
+                scans.append(self._video_note(len(frames), seconds))
                 read.pages.extend(frames)
                 read.videos += 1
             else:
@@ -1432,13 +1431,14 @@ class Pipeline:
         read.texts, read.scans = _joined(*notes), _joined(*scans)
         return read
 
-    def _video_note(self, video: Inbound, frames: int, seconds: float | None) -> str:
-        length = f"{round(seconds)} s" if seconds else "?"
-        return reply("video_note", self.language, seconds=length, frames=frames)
+    def _video_note(self, frames: int, seconds: float | None) -> str:
+        length = reply("video_length", self.language, seconds=max(1, round(seconds))) if seconds else ""
+        shown = reply("video_frame" if frames == 1 else "video_frames", self.language, frames=frames)
+        return reply("video_note", self.language, length=length, frames=shown)
 
     async def _watch_video(
         self, video: Inbound, frames: int
-    ) -> tuple[list[str], float | None] | TransportError | VideoRejected:
+    ) -> tuple[list[str], float | None] | VideoRejected:
         """A video's frames as the model is shown photos, and its length; or why it cannot be shown (logged
         and counted)."""
         assert self.videos is not None and self.photos is not None
@@ -1446,7 +1446,12 @@ class Pipeline:
             if frames < 1:
                 raise VideoRejected("unreadable", "no room left for its frames in this turn")
             self.videos.check_declared_size(video.media.size_bytes if video.media else None)
-            seen = await self.videos.frames(await self.transport.download_media(video), frames)
+            try:
+                data = await self.transport.download_media(video)
+            except TransportError as error:  # told "couldn't watch your video", not "couldn't open your PDF"
+                logger.warning("video {} in {} could not be downloaded: {}", video.id, video.chat, error)
+                raise VideoRejected("unreadable", f"download failed: {error}") from None
+            seen = await self.videos.frames(data, frames, video.media.duration_s if video.media else None)
             shown: list[str] = []
             for image in seen.images:
                 with contextlib.suppress(PhotoRejected):  # a frame too large to decode: the others are shown
@@ -1454,10 +1459,9 @@ class Pipeline:
             if not shown:
                 raise VideoRejected("unreadable", "no frame could be prepared")
             return shown, seen.duration_s
-        except (TransportError, VideoRejected) as error:
+        except VideoRejected as error:
             self.counters.videos_unseen += 1
-            say = logger.warning if isinstance(error, TransportError) else logger.info
-            say("video {} in {} not shown to the model: {}", video.id, video.chat, error)
+            logger.info("video {} in {} not shown to the model: {}", video.id, video.chat, error)
             return error
 
     async def _read_pdf(

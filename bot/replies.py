@@ -117,10 +117,14 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "(The PDF goes on, but you only have its beginning: if asked about the rest, say so.)",
     },
     "video_note": {
-        "es": "(El cliente envía un vídeo de {seconds}: ves {frames} fotogramas repartidos por él, en orden; "
-        "no oyes su sonido.)",
-        "en": "(The customer sends a video of {seconds}: you see {frames} frames spread over it, in order; "
-        "you do not hear its sound.)",
+        "es": "(El cliente envía un vídeo{length}: ves {frames}; no oyes su sonido.)",
+        "en": "(The customer sends a video{length}: you see {frames}; you do not hear its sound.)",
+    },
+    "video_length": {"es": " de {seconds} s", "en": " of {seconds} s"},
+    "video_frame": {"es": "{frames} fotograma de él", "en": "{frames} frame of it"},
+    "video_frames": {
+        "es": "{frames} fotogramas repartidos por él, en orden",
+        "en": "{frames} frames spread over it, in order",
     },
     "pdf_scan_note": {
         "es": "(El cliente envía el PDF «{name}», escaneado: ves sus primeras páginas como imágenes.)",

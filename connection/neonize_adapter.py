@@ -297,8 +297,15 @@ def _body(msg: WAMessage, me: frozenset[str]) -> tuple[MessageKind, str, MediaRe
             file_name=_text(getattr(sub, "fileName", ""))[:200],
             handle=msg,  # download_any wants the whole waE2E Message
         )
-        if field == "documentMessage" and sub.mimetype.split(";")[0].strip().lower() in _PHOTO_MIMETYPES:
+        mimetype = sub.mimetype.split(";")[0].strip().lower()
+        if field == "documentMessage" and mimetype in _PHOTO_MIMETYPES:
             kind = MessageKind.IMAGE  # a photo sent as a document, to keep its quality: still a photo
+        elif field == "documentMessage" and mimetype.startswith("video/"):
+            kind = MessageKind.VIDEO  # a video sent so: still a video
+        elif field == "videoMessage" and getattr(sub, "gifPlayback", False):
+            # A GIF from the keyboard: a reaction, like an animated sticker (kept unanswered when no picture
+            # of it can be shown; chatter in a group), not a video to describe.
+            kind = MessageKind.STICKER
         return kind, _text(getattr(sub, "caption", "")), media, _mentions(sub, me)
     # A product of the business's catalog sent to ask about it, or an order from its cart: read as the
     # customer's words (or the product's name) with the details in `quoted` (see _quote).

@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Literal
 
-from media.proc import ProcOutputTooLarge, ProcResult, ProcTimeout, last_error_line, run
+from media.proc import ProcOutputTooLarge, ProcResult, ProcTimeout, capped, last_error_line, run
 from media.settings import MB
 
 # A quote or a menu is a few pages; a 200-page catalogue is not read whole, and its first pages are what a
@@ -107,12 +107,7 @@ class PdfReader:
         self.pdftoppm = shutil.which(pdftoppm)  # the same package as pdftotext (poppler-utils)
         self.missing_tool = enabled and self.pdftotext is None
         self.enabled = enabled and self.pdftotext is not None
-        # util-linux, in every Debian: the address space capped, and the kernel's OOM killer told to take the
-        # tool before the bot if the container runs out all the same.
-        self._prefix = [
-            *(["prlimit", f"--as={ADDRESS_SPACE_BYTES}", "--"] if shutil.which("prlimit") else []),
-            *(["choom", "-n", "1000", "--"] if shutil.which("choom") else []),
-        ]
+        self._prefix = capped(ADDRESS_SPACE_BYTES)
         self._reading = asyncio.Semaphore(MAX_READS_AT_ONCE)
 
     @property

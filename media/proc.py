@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 from collections import deque
 from dataclasses import dataclass
 
@@ -106,6 +107,16 @@ async def run(
                 proc.kill()
             # Reap it even when we are being cancelled: the caller deletes its output file next.
             await proc.wait()
+
+
+def capped(address_space_bytes: int) -> list[str]:
+    """A prefix for a tool's argv: its address space capped (`prlimit`), and the kernel's OOM killer told to
+    take it before the bot if the container runs out all the same (`choom`). Both util-linux, in every
+    Debian; left out where missing. Each execs the tool: a kill reaches the tool itself."""
+    return [
+        *(["prlimit", f"--as={address_space_bytes}", "--"] if shutil.which("prlimit") else []),
+        *(["choom", "-n", "1000", "--"] if shutil.which("choom") else []),
+    ]
 
 
 def last_error_line(stderr: str, limit: int = 160) -> str:

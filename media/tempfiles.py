@@ -1,4 +1,5 @@
-"""Temporary files of voice notes: one folder, names we own, removed on every path, old leftovers swept."""
+"""Temporary files of voice notes and videos: one folder each, names we own, removed on every path, old
+leftovers swept."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class TempScope:
         self._paths: list[Path] = []
 
     def new(self, suffix: str) -> Path:
-        path = self._owner.root / f"{PREFIX}{uuid.uuid4().hex}{suffix}"
+        path = self._owner.root / f"{self._owner.prefix}{uuid.uuid4().hex}{suffix}"
         self._paths.append(path)
         self._owner.live.add(path)
         return path
@@ -31,14 +32,15 @@ class TempScope:
             try:
                 path.unlink(missing_ok=True)
             except OSError as exc:  # a sweep gets it later
-                logger.warning("could not remove temp audio file {}: {}", path.name, exc)
+                logger.warning("could not remove temp file {}: {}", path.name, exc)
             self._owner.live.discard(path)
         self._paths.clear()
 
 
 class TempDir:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, prefix: str = PREFIX) -> None:
         self.root = root
+        self.prefix = prefix  # every file of ours starts so: a sweep removes nothing else
         self.live: set[Path] = set()
         self.sweeps = 0
         self.removed = 0
@@ -60,7 +62,7 @@ class TempDir:
             return 0
         cutoff = (time.time() if now is None else now) - older_than_s
         removed = 0
-        for path in self.root.glob(f"{PREFIX}*"):
+        for path in self.root.glob(f"{self.prefix}*"):
             if path in self.live:
                 continue
             try:
@@ -74,5 +76,5 @@ class TempDir:
             self.bytes_removed += stat.st_size
         self.removed += removed
         if removed:
-            logger.info("swept {} leftover temp audio file(s)", removed)
+            logger.info("swept {} leftover temp file(s) from {}", removed, self.root.name)
         return removed

@@ -16,19 +16,24 @@ deadline for a video's ffprobe and frames together.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from media.proc import ProcOutputTooLarge, ProcTimeout, last_error_line, run
+from media.proc import ProcOutputTooLarge, ProcTimeout, capped, last_error_line, run
 from media.settings import MB
 from media.tempfiles import TempDir
 
 READ_TIMEOUT_S = 30.0
 MAX_READS_AT_ONCE = 1
-_FRAME_LIMIT = 8 * MB  # a 4K frame as a JPEG is under 3 MB
+# ffmpeg maps about 100 MB of libraries; with one decoding thread a 1080p frame peaks at 87 MB of RSS, a 4K
+# one at 156 (measured). An 8K video (348 MB) is refused rather than take a 512 MB plan down.
+ADDRESS_SPACE_BYTES = 512 * MB
+FRAME_SIDE = 1536  # a frame's longer side, at most (media.image.MAX_SIDE)
+_FRAME_LIMIT = 8 * MB  # a 1536-px frame as a JPEG is under 1 MB
 
 VideoReason = Literal["too_large", "unreadable"]
 
@@ -63,7 +68,8 @@ class VideoReader:
         self.enabled = enabled
         self.ffmpeg = ffmpeg
         self.ffprobe = ffprobe
-        self._temp = TempDir(temp_dir)
+        self._temp = TempDir(temp_dir, prefix="video-")
+        self._prefix = capped(ADDRESS_SPACE_BYTES)
         self._reading = asyncio.Semaphore(MAX_READS_AT_ONCE)
 
     @property
@@ -77,43 +83,57 @@ class VideoReader:
     def sweep(self, older_than_s: float = 3600) -> int:
         return self._temp.sweep(older_than_s)
 
-    async def frames(self, data: bytes, count: int) -> Frames:
-        """`count` frames spread over the video (at the middle of each of `count` equal parts), fewer if some
-        cannot be decoded; VideoRejected when none can."""
+    async def frames(self, data: bytes, count: int, duration_hint: float | None = None) -> Frames:
+        """`count` frames spread over the video's picture (at the middle of each of `count` equal parts),
+        fewer if some cannot be decoded in time; VideoRejected when none can. `duration_hint` (WhatsApp's)
+        stands in for a length the file does not state."""
         if len(data) > self.max_bytes:
             raise VideoRejected("too_large", f"{len(data)} bytes, limit {self.max_bytes}")
+        outcomes: list[bytes | str] = []  # filled as frames come: kept when the deadline cuts the rest
+        duration: float | None = None
         async with self._reading:
-            try:
+            with contextlib.suppress(TimeoutError), self._temp.scope() as scope:
                 async with asyncio.timeout(READ_TIMEOUT_S):  # cancelling kills the running ffmpeg
-                    with self._temp.scope() as scope:
-                        path = scope.new(".mp4")
-                        await asyncio.to_thread(path.write_bytes, data)
-                        duration = await self._duration(path)
-                        moments = [duration * (n + 0.5) / count for n in range(count)] if duration else [0.0]
-                        outcomes = [await self._frame(path, at) for at in moments]
-            except TimeoutError:
-                raise VideoRejected("unreadable", f"over {READ_TIMEOUT_S:g}s") from None
+                    path = scope.new(".mp4")
+                    await asyncio.to_thread(path.write_bytes, data)
+                    duration = await self._duration(path) or duration_hint
+                    moments = [duration * (n + 0.5) / count for n in range(count)] if duration else [0.0]
+                    for at in moments:
+                        outcomes.append(await self._frame(path, at))
+                    if not any(isinstance(outcome, bytes) for outcome in outcomes) and moments != [0.0]:
+                        outcomes.append(await self._frame(path, 0.0))  # the picture ends before the sound
         images = [outcome for outcome in outcomes if isinstance(outcome, bytes)]
         if not images:
-            error = next((outcome for outcome in outcomes if outcome), "no frame")
-            raise VideoRejected("unreadable", str(error))
+            error = next((outcome for outcome in outcomes if outcome), "")
+            raise VideoRejected("unreadable", str(error) or f"no frame in {READ_TIMEOUT_S:g}s")
         return Frames(images, duration)
 
     async def _duration(self, path: Path) -> float | None:
-        argv = [self.ffprobe, "-v", "error", "-show_entries", "format=duration", "-of", "json", str(path)]
+        """The picture's length (a video stream's own, which may end before the sound), else the file's."""
+        argv = [
+            self.ffprobe, "-v", "error", "-select_streams", "v:0",
+            "-show_entries", "stream=duration:format=duration", "-of", "json", str(path),
+        ]  # fmt: skip
         try:
             result = await run(argv, timeout_s=READ_TIMEOUT_S, stdout_limit=64 * 1024)
-            duration = float(json.loads(result.stdout)["format"]["duration"])
-        except (ProcTimeout, ProcOutputTooLarge, FileNotFoundError, ValueError, KeyError, TypeError):
+            info = json.loads(result.stdout)
+        except (ProcTimeout, ProcOutputTooLarge, FileNotFoundError, ValueError):
             return None  # frames are still tried, from the start
-        return duration if math.isfinite(duration) and duration > 0 else None
+        stated = [stream.get("duration") for stream in info.get("streams") or []]
+        stated.append((info.get("format") or {}).get("duration"))
+        for value in stated:
+            with contextlib.suppress(TypeError, ValueError):
+                if math.isfinite(seconds := float(value)) and seconds > 0:
+                    return seconds
+        return None
 
     async def _frame(self, path: Path, at: float) -> bytes | str:
-        """The frame at `at` seconds as a JPEG, or why there is none (ffmpeg's error; "" past the end)."""
+        """The frame at `at` seconds as a JPEG fitting FRAME_SIDE, or why there is none ("" past the end)."""
+        fit = f"scale=w='min(iw,{FRAME_SIDE})':h='min(ih,{FRAME_SIDE})':force_original_aspect_ratio=decrease"
         argv = [
-            self.ffmpeg, "-v", "error", "-nostdin",
+            *self._prefix, self.ffmpeg, "-v", "error", "-nostdin", "-threads", "1",
             "-ss", f"{at:.3f}", "-i", str(path),
-            "-frames:v", "1", "-an", "-f", "image2pipe", "-c:v", "mjpeg", "-q:v", "3", "-",
+            "-frames:v", "1", "-an", "-vf", fit, "-f", "image2pipe", "-c:v", "mjpeg", "-q:v", "3", "-",
         ]  # fmt: skip
         try:
             result = await run(argv, timeout_s=READ_TIMEOUT_S, stdout_limit=_FRAME_LIMIT)
@@ -121,6 +141,8 @@ class VideoReader:
             return str(error)
         except FileNotFoundError:
             return f"{self.ffmpeg} is not installed"
-        if result.returncode != 0:
-            return last_error_line(result.stderr) or f"ffmpeg exit code {result.returncode}"
-        return result.stdout
+        if result.returncode != 0:  # its error names our temp file: "the video" is enough in a log
+            return (last_error_line(result.stderr) or f"exit code {result.returncode}").replace(
+                str(path), "video"
+            )
+        return result.stdout or ""

@@ -394,6 +394,20 @@ def test_a_pdf_keeps_its_name_and_size_for_the_reader() -> None:
     )
 
 
+def test_a_video_sent_as_a_document_is_a_video_and_a_gif_is_a_sticker() -> None:
+    """A video sent "as a document" to keep its quality was a document the bot could not read; a GIF from
+    the keyboard (a reaction) was a video to describe, answered even as a group's chatter."""
+    document = DocumentMessage(mimetype="video/mp4", fileName="VID-2026.mp4", fileLength=9_000_000)
+    as_document = translate_message(event(WAMessage(documentMessage=document)))
+    assert as_document is not None and as_document.kind is MessageKind.VIDEO
+    gif = translate_message(
+        event(WAMessage(videoMessage=VideoMessage(mimetype="video/mp4", gifPlayback=True)))
+    )
+    assert gif is not None and gif.kind is MessageKind.STICKER
+    plain = translate_message(event(WAMessage(videoMessage=VideoMessage(mimetype="video/mp4", seconds=6))))
+    assert plain is not None and plain.kind is MessageKind.VIDEO
+
+
 def test_from_me() -> None:
     msg = translate_message(event(WAMessage(conversation="yo"), sender=jid(ME, device=0), from_me=True))
     assert msg is not None

@@ -1410,8 +1410,10 @@ class Pipeline:
         read = Attached()
         for outcome in outcomes[len(pdfs) :]:  # the videos'
             if isinstance(outcome, tuple):
-                frames, seconds = outcome
-                scans.append(self._video_note(len(frames), seconds))
+                frames, seconds, speech = outcome
+                scans.append(self._video_note(len(frames), seconds, heard=bool(speech)))
+                if speech:  # the customer's words: with or without the frames
+                    notes.append(reply("video_speech_note", self.language, speech=speech))
                 read.pages.extend(frames)
                 read.videos += 1
             else:
@@ -1431,16 +1433,34 @@ class Pipeline:
         read.texts, read.scans = _joined(*notes), _joined(*scans)
         return read
 
-    def _video_note(self, frames: int, seconds: float | None) -> str:
+    def _video_note(self, frames: int, seconds: float | None, heard: bool) -> str:
         length = reply("video_length", self.language, seconds=max(1, round(seconds))) if seconds else ""
         shown = reply("video_frame" if frames == 1 else "video_frames", self.language, frames=frames)
-        return reply("video_note", self.language, length=length, frames=shown)
+        key = "video_note_heard" if heard else "video_note"
+        return reply(key, self.language, length=length, frames=shown)
+
+    async def _speech_in(self, video: Inbound, data: bytes) -> str:
+        """What is said in a video ("este es el que quiero, ¿lo tenéis en 42?"), transcribed like a voice
+        note; "" when nothing is (no sound track, silence, music without words, transcription off or
+        failing: the frames are shown all the same)."""
+        if self.transcriber is None or not self.transcriber.enabled:
+            return ""
+        mimetype = video.media.mimetype if video.media and video.media.mimetype else "video/mp4"
+        try:
+            text = await self.transcriber.transcribe(data, mimetype)
+        except Exception as error:
+            if getattr(error, "reason", None) is None:
+                raise
+            logger.debug("the sound of video {} not transcribed: {}", video.id, error)
+            return ""
+        self.counters.transcribed += 1
+        return db_text(clean_text(text, self.max_inbound_chars)[0])
 
     async def _watch_video(
         self, video: Inbound, frames: int
-    ) -> tuple[list[str], float | None] | VideoRejected:
-        """A video's frames as the model is shown photos, and its length; or why it cannot be shown (logged
-        and counted)."""
+    ) -> tuple[list[str], float | None, str] | VideoRejected:
+        """A video's frames as the model is shown photos, its length and what is said in it; or why it cannot
+        be shown (logged and counted)."""
         assert self.videos is not None and self.photos is not None
         try:
             if frames < 1:
@@ -1451,14 +1471,17 @@ class Pipeline:
             except TransportError as error:  # told "couldn't watch your video", not "couldn't open your PDF"
                 logger.warning("video {} in {} could not be downloaded: {}", video.id, video.chat, error)
                 raise VideoRejected("unreadable", f"download failed: {error}") from None
-            seen = await self.videos.frames(data, frames, video.media.duration_s if video.media else None)
+            seen, speech = await asyncio.gather(  # the words while the frames are taken
+                self.videos.frames(data, frames, video.media.duration_s if video.media else None),
+                self._speech_in(video, data),
+            )
             shown: list[str] = []
             for image in seen.images:
                 with contextlib.suppress(PhotoRejected):  # a frame too large to decode: the others are shown
                     shown.append(await self.photos.prepare(image))
             if not shown:
                 raise VideoRejected("unreadable", "no frame could be prepared")
-            return shown, seen.duration_s
+            return shown, seen.duration_s, speech
         except VideoRejected as error:
             self.counters.videos_unseen += 1
             logger.info("video {} in {} not shown to the model: {}", video.id, video.chat, error)
@@ -1629,7 +1652,7 @@ class Pipeline:
         real_photos = len(photos) - len(read.pages)  # a scan's pages and a video's frames are not photos
         try:
             try:
-                told = _joined(read.texts, read.scans, context)
+                told = _joined(read.scans, read.texts, context)  # "a video: you see..." before its words
                 answer = await self.responder.model_answer(text, history, told, photos)
             except PhotoRefused as error:
                 self._warn_photos_refused(error)

@@ -33,15 +33,30 @@ COLOURS = ("red", "lime", "blue")
 
 @pytest.fixture(scope="module")
 def three_colours(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    """6 seconds at 640x360: 2 s red, 2 s green, 2 s blue, with a tone (H.264 and AAC in MP4, as WhatsApp)."""
+    """6 seconds at 640x360, without sound: 2 s red, 2 s green, 2 s blue (H.264 in MP4, as WhatsApp sends)."""
     path = tmp_path_factory.mktemp("video") / "colours.mp4"
     inputs = [
         arg for colour in COLOURS for arg in ("-f", "lavfi", "-i", f"color=c={colour}:s=640x360:d=2:r=25")
     ]
     subprocess.run(
-        ["ffmpeg", "-v", "error", "-y", *inputs, "-f", "lavfi", "-i", "sine=frequency=440:duration=6",
-         "-filter_complex", "[0:v][1:v][2:v]concat=n=3:v=1:a=0[v]", "-map", "[v]", "-map", "3:a",
-         "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)],
+        ["ffmpeg", "-v", "error", "-y", *inputs, "-filter_complex", "[0:v][1:v][2:v]concat=n=3:v=1:a=0[v]",
+         "-map", "[v]", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(path)],
+        check=True,
+    )  # fmt: skip
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def talking(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A customer filming a shoe and saying which one they want (espeak-ng), with AAC sound."""
+    folder = tmp_path_factory.mktemp("talking")
+    speech, path = folder / "speech.wav", folder / "talking.mp4"
+    subprocess.run(
+        ["espeak-ng", "-v", "es", "-w", str(speech), "Este es el que quiero, ¿lo tenéis en 42?"], check=True
+    )
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "color=c=red:s=640x360:d=3:r=25",
+         "-i", str(speech), "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)],
         check=True,
     )  # fmt: skip
     return path.read_bytes()
@@ -341,3 +356,45 @@ async def test_a_video_of_one_frame_is_named_so(harness, fake: FakeOpenAI, three
         photos = [photo(jpeg(), id=f"P{n}") for n in range(4)]
         [answer] = await h.say(*photos, video(three_colours, id="V1"))
     assert "(El cliente envía un vídeo de 6 s: ves 1 fotograma de él; no oyes su sonido.)" in answer
+
+
+async def test_what_is_said_in_a_video_is_heard(harness, fake: FakeOpenAI, talking: bytes) -> None:
+    """ "Este es el que quiero, ¿lo tenéis en 42?" said while filming was the question, and it was lost: the
+    model only saw the frames. Transcribed like a voice note (real ffmpeg, the SDK against the fake)."""
+    fake.transcript = "Este es el que quiero, ¿lo tenéis en 42?"
+    async with harness(**ai(fake)) as h:
+        [answer] = await h.say(video(talking))
+        counters = h.bot.pipeline.counters
+    assert len(fake.transcriptions) == 1
+    assert answer.startswith("3 foto(s): (El cliente envía un vídeo de 3 s: ves 3 fotogramas repartidos")
+    assert answer.endswith("transcrito: «Este es el que quiero, ¿lo tenéis en 42?»)")
+    assert (counters.videos, counters.transcribed) == (1, 1)
+
+
+async def test_a_videos_words_are_answered_by_a_model_that_reads_no_images(
+    harness, fake: FakeOpenAI, talking: bytes
+) -> None:
+    fake.transcript = "¿lo tenéis en 42?"
+    fake.raw_next.append((400, "application/json", REFUSAL))
+    async with harness(**ai(fake)) as h:
+        [answer] = await h.say(video(talking))
+    assert answer == "texto: (Lo que se dice en el vídeo del cliente, transcrito: «¿lo tenéis en 42?»)"
+
+
+async def test_a_video_is_shown_when_its_sound_cannot_be_transcribed(
+    harness, fake: FakeOpenAI, talking: bytes
+) -> None:
+    fake.transcribe_fail_next.extend([500, 500, 500, 500])  # the SDK retries
+    async with harness(**ai(fake)) as h:
+        [answer] = await h.say(video(talking, "¿lo tenéis?"))
+    assert answer.startswith("3 foto(s): (El cliente envía un vídeo de 3 s: ves 3 fotogramas")
+    assert "en orden; no oyes su sonido.)" in answer
+    assert answer.endswith("¿lo tenéis?")
+
+
+async def test_a_silent_video_is_not_sent_to_transcription(
+    harness, fake: FakeOpenAI, three_colours: bytes
+) -> None:
+    async with harness(**ai(fake)) as h:
+        await h.say(video(three_colours))
+    assert len(fake.transcriptions) == 0

@@ -153,7 +153,7 @@ class VideoWatcher(Protocol):
 
     def check_declared_size(self, size_bytes: int | None) -> None: ...
 
-    async def frames(self, data: bytes, count: int) -> Frames: ...
+    async def frames(self, data: bytes, count: int, duration_hint: float | None = None) -> Frames: ...
 
 
 _HANDED_OVER = "chat handed to a human"
@@ -1399,26 +1399,31 @@ class Pipeline:
         the others could not be read. After the memory gate: a download, pdftotext and ffmpeg take memory."""
         await self.model_gate.wait()
         self._answering.add([*pdfs, *videos][-1].chat)
-        share = images // (len(pdfs) + len(videos))
+        # Videos first (their frames are all they show); a PDF is seldom a scan, and takes what is left.
+        frames = min(MAX_VIDEO_FRAMES, images // len(videos)) if videos else 0
+        pages = min(MAX_SCANNED_PAGES, (images - frames * len(videos)) // len(pdfs)) if pdfs else 0
         # Together, as an album's photos.
-        outcomes = await asyncio.gather(
-            *(self._read_pdf(pdf, min(MAX_SCANNED_PAGES, share)) for pdf in pdfs),
-            *(self._watch_video(video, min(MAX_VIDEO_FRAMES, share)) for video in videos),
+        watched, pdf_outcomes = await asyncio.gather(
+            asyncio.gather(*(self._watch_video(video, frames) for video in videos)),
+            asyncio.gather(*(self._read_pdf(pdf, pages) for pdf in pdfs)),
         )
         notes: list[str] = []
         scans: list[str] = []
         read = Attached()
-        for outcome in outcomes[len(pdfs) :]:  # the videos'
-            if isinstance(outcome, tuple):
-                frames, seconds, speech = outcome
-                scans.append(self._video_note(len(frames), seconds, heard=bool(speech)))
-                if speech:  # the customer's words: with or without the frames
-                    notes.append(reply("video_speech_note", self.language, speech=speech))
-                read.pages.extend(frames)
-                read.videos += 1
-            else:
+        for outcome in watched:
+            if isinstance(outcome, VideoRejected):
                 read.unread.append(outcome)
-        for pdf, outcome in zip(pdfs, outcomes[: len(pdfs)], strict=True):
+                continue
+            shown, seconds, speech = outcome
+            if speech:  # the customer's words: with or without the frames
+                notes.append(reply("video_speech_note", self.language, speech=speech))
+            if not shown:  # heard, not seen: the model told a video it cannot see came
+                read.unread.append(VideoRejected("unreadable", "no frame, its words only"))
+                continue
+            scans.append(self._video_note(len(shown), seconds, heard=bool(speech)))
+            read.pages.extend(shown)
+            read.videos += 1
+        for pdf, outcome in zip(pdfs, pdf_outcomes, strict=True):
             name = (pdf.media.file_name if pdf.media else "") or reply("pdf_unnamed", self.language)
             if isinstance(outcome, PdfText):
                 cut = reply("pdf_cut_note", self.language) if outcome.cut else ""
@@ -1449,9 +1454,13 @@ class Pipeline:
         try:
             text = await self.transcriber.transcribe(data, mimetype)
         except Exception as error:
-            if getattr(error, "reason", None) is None:
+            reason = getattr(error, "reason", None)
+            if reason is None:
                 raise
-            logger.debug("the sound of video {} not transcribed: {}", video.id, error)
+            if reason in _OUR_SIDE_FAILURES:  # the owner's to fix, as for voice notes
+                self._warn_transcription_failing(reason, error)
+            else:  # no sound track, silence, music: nothing said
+                logger.debug("the sound of video {} not transcribed: {}", video.id, error)
             return ""
         self.counters.transcribed += 1
         return db_text(clean_text(text, self.max_inbound_chars)[0])
@@ -1459,33 +1468,48 @@ class Pipeline:
     async def _watch_video(
         self, video: Inbound, frames: int
     ) -> tuple[list[str], float | None, str] | VideoRejected:
-        """A video's frames as the model is shown photos, its length and what is said in it; or why it cannot
-        be shown (logged and counted)."""
-        assert self.videos is not None and self.photos is not None
+        """A video's frames as the model is shown photos (none when they cannot be taken but its words were
+        heard), its length and what is said in it; or why it cannot be shown (logged and counted)."""
+        assert self.videos is not None
         try:
-            if frames < 1:
-                raise VideoRejected("unreadable", "no room left for its frames in this turn")
             self.videos.check_declared_size(video.media.size_bytes if video.media else None)
             try:
                 data = await self.transport.download_media(video)
             except TransportError as error:  # told "couldn't watch your video", not "couldn't open your PDF"
-                logger.warning("video {} in {} could not be downloaded: {}", video.id, video.chat, error)
                 raise VideoRejected("unreadable", f"download failed: {error}") from None
-            seen, speech = await asyncio.gather(  # the words while the frames are taken
-                self.videos.frames(data, frames, video.media.duration_s if video.media else None),
-                self._speech_in(video, data),
+            duration_hint = video.media.duration_s if video.media else None
+            # The words while the frames are taken; a video that shows nothing may still say something.
+            seen, speech = await asyncio.gather(
+                self._frames_of(data, frames, duration_hint), self._speech_in(video, data)
             )
-            shown: list[str] = []
-            for image in seen.images:
-                with contextlib.suppress(PhotoRejected):  # a frame too large to decode: the others are shown
-                    shown.append(await self.photos.prepare(image))
-            if not shown:
-                raise VideoRejected("unreadable", "no frame could be prepared")
-            return shown, seen.duration_s, speech
+            if isinstance(seen, VideoRejected):
+                if not speech:
+                    raise seen
+                self.counters.videos_unseen += 1
+                logger.info("video {} in {}: its words only ({})", video.id, video.chat, seen)
+                return [], None, speech
+            return seen[0], seen[1], speech
         except VideoRejected as error:
             self.counters.videos_unseen += 1
-            logger.info("video {} in {} not shown to the model: {}", video.id, video.chat, error)
+            say = logger.warning if str(error).startswith("unreadable: download failed") else logger.info
+            say("video {} in {} not shown to the model: {}", video.id, video.chat, error)
             return error
+
+    async def _frames_of(
+        self, data: bytes, frames: int, duration_hint: float | None
+    ) -> tuple[list[str], float | None] | VideoRejected:
+        """A video's frames as the model is shown photos, and its length; or why there are none."""
+        assert self.videos is not None
+        if frames < 1:
+            return VideoRejected("unreadable", "no room left for its frames in this turn")
+        try:
+            seen = await self.videos.frames(data, frames, duration_hint)
+        except VideoRejected as error:
+            return error
+        shown = await self._as_photos(seen.images)
+        return (
+            (shown, seen.duration_s) if shown else VideoRejected("unreadable", "no frame could be prepared")
+        )
 
     async def _read_pdf(
         self, pdf: Inbound, pages: int
@@ -1511,7 +1535,7 @@ class Pipeline:
             return error
 
     async def _as_photos(self, images: list[bytes]) -> list[str]:
-        """A scan's pages as the model is shown photos."""
+        """A scan's pages or a video's frames as the model is shown photos."""
         assert self.photos is not None
         pages: list[str] = []
         for image in images:
@@ -1527,13 +1551,15 @@ class Pipeline:
                 return reply("video_too_large", self.language, limit=self.videos.max_mb)
             return reply("video_unreadable", self.language)
         reason = error.reason if isinstance(error, DocumentRejected) else "unreadable"
+        # "Send me a screenshot" only to a customer whose screenshot the model would be shown.
+        photos = "_photos" if self._reads_photos else ""
         if reason == "too_large":
             assert self.documents is not None
-            return reply("pdf_too_large", self.language, limit=self.documents.max_mb)
+            return reply(f"pdf_too_large{photos}", self.language, limit=self.documents.max_mb)
         if reason == "protected":
-            return reply("pdf_protected", self.language)
+            return reply(f"pdf_protected{photos}", self.language)
         if reason == "no_text":
-            return reply("pdf_no_text_photos" if self._reads_photos else "pdf_no_text", self.language)
+            return reply(f"pdf_no_text{photos}", self.language)
         return reply("pdf_unreadable", self.language)
 
     async def _look_at_quote(self, message: Inbound) -> str | None:

@@ -236,12 +236,24 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "I couldn't open your file. Could you send it again or tell me in writing what you need?",
     },
     "pdf_too_large": {
+        "es": "Tu PDF es demasiado grande para mí (el máximo es {limit:g} MB). ¿Puedes contarme por escrito "
+        "qué necesitas?",
+        "en": "Your PDF is too large for me (the limit is {limit:g} MB). Could you tell me in writing what "
+        "you need?",
+    },
+    "pdf_too_large_photos": {
         "es": "Tu PDF es demasiado grande para mí (el máximo es {limit:g} MB). ¿Puedes enviarme una "
         "captura de lo importante o contarme por escrito qué necesitas?",
         "en": "Your PDF is too large for me (the limit is {limit:g} MB). Could you send me a screenshot of "
         "what matters or tell me in writing what you need?",
     },
     "pdf_protected": {
+        "es": "Tu PDF está protegido con contraseña y no puedo abrirlo. ¿Puedes contarme por escrito qué "
+        "necesitas?",
+        "en": "Your PDF is password-protected and I can't open it. Could you tell me in writing what you "
+        "need?",
+    },
+    "pdf_protected_photos": {
         "es": "Tu PDF está protegido con contraseña y no puedo abrirlo. ¿Puedes enviarme una captura o "
         "contarme por escrito qué necesitas?",
         "en": "Your PDF is password-protected and I can't open it. Could you send me a screenshot or tell "

@@ -144,6 +144,7 @@ class PdfReader:
             raise DocumentRejected("no_text", "no text, and no page could be drawn")
 
     async def _text(self, data: bytes, deadline: float) -> PdfText:
+        assert self.pdftotext is not None  # read() checked
         # One page more than is read: a PDF of exactly MAX_PAGES pages is not called cut.
         argv = [self.pdftotext, "-enc", "UTF-8", "-eol", "unix", "-l", str(MAX_PAGES + 1), "-", "-"]
         result = await self._run(argv, data, deadline)

@@ -29,8 +29,9 @@ from media.tempfiles import TempDir
 
 READ_TIMEOUT_S = 30.0
 MAX_READS_AT_ONCE = 1
-# ffmpeg maps about 100 MB of libraries; with one decoding thread a 1080p frame peaks at 87 MB of RSS, a 4K
-# one at 156 (measured). An 8K video (348 MB) is refused rather than take a 512 MB plan down.
+# ffmpeg maps about 100 MB of libraries; with one decoding thread, and frames scaled down as they are taken, a
+# 1080p video peaks at 87 MB of RSS, a 4K one at 156, an 8K one at about 210 (measured). The cap stops a
+# crafted one from taking a 512 MB plan down.
 ADDRESS_SPACE_BYTES = 512 * MB
 FRAME_SIDE = 1536  # a frame's longer side, at most (media.image.MAX_SIDE)
 _FRAME_LIMIT = 8 * MB  # a 1536-px frame as a JPEG is under 1 MB
@@ -95,7 +96,9 @@ class VideoReader:
             with contextlib.suppress(TimeoutError), self._temp.scope() as scope:
                 async with asyncio.timeout(READ_TIMEOUT_S):  # cancelling kills the running ffmpeg
                     path = scope.new(".mp4")
-                    await asyncio.to_thread(path.write_bytes, data)
+                    # Not in a thread: one still writing after a cancellation would make the file again after
+                    # the scope removed it (media/audio.py does the same). 20 MB at most.
+                    path.write_bytes(data)
                     duration = await self._duration(path) or duration_hint
                     moments = [duration * (n + 0.5) / count for n in range(count)] if duration else [0.0]
                     for at in moments:

@@ -132,7 +132,7 @@ async def test_a_password_protected_pdf_gets_a_reply_that_says_so(harness, fake:
         sent = await h.say(pdf(protected_pdf(RECEIPT), id="D1"))
         counters = h.bot.pipeline.counters
         [row] = [m for m in await h.bot.store.recent_messages(CHAT, 5) if m.direction is Direction.IN]
-    assert sent == [reply("pdf_protected", "es")]
+    assert sent == [reply("pdf_protected_photos", "es")]  # a screenshot would be read
     assert fake.chat_count == 0 and counters.documents_unread == 1
     assert row.status is MessageStatus.ANSWERED
 
@@ -161,7 +161,7 @@ async def test_a_pdf_over_the_limit_is_refused_before_downloading(
     async with harness(**ai(fake), pdf_max_mb=20) as h:
         downloads = count_downloads(h, monkeypatch)
         sent = await h.say(inbound("", kind=MessageKind.DOCUMENT, media=big))
-    assert sent == [reply("pdf_too_large", "es", limit=20)] and "20 MB" in sent[0]
+    assert sent == [reply("pdf_too_large_photos", "es", limit=20)] and "20 MB" in sent[0]
     assert downloads == [] and fake.chat_count == 0
 
 
@@ -428,3 +428,10 @@ async def test_a_scan_and_a_text_pdf_refused_are_answered_from_the_text(harness,
         h.bot.pipeline.gather_s = 0.3
         [answer] = await h.say(pdf(scanned_pdf(), id="D1", name="s.pdf"), pdf(RECEIPT, id="D2"))
     assert "Importe" in answer and "escaneado" not in answer
+
+
+async def test_without_photos_a_customer_is_not_asked_for_a_screenshot(harness, fake: FakeOpenAI) -> None:
+    """The screenshot would get "I can only read text, PDFs and voice notes"."""
+    async with harness(**ai(fake), openai_vision=False) as h:
+        sent = await h.say(pdf(protected_pdf(RECEIPT)))
+    assert sent == [reply("pdf_protected", "es")] and "captura" not in sent[0]

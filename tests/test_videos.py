@@ -20,7 +20,7 @@ from bot.pipeline import MAX_BURST_PHOTOS
 from bot.replies import reply
 from connection.console import parse_jsonl
 from connection.types import MediaRef, MessageKind, TransportError
-from media.video import VideoReader
+from media.video import VideoReader, VideoRejected
 from memory.store import Direction, MessageStatus, StoredMessage
 from tests.conftest import BotHarness, inbound
 from tests.fake_openai import FakeOpenAI
@@ -339,7 +339,7 @@ def test_ffmpeg_takes_an_8k_videos_frames_in_little_memory(tmp_path: Path) -> No
 
 
 async def test_a_video_without_a_stated_length_uses_whatsapps(harness, fake: FakeOpenAI) -> None:
-    """A WebM recorded by a browser states no length: one frame and "un vídeo de ?: ves 1 fotogramas"."""
+    """A WebM recorded by a browser states no length: one frame and "un vídeo de ?" and one frame."""
     raw = subprocess.run(
         ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=s=640x360:d=6:r=25", "-c:v", "libvpx",
          "-b:v", "500k", "-f", "webm", "-"], check=True, capture_output=True,
@@ -398,3 +398,35 @@ async def test_a_silent_video_is_not_sent_to_transcription(
     async with harness(**ai(fake)) as h:
         await h.say(video(three_colours))
     assert len(fake.transcriptions) == 0
+
+
+async def test_a_video_beside_a_text_pdf_keeps_its_three_frames(
+    harness, fake: FakeOpenAI, three_colours: bytes
+) -> None:
+    """The turn's images were shared with the PDF before it was known to be text: the video got 2 frames."""
+    from tests.test_documents import RECEIPT, pdf
+
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.gather_s = 0.3
+        [answer] = await h.say(video(three_colours, id="V1"), pdf(RECEIPT, id="D1"))
+    assert answer.startswith("3 foto(s):") and "Importe: 45,00 EUR" in answer
+
+
+async def test_a_video_that_shows_nothing_is_answered_from_its_words(
+    harness, fake: FakeOpenAI, talking: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its frames could not be taken, but what was said was heard: it was "No he podido ver tu vídeo"."""
+    fake.transcript = "¿lo tenéis en 42?"
+    async with harness(**ai(fake)) as h:
+
+        async def no_frames(data: bytes, count: int, duration_hint: float | None = None) -> object:
+            raise VideoRejected("unreadable", "a codec this ffmpeg cannot decode")
+
+        monkeypatch.setattr(h.bot.pipeline.videos, "frames", no_frames)
+        [answer] = await h.say(video(talking))
+        counters = h.bot.pipeline.counters
+    assert answer == (
+        "texto: (Lo que se dice en el vídeo del cliente, transcrito: «¿lo tenéis en 42?»)\n\n"
+        + reply("attachment_note", "es")
+    )
+    assert (counters.videos, counters.videos_unseen) == (0, 1)

@@ -189,6 +189,7 @@ class Attached:
     pages: list[str] = field(default_factory=list)  # scans' pages and videos' frames, as photos (data: URLs)
     scanned: int = 0  # the PDFs shown as pages: counted read once the model has seen them
     videos: int = 0  # the videos shown as frames: counted seen once the model has seen them
+    speech: str = ""  # what is said in the videos: the customer's words, as a voice note's
     unread: list[TransportError | DocumentRejected | VideoRejected] = field(default_factory=list)
 
 
@@ -1173,13 +1174,21 @@ class Pipeline:
                 # A scan's pages and a video's frames are images of the turn: with its photos,
                 # MAX_BURST_PHOTOS at most.
                 room = max(0, MAX_BURST_PHOTOS - len(photos))
+                if videos:  # what a video says updates its stored row, as a voice note's transcript does
+                    await self._saved(message, persisted)
                 read = await self._read_attachments(pdfs, videos, room)
                 model_time += time.perf_counter() - reading
                 shown = list(read.pages)
-                if read.unread and not (read.texts or shown or text or photos):  # nothing else to answer
-                    canned = self._unread_reply(read.unread[0])
-                elif read.unread and (read.texts or shown or text):  # told a file it cannot read came
-                    text = self._noted(text)
+                if read.speech:  # what is said in a video is the customer's words, as in a voice note
+                    text = _joined(text, read.speech)
+                    if message.kind is MessageKind.VIDEO and not burst:  # the history read below has it too
+                        inbound = replace(inbound, body=self._heard_body(message.text, read.speech))
+                    if self._asks_for_a_person(message, text):
+                        canned = handing_over = reply("handoff", self.language)
+                if canned is None and read.unread and not (read.texts or shown or text or photos):
+                    canned = self._unread_reply(read.unread[0])  # nothing else to answer
+                elif canned is None and read.unread and (read.texts or shown or text):
+                    text = self._noted(text)  # told a file it cannot read came
                 if shown:  # a scan, a video: if the model reads no images, the customer is asked to write
                     write_it = (
                         reply("pdf_no_text", self.language)
@@ -1415,8 +1424,7 @@ class Pipeline:
                 read.unread.append(outcome)
                 continue
             shown, seconds, speech = outcome
-            if speech:  # the customer's words: with or without the frames
-                notes.append(reply("video_speech_note", self.language, speech=speech))
+            read.speech = _joined(read.speech, speech)
             if not shown:  # heard, not seen: the model told a video it cannot see came
                 read.unread.append(VideoRejected("unreadable", "no frame, its words only"))
                 continue
@@ -1446,8 +1454,9 @@ class Pipeline:
 
     async def _speech_in(self, video: Inbound, data: bytes) -> str:
         """What is said in a video ("este es el que quiero, ¿lo tenéis en 42?"), transcribed like a voice
-        note; "" when nothing is (no sound track, silence, music without words, transcription off or
-        failing: the frames are shown all the same)."""
+        note and kept like one (with the caption, in the store and the history); "" when nothing is (no
+        sound track, silence, music without words, transcription off or failing: the frames are shown all
+        the same)."""
         if self.transcriber is None or not self.transcriber.enabled:
             return ""
         mimetype = video.media.mimetype if video.media and video.media.mimetype else "video/mp4"
@@ -1463,7 +1472,20 @@ class Pipeline:
                 logger.debug("the sound of video {} not transcribed: {}", video.id, error)
             return ""
         self.counters.transcribed += 1
-        return db_text(clean_text(text, self.max_inbound_chars)[0])
+        speech = db_text(clean_text(text, self.max_inbound_chars)[0])
+        body = self._heard_body(video.text, speech)
+        self.history.set_body(video.chat, video.id, body)
+        try:
+            await self.store.set_status(video.id, MessageStatus.RECEIVED, body=body)
+        except StoreUnavailable as error:  # kept for a retry by the store; the answer does not wait for it
+            logger.debug("what video {} says not saved yet: {}", video.id, error)
+        return speech
+
+    def _heard_body(self, caption: str, speech: str) -> str:
+        """A video's stored body once heard: its caption, then what is said in it."""
+        return db_text(
+            clean_text("\n".join(part for part in (caption, speech) if part), self.max_inbound_chars)[0]
+        )
 
     async def _watch_video(
         self, video: Inbound, frames: int

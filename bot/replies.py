@@ -121,12 +121,10 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "(The customer sends a video{length}: you see {frames}; you do not hear its sound.)",
     },
     "video_note_heard": {
-        "es": "(El cliente envía un vídeo{length}: ves {frames}.)",
-        "en": "(The customer sends a video{length}: you see {frames}.)",
-    },
-    "video_speech_note": {
-        "es": "(Lo que se dice en el vídeo del cliente, transcrito: «{speech}»)",
-        "en": "(What is said in the customer's video, transcribed: “{speech}”)",
+        "es": "(El cliente envía un vídeo{length}: ves {frames}; lo que se dice en él, transcrito, va en su "
+        "mensaje.)",
+        "en": "(The customer sends a video{length}: you see {frames}; what is said in it, transcribed, is in "
+        "their message.)",
     },
     "video_length": {"es": " de {seconds} s", "en": " of {seconds} s"},
     "video_frame": {"es": "{frames} fotograma de él", "en": "{frames} frame of it"},

@@ -302,9 +302,11 @@ def _body(msg: WAMessage, me: frozenset[str]) -> tuple[MessageKind, str, MediaRe
             kind = MessageKind.IMAGE  # a photo sent as a document, to keep its quality: still a photo
         elif field == "documentMessage" and mimetype.startswith("video/"):
             kind = MessageKind.VIDEO  # a video sent so: still a video
-        elif field == "videoMessage" and getattr(sub, "gifPlayback", False):
+        elif (
+            field == "videoMessage" and getattr(sub, "gifPlayback", False) and not _text(sub.caption).strip()
+        ):
             # A GIF from the keyboard: a reaction, like an animated sticker (kept unanswered when no picture
-            # of it can be shown; chatter in a group), not a video to describe.
+            # of it can be shown; chatter in a group), not a video to describe. With words it is a video.
             kind = MessageKind.STICKER
         return kind, _text(getattr(sub, "caption", "")), media, _mentions(sub, me)
     # A product of the business's catalog sent to ask about it, or an order from its cart: read as the

@@ -404,6 +404,12 @@ def test_a_video_sent_as_a_document_is_a_video_and_a_gif_is_a_sticker() -> None:
         event(WAMessage(videoMessage=VideoMessage(mimetype="video/mp4", gifPlayback=True)))
     )
     assert gif is not None and gif.kind is MessageKind.STICKER
+    captioned = VideoMessage(mimetype="video/mp4", gifPlayback=True, caption="¿lo tenéis en 42?")
+    with_words = translate_message(event(WAMessage(videoMessage=captioned)))
+    assert with_words is not None and (with_words.kind, with_words.text) == (
+        MessageKind.VIDEO,
+        "¿lo tenéis en 42?",
+    )
     plain = translate_message(event(WAMessage(videoMessage=VideoMessage(mimetype="video/mp4", seconds=6))))
     assert plain is not None and plain.kind is MessageKind.VIDEO
 

@@ -367,7 +367,7 @@ async def test_what_is_said_in_a_video_is_heard(harness, fake: FakeOpenAI, talki
         counters = h.bot.pipeline.counters
     assert len(fake.transcriptions) == 1
     assert answer.startswith("3 foto(s): (El cliente envía un vídeo de 3 s: ves 3 fotogramas repartidos")
-    assert answer.endswith("transcrito: «Este es el que quiero, ¿lo tenéis en 42?»)")
+    assert answer.endswith("transcrito, va en su mensaje.)\n\nEste es el que quiero, ¿lo tenéis en 42?")
     assert (counters.videos, counters.transcribed) == (1, 1)
 
 
@@ -378,7 +378,8 @@ async def test_a_videos_words_are_answered_by_a_model_that_reads_no_images(
     fake.raw_next.append((400, "application/json", REFUSAL))
     async with harness(**ai(fake)) as h:
         [answer] = await h.say(video(talking))
-    assert answer == "texto: (Lo que se dice en el vídeo del cliente, transcrito: «¿lo tenéis en 42?»)"
+    # The customer's words, the model told a video it cannot see came.
+    assert answer == f"texto: ¿lo tenéis en 42?\n\n{reply('attachment_note', 'es')}"
 
 
 async def test_a_video_is_shown_when_its_sound_cannot_be_transcribed(
@@ -425,8 +426,43 @@ async def test_a_video_that_shows_nothing_is_answered_from_its_words(
         monkeypatch.setattr(h.bot.pipeline.videos, "frames", no_frames)
         [answer] = await h.say(video(talking))
         counters = h.bot.pipeline.counters
-    assert answer == (
-        "texto: (Lo que se dice en el vídeo del cliente, transcrito: «¿lo tenéis en 42?»)\n\n"
-        + reply("attachment_note", "es")
-    )
+    assert answer == f"texto: ¿lo tenéis en 42?\n\n{reply('attachment_note', 'es')}"
     assert (counters.videos, counters.videos_unseen) == (0, 1)
+
+
+async def test_a_person_asked_for_in_a_video_hands_the_chat_over(
+    harness, fake: FakeOpenAI, talking: bytes
+) -> None:
+    """The same words in a voice note handed over; said in a video they went to the model."""
+    fake.transcript = "Quiero hablar con una persona"
+    async with harness(**ai(fake)) as h:
+        sent = await h.say(video(talking, id="V1"))
+        paused = h.bot.pipeline.takeover.is_paused(CHAT)
+    assert sent[0] == reply("handoff", "es") and paused and fake.chat_count == 0
+
+
+async def test_a_question_said_in_a_video_gets_the_flows_facts(
+    harness, fake: FakeOpenAI, talking: bytes, tmp_path: Path
+) -> None:
+    flows = tmp_path / "flows.yaml"
+    flows.write_text("- keywords: [horario]\n  answer: Abrimos de 9 a 14.\n")
+    fake.transcript = "¿Qué horario tenéis mañana?"
+    async with harness(**ai(fake), flows_file=flows) as h:
+        await h.say(video(talking))
+    assert "Abrimos de 9 a 14." in fake.chat_requests[-1]["messages"][0]["content"]
+
+
+async def test_what_a_video_said_is_in_the_next_turns_history(
+    harness, fake: FakeOpenAI, talking: bytes
+) -> None:
+    """Kept like a voice note's transcript: "¿y en 43?" after "este es el que quiero, ¿lo tenéis en 42?"."""
+    fake.transcript = "Este es el que quiero, ¿lo tenéis en 42?"
+    async with harness(**ai(fake)) as h:
+        await h.say(video(talking, "mira", id="V1"))
+        await h.say("¿y en 43?")
+        [row] = [m for m in await h.bot.store.recent_messages(CHAT, 5) if m.wa_message_id == "V1"]
+    assert (
+        fake.chat_requests[-1]["messages"][1]["content"]
+        == "(🎬) mira\nEste es el que quiero, ¿lo tenéis en 42?"
+    )
+    assert row.body == "mira\nEste es el que quiero, ¿lo tenéis en 42?"

@@ -77,6 +77,8 @@ MAX_GATHER_ROUNDS = 4
 MAX_BURST_PHOTOS = 5
 # PDFs read in one turn: each is up to 12,000 characters of text (media.document.MAX_CHARS).
 MAX_BURST_DOCUMENTS = 3
+# Voice notes heard in one turn ("hola" / a voice note / another one): each is a transcription.
+MAX_BURST_VOICE_NOTES = 5
 # The pages of a scanned PDF (no text) shown to the model as photos, when it is shown photos.
 MAX_SCANNED_PAGES = 2
 # A flow's file goes with the model's answers to a chat once in this long (asked for by the flow's own
@@ -974,6 +976,7 @@ class Pipeline:
         group = message.is_group or message.chat.endswith("@g.us")
         readable = (
             message.kind is MessageKind.TEXT
+            or (message.kind is MessageKind.AUDIO and self._hears_voice_notes)
             or self._shows_photo(message)
             or self._reads_pdf(message)
             or self._shows_video(message)
@@ -983,6 +986,10 @@ class Pipeline:
     @property
     def _reads_photos(self) -> bool:
         return self.photos is not None and self.photos.enabled
+
+    @property
+    def _hears_voice_notes(self) -> bool:
+        return self.transcriber is not None and self.transcriber.enabled
 
     @property
     def _reads_pdfs(self) -> bool:
@@ -1055,6 +1062,7 @@ class Pipeline:
         quotes = bool(quote_note(first, self.language))
         photos = _images_of(first)
         documents = int(first.kind is MessageKind.DOCUMENT)
+        voice_notes = int(first.kind is MessageKind.AUDIO)
         while queue and len(burst) < MAX_BURST_MESSAGES:
             message = queue[0][0]
             chars += len(message.text) + 1
@@ -1065,7 +1073,12 @@ class Pipeline:
                 break
             photos += _images_of(message)
             documents += message.kind is MessageKind.DOCUMENT
-            if photos > MAX_BURST_PHOTOS or documents > MAX_BURST_DOCUMENTS:
+            voice_notes += message.kind is MessageKind.AUDIO
+            if (
+                photos > MAX_BURST_PHOTOS
+                or documents > MAX_BURST_DOCUMENTS
+                or voice_notes > MAX_BURST_VOICE_NOTES
+            ):
                 break
             quotes = quotes or quotes_too
             burst.append(queue.popleft())
@@ -1120,6 +1133,7 @@ class Pipeline:
             await self._mark(ids, MessageStatus.SKIPPED)
             self.counters.skipped += len(ids)
             return
+        last_text = message.text  # its own words, before a burst's are joined
         if burst:
             # The model gets the MAX_CHAT_HISTORY messages before the burst, and the burst as one turn. From
             # here on `message` is that turn: the burst's texts, under the last one's id.
@@ -1159,7 +1173,20 @@ class Pipeline:
                 await self._mark_read(earlier_message)
             await self._mark_read(message)
             understood = time.perf_counter()
+            unheard: str | None = None  # the reply to a voice note of the burst that could not be heard
+            if burst and any(m.kind is MessageKind.AUDIO for m in [*burst, message]):
+                # Voice notes in a row ("hola" / a voice note / another): each heard, the burst one turn.
+                words, unheard, last_heard = await self._hear(burst, message, last_text)
+                model_time += time.perf_counter() - understood
+                if message.kind is MessageKind.AUDIO:  # its words are the turn's text from here on
+                    message = replace(message, kind=MessageKind.TEXT)
+                    inbound = replace(inbound, body=last_heard or inbound.body)
+                message = replace(message, text=words)
             text, canned = await self._understand(message, persisted)
+            if unheard is not None and not message.text:  # not a word heard, nor written
+                canned = unheard
+            elif unheard is not None and canned is None:  # the rest is answered, the model told
+                text = _joined(text, reply("voice_note_unheard_note", self.language))
             if message.kind is MessageKind.AUDIO:
                 model_time += time.perf_counter() - understood
                 if canned is None:  # the transcript is this turn's text, in the history read below too
@@ -1396,6 +1423,30 @@ class Pipeline:
                 return [], "", reply("photo_too_large", self.language, limit=self.photos.max_mb)
             return [], "", reply("photo_unreadable", self.language)
         return shown, f"{text}\n\n{reply('attachment_note', self.language)}".lstrip(), None
+
+    async def _hear(
+        self, burst: Sequence[Inbound], last: Inbound, last_text: str
+    ) -> tuple[str, str | None, str]:
+        """A burst's words with its voice notes transcribed, in order (each as a voice note alone: stored,
+        limits, replies); the reply for the first voice note that could not be heard; and the last message's
+        own transcript. After the memory gate, as a voice note alone."""
+        await self.model_gate.wait()
+        self._answering.add(last.chat)
+        words: list[str] = []
+        unheard: str | None = None
+        last_heard = ""
+        for item, own_text in [*((m, m.text) for m in burst), (last, last_text)]:
+            if item.kind is not MessageKind.AUDIO:
+                words.append(own_text)
+                continue
+            heard, canned = await self._transcribe(item)
+            if canned is not None:
+                unheard = unheard or canned
+                continue
+            words.append(heard)
+            if item is last:
+                last_heard = heard
+        return "\n".join(word for word in words if word), unheard, last_heard
 
     def _noted(self, text: str) -> str:
         """`text`, with the model told (once) that a file, photo or video it cannot see came with it."""

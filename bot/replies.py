@@ -111,6 +111,10 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "es": "(El cliente envía el PDF «{name}»; este es su texto:)",
         "en": "(The customer sends the PDF “{name}”; this is its text:)",
     },
+    "voice_note_unheard_note": {
+        "es": "(El cliente envió además una nota de voz que no se ha podido transcribir.)",
+        "en": "(The customer also sent a voice note that could not be transcribed.)",
+    },
     "pdf_unnamed": {"es": "documento.pdf", "en": "document.pdf"},
     "pdf_cut_note": {
         "es": "(El PDF sigue, pero solo tienes su principio: si te preguntan por el resto, dilo.)",

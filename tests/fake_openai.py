@@ -40,6 +40,8 @@ class FakeOpenAI:
     reply: Reply = echo_reply
     delay_s: float = 0.0
     transcript: str = "hola, quiero saber el horario"
+    # Transcripts for the next transcriptions, one each, in order; then `transcript`.
+    transcripts: deque[str] = field(default_factory=deque)
     api_key: str = "test-key"  # what /v1/models accepts (the other endpoints accept any key)
     chat_requests: list[dict[str, Any]] = field(default_factory=list)
     transcriptions: list[Transcription] = field(default_factory=list)
@@ -154,7 +156,9 @@ class FakeOpenAI:
             return web.json_response(
                 {"error": {"message": message, "type": "invalid_request_error"}}, status=400
             )
-        return web.json_response({"text": self.transcript})
+        return web.json_response(
+            {"text": self.transcripts.popleft() if self.transcripts else self.transcript}
+        )
 
 
 class InstantModel(ChatModel):

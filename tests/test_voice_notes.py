@@ -14,7 +14,7 @@ from loguru import logger
 
 from bot.replies import reply
 from connection.types import MediaRef, MessageKind
-from memory.store import Direction
+from memory.store import Direction, MessageStatus
 from tests.conftest import inbound
 from tests.fake_openai import FakeOpenAI
 from tests.test_console import run_chat
@@ -281,3 +281,92 @@ async def test_a_video_note_is_heard_like_a_voice_note(
         ]
     [upload] = fake_openai.transcriptions
     assert upload.head.startswith(b"OggS")  # the audio track alone, as Opus
+
+
+# -- voice notes in a row ------------------------------------------------------------------------------------
+
+
+def gathering(h: object, seconds: float = 0.3) -> None:
+    h.bot.pipeline.gather_s = seconds  # type: ignore[attr-defined]  # as WA_GATHER_S sets it on WhatsApp
+
+
+async def test_voice_notes_in_a_row_get_one_answer(
+    harness, fake_openai: FakeOpenAI, voice_note: Path
+) -> None:
+    """Customers split what they say over several voice notes as over several texts: each got an answer of
+    its own, the first one to half a question."""
+    fake_openai.transcripts.extend(["Hola, quería saber una cosa", "¿Abrís el sábado por la tarde?"])
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        gathering(h)
+        sent = await h.say(note(voice_note), note(voice_note))
+        rows = [m for m in await h.bot.store.recent_messages(CHAT, 5) if m.direction is Direction.IN]
+        counters = h.bot.pipeline.counters
+    assert sent == ["echo: Hola, quería saber una cosa\n¿Abrís el sábado por la tarde?"]
+    # Each is stored with what it said, and both are answered by that one reply.
+    assert sorted(row.body for row in rows) == [
+        "Hola, quería saber una cosa",
+        "¿Abrís el sábado por la tarde?",
+    ]
+    assert {row.status for row in rows} == {MessageStatus.ANSWERED}
+    assert (counters.transcribed, counters.merged) == (2, 1)
+
+
+async def test_words_and_a_voice_note_are_one_turn(
+    harness, fake_openai: FakeOpenAI, voice_note: Path
+) -> None:
+    fake_openai.transcript = "¿a qué hora abren el sábado?"
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        gathering(h)
+        assert await h.say("hola", note(voice_note), "gracias") == [
+            "echo: hola\n¿a qué hora abren el sábado?\ngracias"
+        ]
+
+
+async def test_a_voice_note_not_heard_in_a_row_is_said_and_the_rest_answered(
+    harness, fake_openai: FakeOpenAI, voice_note: Path
+) -> None:
+    garbage = inbound(
+        "", kind=MessageKind.AUDIO, media=MediaRef(mimetype="audio/ogg", handle=os.urandom(2000))
+    )
+    fake_openai.transcript = "¿abren el sábado?"
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        gathering(h)
+        [answer] = await h.say(note(voice_note), garbage)
+    assert answer == f"echo: ¿abren el sábado?\n\n{reply('voice_note_unheard_note', 'es')}"
+
+
+async def test_voice_notes_in_a_row_none_heard_get_the_voice_note_reply(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    def garbage() -> object:
+        return inbound(
+            "", kind=MessageKind.AUDIO, media=MediaRef(mimetype="audio/ogg", handle=os.urandom(2000))
+        )
+
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        gathering(h)
+        assert await h.say(garbage(), garbage()) == [reply("audio_unreadable", "es")]
+    assert fake_openai.chat_count == 0
+
+
+async def test_a_request_for_a_person_over_a_voice_note_and_a_text_hands_over(
+    harness, fake_openai: FakeOpenAI, voice_note: Path
+) -> None:
+    fake_openai.transcript = "quiero hablar"
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        gathering(h)
+        sent = await h.say(note(voice_note), "con una persona")
+    assert sent[0] == reply("handoff", "es")
+
+
+async def test_a_video_and_the_voice_note_explaining_it_are_one_turn(
+    harness, fake_openai: FakeOpenAI, voice_note: Path
+) -> None:
+    from tests.test_photos import describes, jpeg, photo
+
+    fake_openai.reply = describes
+    fake_openai.transcript = "¿esto tiene arreglo?"
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        gathering(h)
+        sent = await h.say(photo(jpeg()), note(voice_note))
+    assert sent == ["1 foto(s): ¿esto tiene arreglo?"]

@@ -974,9 +974,10 @@ class Pipeline:
         then "¿lo tenéis en azul?"); not in a group, where the messages in a row are often different
         members'."""
         group = message.is_group or message.chat.endswith("@g.us")
+        has_media = message.media is not None and message.media.handle is not None
         readable = (
             message.kind is MessageKind.TEXT
-            or (message.kind is MessageKind.AUDIO and self._hears_voice_notes)
+            or (message.kind is MessageKind.AUDIO and self._hears_voice_notes and has_media)
             or self._shows_photo(message)
             or self._reads_pdf(message)
             or self._shows_video(message)
@@ -1173,20 +1174,18 @@ class Pipeline:
                 await self._mark_read(earlier_message)
             await self._mark_read(message)
             understood = time.perf_counter()
-            unheard: str | None = None  # the reply to a voice note of the burst that could not be heard
             if burst and any(m.kind is MessageKind.AUDIO for m in [*burst, message]):
                 # Voice notes in a row ("hola" / a voice note / another): each heard, the burst one turn.
-                words, unheard, last_heard = await self._hear(burst, message, last_text)
+                words, unheard = await self._hear(burst, message, last_text)
                 model_time += time.perf_counter() - understood
                 if message.kind is MessageKind.AUDIO:  # its words are the turn's text from here on
                     message = replace(message, kind=MessageKind.TEXT)
-                    inbound = replace(inbound, body=last_heard or inbound.body)
                 message = replace(message, text=words)
-            text, canned = await self._understand(message, persisted)
-            if unheard is not None and not message.text:  # not a word heard, nor written
-                canned = unheard
-            elif unheard is not None and canned is None:  # the rest is answered, the model told
-                text = _joined(text, reply("voice_note_unheard_note", self.language))
+                text, canned = self._heard(
+                    words, unheard, media=bool(photos or pdfs or videos), notes=len(ids)
+                )
+            else:
+                text, canned = await self._understand(message, persisted)
             if message.kind is MessageKind.AUDIO:
                 model_time += time.perf_counter() - understood
                 if canned is None:  # the transcript is this turn's text, in the history read below too
@@ -1424,29 +1423,37 @@ class Pipeline:
             return [], "", reply("photo_unreadable", self.language)
         return shown, f"{text}\n\n{reply('attachment_note', self.language)}".lstrip(), None
 
-    async def _hear(
-        self, burst: Sequence[Inbound], last: Inbound, last_text: str
-    ) -> tuple[str, str | None, str]:
+    async def _hear(self, burst: Sequence[Inbound], last: Inbound, last_text: str) -> tuple[str, list[str]]:
         """A burst's words with its voice notes transcribed, in order (each as a voice note alone: stored,
-        limits, replies); the reply for the first voice note that could not be heard; and the last message's
-        own transcript. After the memory gate, as a voice note alone."""
+        limits); and the replies for those that could not be heard (a limit, "send it again"). After the
+        memory gate, as a voice note alone."""
         await self.model_gate.wait()
         self._answering.add(last.chat)
         words: list[str] = []
-        unheard: str | None = None
-        last_heard = ""
+        unheard: list[str] = []
         for item, own_text in [*((m, m.text) for m in burst), (last, last_text)]:
             if item.kind is not MessageKind.AUDIO:
                 words.append(own_text)
                 continue
             heard, canned = await self._transcribe(item)
             if canned is not None:
-                unheard = unheard or canned
+                unheard.append(canned)
                 continue
             words.append(heard)
-            if item is last:
-                last_heard = heard
-        return "\n".join(word for word in words if word), unheard, last_heard
+        return "\n".join(word for word in words if word), list(dict.fromkeys(unheard))
+
+    def _heard(self, words: str, unheard: list[str], *, media: bool, notes: int) -> tuple[str, str | None]:
+        """A burst's words once heard, as _understand gives a message's: the text to answer, or the reply when
+        there is nothing (no word, no photo, PDF or video: what a voice note alone would have got). Each
+        message was within MAX_INBOUND_CHARS: together they are not cut. A voice note not heard is told to
+        the model with the reply it would have had alone, for the customer to be told (a limit, "send it
+        again")."""
+        text = clean_text(words, self.max_inbound_chars * notes)[0]
+        if not text and not media:
+            return "", unheard[0] if unheard else reply("empty", self.language)
+        for why in unheard:
+            text = _joined(text, reply("voice_note_unheard_note", self.language, why=why))
+        return text, None
 
     def _noted(self, text: str) -> str:
         """`text`, with the model told (once) that a file, photo or video it cannot see came with it."""

@@ -112,8 +112,8 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "(The customer sends the PDF “{name}”; this is its text:)",
     },
     "voice_note_unheard_note": {
-        "es": "(El cliente envió además una nota de voz que no se ha podido transcribir.)",
-        "en": "(The customer also sent a voice note that could not be transcribed.)",
+        "es": "(El cliente envió además una nota de voz que no has podido escuchar. Díselo así: «{why}»)",
+        "en": "(The customer also sent a voice note you could not listen to. Tell them so: “{why}”)",
     },
     "pdf_unnamed": {"es": "documento.pdf", "en": "document.pdf"},
     "pdf_cut_note": {

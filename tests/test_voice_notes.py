@@ -286,6 +286,10 @@ async def test_a_video_note_is_heard_like_a_voice_note(
 # -- voice notes in a row ------------------------------------------------------------------------------------
 
 
+def unreadable_note() -> object:
+    return inbound("", kind=MessageKind.AUDIO, media=MediaRef(mimetype="audio/ogg", handle=os.urandom(2000)))
+
+
 def gathering(h: object, seconds: float = 0.3) -> None:
     h.bot.pipeline.gather_s = seconds  # type: ignore[attr-defined]  # as WA_GATHER_S sets it on WhatsApp
 
@@ -325,14 +329,13 @@ async def test_words_and_a_voice_note_are_one_turn(
 async def test_a_voice_note_not_heard_in_a_row_is_said_and_the_rest_answered(
     harness, fake_openai: FakeOpenAI, voice_note: Path
 ) -> None:
-    garbage = inbound(
-        "", kind=MessageKind.AUDIO, media=MediaRef(mimetype="audio/ogg", handle=os.urandom(2000))
-    )
+    garbage = unreadable_note()
     fake_openai.transcript = "¿abren el sábado?"
     async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
         gathering(h)
         [answer] = await h.say(note(voice_note), garbage)
-    assert answer == f"echo: ¿abren el sábado?\n\n{reply('voice_note_unheard_note', 'es')}"
+    why = reply("audio_unreadable", "es")  # what it would have got alone: relayed
+    assert answer == f"echo: ¿abren el sábado?\n\n{reply('voice_note_unheard_note', 'es', why=why)}"
 
 
 async def test_voice_notes_in_a_row_none_heard_get_the_voice_note_reply(
@@ -370,3 +373,65 @@ async def test_a_video_and_the_voice_note_explaining_it_are_one_turn(
         gathering(h)
         sent = await h.say(photo(jpeg()), note(voice_note))
     assert sent == ["1 foto(s): ¿esto tiene arreglo?"]
+
+
+async def test_a_photo_with_a_voice_note_not_heard_is_still_shown(harness, fake_openai: FakeOpenAI) -> None:
+    """The broken part's photo and a voice note that fails: the customer got only "No he podido escuchar",
+    and the photo was never looked at."""
+    from tests.test_photos import describes, jpeg, photo
+
+    fake_openai.reply = describes
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        gathering(h)
+        [first] = await h.say(photo(jpeg(), id="P1"), unreadable_note())
+        [second] = await h.say(unreadable_note(), photo(jpeg(), id="P2"))
+    for answer in (first, second):
+        assert answer.startswith(
+            "1 foto(s): (El cliente envió además una nota de voz que no has podido escuchar"
+        )
+        assert "No he podido escuchar tu nota de voz" in answer  # the reply it would have had, to relay
+
+
+async def test_a_receipt_with_a_voice_note_not_heard_is_read(harness, fake_openai: FakeOpenAI) -> None:
+    from tests.pdfs import text_pdf
+    from tests.test_documents import pdf
+
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        gathering(h)
+        [answer] = await h.say(
+            pdf(text_pdf(["Transferencia de 50,00 EUR a Zapatería Ñandú"])), unreadable_note()
+        )
+    assert "Transferencia de 50,00 EUR" in answer and "nota de voz" in answer
+
+
+async def test_long_voice_notes_in_a_row_are_not_cut(
+    harness, fake_openai: FakeOpenAI, voice_note: Path
+) -> None:
+    """Each within MAX_INBOUND_CHARS, together over it: the last one's words were cut off, and the model told
+    the customer's message was too long."""
+    fake_openai.transcripts.extend(["Primero: " + "a" * 70, "Segundo: ¿abrís el sábado?"])
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url, max_inbound_chars=100) as h:
+        gathering(h)
+        [answer] = await h.say(note(voice_note), note(voice_note))
+    assert answer.endswith("Segundo: ¿abrís el sábado?")
+
+
+async def test_the_limit_of_a_voice_note_in_a_row_reaches_the_customer(
+    harness, fake_openai: FakeOpenAI, voice_note: Path
+) -> None:
+    """Alone, a voice note over AUDIO_MAX_MB gets the limit; after a "hola" the customer never heard of it."""
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url, audio_max_mb=1) as h:
+        gathering(h)
+        [answer] = await h.say("hola", note(voice_note, size_bytes=5 * 1024 * 1024))
+    assert answer.startswith("echo: hola\n\n(El cliente envió además una nota de voz")
+    assert reply("audio_too_large", "es", limit=1) in answer
+
+
+async def test_a_voice_note_without_its_download_handle_is_answered_alone(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """After a restart a voice note cannot be downloaded: it is asked for again, on its own."""
+    async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
+        gathering(h)
+        sent = await h.say("hola", inbound("", kind=MessageKind.AUDIO, media=None))
+    assert sent == ["echo: hola", reply("audio_unreadable", "es")]

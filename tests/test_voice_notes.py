@@ -341,14 +341,9 @@ async def test_a_voice_note_not_heard_in_a_row_is_said_and_the_rest_answered(
 async def test_voice_notes_in_a_row_none_heard_get_the_voice_note_reply(
     harness, fake_openai: FakeOpenAI
 ) -> None:
-    def garbage() -> object:
-        return inbound(
-            "", kind=MessageKind.AUDIO, media=MediaRef(mimetype="audio/ogg", handle=os.urandom(2000))
-        )
-
     async with harness(openai_api_key="k", openai_base_url=fake_openai.base_url) as h:
         gathering(h)
-        assert await h.say(garbage(), garbage()) == [reply("audio_unreadable", "es")]
+        assert await h.say(unreadable_note(), unreadable_note()) == [reply("audio_unreadable", "es")]
     assert fake_openai.chat_count == 0
 
 

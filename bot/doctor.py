@@ -98,7 +98,7 @@ def _check_transcribe_model(settings: Settings, listed: list[str]) -> bool:
 def _offered(model: str, listed: list[str]) -> bool:
     """Whether the server lists the model, under any name servers use for it: Gemini lists
     `models/gemini-2.0-flash` and takes `gemini-2.0-flash`; Ollama lists `llama3:latest`, takes `llama3`."""
-    names = set()
+    names: set[str] = set()
     for name in listed:
         names.update((name, name.rsplit("/", 1)[-1], name.removesuffix(":latest")))
     return model in names or model.removesuffix(":latest") in names
@@ -153,18 +153,15 @@ def _check_flows(settings: Settings) -> bool:
     return _line(True, f"keyword flows: {len(flows)} in {path}")
 
 
-async def _check_supabase(settings: Settings) -> bool:
+async def _check_supabase(url: str, key: str | None) -> bool:
     import aiohttp
 
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
             session.get(
-                f"{settings.supabase_url.rstrip('/')}/rest/v1/chats?select=chat_id&limit=1",
-                headers={
-                    "apikey": settings.supabase_key or "",
-                    "Authorization": f"Bearer {settings.supabase_key}",
-                },
+                f"{url.rstrip('/')}/rest/v1/chats?select=chat_id&limit=1",
+                headers={"apikey": key or "", "Authorization": f"Bearer {key}"},
             ) as response,
         ):
             ok = response.status == 200
@@ -296,7 +293,11 @@ async def run_doctor(settings: Settings) -> int:
         *_check_local_databases(settings),
         _check_flows(settings),
         await _check_openai(settings),
-        *([await _check_supabase(settings)] if settings.supabase_url else []),
+        *(
+            [await _check_supabase(settings.supabase_url, settings.supabase_key)]
+            if settings.supabase_url
+            else []
+        ),
         await _check_session_database(settings.supabase_db_url)
         if settings.supabase_db_url
         else _check_session(settings),

@@ -61,7 +61,7 @@ class _InterceptHandler(logging.Handler):
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
-        named = logger.patch(lambda r: r.update(name=record.name))
+        named = logger.patch(lambda r: r.update({"name": record.name}))
         error = record.exc_info[1] if record.exc_info else None
         if record.name == "aiohttp.server" and type(error).__module__ == "aiohttp.http_exceptions":
             # A malformed request (a 100 kB URL, a bad header) is the client's problem: one line, not an

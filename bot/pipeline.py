@@ -272,10 +272,10 @@ def with_extras(message: Inbound, kept: Inbound | None) -> Inbound:
     replies to, when the pipeline kept them (see Pipeline._spill)."""
     if kept is None:
         return message
-    quote = {"quoted": kept.quoted, "quoted_from": kept.quoted_from, "quoted_kind": kept.quoted_kind}
+    message = replace(message, media=kept.media, quoted_media=kept.quoted_media)
     if message.quoted_from == "order":  # read back from its row already
-        quote = {}
-    return replace(message, media=kept.media, quoted_media=kept.quoted_media, **quote)
+        return message
+    return replace(message, quoted=kept.quoted, quoted_from=kept.quoted_from, quoted_kind=kept.quoted_kind)
 
 
 class DedupWindow:
@@ -1489,18 +1489,18 @@ class Pipeline:
             scans.append(self._video_note(len(shown), seconds, heard=bool(speech)))
             read.pages.extend(shown)
             read.videos += 1
-        for pdf, outcome in zip(pdfs, pdf_outcomes, strict=True):
+        for pdf, pdf_outcome in zip(pdfs, pdf_outcomes, strict=True):
             name = (pdf.media.file_name if pdf.media else "") or reply("pdf_unnamed", self.language)
-            if isinstance(outcome, PdfText):
-                cut = reply("pdf_cut_note", self.language) if outcome.cut else ""
+            if isinstance(pdf_outcome, PdfText):
+                cut = reply("pdf_cut_note", self.language) if pdf_outcome.cut else ""
                 note = reply("pdf_text_note", self.language, name=name)
-                notes.append(_joined(f"{note}\n{outcome.text}", cut))
-            elif isinstance(outcome, list):
+                notes.append(_joined(f"{note}\n{pdf_outcome.text}", cut))
+            elif isinstance(pdf_outcome, list):
                 scans.append(reply("pdf_scan_note", self.language, name=name))
-                read.pages.extend(outcome)
+                read.pages.extend(pdf_outcome)
                 read.scanned += 1
             else:
-                read.unread.append(outcome)
+                read.unread.append(pdf_outcome)
         read.texts, read.scans = _joined(*notes), _joined(*scans)
         return read
 

@@ -665,7 +665,7 @@ class PgConnection:
 
     @property
     def closed(self) -> bool:
-        return self._conn.is_closed()
+        return bool(self._conn.is_closed())
 
     async def query(self, sql: str, *, timeout: float = 10.0) -> list[tuple[str | None, ...]]:
         import asyncpg

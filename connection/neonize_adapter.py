@@ -1156,7 +1156,7 @@ class NeonizeTransport:
             raise TransportError(f"download failed: {_scrub(str(exc))}") from exc
         if not data:
             raise TransportError("download returned no data")
-        return data
+        return bytes(data)
 
     async def is_connected(self) -> bool:
         """Ask whatsmeow directly (neonize's property returns a coroutine)."""

@@ -201,7 +201,7 @@ class Backoff:
     cap_s: float = 60.0
 
     def ceiling(self, failures: int) -> float:
-        return min(self.cap_s, self.base_s * 2 ** min(max(failures, 1) - 1, 30))
+        return min(self.cap_s, self.base_s * 2.0 ** min(max(failures, 1) - 1, 30))
 
     def delay(self, failures: int, rand: Callable[[], float] = random.random) -> float:
         return rand() * self.ceiling(failures)
@@ -550,7 +550,8 @@ class Supervisor:
             logger.info("{}: {}; starting a new pairing", self._name, reason)
             return 0.0
         rest = min(
-            self.PAIRING_MAX_REST_S, self.PAIRING_REST_S * 2 ** (self._unscanned - self.PAIRINGS_AT_ONCE - 1)
+            self.PAIRING_MAX_REST_S,
+            self.PAIRING_REST_S * 2.0 ** (self._unscanned - self.PAIRINGS_AT_ONCE - 1),
         )
         logger.warning(
             "{}: {} ({} pairings in a row); the next pairing in {:.0f} min, or at once when /qr is opened",

@@ -21,7 +21,7 @@ import io
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from media.proc import ProcOutputTooLarge, ProcResult, ProcTimeout, capped, last_error_line, run
 from media.settings import MB
@@ -195,7 +195,7 @@ def _blank(jpeg: bytes) -> bool:
     try:
         with Image.open(io.BytesIO(jpeg)) as image:
             image.draft("L", (image.width // 8, image.height // 8))  # decoded at 1/8: a few KB
-            low, high = image.convert("L").getextrema()
+            low, high = cast(tuple[int, int], image.convert("L").getextrema())  # one band
     except Exception:  # not a JPEG pdftoppm would write: not shown either
         return True
     return high - low <= 8  # JPEG noise on white

@@ -222,8 +222,8 @@ class Journal:
         return self._conn
 
     def first_pending_seq(self) -> int | None:
-        row = self.conn.execute("SELECT min(seq) FROM journal").fetchone()
-        return row[0]
+        (seq,) = self.conn.execute("SELECT min(seq) FROM journal").fetchone()
+        return int(seq) if seq is not None else None
 
     # -- the journal -------------------------------------------------------------------------------------
 

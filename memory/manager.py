@@ -86,7 +86,8 @@ def resolve_limit_mb(configured: int | None) -> tuple[int, str]:
 
 
 def rss_mb() -> float:
-    return psutil.Process().memory_info().rss / (1024 * 1024)
+    rss: int = psutil.Process().memory_info().rss
+    return rss / (1024 * 1024)
 
 
 class MemoryManager:

@@ -352,13 +352,13 @@ class SQLiteStore:
                 self._failing_since = None
             # A refused row is logged and counted; its batch resolves, since the rows around it are
             # written (the batch shares one future, so its callers cannot be told apart).
-            for (op, params), error in refused:
+            for (op, params), refusal in refused:
                 self.refused += 1
                 logger.error(
                     "sqlite refused a {} write for message {}: {}",
                     op,
                     params[-1 if op == "status" else 0],
-                    error,
+                    refusal,
                 )
             if done is not None and not done.done():
                 done.set_result(None)

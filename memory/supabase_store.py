@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 from loguru import logger
@@ -761,11 +761,12 @@ class SupabaseStore:
     async def unanswered_inbound(self, since: float, limit: int | None = None) -> list[StoredMessage]:
         since = _us(since)  # rows are stored at microseconds: a row created at exactly `since` must match
         ops = await self._local(self.journal.pending, since=since)
+        if limit is None:  # recovery at start: what is known, Supabase's rows included when reachable
+            rows, _ = await self._unanswered(since, ops, None)
+            return rows
         want = limit
         while True:
             rows, remote_count = await self._unanswered(since, ops, want)
-            if limit is None:
-                return rows  # recovery at start: what is known, Supabase's rows included when reachable
             if remote_count is None:
                 # The local mirror keeps only recent rows per chat: "fewer than limit" would be a guess.
                 raise StoreUnavailable("Supabase unreachable: cannot page the unanswered messages now")
@@ -861,7 +862,7 @@ class SupabaseStore:
 
         async def select() -> list[dict[str, Any]]:
             response = await self._table("bot_contacts").select("number,list").execute()
-            return response.data
+            return cast(list[dict[str, Any]], response.data)
 
         data = await self._fetch(select)
         if data is not None:
@@ -953,7 +954,7 @@ class SupabaseStore:
                     .select("chat_id,until")
                     .or_(f"until.is.null,until.gt.{_iso(now)}")
                 )
-                return (await query.execute()).data
+                return cast(list[dict[str, Any]], (await query.execute()).data)
 
             data = await self._fetch(select) if sent else None
             if data is None:  # during an outage, what this instance last knew (kept in the journal file)
@@ -989,7 +990,7 @@ class SupabaseStore:
                 .order("id")
                 .execute()
             )
-            return response.data
+            return cast(list[dict[str, Any]], response.data)
 
         data = await self._fetch(select)
         if data is not None:

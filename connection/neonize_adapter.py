@@ -117,6 +117,7 @@ with warnings.catch_warnings(), _closed_popen():
         KeepAliveTimeoutEv,
         LoggedOutEv,
         MessageEv,
+        OfflineSyncCompletedEv,
         PairStatusEv,
         StreamErrorEv,
         StreamReplacedEv,
@@ -890,6 +891,10 @@ class NeonizeTransport:
     ORIGIN_CACHE = 2048  # message id -> original (chat, sender) JIDs, for read receipts
     LID_LOOKUP_TIMEOUT_S = 0.5  # a local database read in whatsmeow; never hold messages longer
     MAX_LID_LOOKUPS_PENDING = 4  # the messages behind them wait: past this, a LID stays the chat's key
+    # After a connect WhatsApp delivers what came while this device was away, then says so
+    # (OfflineSyncCompleted, with a count of 0 when nothing did). Queued replies wait for it, this long at
+    # most: among what came may be the owner answering a chat from the phone, which withholds them.
+    CATCH_UP_WAIT_S = 15.0
 
     def __init__(
         self,
@@ -958,6 +963,7 @@ class NeonizeTransport:
         self._tasks = BackgroundTasks("whatsapp")
         self._flushing: asyncio.Task[None] | None = None
         self._flush_wanted = asyncio.Event()
+        self._caught_up = asyncio.Event()  # what came while away has been delivered (see CATCH_UP_WAIT_S)
         self._quiet_pairing = False  # logout(): connect without showing a QR
         self._qr_announced = False
         self._pair_requested = False
@@ -991,6 +997,7 @@ class NeonizeTransport:
         handlers: dict[type, Callable[[Any], Any]] = {
             MessageEv: self._handle_message,
             ConnectedEv: self._handle_connected,
+            OfflineSyncCompletedEv: self._handle_caught_up,
             PairStatusEv: self._handle_pair_status,
             StreamErrorEv: self._handle_stream_error,
             UndecryptableMessageEv: self._handle_undecryptable,
@@ -1097,7 +1104,8 @@ class NeonizeTransport:
         go out first so order holds; with the outbox full, waits for room. Raises TransportError when it
         can be neither sent nor queued (no outbox).
         """
-        if self._outbox is None or (self.state is ConnectionState.CONNECTED and not len(self._outbox)):
+        sendable = self.state is ConnectionState.CONNECTED and self._caught_up.is_set()
+        if self._outbox is None or (sendable and not len(self._outbox)):
             slot = await self._pace(
                 chat, text
             )  # SendWithheld: the owner has the chat, neither sent nor queued
@@ -1235,12 +1243,24 @@ class NeonizeTransport:
         while len(self._outbox):
             self._flush_wanted.clear()
             if self.state is ConnectionState.CONNECTED:
+                await self._catch_up()
                 await self._outbox.flush(self._send_queued)
                 if not len(self._outbox):
                     return
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(10.0):
                     await self._flush_wanted.wait()
+
+    async def _catch_up(self) -> None:
+        """Wait until what came while this device was away has been delivered (see CATCH_UP_WAIT_S)."""
+        if self._caught_up.is_set():
+            return
+        try:
+            async with asyncio.timeout(self.CATCH_UP_WAIT_S):
+                await self._caught_up.wait()
+        except TimeoutError:
+            logger.debug("whatsapp: no offline sync announced in {:.0f} s; sending", self.CATCH_UP_WAIT_S)
+            self._caught_up.set()
 
     async def _ask_resend(self, chat: ChatId) -> None:
         if self._on_undecryptable is not None:
@@ -1373,9 +1393,16 @@ class NeonizeTransport:
         self._on_inbound(inbound)
 
     def _handle_connected(self, ev: Any) -> None:
+        self._caught_up.clear()  # WhatsApp now delivers what came while away, then says so
         self._driver.connected()
         self._supervisor.handle(Connected())
         self._kick_flush()  # also when whatsmeow reconnected before anyone noticed the drop
+
+    async def _handle_caught_up(self, ev: Any) -> None:
+        if self._in_order is not None and not self._in_order.done():
+            await asyncio.wait({self._in_order})  # the last of them waits on a LID lookup: delivered first
+        logger.debug("whatsapp: {} offline event(s) delivered", ev.Count)
+        self._caught_up.set()
 
     def _handle_connection_event(self, ev: Any) -> None:
         event = translate_connection_event(ev)

@@ -8,7 +8,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -35,6 +35,7 @@ with warnings.catch_warnings():
         MessageInfo,
         MessageSource,
         Node,
+        OfflineSyncCompleted,
         PairStatus,
         StreamReplaced,
         TemporaryBan,
@@ -603,12 +604,13 @@ def test_connection_events_translate_to_supervisor_events() -> None:
 class FakeNewAClient:
     """What NeonizeTransport uses of `NewAClient`, scripted: each connect() takes the next outcome.
 
-    "fail": the Go call returns an error at once; "ok": it connects and blocks until stop(); "qr": it shows
+    "fail": the Go call returns an error at once; "ok": it connects and blocks until stop() (("ok", events):
+    and delivers those events as what came while away); "qr": it shows
     a QR code and blocks; "qr-stuck": the same, ignoring stop() like the real QR loop.
-    `drop()`/`back()` play whatsmeow's own disconnect and auto-reconnect.
+    `drop()`/`back()` play whatsmeow's own disconnect and auto-reconnect (and the offline delivery after it).
     """
 
-    script: ClassVar[deque[str]] = deque()
+    script: ClassVar[deque[Any]] = deque()
     instances: ClassVar[list[FakeNewAClient]] = []
     # neonize's Go side keys clients by uuid: connect (Neonize()) registers this one, stop() unregisters
     # whatever holds the uuid when it returns. A LID lookup on an unregistered client is a Go nil-pointer
@@ -657,10 +659,13 @@ class FakeNewAClient:
 
     async def _run(self) -> None:
         outcome = self.script.popleft() if self.script else "fail"
+        offline: Sequence[Any] = ()
+        if isinstance(outcome, tuple):  # ("ok", [events that came while away])
+            outcome, offline = outcome
         if outcome == "fail":
             raise RuntimeError("dial tcp: lookup web.whatsapp.com: no such host")
         if outcome == "ok":
-            await self.back()
+            await self.back(offline)
         elif outcome in ("qr", "qr-stuck"):
             await self.qr_handler(self, b"2@fake-qr,code")
         if outcome == "qr-stuck":  # whatsmeow's QR loop ignores Stop
@@ -674,9 +679,16 @@ class FakeNewAClient:
         self.online = False
         await self.fire(Disconnected(status=True))
 
-    async def back(self) -> None:
+    async def back(self, offline: Sequence[Any] = ()) -> None:
+        """Connected, then what came while away (`offline` events), then WhatsApp's word that this was all."""
         self.online = True
         await self.fire(Connected(status=True))
+        if offline:
+            await asyncio.sleep(0.05)  # the server sends them a moment after the connect
+        for ev in offline:
+            await self.fire(ev)
+        if OfflineSyncCompleted in self.handlers:  # neonize drops an event no handler was registered for
+            await self.fire(OfflineSyncCompleted(Count=len(offline)))
 
     async def stop(self) -> None:
         self.stops_running += 1

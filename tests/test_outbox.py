@@ -25,7 +25,7 @@ with warnings.catch_warnings():
 
     from connection import neonize_adapter
     from connection.neonize_adapter import NeonizeTransport
-    from tests.test_neonize_adapter import FAST, PHONE, FakeNewAClient, event, jid, wait_state
+    from tests.test_neonize_adapter import FAST, ME, PHONE, FakeNewAClient, event, jid, wait_state
 
 CHAT = ChatId(f"{PHONE}@s.whatsapp.net")
 OTHER = ChatId("34600999888@s.whatsapp.net")
@@ -217,13 +217,8 @@ def fake_client(monkeypatch: pytest.MonkeyPatch) -> type[FakeNewAClient]:
 
 
 def transport(tmp_path: Path, **options: Any) -> NeonizeTransport:
-    return NeonizeTransport(
-        str(tmp_path / "s.db"),
-        on_inbound=lambda _: None,
-        outbox_path=tmp_path / "outbox.db",
-        **FAST,
-        **options,
-    )
+    options.setdefault("on_inbound", lambda _: None)
+    return NeonizeTransport(str(tmp_path / "s.db"), outbox_path=tmp_path / "outbox.db", **FAST, **options)
 
 
 def governed_on_a_fake_clock(inner: NeonizeTransport, per_minute: int) -> tuple[Any, list[float]]:
@@ -507,7 +502,11 @@ async def bot_behind_the_outbox(
     from bot.config import Settings
     from bot.governor import GovernedTransport, GovernorLimits
 
-    t = transport(tmp_path, outbox_max=outbox_max)
+    def on_inbound(message: Any) -> None:  # as bot.whatsapp wires it
+        governed.note_inbound(message)
+        bot.pipeline.submit(message)
+
+    t = transport(tmp_path, outbox_max=outbox_max, on_inbound=on_inbound)
     governed = GovernedTransport(t, GovernorLimits(typing_chars_per_s=0))
     config = Settings(  # type: ignore[call-arg]
         _env_file=None,
@@ -584,6 +583,73 @@ async def test_a_reply_dropped_from_the_outbox_is_not_remembered_as_sent(
         assert await bot.pipeline.drain(5)
         history = await assert_not_remembered(bot, governed, fake_openai, "echo: ¿tenéis talla M?")
         assert "te atiendo yo" in history  # what the human said is kept
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["reconnect", "restart"])
+async def test_a_queued_reply_waits_for_what_came_while_away(
+    fake_client: type[FakeNewAClient], tmp_path: Path, fake_openai: Any, restart: bool
+) -> None:
+    """The owner answered the customer from the phone while the bot was disconnected (or down for a
+    deploy). WhatsApp delivers that message a moment after the reconnect: the queued answer went out in
+    that moment, on top of the owner's. It waits for WhatsApp's word that everything was delivered."""
+    from tests.conftest import inbound
+
+    owners = event(
+        WAMessage(conversation="te atiendo yo"), sender=jid(ME, device=0), from_me=True, msg_id="3EB0OWNER"
+    )
+    fake_client.script.extend(["ok"])
+    async with bot_behind_the_outbox(tmp_path, fake_openai) as (bot, t, governed):
+        client = fake_client.instances[-1]
+        await client.drop()
+        question = inbound("¿tenéis talla M?", chat=CHAT)
+        governed.note_inbound(question)
+        bot.pipeline.submit(question)
+        assert await bot.pipeline.drain(5)
+        assert t.stats()["outbox_pending"] == 1
+        if not restart:
+            await client.back(offline=[owners])
+            await sent_or_withheld(t)
+            assert client.sent == []  # the chat is the owner's: the queued answer is withheld
+            assert bot.pipeline.takeover.is_paused(CHAT)
+    if restart:  # the answer waited in the outbox file; the next start connects and meets the takeover
+        fake_client.script.extend([("ok", [owners])])
+        async with bot_behind_the_outbox(tmp_path, fake_openai) as (bot, t, governed):
+            await sent_or_withheld(t)
+            assert fake_client.instances[-1].sent == []
+            assert bot.pipeline.takeover.is_paused(CHAT)
+
+
+async def test_queued_replies_go_out_when_whatsapp_never_says_it_caught_up(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    """The wait for what came while away is bounded: without WhatsApp's word, the queue goes out anyway."""
+    from neonize.proto.Neonize_pb2 import OfflineSyncCompleted
+
+    fake_client.script.extend(["ok"])
+    t = transport(tmp_path)
+    t.CATCH_UP_WAIT_S = 0.5
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        client = fake_client.instances[0]
+        await client.drop()
+        await t.send_text(CHAT, "queued")
+        del client.handlers[OfflineSyncCompleted]  # the word never comes
+        await client.back()
+        await asyncio.sleep(0.1)
+        assert client.sent == []  # waiting for it
+        fresh = await t.send_text(CHAT, "fresh")  # behind the queue, in order
+        assert fresh.startswith("outbox-")
+        await sent_or_withheld(t)
+        assert [text for _, text in client.sent] == ["queued", "fresh"]
+    finally:
+        await t.stop()
+
+
+async def sent_or_withheld(t: NeonizeTransport) -> None:
+    async with asyncio.timeout(5):
+        while t.stats()["outbox_pending"]:
+            await asyncio.sleep(0.01)
 
 
 async def test_a_reply_queued_before_a_restart_and_dropped_after_it_is_not_remembered_as_sent(

@@ -318,13 +318,13 @@ class Bot:
 
     def _warn_missing_tools(self) -> None:
         """Said at start, where the owner looks, rather than as a vague apology to each voice note."""
-        documents = self.pipeline.documents
+        documents = self.pipeline.media.documents
         if isinstance(documents, PdfReader) and documents.missing_tool:
             logger.warning(
                 "pdftotext not found: PDFs get the polite reply until it is installed "
                 "(apt-get install poppler-utils)"
             )
-        videos = self.pipeline.videos
+        videos = self.pipeline.media.videos
         if not (self.transcriber.enabled or (videos is not None and videos.enabled)):
             return
         for tool in ("ffmpeg", "ffprobe"):
@@ -387,8 +387,8 @@ class Bot:
         """Leftover temp files (from a crash mid-transcode) go at start and every ten minutes."""
         while not self._stop.is_set():
             removed = await asyncio.to_thread(self.transcriber.sweep)
-            if isinstance(self.pipeline.videos, VideoReader):
-                removed += await asyncio.to_thread(self.pipeline.videos.sweep)
+            if isinstance(self.pipeline.media.videos, VideoReader):
+                removed += await asyncio.to_thread(self.pipeline.media.videos.sweep)
             if removed:
                 logger.info("removed {} leftover temp file(s)", removed)
             with contextlib.suppress(TimeoutError):

@@ -11,23 +11,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import time
-import unicodedata
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from loguru import logger
 
 from bot.ai import percentile
+from bot.attachments import (
+    NO_REPLY,
+    PHOTO_KINDS,
+    Attached,
+    DocumentReader,
+    MediaReader,
+    PhotoPreparer,
+    VideoWatcher,
+    VoiceTranscriber,
+)
 from bot.handoff import HandoffPhrases, customer_label, quote_for_owner
 from bot.limits import OncePerWindow, SlidingWindowLimiter
 from bot.replies import Language, duration, reply
 from bot.responder import Answer, PhotoRefused, Responder, Source, split_message
 from bot.takeover import Takeover, parse_command
+from bot.text import clean_text, joined
 from connection.background import BackgroundTasks
 from connection.types import (
     ChatId,
@@ -39,9 +48,6 @@ from connection.types import (
     Transport,
     TransportError,
 )
-from media.document import DocumentRejected, PdfText, is_pdf
-from media.image import PhotoRejected
-from media.video import Frames, VideoRejected
 from memory.history import ChatHistory
 from memory.store import (
     BUSY_KIND,
@@ -79,8 +85,6 @@ MAX_BURST_PHOTOS = 5
 MAX_BURST_DOCUMENTS = 3
 # Voice notes heard in one turn ("hola" / a voice note / another one): each is a transcription.
 MAX_BURST_VOICE_NOTES = 5
-# The pages of a scanned PDF (no text) shown to the model as photos, when it is shown photos.
-MAX_SCANNED_PAGES = 2
 # A flow's file goes with the model's answers to a chat once in this long (asked for by the flow's own
 # question, it is always sent): "¿la carta tiene opciones veganas?" after the menu came needs no second copy.
 FLOW_FILE_EVERY_S = 3600.0
@@ -94,75 +98,13 @@ _MEDIA_KINDS = {
     MessageKind.UNSUPPORTED,
 }
 _CAPTIONED_KINDS = {MessageKind.IMAGE, MessageKind.VIDEO, MessageKind.DOCUMENT}
-# Shown to the model as images: a sticker is a small WebP picture ("👍", "gracias", "?").
-_PHOTO_KINDS = {MessageKind.IMAGE, MessageKind.STICKER}
-# A video is shown to the model as this many frames, spread over it.
-MAX_VIDEO_FRAMES = 3
-# What `_understand` and `_look` give for a message that needs no reply at all (a sticker the model cannot
-# be shown): kept, unanswered. Never a real reply's text.
-_NO_REPLY = "\x00no reply"
 # What a message can reply to that the model cannot see (each has a `label_<kind>` reply).
 _QUOTED_MEDIA = {*_CAPTIONED_KINDS, MessageKind.STICKER}
-
-
-class VoiceTranscriber(Protocol):
-    """What the pipeline needs from media/ (see media.audio.VoiceTranscriber)."""
-
-    @property
-    def enabled(self) -> bool: ...
-
-    def check_declared_size(self, size_bytes: int | None) -> None: ...
-
-    async def transcribe(self, data: bytes, mimetype: str = ...) -> str: ...
-
-
-class PhotoPreparer(Protocol):
-    """What the pipeline needs to show photos to the model (see media.image.PhotoReader)."""
-
-    @property
-    def enabled(self) -> bool: ...
-
-    @property
-    def max_mb(self) -> float | None: ...
-
-    def check_declared_size(self, size_bytes: int | None) -> None: ...
-
-    async def prepare(self, data: bytes) -> str: ...
-
-
-class DocumentReader(Protocol):
-    """What the pipeline needs to read PDFs (see media.document.PdfReader)."""
-
-    @property
-    def enabled(self) -> bool: ...
-
-    @property
-    def max_mb(self) -> float: ...
-
-    def check_declared_size(self, size_bytes: int | None) -> None: ...
-
-    async def read(self, data: bytes, scan_pages: int = 0) -> PdfText | list[bytes]: ...
-
-
-class VideoWatcher(Protocol):
-    """What the pipeline needs to show videos (see media.video.VideoReader)."""
-
-    @property
-    def enabled(self) -> bool: ...
-
-    @property
-    def max_mb(self) -> float: ...
-
-    def check_declared_size(self, size_bytes: int | None) -> None: ...
-
-    async def frames(self, data: bytes, count: int, duration_hint: float | None = None) -> Frames: ...
 
 
 _HANDED_OVER = "chat handed to a human"
 _STALE = "too old to answer (offline backlog)"
 _RATE_LIMITED = "over the chat's rate limit"
-# Voice notes: not the customer's doing. "no_transcription": the server has no speech-to-text (Ollama).
-_OUR_SIDE_FAILURES = ("transcription_failed", "timeout", "no_transcription")
 # A "👍" the model cannot be shown (photos off, an animated Lottie sticker, a group's chatter) needs no "I can
 # only read text".
 _UNSEEN_STICKER = "a sticker the model cannot be shown"
@@ -182,32 +124,14 @@ async def _all_of(writes: Sequence[Awaitable[None]]) -> None:
             raise outcome
 
 
-@dataclass
-class Attached:
-    """What a turn's PDFs and videos give the model (see Pipeline._read_attachments)."""
-
-    texts: str = ""  # the PDFs' texts, each after a note naming it: read with or without photos
-    scans: str = ""  # a note on each scan or video shown as images: said only with the images
-    pages: list[str] = field(default_factory=list)  # scans' pages and videos' frames, as photos (data: URLs)
-    scanned: int = 0  # the PDFs shown as pages: counted read once the model has seen them
-    videos: int = 0  # the videos shown as frames: counted seen once the model has seen them
-    speech: str = ""  # what is said in the videos: the customer's words, as a voice note's
-    unread: list[TransportError | DocumentRejected | VideoRejected] = field(default_factory=list)
-
-
 # A message waiting in its chat's queue, with the pending write of its row (None: already in the store).
 Queued = tuple[Inbound, Awaitable[None] | None]
 
 
 def _images_of(message: Inbound) -> int:
     """The images a message shows the model at least: a photo, a sticker, a video (two videos share the
-    turn's images: see _read_attachments)."""
-    return int(message.kind in _PHOTO_KINDS or message.kind is MessageKind.VIDEO)
-
-
-def _joined(*parts: str) -> str:
-    """The non-empty parts, a blank line apart."""
-    return "\n\n".join(part for part in parts if part)
+    turn's images: see MediaReader.read_attachments)."""
+    return int(message.kind in PHOTO_KINDS or message.kind is MessageKind.VIDEO)
 
 
 def _done() -> asyncio.Future[None]:
@@ -304,23 +228,6 @@ class DedupWindow:
             self.seen(message_id)
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_BLANK = frozenset("\u2800\u3164\u115f\u1160\uffa0")  # letters that show as nothing (braille, Hangul fillers)
-
-
-def clean_text(text: str, max_chars: int) -> tuple[str, bool]:
-    """Drop control characters (keeping line breaks and tabs) and trim; returns (text, trimmed).
-
-    Only C0/C1 controls go: format characters such as the zero-width joiner hold emoji together.
-    """
-    cleaned = _CONTROL.sub("", text).strip()
-    if all(ch.isspace() or ch in _BLANK or unicodedata.category(ch) == "Cf" for ch in cleaned):
-        return "", False  # nothing visible (zero-width characters only, say): an empty message
-    if len(cleaned) > max_chars:
-        return cleaned[:max_chars], True
-    return cleaned, False
-
-
 def quote_note(message: Inbound, language: Language, *, photo_shown: bool = False) -> str:
     """What the message replies to, told to the model before the customer's words: "¿y este?" under one
     plan of a list, or under an answer from yesterday no longer in the history, says which one. With
@@ -385,10 +292,6 @@ class Pipeline:
         self.responder = responder
         self.transport = transport
         self.language = language
-        self.transcriber = transcriber
-        self.photos = photos  # None, or not enabled: a photo gets its caption answered, or a polite reply
-        self.documents = documents  # None, or not enabled: a PDF gets its caption answered, or a polite reply
-        self.videos = videos  # None, or not enabled (or photos off): as a PDF
         self.group_policy = group_policy
         self.max_reply_chars = max_reply_chars
         self.max_inbound_chars = max_inbound_chars
@@ -408,6 +311,18 @@ class Pipeline:
         self.gather_s = gather_s
         self.clock = clock
         self.counters = MessageCounters()
+        self.media = MediaReader(
+            transport=transport,
+            store=store,
+            history=history,
+            counters=self.counters,
+            language=language,
+            max_inbound_chars=max_inbound_chars,
+            transcriber=transcriber,
+            photos=photos,
+            documents=documents,
+            videos=videos,
+        )
         self.dedup = DedupWindow(dedup_window)
         # Set while the model may take new work; the memory manager clears it under pressure.
         self.model_gate = asyncio.Event()
@@ -434,8 +349,6 @@ class Pipeline:
         self._spilled_chats: dict[ChatId, tuple[float, int]] = {}
         self._told_busy: set[ChatId] = set()
         self._answering: set[ChatId] = set()  # chats whose message is past the model gate: no "busy" now
-        self._transcription_warned_at = -60.0
-        self._photos_warned_at = -60.0
         self._to_tell: deque[ChatId] = deque()  # told "busy" next, one at a time (see _tell_busy)
         self._telling: asyncio.Task[None] | None = None
         self._busy_watch: asyncio.Task[None] | None = None
@@ -808,7 +721,7 @@ class Pipeline:
             return "number not allowed"
         if self.takeover.is_paused(message.chat):
             return _HANDED_OVER
-        if message.kind is MessageKind.STICKER and not self._shows_photo(message):
+        if message.kind is MessageKind.STICKER and not self.media.shows_photo(message):
             return _UNSEEN_STICKER  # kept, unanswered: never queued, spilled or promised an answer
         return None
 
@@ -977,64 +890,12 @@ class Pipeline:
         has_media = message.media is not None and message.media.handle is not None
         readable = (
             message.kind is MessageKind.TEXT
-            or (message.kind is MessageKind.AUDIO and self._hears_voice_notes and has_media)
-            or self._shows_photo(message)
-            or self._reads_pdf(message)
-            or self._shows_video(message)
+            or (message.kind is MessageKind.AUDIO and self.media.hears_voice_notes and has_media)
+            or self.media.shows_photo(message)
+            or self.media.reads_pdf(message)
+            or self.media.shows_video(message)
         )
         return readable and not group and message.id not in self._notice_only
-
-    @property
-    def _reads_photos(self) -> bool:
-        return self.photos is not None and self.photos.enabled
-
-    @property
-    def _hears_voice_notes(self) -> bool:
-        return self.transcriber is not None and self.transcriber.enabled
-
-    @property
-    def _reads_pdfs(self) -> bool:
-        return self.documents is not None and self.documents.enabled
-
-    def _reads_pdf(self, message: Inbound) -> bool:
-        """A PDF whose text the model is given: PDFs are read, and it can still be downloaded (not after a
-        restart)."""
-        media = message.media
-        return (
-            message.kind is MessageKind.DOCUMENT
-            and self._reads_pdfs
-            and media is not None
-            and media.handle is not None
-            and is_pdf(media.mimetype, media.file_name)
-        )
-
-    @property
-    def _shows_videos(self) -> bool:
-        return self._reads_photos and self.videos is not None and self.videos.enabled
-
-    def _shows_video(self, message: Inbound) -> bool:
-        """A video the model is shown as frames: photos and videos are on, and it can still be downloaded."""
-        return (
-            message.kind is MessageKind.VIDEO
-            and self._shows_videos
-            and message.media is not None
-            and message.media.handle is not None
-        )
-
-    def _shows_photo(self, message: Inbound) -> bool:
-        """A photo the model can be shown: photos are on, and it can still be downloaded (not after a
-        restart)."""
-        media = message.media
-        if message.kind is MessageKind.STICKER and (
-            message.is_group or not media or "image/" not in media.mimetype
-        ):
-            return False  # a group's chatter, or an animated (Lottie) sticker: no picture to show
-        return (
-            message.kind in _PHOTO_KINDS
-            and self._reads_photos
-            and media is not None
-            and media.handle is not None
-        )
 
     async def _wait_for_quiet(self, queue: deque[Queued]) -> None:
         """Wait until the chat's last message is `gather_s` old, and at most MAX_GATHER_ROUNDS times
@@ -1154,9 +1015,9 @@ class Pipeline:
         handing_over: str | None = None
         order: Inbound | None = None  # an order from the catalog, handed over
         file: str | None = None  # a flow's photo or document
-        photos = [m for m in [*burst, message] if self._shows_photo(m)]
-        pdfs = [m for m in [*burst, message] if self._reads_pdf(m)]
-        videos = [m for m in [*burst, message] if self._shows_video(m)]
+        photos = [m for m in [*burst, message] if self.media.shows_photo(m)]
+        pdfs = [m for m in [*burst, message] if self.media.reads_pdf(m)]
+        videos = [m for m in [*burst, message] if self.media.shows_video(m)]
         read = Attached()  # for the model only: the flows read the customer's words
         # A photo the turn replies to is shown too, when the turn has none of its own ("this photo" is then
         # unambiguous); a turn has at most one reply (see _take_burst).
@@ -1164,7 +1025,7 @@ class Pipeline:
         quoting = None
         # A sticker of its own leaves "this photo" clear; a photo of its own would not.
         own_photos = any(m.kind is MessageKind.IMAGE for m in photos) or bool(videos)
-        if self._reads_photos and not own_photos and not self._is_flow_question(message):
+        if self.media.reads_photos and not own_photos and not self._is_flow_question(message):
             quoting = next((m for m in [*burst, message] if m.quoted_media is not None), None)
         shown: list[str] = []  # the photos as the model gets them (data: URLs)
         # What the model is asked if it refuses the photos: text, context, and the reply when no text is left.
@@ -1176,12 +1037,13 @@ class Pipeline:
             understood = time.perf_counter()
             if burst and any(m.kind is MessageKind.AUDIO for m in [*burst, message]):
                 # Voice notes in a row ("hola" / a voice note / another): each heard, the burst one turn.
-                words, unheard = await self._hear(burst, message, last_text)
+                await self._past_gate(message.chat)  # as for a voice note alone
+                words, unheard = await self.media.hear(burst, message, last_text)
                 model_time += time.perf_counter() - understood
                 if message.kind is MessageKind.AUDIO:  # its words are the turn's text from here on
                     message = replace(message, kind=MessageKind.TEXT)
                 message = replace(message, text=words)
-                text, canned = self._heard(
+                text, canned = self.media.heard(
                     words, unheard, media=bool(photos or pdfs or videos), notes=len(ids)
                 )
             else:
@@ -1202,46 +1064,51 @@ class Pipeline:
                 room = max(0, MAX_BURST_PHOTOS - len(photos))
                 if videos:  # what a video says updates its stored row, as a voice note's transcript does
                     await self._saved(message, persisted)
-                read = await self._read_attachments(pdfs, videos, room)
+                await self._past_gate(message.chat)  # a download, pdftotext and ffmpeg take memory
+                read = await self.media.read_attachments(pdfs, videos, room)
                 model_time += time.perf_counter() - reading
                 shown = list(read.pages)
                 if read.speech:  # what is said in a video is the customer's words, as in a voice note
-                    text = _joined(text, read.speech)
+                    text = joined(text, read.speech)
                     if message.kind is MessageKind.VIDEO and not burst:  # the history read below has it too
-                        inbound = replace(inbound, body=self._heard_body(message.text, read.speech))
+                        inbound = replace(inbound, body=self.media.heard_body(message.text, read.speech))
                     if self._asks_for_a_person(message, text):
                         canned = handing_over = reply("handoff", self.language)
                 if canned is None and read.unread and not (read.texts or shown or text or photos):
-                    canned = self._unread_reply(read.unread[0])  # nothing else to answer
+                    canned = self.media.unread_reply(read.unread[0])  # nothing else to answer
                 elif canned is None and read.unread and (read.texts or shown or text):
-                    text = self._noted(text)  # told a file it cannot read came
+                    text = self.media.noted(text)  # told a file it cannot read came
                 if shown:  # a scan, a video: if the model reads no images, the customer is asked to write
                     write_it = (
                         reply("pdf_no_text", self.language)
                         if read.scanned
-                        else self._unsupported(photos=False)
+                        else self.media.unsupported(photos=False)
                     )
-                    without_photos = (self._noted(text) if text else "", context, write_it)
+                    without_photos = (self.media.noted(text) if text else "", context, write_it)
                     quoting = None  # its pages are images of the turn's own: "this photo" would be ambiguous
             if canned is None and photos:
                 looking = time.perf_counter()
-                looked, text, canned = await self._look(photos, text, more=bool(read.texts or shown))
+                await self._past_gate(message.chat)  # a download and a decode take memory
+                looked, text, canned = await self.media.look(photos, text, more=bool(read.texts or shown))
                 shown = [*shown, *looked]
                 model_time += time.perf_counter() - looking
-                if read.unread and canned == _NO_REPLY:  # an unreadable sticker and an unread PDF
-                    canned = self._unread_reply(read.unread[0])
+                if read.unread and canned == NO_REPLY:  # an unreadable sticker and an unread PDF
+                    canned = self.media.unread_reply(read.unread[0])
                 elif read.unread and canned is None:
-                    text = self._noted(text)
+                    text = self.media.noted(text)
                 if any(photo.kind is MessageKind.IMAGE for photo in photos):  # told a photo came with it
                     # Without "photos" (refused), or a scan's "write it to me".
-                    plain_reply = without_photos[2] if without_photos else self._unsupported(photos=False)
-                    without_photos = (self._noted(text) if text else text, context, plain_reply)
+                    plain_reply = (
+                        without_photos[2] if without_photos else self.media.unsupported(photos=False)
+                    )
+                    without_photos = (self.media.noted(text) if text else text, context, plain_reply)
                 elif without_photos is None:  # stickers only: the words alone, nothing for a sticker alone
-                    without_photos = (text, context, _NO_REPLY)
+                    without_photos = (text, context, NO_REPLY)
             if canned is None and quoting is not None:  # "¿precio de este?" under a product's photo
                 looking = time.perf_counter()
-                if seen := await self._look_at_quote(quoting):
-                    alone = without_photos[2] if without_photos else self._unsupported(photos=False)
+                await self._past_gate(message.chat)
+                if seen := await self.media.look_at_quote(quoting):
+                    alone = without_photos[2] if without_photos else self.media.unsupported(photos=False)
                     shown = [seen, *shown]  # the photo replied to first
                     without_photos = (text, context, alone)
                     context = quote_note(quoting, self.language, photo_shown=True)
@@ -1279,7 +1146,7 @@ class Pipeline:
             answer_text, via_model = reply("ai_error", self.language), False
         finally:
             await self._saved(message, persisted)
-        if answer_text == _NO_REPLY:  # a sticker the model could not be shown: kept, unanswered
+        if answer_text == NO_REPLY:  # a sticker the model could not be shown: kept, unanswered
             self.counters.skipped += len(ids) - 1
             self._skip(message, _UNSEEN_STICKER)
             await self._mark(ids, MessageStatus.SKIPPED)
@@ -1293,7 +1160,7 @@ class Pipeline:
         # "I can only read text..." and "I couldn't see your photo" each go to a chat once in a while, apart:
         # a video's notice must not silence the news that a photo was not seen.
         notice_key = {
-            self._media_unsupported: f"{message.chat}\nmedia",
+            self.media.media_unsupported: f"{message.chat}\nmedia",
             reply("photo_unreadable", self.language): f"{message.chat}\nphoto",
             reply("video_unreadable", self.language): f"{message.chat}\nvideo",
         }.get(canned or "")
@@ -1349,24 +1216,27 @@ class Pipeline:
         """The text to answer, or a canned reply when there is nothing to hand to the responder."""
         if message.kind is MessageKind.AUDIO:
             await self._saved(message, persisted)  # the transcript updates the stored row
-            await self.model_gate.wait()  # downloading, converting and transcribing all take memory
-            self._answering.add(message.chat)
-            return await self._transcribe(message)
+            await self._past_gate(message.chat)  # downloading, converting and transcribing take memory
+            return await self.media.transcribe(message)
         text, trimmed = clean_text(message.text, self.max_inbound_chars)
-        if self._shows_photo(message) or self._reads_pdf(message) or self._shows_video(message):
-            return text, None  # downloaded with its words: _look, _read_attachments
+        if (
+            self.media.shows_photo(message)
+            or self.media.reads_pdf(message)
+            or self.media.shows_video(message)
+        ):
+            return text, None  # downloaded with its words: MediaReader.look, read_attachments
         if message.kind is MessageKind.STICKER:
-            return "", _NO_REPLY  # a "👍" needs no "I can only read text": kept, unanswered
-        if message.kind is MessageKind.IMAGE and self._reads_photos:
+            return "", NO_REPLY  # a "👍" needs no "I can only read text": kept, unanswered
+        if message.kind is MessageKind.IMAGE and self.media.reads_photos:
             self.counters.photos_unseen += 1  # its download handle is gone (a restart)
             if not text:  # asked for it again
                 return "", reply("photo_unreadable", self.language)
         handle = message.media.handle if message.media else None
-        if message.kind is MessageKind.VIDEO and self._shows_videos and handle is None:
+        if message.kind is MessageKind.VIDEO and self.media.shows_videos and handle is None:
             self.counters.videos_unseen += 1  # its download handle is gone (a restart)
             if not text:  # asked for it again
                 return "", reply("video_unreadable", self.language)
-        if message.kind is MessageKind.DOCUMENT and self._reads_pdfs and handle is None:
+        if message.kind is MessageKind.DOCUMENT and self.media.reads_pdfs and handle is None:
             # Its download handle is gone (a restart), and with it its name and type: it may have been a PDF,
             # so not "I can read PDFs, type it". Asked for it again.
             self.counters.documents_unread += 1
@@ -1374,7 +1244,7 @@ class Pipeline:
                 return "", reply("document_unreadable", self.language)
         if message.kind in _MEDIA_KINDS:
             if not text or message.kind not in _CAPTIONED_KINDS:
-                return "", self._media_unsupported
+                return "", self.media.media_unsupported
             # A photo with "¿lo tenéis en azul?": the caption is answered, the model told what it misses.
             return f"{text}\n\n{reply('attachment_note', self.language)}", None
         if not text:
@@ -1385,352 +1255,11 @@ class Pipeline:
             return f"{text}\n\n{note}", None
         return text, None
 
-    @property
-    def _media_unsupported(self) -> str:
-        """The polite reply to what the bot cannot read: it names photos and PDFs when the model gets them."""
-        return self._unsupported(photos=self._reads_photos)
-
-    def _unsupported(self, *, photos: bool) -> str:
-        key = "media_unsupported" + ("_photos" if photos else "") + ("_pdf" if self._reads_pdfs else "")
-        return reply(key, self.language)
-
-    async def _look(
-        self, photos: list[Inbound], text: str, more: bool = False
-    ) -> tuple[list[str], str, str | None]:
-        """The photos as the model is shown them, after the memory gate (a download and a decode take
-        memory), with the text to answer, or a canned reply. A photo that cannot be downloaded or read is
-        left out and the model told so; with nothing left to answer (no text, and not `more`: a PDF read)
-        the customer is asked to send it again."""
-        assert self.photos is not None
+    async def _past_gate(self, chat: ChatId) -> None:
+        """Wait while memory is critical (the gate is shut): the message is persisted and waits, in order
+        (_watch_busy tells the customer once if that lasts). Past it the chat is being answered: no "busy"."""
         await self.model_gate.wait()
-        self._answering.add(photos[-1].chat)
-        # Downloaded together: an album's five photos one after another could take minutes on a bad network.
-        outcomes = await asyncio.gather(*map(self._prepare_photo, photos))
-        shown = [url for url in outcomes if isinstance(url, str)]
-        # A sticker that could not be shown is no attachment the model must be told of: only photos count.
-        unseen = [
-            outcome
-            for photo, outcome in zip(photos, outcomes, strict=True)
-            if photo.kind is MessageKind.IMAGE and not isinstance(outcome, str)
-        ]
-        if not unseen:
-            return shown, text, (None if shown or text or more else _NO_REPLY)
-        if not shown and not text and not more:
-            too_large = [e for e in unseen if isinstance(e, PhotoRejected) and e.reason == "too_large"]
-            if too_large and self.photos.max_mb is not None:
-                # Sending it again would not help: a camera original sent as a document, most often.
-                return [], "", reply("photo_too_large", self.language, limit=self.photos.max_mb)
-            return [], "", reply("photo_unreadable", self.language)
-        return shown, f"{text}\n\n{reply('attachment_note', self.language)}".lstrip(), None
-
-    async def _hear(self, burst: Sequence[Inbound], last: Inbound, last_text: str) -> tuple[str, list[str]]:
-        """A burst's words with its voice notes transcribed, in order (each as a voice note alone: stored,
-        limits); and the replies for those that could not be heard (a limit, "send it again"). After the
-        memory gate, as a voice note alone."""
-        await self.model_gate.wait()
-        self._answering.add(last.chat)
-        words: list[str] = []
-        unheard: list[str] = []
-        for item, own_text in [*((m, m.text) for m in burst), (last, last_text)]:
-            if item.kind is not MessageKind.AUDIO:
-                words.append(own_text)
-                continue
-            heard, canned = await self._transcribe(item)
-            if canned is not None:
-                unheard.append(canned)
-                continue
-            words.append(heard)
-        return "\n".join(word for word in words if word), list(dict.fromkeys(unheard))
-
-    def _heard(self, words: str, unheard: list[str], *, media: bool, notes: int) -> tuple[str, str | None]:
-        """A burst's words once heard, as _understand gives a message's: the text to answer, or the reply when
-        there is nothing (no word, no photo, PDF or video: what a voice note alone would have got). Each
-        message was within MAX_INBOUND_CHARS: together they are not cut. A voice note not heard is told to
-        the model with the reply it would have had alone, for the customer to be told (a limit, "send it
-        again")."""
-        text = clean_text(words, self.max_inbound_chars * notes)[0]
-        if not text and not media:
-            return "", unheard[0] if unheard else reply("empty", self.language)
-        for why in unheard:
-            text = _joined(text, reply("voice_note_unheard_note", self.language, why=why))
-        return text, None
-
-    def _noted(self, text: str) -> str:
-        """`text`, with the model told (once) that a file, photo or video it cannot see came with it."""
-        note = reply("attachment_note", self.language)
-        return text if note in text else _joined(text, note)
-
-    async def _read_attachments(self, pdfs: list[Inbound], videos: list[Inbound], images: int) -> Attached:
-        """The PDFs' texts for the model, each after a note naming it; a note on each scan and video and
-        their pages and frames as photos (`images` at most in all, when the model is shown photos); and why
-        the others could not be read. After the memory gate: a download, pdftotext and ffmpeg take memory."""
-        await self.model_gate.wait()
-        self._answering.add([*pdfs, *videos][-1].chat)
-        # Videos first (their frames are all they show); a PDF is seldom a scan, and takes what is left.
-        frames = min(MAX_VIDEO_FRAMES, images // len(videos)) if videos else 0
-        pages = min(MAX_SCANNED_PAGES, (images - frames * len(videos)) // len(pdfs)) if pdfs else 0
-        # Together, as an album's photos.
-        watched, pdf_outcomes = await asyncio.gather(
-            asyncio.gather(*(self._watch_video(video, frames) for video in videos)),
-            asyncio.gather(*(self._read_pdf(pdf, pages) for pdf in pdfs)),
-        )
-        notes: list[str] = []
-        scans: list[str] = []
-        read = Attached()
-        for outcome in watched:
-            if isinstance(outcome, VideoRejected):
-                read.unread.append(outcome)
-                continue
-            shown, seconds, speech = outcome
-            read.speech = _joined(read.speech, speech)
-            if not shown:  # heard, not seen: the model told a video it cannot see came
-                read.unread.append(VideoRejected("unreadable", "no frame, its words only"))
-                continue
-            scans.append(self._video_note(len(shown), seconds, heard=bool(speech)))
-            read.pages.extend(shown)
-            read.videos += 1
-        for pdf, pdf_outcome in zip(pdfs, pdf_outcomes, strict=True):
-            name = (pdf.media.file_name if pdf.media else "") or reply("pdf_unnamed", self.language)
-            if isinstance(pdf_outcome, PdfText):
-                cut = reply("pdf_cut_note", self.language) if pdf_outcome.cut else ""
-                note = reply("pdf_text_note", self.language, name=name)
-                notes.append(_joined(f"{note}\n{pdf_outcome.text}", cut))
-            elif isinstance(pdf_outcome, list):
-                scans.append(reply("pdf_scan_note", self.language, name=name))
-                read.pages.extend(pdf_outcome)
-                read.scanned += 1
-            else:
-                read.unread.append(pdf_outcome)
-        read.texts, read.scans = _joined(*notes), _joined(*scans)
-        return read
-
-    def _video_note(self, frames: int, seconds: float | None, heard: bool) -> str:
-        length = reply("video_length", self.language, seconds=max(1, round(seconds))) if seconds else ""
-        shown = reply("video_frame" if frames == 1 else "video_frames", self.language, frames=frames)
-        key = "video_note_heard" if heard else "video_note"
-        return reply(key, self.language, length=length, frames=shown)
-
-    async def _speech_in(self, video: Inbound, data: bytes) -> str:
-        """What is said in a video ("este es el que quiero, ¿lo tenéis en 42?"), transcribed like a voice
-        note and kept like one (with the caption, in the store and the history); "" when nothing is (no
-        sound track, silence, music without words, transcription off or failing: the frames are shown all
-        the same)."""
-        if self.transcriber is None or not self.transcriber.enabled:
-            return ""
-        mimetype = video.media.mimetype if video.media and video.media.mimetype else "video/mp4"
-        try:
-            text = await self.transcriber.transcribe(data, mimetype)
-        except Exception as error:
-            reason = getattr(error, "reason", None)
-            if reason is None:
-                raise
-            if reason in _OUR_SIDE_FAILURES:  # the owner's to fix, as for voice notes
-                self._warn_transcription_failing(reason, error)
-            else:  # no sound track, silence, music: nothing said
-                logger.debug("the sound of video {} not transcribed: {}", video.id, error)
-            return ""
-        self.counters.transcribed += 1
-        speech = db_text(clean_text(text, self.max_inbound_chars)[0])
-        body = self._heard_body(video.text, speech)
-        self.history.set_body(video.chat, video.id, body)
-        try:
-            await self.store.set_status(video.id, MessageStatus.RECEIVED, body=body)
-        except StoreUnavailable as error:  # kept for a retry by the store; the answer does not wait for it
-            logger.debug("what video {} says not saved yet: {}", video.id, error)
-        return speech
-
-    def _heard_body(self, caption: str, speech: str) -> str:
-        """A video's stored body once heard: its caption, then what is said in it."""
-        return db_text(
-            clean_text("\n".join(part for part in (caption, speech) if part), self.max_inbound_chars)[0]
-        )
-
-    async def _watch_video(
-        self, video: Inbound, frames: int
-    ) -> tuple[list[str], float | None, str] | VideoRejected:
-        """A video's frames as the model is shown photos (none when they cannot be taken but its words were
-        heard), its length and what is said in it; or why it cannot be shown (logged and counted)."""
-        assert self.videos is not None
-        try:
-            self.videos.check_declared_size(video.media.size_bytes if video.media else None)
-            try:
-                data = await self.transport.download_media(video)
-            except TransportError as error:  # told "couldn't watch your video", not "couldn't open your PDF"
-                raise VideoRejected("unreadable", f"download failed: {error}") from None
-            duration_hint = video.media.duration_s if video.media else None
-            # The words while the frames are taken; a video that shows nothing may still say something.
-            seen, speech = await asyncio.gather(
-                self._frames_of(data, frames, duration_hint), self._speech_in(video, data)
-            )
-            if isinstance(seen, VideoRejected):
-                if not speech:
-                    raise seen
-                self.counters.videos_unseen += 1
-                logger.info("video {} in {}: its words only ({})", video.id, video.chat, seen)
-                return [], None, speech
-            return seen[0], seen[1], speech
-        except VideoRejected as error:
-            self.counters.videos_unseen += 1
-            say = logger.warning if str(error).startswith("unreadable: download failed") else logger.info
-            say("video {} in {} not shown to the model: {}", video.id, video.chat, error)
-            return error
-
-    async def _frames_of(
-        self, data: bytes, frames: int, duration_hint: float | None
-    ) -> tuple[list[str], float | None] | VideoRejected:
-        """A video's frames as the model is shown photos, and its length; or why there are none."""
-        assert self.videos is not None
-        if frames < 1:
-            return VideoRejected("unreadable", "no room left for its frames in this turn")
-        try:
-            seen = await self.videos.frames(data, frames, duration_hint)
-        except VideoRejected as error:
-            return error
-        shown = await self._as_photos(seen.images)
-        return (
-            (shown, seen.duration_s) if shown else VideoRejected("unreadable", "no frame could be prepared")
-        )
-
-    async def _read_pdf(
-        self, pdf: Inbound, pages: int
-    ) -> PdfText | list[str] | TransportError | DocumentRejected:
-        """One PDF's text; a scan's first `pages` pages as the model is shown photos; or why it cannot be read
-        (logged and counted; a scan is counted read once the model has seen it)."""
-        assert self.documents is not None
-        try:
-            self.documents.check_declared_size(pdf.media.size_bytes if pdf.media else None)
-            data = await self.transport.download_media(pdf)
-            # A scan (no text, or only "Escaneado con CamScanner") comes back as its first pages.
-            outcome = await self.documents.read(data, scan_pages=pages if self._reads_photos else 0)
-            if isinstance(outcome, PdfText):
-                self.counters.documents += 1
-                return outcome
-            if not (scan := await self._as_photos(outcome)):
-                raise DocumentRejected("no_text", "its pages could not be shown")
-            return scan
-        except (TransportError, DocumentRejected) as error:
-            self.counters.documents_unread += 1
-            say = logger.warning if isinstance(error, TransportError) else logger.info
-            say("PDF {} in {} not read: {}", pdf.id, pdf.chat, error)
-            return error
-
-    async def _as_photos(self, images: list[bytes]) -> list[str]:
-        """A scan's pages or a video's frames as the model is shown photos."""
-        assert self.photos is not None
-        pages: list[str] = []
-        for image in images:
-            with contextlib.suppress(PhotoRejected):  # a page too large to decode: the others are shown
-                pages.append(await self.photos.prepare(image))
-        return pages
-
-    def _unread_reply(self, error: TransportError | DocumentRejected | VideoRejected) -> str:
-        """What a customer whose PDF or video could not be read is told."""
-        if isinstance(error, VideoRejected):
-            assert self.videos is not None
-            if error.reason == "too_large":
-                return reply("video_too_large", self.language, limit=self.videos.max_mb)
-            return reply("video_unreadable", self.language)
-        reason = error.reason if isinstance(error, DocumentRejected) else "unreadable"
-        # "Send me a screenshot" only to a customer whose screenshot the model would be shown.
-        photos = "_photos" if self._reads_photos else ""
-        if reason == "too_large":
-            assert self.documents is not None
-            return reply(f"pdf_too_large{photos}", self.language, limit=self.documents.max_mb)
-        if reason == "protected":
-            return reply(f"pdf_protected{photos}", self.language)
-        if reason == "no_text":
-            return reply(f"pdf_no_text{photos}", self.language)
-        return reply("pdf_unreadable", self.language)
-
-    async def _look_at_quote(self, message: Inbound) -> str | None:
-        """The photo `message` replies to, as the model is shown it; None when it cannot be downloaded (the
-        model is then told of a photo it cannot see, as before)."""
-        await self.model_gate.wait()
-        self._answering.add(message.chat)
-        seen = await self._prepare_photo(replace(message, kind=MessageKind.IMAGE, media=message.quoted_media))
-        return seen if isinstance(seen, str) else None
-
-    async def _prepare_photo(self, photo: Inbound) -> str | TransportError | PhotoRejected:
-        """One photo as the model is shown it, or why it cannot be (logged and counted)."""
-        assert self.photos is not None
-        try:
-            self.photos.check_declared_size(photo.media.size_bytes if photo.media else None)
-            return await self.photos.prepare(await self.transport.download_media(photo))
-        except (TransportError, PhotoRejected) as error:
-            self.counters.photos_unseen += 1
-            # An animated (Lottie) sticker is no picture Pillow reads: common, and nobody's to fix.
-            say = logger.debug if photo.kind is MessageKind.STICKER else logger.warning
-            say("{} {} in {} not shown to the model: {}", photo.kind.value, photo.id, photo.chat, error)
-            return error
-
-    def _warn_photos_refused(self, error: PhotoRefused) -> None:
-        """A model that reads no images is the owner's to fix (OPENAI_VISION=false, or a model that does):
-        said at WARNING, once a minute at most."""
-        now = time.monotonic()
-        if now - self._photos_warned_at < 60:
-            logger.debug("the model refused photos: {}", error)
-            return
-        self._photos_warned_at = now
-        logger.warning(
-            "the model refused photos ({}): answered without them; set OPENAI_VISION=false or use a model "
-            "that reads images",
-            error,
-        )
-
-    async def _transcribe(self, message: Inbound) -> tuple[str, str | None]:
-        if self.transcriber is None or not self.transcriber.enabled:
-            return "", reply("audio_ai_off", self.language)
-        try:
-            size = message.media.size_bytes if message.media else None
-            self.transcriber.check_declared_size(size)
-            data = await self.transport.download_media(message)
-            mimetype = message.media.mimetype if message.media else "audio/ogg"
-            text = await self.transcriber.transcribe(data, mimetype or "audio/ogg")
-        except TransportError as error:
-            logger.warning("voice note {} could not be downloaded: {}", message.id, error)
-            return "", reply("audio_unreadable", self.language)
-        except Exception as error:
-            reason = getattr(error, "reason", None)
-            if reason is None:
-                raise
-            if reason in _OUR_SIDE_FAILURES:
-                self._warn_transcription_failing(reason, error)
-            else:  # the customer's note (too long, corrupt, ...): they are told why
-                logger.debug("voice note {} not transcribed: {} ({})", message.id, reason, error)
-            return "", self._audio_reply(reason, getattr(error, "limit", None))
-        self.counters.transcribed += 1
-        # The same text in the store, in the history in memory and before the model: the row came in
-        # empty at intake, and the chat's next message must see what the customer said.
-        text = db_text(clean_text(text, self.max_inbound_chars)[0])
-        self.history.set_body(message.chat, message.id, text)
-        try:
-            await self.store.set_status(message.id, MessageStatus.RECEIVED, body=text)
-        except StoreUnavailable as error:  # kept for a retry by the store; the answer does not wait for it
-            logger.debug("transcript of {} not saved yet: {}", message.id, error)
-        return text, None
-
-    def _warn_transcription_failing(self, reason: str, error: Exception) -> None:
-        """A transcription server that fails (a wrong OPENAI_TRANSCRIBE_MODEL, an outage) is the owner's to
-        fix: said at WARNING, once a minute at most, not only to the customers as an apology."""
-        now = time.monotonic()
-        if now - self._transcription_warned_at < 60:
-            logger.debug("voice note not transcribed: {} ({})", reason, error)
-            return
-        self._transcription_warned_at = now
-        logger.warning("voice notes are not transcribed ({}); customers get an apology", error)
-
-    def _audio_reply(self, reason: str, limit: float | None) -> str:
-        if reason == "too_large":
-            return reply("audio_too_large", self.language, limit=limit or 0)
-        if reason == "too_long":
-            return reply("audio_too_long", self.language, duration=duration(limit or 0, self.language))
-        if reason == "empty":
-            return reply("audio_empty", self.language)
-        if reason in ("ai_off", "no_transcription"):  # asked to type it: trying again would not help
-            return reply("audio_ai_off", self.language)
-        if reason in _OUR_SIDE_FAILURES:
-            return reply("ai_error", self.language)
-        return reply("audio_unreadable", self.language)
+        self._answering.add(chat)
 
     async def _ask_model(
         self,
@@ -1748,31 +1277,28 @@ class Pipeline:
         it (`before_burst` for a burst). A model that refuses the photos is asked `without_photos` instead
         (text, context, and the reply when there is nothing left: the polite reply to a photo alone, none to
         a sticker)."""
-        # Memory is critical while the gate is shut: the message is persisted and waits, in order
-        # (_watch_busy tells the customer once if that lasts).
-        await self.model_gate.wait()
-        self._answering.add(message.chat)
+        await self._past_gate(message.chat)
         history = before_burst if before_burst is not None else await self.history.recent(inbound)
         await self._typing(message.chat, True)
         read = read or Attached()
         real_photos = len(photos) - len(read.pages)  # a scan's pages and a video's frames are not photos
         try:
             try:
-                told = _joined(read.scans, read.texts, context)  # "a video: you see..." before its words
+                told = joined(read.scans, read.texts, context)  # "a video: you see..." before its words
                 answer = await self.responder.model_answer(text, history, told, photos)
             except PhotoRefused as error:
-                self._warn_photos_refused(error)
+                self.media.warn_photos_refused(error)
                 self.counters.photos_unseen += real_photos
                 self.counters.documents_unread += read.scanned
                 self.counters.videos_unseen += read.videos
                 plain_text, plain_context, alone = without_photos or (
                     text,
                     context,
-                    self._unsupported(photos=False),
+                    self.media.unsupported(photos=False),
                 )
                 if plain_text or read.texts:
                     return await self.responder.model_answer(
-                        plain_text, history, _joined(read.texts, plain_context)
+                        plain_text, history, joined(read.texts, plain_context)
                     )
                 return Answer(alone, Source.AI_OFF)
             if answer.source is Source.MODEL:  # not an apology: the model saw them

@@ -423,7 +423,7 @@ async def test_a_video_that_shows_nothing_is_answered_from_its_words(
         async def no_frames(data: bytes, count: int, duration_hint: float | None = None) -> object:
             raise VideoRejected("unreadable", "a codec this ffmpeg cannot decode")
 
-        monkeypatch.setattr(h.bot.pipeline.videos, "frames", no_frames)
+        monkeypatch.setattr(h.bot.pipeline.media.videos, "frames", no_frames)
         [answer] = await h.say(video(talking))
         counters = h.bot.pipeline.counters
     assert answer == f"texto: ¿lo tenéis en 42?\n\n{reply('attachment_note', 'es')}"

@@ -406,12 +406,20 @@ def _read_file(path: Path) -> bytes:
     return data
 
 
+def _photo_message(client: Any, data: bytes, caption: str) -> WAMessage:
+    """neonize's photo message, built on a loop of this worker thread's own: neonize decodes the whole
+    photo for its preview (Pillow, 10-170 ms) on the loop it runs on, which would stall every chat.
+    Its Go upload is already a call from whichever thread, and nothing it touches is bound to a loop."""
+    message: WAMessage = asyncio.run(client.build_image_message(data, caption=caption or None))
+    return message
+
+
 async def _file_message(client: Any, file: str, caption: str) -> WAMessage:
     """A flow's photo (shown inline) or document (with its file name), uploaded, `caption` under it."""
     path = Path(file)
     data = await asyncio.to_thread(_read_file, path)
     if path.suffix.lower() in PHOTO_SUFFIXES:
-        return await client.build_image_message(data, caption=caption or None)
+        return await asyncio.to_thread(_photo_message, client, data, caption)
     mimetype = mimetypes.guess_type(path.name)[0]  # None: neonize reads it from the content
     return await client.build_document_message(
         data, caption=caption or None, filename=path.name, mimetype=mimetype

@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import json
 import os
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from memory.store import Direction
 from tests.conftest import BotHarness, inbound
 from tests.fake_openai import FakeOpenAI
 from tests.test_governor import FakeTime
-from tests.test_neonize_adapter import FakeNewAClient, wait_state
+from tests.test_neonize_adapter import FakeNewAClient, WAMessage, wait_state
 from tests.test_outbox import Recorder, transport
 from tests.test_outbox import fake_client as fake_client  # a fixture
 from tests.test_protection import critical_memory
@@ -392,3 +395,40 @@ async def test_a_queued_file_that_cannot_go_sends_its_caption_and_holds_nothing_
         stats = t.stats()
     assert client.sent == [(CHAT, "La promo"), (other, "Hola, ¿en qué te ayudo?")]
     assert stats["outbox_pending"] == 0 and stats["outbox_dropped"] == 0
+
+
+async def test_a_photos_preview_is_made_off_the_event_loop(
+    fake_client: type[FakeNewAClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """neonize's build_image_message decodes the whole photo for its preview (Pillow, up to ~170 ms) in
+    the loop it runs on: on the bot's loop, every other chat stalled while a photo was prepared."""
+    from PIL import Image
+
+    photo = tmp_path / "tarta.png"
+    Image.new("RGBA", (64, 48), "white").save(photo)
+    built_on: list[int] = []
+    original = fake_client.build_image_message
+
+    async def build(self: FakeNewAClient, file: bytes, caption: str | None = None) -> WAMessage:
+        built_on.append(threading.get_ident())
+        time.sleep(0.2)  # neonize's synchronous Pillow work, as it blocks its loop
+        return await original(self, file, caption)
+
+    monkeypatch.setattr(fake_client, "build_image_message", build)
+    async with connected(fake_client, tmp_path) as (t, client):
+        ticks: list[float] = []
+
+        async def ticker() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        beat = asyncio.create_task(ticker())
+        try:
+            await t.send_text(ChatId(CHAT), "La tarta", str(photo))
+        finally:
+            beat.cancel()
+        [image] = client.messages
+    assert image.imageMessage.caption == "La tarta"
+    assert built_on and built_on[0] != threading.get_ident()
+    assert max(b - a for a, b in itertools.pairwise(ticks)) < 0.15  # the loop kept serving other chats

@@ -972,6 +972,7 @@ class NeonizeTransport:
         self._flushing: asyncio.Task[None] | None = None
         self._flush_wanted = asyncio.Event()
         self._caught_up = asyncio.Event()  # what came while away has been delivered (see CATCH_UP_WAIT_S)
+        self._connected_at = 0.0  # loop time of the last Connected: the catch-up wait counts from it
         self._quiet_pairing = False  # logout(): connect without showing a QR
         self._qr_announced = False
         self._pair_requested = False
@@ -1217,9 +1218,12 @@ class NeonizeTransport:
         return await self._pacer(chat, text) if self._pacer is not None else None
 
     async def _send_queued(self, chat: ChatId, text: str, file: str | None = None) -> None:
-        if self.state is not ConnectionState.CONNECTED:
-            raise SendDeferred("not connected")
+        if self.state is not ConnectionState.CONNECTED or not self._caught_up.is_set():
+            raise SendDeferred("not connected, or not caught up")
         slot = await self._pace(chat, text)  # SendWithheld: the outbox drops it (the owner has the chat)
+        if self.state is not ConnectionState.CONNECTED or not self._caught_up.is_set():
+            self._unspend(slot)  # reconnected during the pause: the new backlog first
+            raise SendDeferred("reconnected while pacing")
         try:
             try:
                 await self._send_now(chat, text, file)
@@ -1261,14 +1265,16 @@ class NeonizeTransport:
 
     async def _catch_up(self) -> None:
         """Wait until what came while this device was away has been delivered (see CATCH_UP_WAIT_S)."""
-        if self._caught_up.is_set():
-            return
-        try:
-            async with asyncio.timeout(self.CATCH_UP_WAIT_S):
-                await self._caught_up.wait()
-        except TimeoutError:
-            logger.debug("whatsapp: no offline sync announced in {:.0f} s; sending", self.CATCH_UP_WAIT_S)
-            self._caught_up.set()
+        while not self._caught_up.is_set():
+            connected_at = self._connected_at
+            try:
+                async with asyncio.timeout_at(connected_at + self.CATCH_UP_WAIT_S):
+                    await self._caught_up.wait()
+            except TimeoutError:
+                if self._connected_at != connected_at:
+                    continue  # reconnected meanwhile: that connection's own wait
+                logger.debug("whatsapp: no offline sync announced in {:.0f} s; sending", self.CATCH_UP_WAIT_S)
+                self._caught_up.set()
 
     async def _ask_resend(self, chat: ChatId) -> None:
         if self._on_undecryptable is not None:
@@ -1284,6 +1290,8 @@ class NeonizeTransport:
         self._supervisor.handle(event)
 
     def _state_changed(self, state: ConnectionState) -> None:
+        if state is not ConnectionState.CONNECTED:
+            self._caught_up.clear()  # the next connection delivers what comes meanwhile, then says so
         if state is ConnectionState.CONNECTED:
             self._kick_flush()
         if state is ConnectionState.CONNECTING:
@@ -1401,7 +1409,9 @@ class NeonizeTransport:
         self._on_inbound(inbound)
 
     def _handle_connected(self, ev: Any) -> None:
-        self._caught_up.clear()  # WhatsApp now delivers what came while away, then says so
+        self._connected_at = asyncio.get_running_loop().time()
+        if self.state is ConnectionState.CONNECTED:  # reconnected before anyone noticed the drop
+            self._caught_up.clear()
         self._driver.connected()
         self._supervisor.handle(Connected())
         self._kick_flush()  # also when whatsmeow reconnected before anyone noticed the drop

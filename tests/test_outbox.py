@@ -8,7 +8,7 @@ import sqlite3
 import time
 import warnings
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from tests.test_supervisor import FakeClock
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", ResourceWarning)
-    from neonize.proto.Neonize_pb2 import UndecryptableMessage
+    from neonize.proto.Neonize_pb2 import Connected, OfflineSyncCompleted, UndecryptableMessage
     from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import Message as WAMessage
 
     from connection import neonize_adapter
@@ -833,3 +833,120 @@ async def test_a_reply_is_recorded_even_when_its_parts_cannot_be_grouped(
         (Direction.IN, MessageStatus.ANSWERED),
         (Direction.OUT, MessageStatus.SENT),
     ]
+
+
+async def wait_sent(client: FakeNewAClient, n: int, timeout: float) -> float:
+    start = time.monotonic()
+    async with asyncio.timeout(timeout):
+        while len(client.sent) < n:
+            await asyncio.sleep(0.01)
+    return time.monotonic() - start
+
+
+async def test_offline_sync_announced_before_connected_does_not_delay_the_queue(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    """whatsmeow sends Connected after two round trips on one goroutine and the offline marker from
+    another: nothing orders the two. A marker first must not leave the queue waiting for another."""
+    fake_client.script.extend(["ok"])
+    t = transport(tmp_path)
+    t.CATCH_UP_WAIT_S = 3.0
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        client = fake_client.instances[0]
+        await client.drop()
+        await t.send_text(CHAT, "queued")
+        client.online = True
+        await client.fire(OfflineSyncCompleted(Count=0))  # nothing came while away...
+        await client.fire(Connected(status=True))  # ...and Connected's goroutine lost the race
+        took = await wait_sent(client, 1, 5.0)
+        assert took < 1.0, f"the queued reply waited {took:.1f} s for a sync that had already completed"
+    finally:
+        await t.stop()
+
+
+async def test_first_reply_after_a_start_is_not_held_when_sync_came_before_connected(
+    fake_client: type[FakeNewAClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def back(self: FakeNewAClient, offline: Sequence[Any] = ()) -> None:
+        self.online = True
+        await self.fire(OfflineSyncCompleted(Count=0))
+        await self.fire(Connected(status=True))
+
+    monkeypatch.setattr(FakeNewAClient, "back", back)
+    fake_client.script.extend(["ok"])
+    t = transport(tmp_path)
+    t.CATCH_UP_WAIT_S = 3.0
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        client = fake_client.instances[0]
+        sent = await t.send_text(CHAT, "hola")  # an ordinary answer, nothing queued, empty backlog
+        took = await wait_sent(client, 1, 5.0)
+        assert took < 1.0, f"an ordinary reply waited {took:.1f} s (sent as {sent})"
+    finally:
+        await t.stop()
+
+
+async def test_a_flush_under_way_does_not_send_on_a_new_connection_before_its_catch_up(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    """A reconnect while a queued reply waits in its typing pause: the new connection's backlog (maybe the
+    owner's answer) comes first, for that reply and the ones behind it."""
+    fake_client.script.extend(["ok"])
+    t = transport(tmp_path)
+    gate = asyncio.Event()
+    paced: list[str] = []
+
+    async def pacer(chat: Any, text: str) -> None:  # the governor's typing pause / budget wait
+        paced.append(text)
+        await gate.wait()
+
+    t.set_pacer(pacer)
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        client = fake_client.instances[0]
+        await client.drop()
+        await t.send_text(CHAT, "first")
+        await t.send_text(CHAT, "second")
+        await client.back()  # caught up: the flush starts, "first" is in its typing pause
+        async with asyncio.timeout(2):
+            while not paced:
+                await asyncio.sleep(0.01)
+        await client.drop()  # a blip during the pause; whatsmeow reconnects at once
+        client.online = True
+        await client.fire(Connected(status=True))  # the backlog (maybe the owner's answer) is on its way
+        gate.set()
+        await asyncio.sleep(0.3)
+        assert client.sent == [], f"sent before the new connection caught up: {client.sent}"
+    finally:
+        await t.stop()
+
+
+async def test_the_catch_up_wait_starts_over_at_a_reconnect(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    """The wait is each connection's own: a reconnect during it does not inherit what was left of it."""
+    fake_client.script.extend(["ok"])
+    t = transport(tmp_path)
+    t.CATCH_UP_WAIT_S = 1.0
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        client = fake_client.instances[0]
+        await client.drop()
+        await t.send_text(CHAT, "queued")
+        client.online = True
+        await client.fire(Connected(status=True))  # no sync word yet
+        await asyncio.sleep(0.7)
+        await client.drop()
+        client.online = True
+        await client.fire(Connected(status=True))  # a new connection: its own backlog, its own wait
+        reconnected = time.monotonic()
+        await wait_sent(client, 1, 5.0)
+        waited = time.monotonic() - reconnected
+        assert waited >= 0.9, f"sent {waited:.2f} s after the reconnect; its own wait is 1 s"
+    finally:
+        await t.stop()

@@ -619,33 +619,6 @@ async def test_a_queued_reply_waits_for_what_came_while_away(
             assert bot.pipeline.takeover.is_paused(CHAT)
 
 
-async def test_queued_replies_go_out_when_whatsapp_never_says_it_caught_up(
-    fake_client: type[FakeNewAClient], tmp_path: Path
-) -> None:
-    """The wait for what came while away is bounded: without WhatsApp's word, the queue goes out anyway."""
-    from neonize.proto.Neonize_pb2 import OfflineSyncCompleted
-
-    fake_client.script.extend(["ok"])
-    t = transport(tmp_path)
-    t.CATCH_UP_WAIT_S = 0.5
-    await t.start()
-    try:
-        await wait_state(t, ConnectionState.CONNECTED)
-        client = fake_client.instances[0]
-        await client.drop()
-        await t.send_text(CHAT, "queued")
-        del client.handlers[OfflineSyncCompleted]  # the word never comes
-        await client.back()
-        await asyncio.sleep(0.1)
-        assert client.sent == []  # waiting for it
-        fresh = await t.send_text(CHAT, "fresh")  # behind the queue, in order
-        assert fresh.startswith("outbox-")
-        await sent_or_withheld(t)
-        assert [text for _, text in client.sent] == ["queued", "fresh"]
-    finally:
-        await t.stop()
-
-
 async def sent_or_withheld(t: NeonizeTransport) -> None:
     async with asyncio.timeout(5):
         while t.stats()["outbox_pending"]:
@@ -835,7 +808,42 @@ async def test_a_reply_is_recorded_even_when_its_parts_cannot_be_grouped(
     ]
 
 
-async def wait_sent(client: FakeNewAClient, n: int, timeout: float) -> float:
+# ---------------------------------------------------------------- the catch-up after a reconnect
+
+
+@contextlib.asynccontextmanager
+async def queued_while_down(
+    fake_client: type[FakeNewAClient],
+    tmp_path: Path,
+    *texts: str,
+    wait_s: float = 15.0,
+    pacer: Any = None,
+) -> AsyncIterator[tuple[NeonizeTransport, FakeNewAClient]]:
+    """A transport whose connection dropped, `texts` queued meanwhile; yields (transport, client)."""
+    fake_client.script.extend(["ok"])
+    t = transport(tmp_path)
+    t.CATCH_UP_WAIT_S = wait_s
+    if pacer is not None:
+        t.set_pacer(pacer)
+    await t.start()
+    try:
+        await wait_state(t, ConnectionState.CONNECTED)
+        client = fake_client.instances[0]
+        await client.drop()
+        for text in texts:
+            await t.send_text(CHAT, text)
+        yield t, client
+    finally:
+        await t.stop()
+
+
+async def reconnected(client: FakeNewAClient) -> None:
+    """whatsmeow connected again; what came while away (and the word that it all came) is still to come."""
+    client.online = True
+    await client.fire(Connected(status=True))
+
+
+async def wait_sent(client: FakeNewAClient, n: int, timeout: float = 5.0) -> float:
     start = time.monotonic()
     async with asyncio.timeout(timeout):
         while len(client.sent) < n:
@@ -843,27 +851,31 @@ async def wait_sent(client: FakeNewAClient, n: int, timeout: float) -> float:
     return time.monotonic() - start
 
 
+async def test_queued_replies_go_out_when_whatsapp_never_says_it_caught_up(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    """The wait for what came while away is bounded: without WhatsApp's word, the queue goes out anyway."""
+    async with queued_while_down(fake_client, tmp_path, "queued", wait_s=0.5) as (t, client):
+        await reconnected(client)  # the word never comes
+        await asyncio.sleep(0.1)
+        assert client.sent == []  # waiting for it
+        fresh = await t.send_text(CHAT, "fresh")  # behind the queue, in order
+        assert fresh.startswith("outbox-")
+        await sent_or_withheld(t)
+        assert [text for _, text in client.sent] == ["queued", "fresh"]
+
+
 async def test_offline_sync_announced_before_connected_does_not_delay_the_queue(
     fake_client: type[FakeNewAClient], tmp_path: Path
 ) -> None:
     """whatsmeow sends Connected after two round trips on one goroutine and the offline marker from
     another: nothing orders the two. A marker first must not leave the queue waiting for another."""
-    fake_client.script.extend(["ok"])
-    t = transport(tmp_path)
-    t.CATCH_UP_WAIT_S = 3.0
-    await t.start()
-    try:
-        await wait_state(t, ConnectionState.CONNECTED)
-        client = fake_client.instances[0]
-        await client.drop()
-        await t.send_text(CHAT, "queued")
+    async with queued_while_down(fake_client, tmp_path, "queued", wait_s=3.0) as (_, client):
         client.online = True
         await client.fire(OfflineSyncCompleted(Count=0))  # nothing came while away...
-        await client.fire(Connected(status=True))  # ...and Connected's goroutine lost the race
-        took = await wait_sent(client, 1, 5.0)
+        await reconnected(client)  # ...and Connected's goroutine lost the race
+        took = await wait_sent(client, 1)
         assert took < 1.0, f"the queued reply waited {took:.1f} s for a sync that had already completed"
-    finally:
-        await t.stop()
 
 
 async def test_first_reply_after_a_start_is_not_held_when_sync_came_before_connected(
@@ -883,7 +895,7 @@ async def test_first_reply_after_a_start_is_not_held_when_sync_came_before_conne
         await wait_state(t, ConnectionState.CONNECTED)
         client = fake_client.instances[0]
         sent = await t.send_text(CHAT, "hola")  # an ordinary answer, nothing queued, empty backlog
-        took = await wait_sent(client, 1, 5.0)
+        took = await wait_sent(client, 1)
         assert took < 1.0, f"an ordinary reply waited {took:.1f} s (sent as {sent})"
     finally:
         await t.stop()
@@ -894,8 +906,6 @@ async def test_a_flush_under_way_does_not_send_on_a_new_connection_before_its_ca
 ) -> None:
     """A reconnect while a queued reply waits in its typing pause: the new connection's backlog (maybe the
     owner's answer) comes first, for that reply and the ones behind it."""
-    fake_client.script.extend(["ok"])
-    t = transport(tmp_path)
     gate = asyncio.Event()
     paced: list[str] = []
 
@@ -903,50 +913,28 @@ async def test_a_flush_under_way_does_not_send_on_a_new_connection_before_its_ca
         paced.append(text)
         await gate.wait()
 
-    t.set_pacer(pacer)
-    await t.start()
-    try:
-        await wait_state(t, ConnectionState.CONNECTED)
-        client = fake_client.instances[0]
-        await client.drop()
-        await t.send_text(CHAT, "first")
-        await t.send_text(CHAT, "second")
+    async with queued_while_down(fake_client, tmp_path, "first", "second", pacer=pacer) as (_, client):
         await client.back()  # caught up: the flush starts, "first" is in its typing pause
         async with asyncio.timeout(2):
             while not paced:
                 await asyncio.sleep(0.01)
         await client.drop()  # a blip during the pause; whatsmeow reconnects at once
-        client.online = True
-        await client.fire(Connected(status=True))  # the backlog (maybe the owner's answer) is on its way
+        await reconnected(client)
         gate.set()
         await asyncio.sleep(0.3)
         assert client.sent == [], f"sent before the new connection caught up: {client.sent}"
-    finally:
-        await t.stop()
 
 
 async def test_the_catch_up_wait_starts_over_at_a_reconnect(
     fake_client: type[FakeNewAClient], tmp_path: Path
 ) -> None:
     """The wait is each connection's own: a reconnect during it does not inherit what was left of it."""
-    fake_client.script.extend(["ok"])
-    t = transport(tmp_path)
-    t.CATCH_UP_WAIT_S = 1.0
-    await t.start()
-    try:
-        await wait_state(t, ConnectionState.CONNECTED)
-        client = fake_client.instances[0]
-        await client.drop()
-        await t.send_text(CHAT, "queued")
-        client.online = True
-        await client.fire(Connected(status=True))  # no sync word yet
+    async with queued_while_down(fake_client, tmp_path, "queued", wait_s=1.0) as (_, client):
+        await reconnected(client)
         await asyncio.sleep(0.7)
         await client.drop()
-        client.online = True
-        await client.fire(Connected(status=True))  # a new connection: its own backlog, its own wait
-        reconnected = time.monotonic()
-        await wait_sent(client, 1, 5.0)
-        waited = time.monotonic() - reconnected
+        await reconnected(client)  # a new connection: its own backlog, its own wait
+        started = time.monotonic()
+        await wait_sent(client, 1)
+        waited = time.monotonic() - started
         assert waited >= 0.9, f"sent {waited:.2f} s after the reconnect; its own wait is 1 s"
-    finally:
-        await t.stop()

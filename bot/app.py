@@ -18,7 +18,7 @@ from loguru import logger
 from bot.ai import ChatModel, make_client
 from bot.config import Settings, config_error
 from bot.flows import FlowMatcher, FlowsFileError, load_flows_file, unusable
-from bot.handoff import HandoffPhrases
+from bot.handoff import DEFAULT_ALONE, HandoffPhrases
 from bot.limits import CircuitBreaker, SlidingWindowLimiter
 from bot.localtime import time_zone
 from bot.pipeline import Pipeline, inbound_from_stored
@@ -170,7 +170,11 @@ class Bot:
                 settings.rate_limit_max_messages, settings.rate_limit_cooldown / 1000
             ),
             takeover=Takeover(pause_s=settings.human_takeover_minutes * 60),
-            handoff=HandoffPhrases(phrases) if (phrases := settings.handoff_phrase_list) else None,
+            handoff=(
+                HandoffPhrases(phrases, alone=DEFAULT_ALONE if settings.handoff_phrases is None else ())
+                if (phrases := settings.handoff_phrase_list)
+                else None
+            ),
             allowed_numbers=settings.allowed,
             blocked_numbers=settings.blocked,
             busy_after_s=settings.busy_reply_after_s,

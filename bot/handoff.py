@@ -30,6 +30,12 @@ DEFAULT_PHRASES = (
     "hablar con un representante",
     "hablar con el encargado",
     "hablar con la encargada",
+    "hablar con el responsable",
+    "hablar con la responsable",
+    "hablar con el dueño",
+    "hablar con la dueña",
+    "hablar con persona",  # typed in a hurry, without the article
+    "hablar con humano",
     "quiero hablar con alguien",
     "puedo hablar con alguien",
     "necesito hablar con alguien",
@@ -38,8 +44,24 @@ DEFAULT_PHRASES = (
     "pasame con un humano",
     "pasame con un asesor",
     "pasame con un agente",
+    "pasame con el encargado",
+    "pasame con la encargada",
+    "me pasas con alguien",
+    "me pasas con una persona",
+    "me pones con alguien",
+    "me pones con una persona",
+    "ponme con alguien",
+    "ponme con una persona",
     "me atienda una persona",
+    "me atienda alguien",
+    "me atiende una persona",
+    "me atiende alguien",
     "me puede atender una persona",
+    "me puede atender alguien",
+    "quiero una persona",
+    "necesito una persona",
+    "ayuda de una persona",
+    "quiero un humano",
     "atencion humana",
     # English
     "talk to a human",
@@ -61,6 +83,32 @@ DEFAULT_PHRASES = (
     "i want to talk to someone",
     "i want to speak to someone",
     "live agent",
+    "talk to the owner",
+    "speak to the owner",
+    "talk to the manager",
+    "speak to the manager",
+)
+# A message that is only one of these (greetings and "please" aside) asks too, as callers say "operador" to
+# a phone menu: "un humano por favor", "agente". Within a longer message they are mere mentions. Not
+# "persona": "una persona" answers "¿para cuántas personas?".
+DEFAULT_ALONE = (
+    "humano",
+    "humana",
+    "operador",
+    "operadora",
+    "agente",
+    "asesor",
+    "asesora",
+    "human",
+    "agent",
+    "operator",
+    "representative",
+)
+_COURTESY = frozenset(
+    """
+    hola buenas buenos dias tardes noches por favor porfa porfavor un una el la con quiero necesito
+    hi hello please pls a an the i want need
+    """.split()  # noqa: SIM905 (a word list reads better as text)
 )
 # A negation right before a verb of wanting, right before the phrase, refuses it: "no quiero hablar con una
 # persona", "I don't want to talk to a human". "¿Por qué no puedo hablar con una persona?" or "esto no
@@ -82,11 +130,21 @@ def spans_clauses(phrase: str) -> bool:
 class HandoffPhrases:
     """The phrases that ask for a person, matched as whole words anywhere in a message."""
 
-    def __init__(self, phrases: Iterable[str] = DEFAULT_PHRASES) -> None:
+    def __init__(
+        self, phrases: Iterable[str] = DEFAULT_PHRASES, alone: Iterable[str] = DEFAULT_ALONE
+    ) -> None:
         self._padded = tuple(f" {normal} " for normal in map(normalize, phrases) if normal)
+        self._alone = frozenset(map(normalize, alone))
 
     def asked(self, text: str) -> bool:
+        if self._alone and self._only_asks(text):
+            return True
         return any(self._asked_in(f" {normalize(clause)} ") for clause in CLAUSE_BREAKS.split(text))
+
+    def _only_asks(self, text: str) -> bool:
+        """The message is one of the words asking alone ("operador", "una persona por favor")."""
+        words = [word for word in normalize(text).split() if word not in _COURTESY]
+        return len(words) == 1 and words[0] in self._alone
 
     def asked_over_lines(self, text: str) -> bool:
         """`asked`, for a message over several lines or a burst of messages: "quiero hablar" / "con una

@@ -208,10 +208,38 @@ async def test_a_customer_over_the_rate_limit_can_still_ask_for_a_person(
         ("esto no funciona quiero hablar con una persona", True),  # no punctuation, as typed
         ("the app is not working talk to a human", True),
         ("I do not want to speak to a person", False),
+        # Said the way customers write it (the exploratory run's misses)
+        ("quiero hablar con el dueño", True),
+        ("¿me atiende una persona?", True),
+        ("me pones con alguien del equipo?", True),
+        ("eres un bot? quiero una persona", True),
+        ("necesito ayuda de una persona, el bot no me entiende", True),
+        ("hablar con persona", True),
+        ("operador", True),
+        ("Un humano, por favor", True),
+        ("una persona", False),  # the answer to "¿para cuántas personas?"
+        ("hola, agente!", True),
+        ("can I talk to the manager?", True),
+        ("la persona que me atendió ayer fue muy amable", False),
+        ("¿el operador de envíos es Correos?", False),
+        ("no quiero una persona, quiero el precio", False),
+        ("humano?", True),
+        ("¿eres humano?", False),
     ],
 )
 def test_requests_for_a_person_and_mere_mentions(text: str, asks: bool) -> None:
     assert HandoffPhrases().asked(text) is asks
+
+
+@pytest.mark.parametrize(("phrases", "asks"), [(None, True), ("hablar con ventas", False)])
+async def test_one_word_requests_are_the_built_in_phrases_only(
+    harness, fake_openai: FakeOpenAI, phrases: str | None, asks: bool
+) -> None:
+    """ "operador" alone asks for a person with the built-in phrases; an owner's own HANDOFF_PHRASES are the
+    only requests then."""
+    async with harness(**ai(fake_openai, handoff_phrases=phrases)) as h:
+        sent = await told(h, "operador")
+    assert (sent == [reply("handoff", "es")]) is asks, sent
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from loguru import logger
 
 from bot.ai import AIError, ChatModel
 from bot.flows import FlowMatcher
+from bot.formatting import for_whatsapp
 from bot.localtime import local_time_line
 from bot.replies import Language, reply
 from memory.cache import TTLCache
@@ -152,6 +153,8 @@ class Responder:
         raises PhotoRefused."""
         result = await self._from_model(text, history, context, photos)
         self.by_source[result.source.value] += 1
+        if result.source in (Source.MODEL, Source.CACHE):  # "**Horario:**" would reach WhatsApp as written
+            result = replace(result, text=for_whatsapp(result.text))
         if result.source is not Source.AI_ERROR and (file := self.flows.file_for(text)):
             result = replace(result, file=file)  # the file of a flow the message matched
         return result

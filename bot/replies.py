@@ -13,6 +13,12 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "Thanks for your message. Automatic AI answers are turned off right now; "
         "we will get back to you as soon as we can.",
     },
+    "ai_error_after_facts": {
+        "es": "Para cualquier otra cosa no he podido procesar tu mensaje ahora mismo; inténtalo de nuevo "
+        "en unos minutos.",
+        "en": "For anything else I couldn't process your message right now; please try again in a few "
+        "minutes.",
+    },
     "ai_error": {
         "es": "Lo siento, no he podido procesar tu mensaje en este momento. "
         "Por favor, inténtalo de nuevo en unos minutos.",

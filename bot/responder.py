@@ -185,17 +185,25 @@ class Responder:
                 raise PhotoRefused(str(error)) from error
             if not (error.context_too_long and len(messages) > 2):
                 logger.error("model failed, sending an apology: {}", error)
-                return Answer(reply("ai_error", self.language), Source.AI_ERROR)
+                return self._apology(text, facts)
             # The history (long messages) no longer fits the model: answer the message on its own.
             logger.warning("conversation too long for the model; answering without its history")
             try:
                 return Answer((await self.model.complete([messages[0], messages[-1]])).text, Source.MODEL)
             except AIError as second:
                 logger.error("model failed, sending an apology: {}", second)
-                return Answer(reply("ai_error", self.language), Source.AI_ERROR)
+                return self._apology(text, facts)
         if completion.whole and key is not None:  # an answer cut at the token limit is not for everyone
             self.cache.set(key, completion.text)
         return Answer(completion.text, Source.MODEL)
+
+    def _apology(self, text: str, facts: list[str]) -> Answer:
+        """A model that failed: the apology, after what the flows know of the message ("¿me pasas la carta?"
+        still gets the menu and its file)."""
+        if not facts:
+            return Answer(reply("ai_error", self.language), Source.AI_ERROR)
+        said = "\n\n".join([*facts, reply("ai_error_after_facts", self.language)])
+        return Answer(said, Source.AI_ERROR, self.flows.file_for(text))
 
 
 _SENTENCE_BOUNDARY = re.compile(r"(?<=[.!?…])(?=\s)|(?<=\n)")

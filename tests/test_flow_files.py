@@ -21,6 +21,7 @@ from bot.app import Bot
 from bot.flows import MAX_FILE_BYTES, FlowsFileError, load_flows_file
 from bot.governor import GovernedTransport, GovernorLimits
 from bot.limits import OncePerWindow
+from bot.replies import reply
 from connection.console import ConsoleTransport
 from connection.loopback import LoopbackTransport
 from connection.neonize_adapter import NeonizeTransport
@@ -163,6 +164,22 @@ async def test_the_models_answer_goes_with_the_file_of_a_flow_it_matched_once_an
     ]
     assert MENU in fake_openai.chat_requests[0]["messages"][0]["content"]
     assert metrics["size"] == 1
+
+
+async def test_a_model_that_fails_still_leaves_the_customer_what_the_flows_know(
+    harness, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """ "¿me pasas la carta?" while the model is down (500s, a timeout, an exhausted quota): the bot knows the
+    answer and has the menu, and used to send only "sorry, try again later"."""
+    pdf = str(menu_pdf(tmp_path).resolve())
+    fake_openai.fail_next.extend([500] * 10)
+    async with harness(**ai(fake_openai, flows_file=flows_with(tmp_path, "carta.pdf"))) as h:
+        await h.say("¿me pasas la carta?")
+        await h.say(inbound("¿hacéis envíos?", id="other"))  # nothing the flows know: the apology alone
+    assert [(s.text, s.file) for s in h.transport.sent] == [
+        (f"{MENU}\n\n{reply('ai_error_after_facts', 'es')}", pdf),
+        (reply("ai_error", "es"), None),
+    ]
 
 
 # ---------------------------------------------------------------- the console and the outbox

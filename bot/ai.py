@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from bot.limits import CircuitBreaker, ResizableLimit
+from bot.limits import CircuitBreaker, CircuitState, ResizableLimit
 
 if TYPE_CHECKING:
     import openai
@@ -34,8 +34,10 @@ class AIError(Exception):
         systemic: bool = True,
         context_too_long: bool = False,
         about_images: bool = False,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
+        self.status = status  # the server's HTTP status, when it answered one
         self.systemic = systemic
         self.context_too_long = context_too_long
         self.about_images = about_images  # a request with photos refused for them: ask again without
@@ -127,6 +129,10 @@ class ChatModel:
         self.cut = 0  # answers that reached max_tokens
         self.in_flight = 0
         self._latencies: deque[float] = deque(maxlen=1000)
+        # Set by the app: told the error when the circuit opens (every customer gets an apology from now on),
+        # then None when the model answers again. Once each way per outage.
+        self.on_outage: Callable[[AIError | None], None] | None = None
+        self._down = False
 
     async def complete(self, messages: list[dict[str, Any]]) -> Completion:
         async with self.limit:
@@ -139,12 +145,22 @@ class ChatModel:
                     self.breaker.failure()
                 else:
                     self.breaker.success()  # the service answered; only this request was refused
+                self._note_circuit(error)
                 raise
             except BaseException:  # anything, cancellation included, must end a half-open trial
                 self.breaker.failure()
                 raise
             self.breaker.success()
+            self._note_circuit(None)
             return completion
+
+    def _note_circuit(self, error: AIError | None) -> None:
+        down = self.breaker.state is not CircuitState.CLOSED
+        if down == self._down:
+            return
+        self._down = down
+        if self.on_outage is not None:
+            self.on_outage(error if down else None)
 
     async def _call(self, messages: list[dict[str, Any]]) -> Completion:
         client = await self.client.get()
@@ -182,6 +198,7 @@ class ChatModel:
                 systemic=not about_images and (status in (401, 403, 404, 429) or status >= 500),
                 context_too_long=error.code == "context_length_exceeded",
                 about_images=about_images,
+                status=status,
             ) from error
         except openai.OpenAIError as error:
             self.errors += 1

@@ -15,13 +15,14 @@ from typing import Any
 
 from loguru import logger
 
-from bot.ai import ChatModel, make_client
+from bot.ai import AIError, ChatModel, make_client
 from bot.config import Settings, config_error
 from bot.flows import FlowMatcher, FlowsFileError, load_flows_file, unusable
 from bot.handoff import DEFAULT_ALONE, HandoffPhrases
 from bot.limits import CircuitBreaker, SlidingWindowLimiter
 from bot.localtime import time_zone
 from bot.pipeline import Pipeline, inbound_from_stored
+from bot.replies import Language, reply
 from bot.responder import Responder
 from bot.takeover import Takeover
 from connection.background import BackgroundTasks
@@ -80,6 +81,18 @@ def make_store(settings: Settings) -> Store:
 
 _PAGE = 1000  # rows per read when counting what recovery leaves in the store
 PROMISE_KEPT_S = 24 * 3600.0  # a chat told "busy, I will answer shortly" is answered at a restart this long
+
+
+def outage_notice(error: AIError | None, language: Language) -> str:
+    """What the owner is told when the model stops answering (`error`: why), or answers again (None)."""
+    if error is None:
+        return reply("ai_back", language)
+    status = error.status
+    why = {401: "ai_down_key", 403: "ai_down_key", 429: "ai_down_quota", 404: "ai_down_model"}.get(
+        status or 0, "ai_down_service"
+    )
+    code = f" (HTTP {status})" if status else ""
+    return reply("ai_down", language, why=reply(why, language), code=code)
 
 
 @dataclass
@@ -182,6 +195,8 @@ class Bot:
             max_waiting=settings.max_waiting_messages,
             stale_after_s=settings.recovery_window_minutes * 60 or None,
         )
+        if model is not None:  # the owner hears of an outage from the bot, not from the customers
+            model.on_outage = lambda error: pipeline.tell_owner(outage_notice(error, settings.bot_language))
         memory = MemoryManager(
             settings.memory_limit, warning=settings.memory_warning, critical=settings.memory_critical
         )

@@ -352,7 +352,7 @@ class Pipeline:
         self._to_tell: deque[ChatId] = deque()  # told "busy" next, one at a time (see _tell_busy)
         self._telling: asyncio.Task[None] | None = None
         self._busy_watch: asyncio.Task[None] | None = None
-        # Hand-off notices waiting for the owner's own chat to be known (see _tell_owner); bounded.
+        # Hand-off notices waiting for the owner's own chat to be known (see tell_owner); bounded.
         self._owner_notices: deque[tuple[float, str]] = deque(maxlen=MAX_WAITING_OWNER_NOTICES)
         self._owner_waiter: asyncio.Task[None] | None = None
         self._notice_only: set[str] = set()
@@ -804,7 +804,7 @@ class Pipeline:
         self.takeover.hand_over(message.chat)
         what = "sent an order" if order else "asked for a person"
         logger.warning("a customer in {} {}: the chat is left to the owner", message.chat, what)
-        self._tell_owner(
+        self.tell_owner(
             reply(
                 "order_owner_notice" if order else "handoff_owner_notice",
                 self.language,
@@ -815,13 +815,14 @@ class Pipeline:
             )
         )
 
-    def _tell_owner(self, notice: str) -> None:
+    def tell_owner(self, notice: str) -> None:
+        """Send `notice` to the owner's own chat ("message yourself"), once it is known."""
         owner_chat = getattr(self.transport, "owner_chat", None)
         if owner_chat:
             self._spawn(self._send_notice(ChatId(owner_chat), notice))
             return
         if not self._accepting:  # stopping: a waiter started now would outlive the pipeline
-            logger.warning("the owner could not be told of a request for a person: the bot is stopping")
+            logger.warning("a notice for the owner not sent: the bot is stopping")
             return
         self._owner_notices.append((time.monotonic() + OWNER_CHAT_WAIT_S, notice))
         if self._owner_waiter is None or self._owner_waiter.done():
@@ -838,7 +839,7 @@ class Pipeline:
                 return
             while self._owner_notices and self._owner_notices[0][0] <= time.monotonic():
                 self._owner_notices.popleft()
-                logger.warning("a request for a person not told to the owner: their chat is not known")
+                logger.warning("a notice for the owner not sent: their chat is not known")
             await asyncio.sleep(OWNER_CHAT_POLL_S)
 
     async def _send_notice(self, chat: ChatId, text: str) -> None:

@@ -13,6 +13,32 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "Thanks for your message. Automatic AI answers are turned off right now; "
         "we will get back to you as soon as we can.",
     },
+    "ai_down": {
+        "es": "⚠️ La IA no responde: {why}{code}. Los clientes reciben una disculpa hasta que vuelva; te "
+        "aviso cuando responda de nuevo.",
+        "en": "⚠️ The AI is not answering: {why}{code}. Customers get an apology until it is back; I will "
+        "tell you when it answers again.",
+    },
+    "ai_down_key": {
+        "es": "el servidor rechaza la clave (OPENAI_API_KEY)",
+        "en": "the server refuses the key (OPENAI_API_KEY)",
+    },
+    "ai_down_quota": {
+        "es": "se ha alcanzado el límite de uso o se ha agotado el saldo de la cuenta",
+        "en": "the usage limit was reached or the account ran out of credit",
+    },
+    "ai_down_model": {
+        "es": "el servidor no tiene el modelo (OPENAI_MODEL)",
+        "en": "the server does not have the model (OPENAI_MODEL)",
+    },
+    "ai_down_service": {
+        "es": "el servicio no contesta o falla",
+        "en": "the service does not answer or fails",
+    },
+    "ai_back": {
+        "es": "✅ La IA vuelve a responder a los clientes.",
+        "en": "✅ The AI is answering customers again.",
+    },
     "ai_error_after_facts": {
         "es": "Para cualquier otra cosa no he podido procesar tu mensaje ahora mismo; inténtalo de nuevo "
         "en unos minutos.",

@@ -3,17 +3,20 @@ and the time a customer waits; through the real pipeline and the real SDK agains
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
 import pytest
 
 from bot.limits import CircuitBreaker
+from connection.types import ChatId
 from tests.conftest import inbound
 from tests.fake_openai import FakeOpenAI
 from tests.test_voice_notes import note, voice_note  # noqa: F401 (the fixture)
 
 OTHER = "5491122334455@s.whatsapp.net"
+ME = "34699999999@s.whatsapp.net"  # the linked number's own chat
 HTML = (200, "text/html", "<html><body>502 Bad Gateway</body></html>")
 BROKEN_JSON = (200, "application/json", '{"id": "x", "choices": [')
 WRONG_SHAPE = (200, "application/json", '{"id": "x", "object": "chat.completion", "choices": [{"index": 0}]}')
@@ -62,6 +65,37 @@ async def test_failures_that_refuse_everyone_open_the_circuit(
         for i in range(2):
             await h.say(inbound(f"m{i}", chat=f"3460000000{i}@s.whatsapp.net"))
         assert h.bot.metrics()["ai"]["circuit"] == "open"
+
+
+@pytest.mark.parametrize(
+    ("status", "why"),
+    [
+        (401, "el servidor rechaza la clave (OPENAI_API_KEY) (HTTP 401)"),
+        (429, "se ha alcanzado el límite de uso o se ha agotado el saldo de la cuenta (HTTP 429)"),
+        (500, "el servicio no contesta o falla (HTTP 500)"),
+    ],
+)
+async def test_the_owner_hears_once_when_the_model_stops_answering_and_once_when_it_is_back(
+    harness, fake_openai: FakeOpenAI, status: int, why: str
+) -> None:
+    """An expired key or an exhausted OpenAI balance: every customer got an apology and the owner learnt of
+    it from them, hours later."""
+    async with harness(**ai(fake_openai, ai_circuit_failures=2, ai_circuit_cooldown_s=0.2)) as h:
+        h.transport.owner_chat = ChatId(ME)
+        fake_openai.fail_next.extend([status] * 8)  # the SDK retries a 429 and a 500 once
+        for i in range(4):  # the circuit opens at the second; the others get the apology without a call
+            await h.say(inbound(f"m{i}", chat=f"3460000000{i}@s.whatsapp.net", id=f"m{i}"))
+        told_down = h.transport.texts_to(ME)
+        fake_openai.fail_next.clear()
+        await asyncio.sleep(0.3)  # the cooldown: the next message is the trial call
+        await h.say(inbound("¿ya?", chat=OTHER, id="trial"))
+        assert h.transport.texts_to(OTHER) == ["echo: ¿ya?"]
+        told = h.transport.texts_to(ME)
+    assert told_down == [
+        f"⚠️ La IA no responde: {why}. Los clientes reciben una disculpa hasta que vuelva; te aviso cuando "
+        "responda de nuevo."
+    ]
+    assert told == [*told_down, "✅ La IA vuelve a responder a los clientes."]
 
 
 async def test_one_chats_refused_requests_do_not_open_the_circuit_for_everyone(

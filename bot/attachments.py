@@ -107,6 +107,12 @@ class Attached:
     videos: int = 0  # the videos shown as frames: counted seen once the model has seen them
     speech: str = ""  # what is said in the videos: the customer's words, as a voice note's
     unread: list[TransportError | DocumentRejected | VideoRejected] = field(default_factory=list)
+    heard_unseen: int = 0  # videos heard but not seen: their words are answered, the model told they came
+
+    @property
+    def missed(self) -> bool:
+        """Something the model is not given: a PDF or video not read, or a video only heard."""
+        return bool(self.unread or self.heard_unseen)
 
 
 class MediaReader:
@@ -285,7 +291,7 @@ class MediaReader:
             shown, seconds, speech = outcome
             read.speech = joined(read.speech, speech)
             if not shown:  # heard, not seen: the model told a video it cannot see came
-                read.unread.append(VideoRejected("unreadable", "no frame, its words only"))
+                read.heard_unseen += 1
                 continue
             scans.append(self.video_note(len(shown), seconds, heard=bool(speech)))
             read.pages.extend(shown)
@@ -423,6 +429,18 @@ class MediaReader:
             with contextlib.suppress(PhotoRejected):  # a page too large to decode: the others are shown
                 pages.append(await self.photos.prepare(image))
         return pages
+
+    def unread_noted(self, text: str, read: Attached) -> str:
+        """`text`, with the model told of each PDF or video that could not be read and of what the customer
+        would have been told of it alone ("it is password-protected", "send it again"), for the customer to
+        hear it: a vague "a file came that you cannot see" let the model answer "¡recibido!". A video only
+        heard is told as such: its words are answered."""
+        for error in read.unread:
+            key = "video_unread_note" if isinstance(error, VideoRejected) else "pdf_unread_note"
+            note = reply(key, self.language, why=self.unread_reply(error))
+            if note not in text:
+                text = joined(text, note)
+        return self.noted(text) if read.heard_unseen else text
 
     def unread_reply(self, error: TransportError | DocumentRejected | VideoRejected) -> str:
         """What a customer whose PDF or video could not be read is told."""

@@ -1077,8 +1077,8 @@ class Pipeline:
                         canned = handing_over = reply("handoff", self.language)
                 if canned is None and read.unread and not (read.texts or shown or text or photos):
                     canned = self.media.unread_reply(read.unread[0])  # nothing else to answer
-                elif canned is None and read.unread and (read.texts or shown or text):
-                    text = self.media.noted(text)  # told a file it cannot read came
+                elif canned is None and read.missed and (read.texts or shown or text):
+                    text = self.media.unread_noted(text, read)  # for the customer to be told why
                 if shown:  # a scan, a video: if the model reads no images, the customer is asked to write
                     write_it = (
                         reply("pdf_no_text", self.language)
@@ -1095,8 +1095,8 @@ class Pipeline:
                 model_time += time.perf_counter() - looking
                 if read.unread and canned == NO_REPLY:  # an unreadable sticker and an unread PDF
                     canned = self.media.unread_reply(read.unread[0])
-                elif read.unread and canned is None:
-                    text = self.media.noted(text)
+                elif read.missed and canned is None:
+                    text = self.media.unread_noted(text, read)
                 if any(photo.kind is MessageKind.IMAGE for photo in photos):  # told a photo came with it
                     # Without "photos" (refused), or a scan's "write it to me".
                     plain_reply = (

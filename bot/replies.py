@@ -147,6 +147,14 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "es": "(El cliente envió además una nota de voz que no has podido escuchar. Díselo así: «{why}»)",
         "en": "(The customer also sent a voice note you could not listen to. Tell them so: “{why}”)",
     },
+    "pdf_unread_note": {
+        "es": "(El cliente envió además un PDF que no has podido abrir. Díselo así: «{why}»)",
+        "en": "(The customer also sent a PDF you could not open. Tell them so: “{why}”)",
+    },
+    "video_unread_note": {
+        "es": "(El cliente envió además un vídeo que no has podido ver. Díselo así: «{why}»)",
+        "en": "(The customer also sent a video you could not watch. Tell them so: “{why}”)",
+    },
     "pdf_unnamed": {"es": "documento.pdf", "en": "document.pdf"},
     "pdf_cut_note": {
         "es": "(El PDF sigue, pero solo tienes su principio: si te preguntan por el resto, dilo.)",

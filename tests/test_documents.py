@@ -148,10 +148,20 @@ async def test_a_corrupt_pdf_alone_is_asked_for_again(harness, fake: FakeOpenAI,
     assert fake.chat_count == 0
 
 
-async def test_a_corrupt_pdf_with_words_gets_the_words_answered(harness, fake: FakeOpenAI) -> None:
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [(b"%PDF-1.4 broken", "pdf_unreadable"), (protected_pdf(RECEIPT), "pdf_protected_photos")],
+    ids=["corrupt", "password-protected"],
+)
+async def test_a_pdf_not_read_with_words_gets_the_words_answered_and_the_reason_told(
+    harness, fake: FakeOpenAI, data: bytes, why: str
+) -> None:
+    """ "Os mando el justificante" under a protected PDF: the model was told only "a file you cannot see came"
+    and answered "¡recibido!". It is told what the PDF alone would have got, for the customer to hear."""
     async with harness(**ai(fake)) as h:
-        [answer] = await h.say(pdf(b"%PDF-1.4 broken", "te paso la factura, ¿la veis bien?"))
-    assert answer == f"texto: te paso la factura, ¿la veis bien?\n\n{reply('attachment_note', 'es')}"
+        [answer] = await h.say(pdf(data, "te paso la factura, ¿la veis bien?"))
+    note = reply("pdf_unread_note", "es", why=reply(why, "es"))
+    assert answer == f"texto: te paso la factura, ¿la veis bien?\n\n{note}"
 
 
 async def test_a_pdf_over_the_limit_is_refused_before_downloading(
@@ -352,7 +362,7 @@ async def test_a_corrupt_pdf_with_a_photo_shown_tells_the_model_once(harness, fa
     async with harness(**ai(fake)) as h:
         h.bot.pipeline.gather_s = 0.3
         [answer] = await h.say(pdf(b"%PDF-1.4 broken", id="D1"), photo(jpeg(), id="P1"))
-    assert answer == f"1 foto(s): {reply('attachment_note', 'es')}"
+    assert answer == f"1 foto(s): {reply('pdf_unread_note', 'es', why=reply('pdf_unreadable', 'es'))}"
 
 
 async def test_a_refused_scan_with_words_tells_the_model_a_file_came(harness, fake: FakeOpenAI) -> None:

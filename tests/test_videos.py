@@ -129,7 +129,8 @@ async def test_an_undecodable_video_alone_is_asked_for_again(harness, fake: Fake
 async def test_an_undecodable_video_with_words_gets_the_words_answered(harness, fake: FakeOpenAI) -> None:
     async with harness(**ai(fake)) as h:
         [answer] = await h.say(video(b"broken", "¿lo veis?"))
-    assert answer == f"texto: ¿lo veis?\n\n{reply('attachment_note', 'es')}"
+    note = reply("video_unread_note", "es", why=reply("video_unreadable", "es"))
+    assert answer == f"texto: ¿lo veis?\n\n{note}"
 
 
 async def test_a_video_over_the_limit_is_refused_before_downloading(

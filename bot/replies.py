@@ -348,7 +348,18 @@ _REPLIES: dict[str, dict[Language, str]] = {
 
 def reply(key: str, language: Language, **values: object) -> str:
     text = _REPLIES[key][language]
-    return text.format(**values) if values else text
+    if not values:
+        return text
+    if language == "es":  # "el máximo es 2,5 MB"
+        values = {name: _DecimalComma(v) if isinstance(v, float) else v for name, v in values.items()}
+    return text.format(**values)
+
+
+class _DecimalComma(float):
+    """A number written the Spanish way: a comma before its decimals."""
+
+    def __format__(self, spec: str) -> str:
+        return format(float(self), spec).replace(".", ",")
 
 
 _UNITS = {

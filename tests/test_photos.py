@@ -156,7 +156,8 @@ async def test_a_photo_over_image_max_mb_is_not_downloaded(
         # Sending it again would be refused again (a camera original sent as a document, most often): the
         # customer is told the limit and how to send it, every time.
         too_large = reply("photo_too_large", "es", limit=0.5)
-        assert "0.5 MB" in too_large
+        assert "0,5 MB" in too_large  # written the Spanish way
+        assert "0.5 MB" in reply("photo_too_large", "en", limit=0.5)
         assert await h.say(declared) == [too_large]
         assert await h.say(replace(declared, id="AGAIN")) == [too_large]
         assert downloads == []

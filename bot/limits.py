@@ -117,6 +117,13 @@ class OncePerWindow:
         self.withheld += 1
         return True
 
+    def age(self, key: str) -> float | None:
+        """Seconds since `key` was told, while that is within the window; None otherwise."""
+        told_at = self._told.get(key)
+        if told_at is None or (age := self._clock() - told_at) >= self.window_s:
+            return None
+        return age
+
     def note(self, key: str) -> None:
         """`key` was told now."""
         now = self._clock()

@@ -90,6 +90,9 @@ MAX_BURST_VOICE_NOTES = 5
 FLOW_FILE_EVERY_S = 3600.0
 # "I can only read text and voice notes" goes to a chat once in this long: four photos in a row get it once.
 MEDIA_NOTICE_EVERY_S = 300.0
+# "I couldn't see your photo, send it again": a photo failing again this long after it (sent again as asked,
+# not the rest of an album) gets a second, different notice ("write it to me"), once; then silence.
+AGAIN_AFTER_S = 10.0
 _MEDIA_KINDS = {
     MessageKind.IMAGE,
     MessageKind.VIDEO,
@@ -1165,7 +1168,9 @@ class Pipeline:
             reply("photo_unreadable", self.language): f"{message.chat}\nphoto",
             reply("video_unreadable", self.language): f"{message.chat}\nvideo",
         }.get(canned or "")
-        if notice_key is not None and self.media_notices.told_recently(notice_key):
+        if notice_key is not None and (again := self._again(canned, notice_key)) is not None:
+            answer_text = again
+        elif notice_key is not None and self.media_notices.told_recently(notice_key):
             # A photo after photos: the customer has just been told. Saved, unanswered, like any skip (an
             # album's every photo).
             self.counters.skipped += len(ids) - 1
@@ -1255,6 +1260,19 @@ class Pipeline:
             logger.debug("message {} trimmed to {} characters", message.id, self.max_inbound_chars)
             return f"{text}\n\n{note}", None
         return text, None
+
+    def _again(self, canned: str | None, notice_key: str) -> str | None:
+        """The second notice for a photo or video that failed again after "send it again" (see AGAIN_AFTER_S),
+        or None: silence was the customer's answer for doing as asked."""
+        again_key = f"{notice_key}\nagain"
+        age = self.media_notices.age(notice_key)
+        if notice_key.endswith("\nmedia") or age is None or age < AGAIN_AFTER_S:
+            return None
+        if self.media_notices.age(again_key) is not None:
+            return None
+        self.media_notices.note(again_key)
+        kind = "video" if canned == reply("video_unreadable", self.language) else "photo"
+        return reply(f"{kind}_unreadable_again", self.language)
 
     async def _past_gate(self, chat: ChatId) -> None:
         """Wait while memory is critical (the gate is shut): the message is persisted and waits, in order

@@ -319,6 +319,14 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "Your photo is too large for me (the limit is {limit:g} MB). Could you send it as a photo "
         "rather than a document, or tell me in writing what you need?",
     },
+    "photo_unreadable_again": {
+        "es": "Sigo sin poder ver tu foto. ¿Puedes contarme por escrito qué necesitas?",
+        "en": "I still can't see your photo. Could you tell me in writing what you need?",
+    },
+    "video_unreadable_again": {
+        "es": "Sigo sin poder ver tu vídeo. ¿Puedes contarme por escrito qué necesitas?",
+        "en": "I still can't see your video. Could you tell me in writing what you need?",
+    },
     "photo_unreadable": {
         "es": "No he podido ver tu foto. ¿Puedes enviarla de nuevo o contarme por escrito qué necesitas?",
         "en": "I couldn't see your photo. Could you send it again or tell me in writing what you need?",

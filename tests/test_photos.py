@@ -216,6 +216,28 @@ async def test_a_photo_whose_download_handle_is_gone_is_asked_for_again(harness,
     assert fake.chat_count == 0
 
 
+async def test_a_photo_sent_again_as_asked_and_failing_again_gets_a_second_notice(
+    harness, fake: FakeOpenAI
+) -> None:
+    """ "No he podido ver tu foto, ¿puedes enviarla de nuevo?": the customer did, it failed again, and got
+    silence (the notice is once in 5 minutes a chat, for an album's photos). The rest of an album is still
+    skipped, and a third try is not answered a third time."""
+    from bot.limits import OncePerWindow
+    from bot.pipeline import MEDIA_NOTICE_EVERY_S
+
+    now = [0.0]
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.media_notices = OncePerWindow(MEDIA_NOTICE_EVERY_S, clock=lambda: now[0])
+        assert await h.say(photo(b"junk", id="P1")) == [reply("photo_unreadable", "es")]
+        now[0] += 1
+        assert await h.say(photo(b"junk", id="P2")) == []  # the album's next photo
+        now[0] += 30
+        assert await h.say(photo(b"junk", id="P3")) == [reply("photo_unreadable_again", "es")]
+        now[0] += 30
+        assert await h.say(photo(b"junk", id="P4")) == []
+    assert fake.chat_count == 0
+
+
 async def test_a_photo_waits_for_memory_before_it_is_downloaded(
     harness, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -167,6 +167,10 @@ class VoiceTranscriber:
         except AudioRejected as exc:
             self._count(exc)
             raise
+        except OSError as error:  # the disk is full, DATA_DIR gone: ours to fix, not the customer's note
+            rejected = AudioRejected("transcription_failed", f"local file error: {error.strerror or error}")
+            self._count(rejected)
+            raise rejected from None
 
     def _count(self, exc: AudioRejected) -> None:
         self._rejected[exc.reason] += 1

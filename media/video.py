@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from loguru import logger
+
 from media.proc import ProcOutputTooLarge, ProcTimeout, capped, last_error_line, run
 from media.settings import MB
 from media.tempfiles import TempDir
@@ -91,25 +93,40 @@ class VideoReader:
         if len(data) > self.max_bytes:
             raise VideoRejected("too_large", f"{len(data)} bytes, limit {self.max_bytes}")
         outcomes: list[bytes | str] = []  # filled as frames come: kept when the deadline cuts the rest
-        duration: float | None = None
-        async with self._reading:
-            with contextlib.suppress(TimeoutError), self._temp.scope() as scope:
-                async with asyncio.timeout(READ_TIMEOUT_S):  # cancelling kills the running ffmpeg
-                    path = scope.new(".mp4")
-                    # Not in a thread: one still writing after a cancellation would make the file again after
-                    # the scope removed it (media/audio.py does the same). 20 MB at most.
-                    path.write_bytes(data)
-                    duration = await self._duration(path) or duration_hint
-                    moments = [duration * (n + 0.5) / count for n in range(count)] if duration else [0.0]
-                    for at in moments:
-                        outcomes.append(await self._frame(path, at))
-                    if not any(isinstance(outcome, bytes) for outcome in outcomes) and moments != [0.0]:
-                        outcomes.append(await self._frame(path, 0.0))  # the picture ends before the sound
+        try:
+            async with self._reading:
+                duration = await self._take(data, count, duration_hint, outcomes)
+        except (
+            OSError
+        ) as os_error:  # the disk is full, DATA_DIR gone: ours to fix, said where the owner looks
+            why = os_error.strerror or str(os_error)
+            logger.warning("a video could not be written to {}: {}", self._temp.root, why)
+            raise VideoRejected("unreadable", f"local file error: {why}") from None
         images = [outcome for outcome in outcomes if isinstance(outcome, bytes)]
         if not images:
             error = next((outcome for outcome in outcomes if outcome), "")
             raise VideoRejected("unreadable", str(error) or f"no frame in {READ_TIMEOUT_S:g}s")
         return Frames(images, duration)
+
+    async def _take(
+        self, data: bytes, count: int, duration_hint: float | None, outcomes: list[bytes | str]
+    ) -> float | None:
+        """Write the video to a temp file and take its frames into `outcomes` (those taken by the deadline
+        are kept); returns its length."""
+        duration: float | None = None
+        with contextlib.suppress(TimeoutError), self._temp.scope() as scope:
+            async with asyncio.timeout(READ_TIMEOUT_S):  # cancelling kills the running ffmpeg
+                path = scope.new(".mp4")
+                # Not in a thread: one still writing after a cancellation would make the file again after the
+                # scope removed it (media/audio.py does the same). 20 MB at most.
+                path.write_bytes(data)
+                duration = await self._duration(path) or duration_hint
+                moments = [duration * (n + 0.5) / count for n in range(count)] if duration else [0.0]
+                for at in moments:
+                    outcomes.append(await self._frame(path, at))
+                if not any(isinstance(outcome, bytes) for outcome in outcomes) and moments != [0.0]:
+                    outcomes.append(await self._frame(path, 0.0))  # the picture ends before the sound
+        return duration
 
     async def _duration(self, path: Path) -> float | None:
         """The picture's length (a video stream's own, which may end before the sound), else the file's."""

@@ -467,3 +467,42 @@ async def test_what_a_video_said_is_in_the_next_turns_history(
         == "(🎬) mira\nEste es el que quiero, ¿lo tenéis en 42?"
     )
     assert row.body == "mira\nEste es el que quiero, ¿lo tenéis en 42?"
+
+
+async def test_a_full_disk_costs_voice_notes_and_videos_a_clear_reply_and_the_owner_a_warning(
+    harness, fake: FakeOpenAI, talking: bytes, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With DATA_DIR full, a voice note and a video raised OSError out of the pipeline: a traceback at ERROR
+    and the generic apology. Now the owner reads why at WARNING and the customer gets the usual replies."""
+    import errno
+
+    from loguru import logger
+
+    from tests.test_voice_notes import note
+
+    def disk_full(self: Path, data: bytes) -> int:
+        if "tmp" in self.parts:  # the media temp files under DATA_DIR/tmp: the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, data)
+
+    original = Path.write_bytes
+    voice = tmp_path / "nota.ogg"
+    voice.write_bytes(talking)  # any audio will do: it never reaches ffmpeg
+    said: list[tuple[str, str]] = []
+    sink = logger.add(lambda m: said.append((m.record["level"].name, m.record["message"])), level="WARNING")
+    try:
+        async with harness(**ai(fake)) as h:
+            monkeypatch.setattr(Path, "write_bytes", disk_full)
+            heard = await h.say(note(voice))
+            seen = await h.say(video(talking, id="V1"))
+            answered = await h.say(
+                video(talking, "¿lo tenéis en 42?", id="V2", chat="34600999888@s.whatsapp.net")
+            )
+    finally:
+        logger.remove(sink)
+    assert heard == [reply("ai_error", "es")]
+    assert seen == [reply("video_unreadable", "es")]
+    note_for_model = reply("video_unread_note", "es", why=reply("video_unreadable", "es"))
+    assert answered == [f"texto: ¿lo tenéis en 42?\n\n{note_for_model}"]
+    assert [level for level, _ in said if level == "ERROR"] == []
+    assert any("No space left on device" in message for _, message in said)

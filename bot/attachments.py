@@ -13,10 +13,11 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from loguru import logger
 
+from bot.counters import MessageCounters
 from bot.replies import Language, duration, reply
 from bot.responder import PhotoRefused
 from bot.text import clean_text, joined
@@ -26,9 +27,6 @@ from media.image import PhotoRejected
 from media.video import Frames, VideoRejected
 from memory.history import ChatHistory
 from memory.store import MessageStatus, Store, StoreUnavailable, db_text
-
-if TYPE_CHECKING:
-    from bot.pipeline import MessageCounters
 
 # The pages of a scanned PDF (no text) shown to the model as photos, when it is shown photos.
 MAX_SCANNED_PAGES = 2
@@ -44,7 +42,7 @@ _OUR_SIDE_FAILURES = ("transcription_failed", "timeout", "no_transcription")
 
 
 class VoiceTranscriber(Protocol):
-    """What the pipeline needs from media/ (see media.audio.VoiceTranscriber)."""
+    """What MediaReader needs to hear voice notes (see media.audio.VoiceTranscriber)."""
 
     @property
     def enabled(self) -> bool: ...
@@ -55,7 +53,7 @@ class VoiceTranscriber(Protocol):
 
 
 class PhotoPreparer(Protocol):
-    """What the pipeline needs to show photos to the model (see media.image.PhotoReader)."""
+    """What MediaReader needs to show photos to the model (see media.image.PhotoReader)."""
 
     @property
     def enabled(self) -> bool: ...
@@ -69,7 +67,7 @@ class PhotoPreparer(Protocol):
 
 
 class DocumentReader(Protocol):
-    """What the pipeline needs to read PDFs (see media.document.PdfReader)."""
+    """What MediaReader needs to read PDFs (see media.document.PdfReader)."""
 
     @property
     def enabled(self) -> bool: ...
@@ -83,7 +81,7 @@ class DocumentReader(Protocol):
 
 
 class VideoWatcher(Protocol):
-    """What the pipeline needs to show videos (see media.video.VideoReader)."""
+    """What MediaReader needs to show videos (see media.video.VideoReader)."""
 
     @property
     def enabled(self) -> bool: ...
@@ -215,7 +213,7 @@ class MediaReader:
         the customer is asked to send it again."""
         assert self.photos is not None
         # Downloaded together: an album's five photos one after another could take minutes on a bad network.
-        outcomes = await asyncio.gather(*map(self.prepare_photo, photos))
+        outcomes = await asyncio.gather(*map(self._prepare_photo, photos))
         shown = [url for url in outcomes if isinstance(url, str)]
         # A sticker that could not be shown is no attachment the model must be told of: only photos count.
         unseen = [
@@ -278,8 +276,8 @@ class MediaReader:
         pages = min(MAX_SCANNED_PAGES, (images - frames * len(videos)) // len(pdfs)) if pdfs else 0
         # Together, as an album's photos.
         watched, pdf_outcomes = await asyncio.gather(
-            asyncio.gather(*(self.watch_video(video, frames) for video in videos)),
-            asyncio.gather(*(self.read_pdf(pdf, pages) for pdf in pdfs)),
+            asyncio.gather(*(self._watch_video(video, frames) for video in videos)),
+            asyncio.gather(*(self._read_pdf(pdf, pages) for pdf in pdfs)),
         )
         notes: list[str] = []
         scans: list[str] = []
@@ -293,7 +291,7 @@ class MediaReader:
             if not shown:  # heard, not seen: the model told a video it cannot see came
                 read.heard_unseen += 1
                 continue
-            scans.append(self.video_note(len(shown), seconds, heard=bool(speech)))
+            scans.append(self._video_note(len(shown), seconds, heard=bool(speech)))
             read.pages.extend(shown)
             read.videos += 1
         for pdf, pdf_outcome in zip(pdfs, pdf_outcomes, strict=True):
@@ -311,13 +309,13 @@ class MediaReader:
         read.texts, read.scans = joined(*notes), joined(*scans)
         return read
 
-    def video_note(self, frames: int, seconds: float | None, heard: bool) -> str:
+    def _video_note(self, frames: int, seconds: float | None, heard: bool) -> str:
         length = reply("video_length", self.language, seconds=max(1, round(seconds))) if seconds else ""
         shown = reply("video_frame" if frames == 1 else "video_frames", self.language, frames=frames)
         key = "video_note_heard" if heard else "video_note"
         return reply(key, self.language, length=length, frames=shown)
 
-    async def speech_in(self, video: Inbound, data: bytes) -> str:
+    async def _speech_in(self, video: Inbound, data: bytes) -> str:
         """What is said in a video ("este es el que quiero, ¿lo tenéis en 42?"), transcribed like a voice
         note and kept like one (with the caption, in the store and the history); "" when nothing is (no
         sound track, silence, music without words, transcription off or failing: the frames are shown all
@@ -332,7 +330,7 @@ class MediaReader:
             if reason is None:
                 raise
             if reason in _OUR_SIDE_FAILURES:  # the owner's to fix, as for voice notes
-                self.warn_transcription_failing(reason, error)
+                self._warn_transcription_failing(reason, error)
             else:  # no sound track, silence, music: nothing said
                 logger.debug("the sound of video {} not transcribed: {}", video.id, error)
             return ""
@@ -352,7 +350,7 @@ class MediaReader:
             clean_text("\n".join(part for part in (caption, speech) if part), self.max_inbound_chars)[0]
         )
 
-    async def watch_video(
+    async def _watch_video(
         self, video: Inbound, frames: int
     ) -> tuple[list[str], float | None, str] | VideoRejected:
         """A video's frames as the model is shown photos (none when they cannot be taken but its words were
@@ -367,7 +365,7 @@ class MediaReader:
             duration_hint = video.media.duration_s if video.media else None
             # The words while the frames are taken; a video that shows nothing may still say something.
             seen, speech = await asyncio.gather(
-                self.frames_of(data, frames, duration_hint), self.speech_in(video, data)
+                self._frames_of(data, frames, duration_hint), self._speech_in(video, data)
             )
             if isinstance(seen, VideoRejected):
                 if not speech:
@@ -382,7 +380,7 @@ class MediaReader:
             say("video {} in {} not shown to the model: {}", video.id, video.chat, error)
             return error
 
-    async def frames_of(
+    async def _frames_of(
         self, data: bytes, frames: int, duration_hint: float | None
     ) -> tuple[list[str], float | None] | VideoRejected:
         """A video's frames as the model is shown photos, and its length; or why there are none."""
@@ -393,12 +391,12 @@ class MediaReader:
             seen = await self.videos.frames(data, frames, duration_hint)
         except VideoRejected as error:
             return error
-        shown = await self.as_photos(seen.images)
+        shown = await self._as_photos(seen.images)
         return (
             (shown, seen.duration_s) if shown else VideoRejected("unreadable", "no frame could be prepared")
         )
 
-    async def read_pdf(
+    async def _read_pdf(
         self, pdf: Inbound, pages: int
     ) -> PdfText | list[str] | TransportError | DocumentRejected:
         """One PDF's text; a scan's first `pages` pages as the model is shown photos; or why it cannot be read
@@ -412,7 +410,7 @@ class MediaReader:
             if isinstance(outcome, PdfText):
                 self.counters.documents += 1
                 return outcome
-            if not (scan := await self.as_photos(outcome)):
+            if not (scan := await self._as_photos(outcome)):
                 raise DocumentRejected("no_text", "its pages could not be shown")
             return scan
         except (TransportError, DocumentRejected) as error:
@@ -421,7 +419,7 @@ class MediaReader:
             say("PDF {} in {} not read: {}", pdf.id, pdf.chat, error)
             return error
 
-    async def as_photos(self, images: list[bytes]) -> list[str]:
+    async def _as_photos(self, images: list[bytes]) -> list[str]:
         """A scan's pages or a video's frames as the model is shown photos."""
         assert self.photos is not None
         pages: list[str] = []
@@ -464,10 +462,10 @@ class MediaReader:
     async def look_at_quote(self, message: Inbound) -> str | None:
         """The photo `message` replies to, as the model is shown it; None when it cannot be downloaded (the
         model is then told of a photo it cannot see, as before)."""
-        seen = await self.prepare_photo(replace(message, kind=MessageKind.IMAGE, media=message.quoted_media))
+        seen = await self._prepare_photo(replace(message, kind=MessageKind.IMAGE, media=message.quoted_media))
         return seen if isinstance(seen, str) else None
 
-    async def prepare_photo(self, photo: Inbound) -> str | TransportError | PhotoRejected:
+    async def _prepare_photo(self, photo: Inbound) -> str | TransportError | PhotoRejected:
         """One photo as the model is shown it, or why it cannot be (logged and counted)."""
         assert self.photos is not None
         try:
@@ -511,10 +509,10 @@ class MediaReader:
             if reason is None:
                 raise
             if reason in _OUR_SIDE_FAILURES:
-                self.warn_transcription_failing(reason, error)
+                self._warn_transcription_failing(reason, error)
             else:  # the customer's note (too long, corrupt, ...): they are told why
                 logger.debug("voice note {} not transcribed: {} ({})", message.id, reason, error)
-            return "", self.audio_reply(reason, getattr(error, "limit", None))
+            return "", self._audio_reply(reason, getattr(error, "limit", None))
         self.counters.transcribed += 1
         # The same text in the store, in the history in memory and before the model: the row came in
         # empty at intake, and the chat's next message must see what the customer said.
@@ -526,7 +524,7 @@ class MediaReader:
             logger.debug("transcript of {} not saved yet: {}", message.id, error)
         return text, None
 
-    def warn_transcription_failing(self, reason: str, error: Exception) -> None:
+    def _warn_transcription_failing(self, reason: str, error: Exception) -> None:
         """A transcription server that fails (a wrong OPENAI_TRANSCRIBE_MODEL, an outage) is the owner's to
         fix: said at WARNING, once a minute at most, not only to the customers as an apology."""
         now = time.monotonic()
@@ -536,7 +534,7 @@ class MediaReader:
         self._transcription_warned_at = now
         logger.warning("voice notes are not transcribed ({}); customers get an apology", error)
 
-    def audio_reply(self, reason: str, limit: float | None) -> str:
+    def _audio_reply(self, reason: str, limit: float | None) -> str:
         if reason == "too_large":
             return reply("audio_too_large", self.language, limit=limit or 0)
         if reason == "too_long":

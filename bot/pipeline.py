@@ -14,7 +14,7 @@ import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ from bot.attachments import (
     VideoWatcher,
     VoiceTranscriber,
 )
+from bot.counters import MessageCounters
 from bot.handoff import HandoffPhrases, customer_label, quote_for_owner
 from bot.limits import OncePerWindow, SlidingWindowLimiter
 from bot.replies import Language, duration, reply
@@ -143,26 +144,6 @@ def _done() -> asyncio.Future[None]:
     done = asyncio.get_running_loop().create_future()
     done.set_result(None)
     return done
-
-
-@dataclass
-class MessageCounters:
-    received: int = 0
-    answered: int = 0
-    failed: int = 0
-    duplicates: int = 0
-    skipped: int = 0
-    rate_limited: int = 0
-    queued: int = 0
-    spilled: int = 0  # left in the store while too many waited in memory, taken back later
-    transcribed: int = 0
-    merged: int = 0  # answered by the reply to a later message of their burst
-    photos: int = 0  # shown to the model
-    photos_unseen: int = 0  # not shown: not downloaded, unreadable, too large, or refused by the model
-    documents: int = 0  # PDFs read (their text, or a scan's pages shown as photos)
-    documents_unread: int = 0  # not downloaded, too large, password-protected, corrupt, or a scan unshown
-    videos: int = 0  # shown to the model as frames
-    videos_unseen: int = 0  # not downloaded, too large, undecodable, or refused by the model
 
 
 def inbound_from_stored(stored: StoredMessage, media: MediaRef | None = None) -> Inbound:

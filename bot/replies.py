@@ -88,10 +88,10 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "Bot status: paused in every chat; chats paused besides: {paused}.",
     },
     "owner_usage": {
-        "es": "Uso: !bot pausa [minutos] [todos] | !bot reanuda [todos] | !bot estado. Desde tu propio chat, "
-        "valen para todos los chats.",
-        "en": "Usage: !bot pause [minutes] [all] | !bot resume [all] | !bot status. From your own chat they "
-        "apply to every chat.",
+        "es": "Uso: !bot pausa [30 | 2h | 1 día] [todos] | !bot reanuda [todos] | !bot estado (!bot off y "
+        "!bot on también valen). Desde tu propio chat, valen para todos los chats.",
+        "en": "Usage: !bot pause [30 | 2h | 1 day] [all] | !bot resume [all] | !bot status (!bot off and "
+        "!bot on work too). From your own chat they apply to every chat.",
     },
     "attachment_note": {
         "es": "(El cliente adjuntó además un archivo, una imagen o un vídeo que no puedes ver.)",

@@ -26,16 +26,19 @@ _ACTIONS = {
     "sigue": "resume",
     "status": "status",
     "estado": "status",
+    "off": "pause",  # "!bot off": paused until resumed
+    "on": "resume",
 }
 _EVERYWHERE = {"all", "todo", "todos", "todas"}
 MAX_PAUSE_MINUTES = 365 * 24 * 60  # a year; longer is a typo (no duration means until resumed)
 # In the store, "*" is the pause of every chat and "!<chat>" a chat resumed during it ("!*": all of those).
 EXEMPT = "!"
-# "30", "1.5", "1,5" (the Spanish decimal comma), "30m", "2h", "45 min": minutes unless hours are said.
-_DURATION = re.compile(
-    r"(\d+(?:[.,]\d+)?)(m|min|mins|minuto|minutos|minute|minutes|h|hora|horas|hour|hours)?"
-)
-_UNITS = {"m", "min", "mins", "minuto", "minutos", "minute", "minutes", "h", "hora", "horas", "hour", "hours"}
+# "30", "1.5", "1,5" (the Spanish decimal comma), "30m", "2h", "45 min", "1 día": minutes unless said.
+_MINUTES = ("m", "min", "mins", "minuto", "minutos", "minute", "minutes")
+_HOURS = ("h", "hora", "horas", "hour", "hours")
+_DAYS = ("d", "dia", "dias", "día", "días", "day", "days")
+_UNITS = {*_MINUTES, *_HOURS, *_DAYS}
+_DURATION = re.compile(r"(\d+(?:[.,]\d+)?)(" + "|".join(sorted(_UNITS, key=len, reverse=True)) + ")?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +69,7 @@ def parse_command(text: str) -> OwnerCommand | None:
         elif duration is not None and minutes is None and action == "pause":
             minutes = float(duration.group(1).replace(",", "."))
             unit = duration.group(2) or (rest[index + 1] if index + 1 < len(rest) else "")
-            if unit.startswith("h"):
-                minutes *= 60
+            minutes *= 60 if unit in _HOURS else 24 * 60 if unit in _DAYS else 1
             if minutes > MAX_PAUSE_MINUTES:
                 return OwnerCommand("help", True)
         elif word in _UNITS and index > 0 and _DURATION.fullmatch(rest[index - 1]):

@@ -92,7 +92,7 @@ async def test_command_answers_go_to_the_owners_chat_never_to_the_customer(
         assert h.transport.texts_to(CHAT) == []
         status, usage = h.transport.texts_to(ME)
         assert status == "Estado del bot: respondiendo; chats en pausa: 0."
-        assert usage.startswith("Uso: !bot pausa [minutos]")
+        assert usage.startswith("Uso: !bot pausa [30 | 2h | 1 día]")
 
 
 async def test_command_answers_follow_the_language_setting(harness) -> None:
@@ -110,6 +110,10 @@ async def test_command_answers_follow_the_language_setting(harness) -> None:
         ("!bot pause 1,5", 1.5, False),  # the Spanish decimal comma
         ("!bot pausa 2 h todos", 120, True),
         ("!bot  PAUSE   ALL", None, True),
+        ("!bot pausa 1 día", 24 * 60, False),
+        ("!bot pausa 2dias todos", 2 * 24 * 60, True),
+        ("!bot off", None, False),
+        ("!bot off todos", None, True),
     ],
 )
 def test_durations_are_read_as_an_owner_writes_them(
@@ -120,7 +124,9 @@ def test_durations_are_read_as_an_owner_writes_them(
     assert command.minutes == minutes and command.everywhere is everywhere
 
 
-@pytest.mark.parametrize("text", ["!bot pause -5", "!bot pause ²", "!bot pause 1e2", "!bot pausar", "!bot"])
+@pytest.mark.parametrize(
+    "text", ["!bot pause -5", "!bot pause ²", "!bot pause 1e2", "!bot pausar", "!bot", "!bot pausa 2 semanas"]
+)
 def test_a_command_that_cannot_be_read_is_answered_with_usage_never_an_endless_pause(text: str) -> None:
     """`30min`, `1,5` and `-5` used to parse as "no minutes", a pause with no end; `²` raised in intake."""
     command = parse_command(text)

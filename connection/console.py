@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from connection.loopback import LoopbackTransport, Sent
-from connection.types import ChatId, Inbound, MediaRef, MessageId, MessageKind
+from connection.types import ChatId, Inbound, MediaRef, MessageId, MessageKind, document_kind
 
 DEFAULT_NUMBER = "10000000000"
 
@@ -64,6 +64,8 @@ def parse_jsonl(line: str) -> Inbound:
             size = Path(path).stat().st_size if Path(path).is_file() else None
             mimetype = mimetypes.guess_type(path)[0] or default_type
             media = MediaRef(mimetype, size, file_name=Path(path).name, handle=path)
+            if kind is MessageKind.DOCUMENT:  # as on WhatsApp (see connection/neonize_adapter.py)
+                kind = document_kind(mimetype)
             return _inbound(message_id, number, kind, caption, media)
     text = data.get("text")
     if not isinstance(text, str):

@@ -82,6 +82,7 @@ from connection.types import (
     MessageKind,
     QuoteSource,
     TransportError,
+    document_kind,
 )
 
 
@@ -173,7 +174,6 @@ _MEDIA_KINDS = (
     # (ffmpeg takes the audio track of the MP4).
     ("ptvMessage", MessageKind.AUDIO),
 )
-_PHOTO_MIMETYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
 # Read as text (see _location_text, _contact_text); a pin sent as a swipe reply keeps its quote.
 _READ_AS_TEXT = ("locationMessage", "liveLocationMessage", "contactMessage", "contactsArrayMessage")
 # Content the bot cannot read but a customer expects an answer to.
@@ -298,11 +298,8 @@ def _body(msg: WAMessage, me: frozenset[str]) -> tuple[MessageKind, str, MediaRe
             file_name=_text(getattr(sub, "fileName", ""))[:200],
             handle=msg,  # download_any wants the whole waE2E Message
         )
-        mimetype = sub.mimetype.split(";")[0].strip().lower()
-        if field == "documentMessage" and mimetype in _PHOTO_MIMETYPES:
-            kind = MessageKind.IMAGE  # a photo sent as a document, to keep its quality: still a photo
-        elif field == "documentMessage" and mimetype.startswith("video/"):
-            kind = MessageKind.VIDEO  # a video sent so: still a video
+        if field == "documentMessage":
+            kind = document_kind(sub.mimetype)
         elif (
             field == "videoMessage" and getattr(sub, "gifPlayback", False) and not _text(sub.caption).strip()
         ):

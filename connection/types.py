@@ -34,6 +34,20 @@ class MessageKind(enum.StrEnum):
     OTHER = "other"  # protocol traffic (edits, deletes, keys): never answered
 
 
+# What photos the model is shown when sent as documents (to keep their quality); see document_kind.
+PHOTO_MIMETYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
+
+
+def document_kind(mimetype: str) -> MessageKind:
+    """A file sent as a document: a photo or a video sent so (to keep its quality) is still one."""
+    base = mimetype.split(";")[0].strip().lower()
+    if base in PHOTO_MIMETYPES:
+        return MessageKind.IMAGE
+    if base.startswith("video/"):
+        return MessageKind.VIDEO
+    return MessageKind.DOCUMENT
+
+
 class ConnectionState(enum.StrEnum):
     STARTING = "starting"
     PAIRING = "pairing"

@@ -261,6 +261,23 @@ def test_the_console_reads_a_document_line(tmp_path: Path) -> None:
     assert message.media.mimetype == "application/pdf" and message.media.size_bytes == len(RECEIPT)
 
 
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("foto.jpg", MessageKind.IMAGE),
+        ("video.mp4", MessageKind.VIDEO),
+        ("precios.xlsx", MessageKind.DOCUMENT),
+    ],
+)
+def test_the_console_reads_a_photo_or_video_sent_as_a_document_as_whatsapp_does(
+    tmp_path: Path, name: str, kind: MessageKind
+) -> None:
+    """ "I can only read ... photos, videos" to a photo: the console disagreed with WhatsApp's adapter."""
+    path = tmp_path / name
+    path.write_bytes(b"x")
+    assert parse_jsonl(json.dumps({"from": "34600111222", "document": str(path)})).kind is kind
+
+
 async def test_a_pdf_through_python_m_bot_chat(tmp_path: Path, fake_openai: FakeOpenAI) -> None:
     fake_openai.reply = describes
     path = tmp_path / "factura.pdf"

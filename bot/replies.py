@@ -84,8 +84,9 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "Bot status: answering; chats paused: {paused}.",
     },
     "owner_status_paused": {
-        "es": "Estado del bot: en pausa en todos los chats; chats en pausa además: {paused}.",
-        "en": "Bot status: paused in every chat; chats paused besides: {paused}.",
+        "es": "Estado del bot: en pausa en todos los chats. Al reanudar, seguirán en pausa por su cuenta: "
+        "{paused}.",
+        "en": "Bot status: paused in every chat. Once resumed, chats still paused on their own: {paused}.",
     },
     "owner_usage": {
         "es": "Uso: !bot pausa [30 | 2h | 1 día] [todos] | !bot reanuda [todos] | !bot estado (!bot off y "

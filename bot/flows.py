@@ -305,7 +305,10 @@ class FlowMatcher:
 
     def file_for(self, text: str) -> str | None:
         """The file of the first of those flows that has one: "¿me pasas la carta?" asks more than the
-        flow's question, and the model's answer goes with the menu all the same."""
+        flow's question, and the model's answer goes with the menu all the same. Not to a message thanking
+        for it ("¡gracias por la carta!"), unless it asks."""
+        if "?" not in text and "¿" not in text and _thanks_for(normalize(text).split()):
+            return None
         matched = itertools.islice(self._matching(f" {normalize(text)} "), MAX_FACTS)
         return next((flow.file for flow in matched if flow.file), None)
 

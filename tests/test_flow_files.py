@@ -166,6 +166,17 @@ async def test_the_models_answer_goes_with_the_file_of_a_flow_it_matched_once_an
     assert metrics["size"] == 1
 
 
+async def test_thanks_for_the_menu_is_answered_without_sending_it_again(
+    harness, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """ "¡gracias por la carta!" a day later got the model's answer and the menu once more."""
+    menu_pdf(tmp_path)
+    async with harness(**ai(fake_openai, flows_file=flows_with(tmp_path, "carta.pdf"))) as h:
+        await h.say("¡gracias por la carta!")
+        await h.say(inbound("gracias por la carta, ¿la tenéis en inglés?", id="asks"))
+    assert [s.file is None for s in h.transport.sent] == [True, False]
+
+
 async def test_a_model_that_fails_still_leaves_the_customer_what_the_flows_know(
     harness, fake_openai: FakeOpenAI, tmp_path: Path
 ) -> None:

@@ -1270,6 +1270,8 @@ class NeonizeTransport:
             except TimeoutError:
                 if self._connected_at != connected_at:
                     continue  # reconnected meanwhile: that connection's own wait
+                if self.state is not ConnectionState.CONNECTED:
+                    return  # dropped meanwhile: the next connection waits for its own backlog
                 logger.debug("whatsapp: no offline sync announced in {:.0f} s; sending", self.CATCH_UP_WAIT_S)
                 self._caught_up.set()
 

@@ -925,6 +925,21 @@ async def test_a_flush_under_way_does_not_send_on_a_new_connection_before_its_ca
         assert client.sent == [], f"sent before the new connection caught up: {client.sent}"
 
 
+async def test_a_drop_outlasting_the_catch_up_wait_does_not_skip_the_next_connections_catch_up(
+    fake_client: type[FakeNewAClient], tmp_path: Path
+) -> None:
+    """The wait ran out while disconnected and marked the connection caught up: the next one then sent
+    before its backlog (maybe the owner's answer) arrived."""
+    async with queued_while_down(fake_client, tmp_path, "queued", wait_s=1.0) as (_, client):
+        await reconnected(client)
+        await asyncio.sleep(0.2)
+        await client.drop()  # down again, longer than what was left of the wait
+        await asyncio.sleep(1.2)
+        await reconnected(client)
+        await asyncio.sleep(0.5)
+        assert client.sent == [], f"sent before the new connection caught up: {client.sent}"
+
+
 async def test_the_catch_up_wait_starts_over_at_a_reconnect(
     fake_client: type[FakeNewAClient], tmp_path: Path
 ) -> None:

@@ -18,7 +18,7 @@ from loguru import logger
 from bot.ai import AIError, ChatModel, make_client
 from bot.config import Settings, config_error
 from bot.flows import FlowMatcher, FlowsFileError, load_flows_file, unusable
-from bot.handoff import DEFAULT_ALONE, HandoffPhrases
+from bot.handoff import HandoffPhrases
 from bot.limits import CircuitBreaker, SlidingWindowLimiter
 from bot.localtime import time_zone
 from bot.pipeline import Pipeline, inbound_from_stored
@@ -184,7 +184,13 @@ class Bot:
             ),
             takeover=Takeover(pause_s=settings.human_takeover_minutes * 60),
             handoff=(
-                HandoffPhrases(phrases, alone=DEFAULT_ALONE if settings.handoff_phrases is None else ())
+                (
+                    HandoffPhrases(
+                        phrases
+                    )  # the built-in ones, with their one-word and end-of-clause requests
+                    if settings.handoff_phrases is None
+                    else HandoffPhrases(phrases, alone=(), ending=())  # the owner's own, exactly
+                )
                 if (phrases := settings.handoff_phrase_list)
                 else None
             ),

@@ -53,15 +53,14 @@ DEFAULT_PHRASES = (
     "ponme con alguien",
     "ponme con una persona",
     "me atienda una persona",
-    "me atienda alguien",
-    "me atiende una persona",
-    "me atiende alguien",
     "me puede atender una persona",
-    "me puede atender alguien",
-    "quiero una persona",
-    "necesito una persona",
-    "ayuda de una persona",
-    "quiero un humano",
+    "quisiera hablar con alguien",
+    "me gustaria hablar con alguien",
+    "me puede pasar con alguien",
+    "me puedes pasar con alguien",
+    "comunicame con alguien",
+    "comunicame con una persona",
+    "comunicame con un asesor",
     "atencion humana",
     # English
     "talk to a human",
@@ -87,6 +86,23 @@ DEFAULT_PHRASES = (
     "speak to the owner",
     "talk to the manager",
     "speak to the manager",
+    "talk to a manager",
+    "speak to a manager",
+    "can i speak with someone",
+    "could i speak to someone",
+)
+# Requests only as the end of what is said ("¿me atiende alguien?", "eres un bot? quiero una persona"): with
+# more after them they are something else ("¿me atiende alguien el sábado?", "quiero una persona para
+# limpieza", "necesito una persona más en la reserva").
+DEFAULT_ENDING = (
+    "me atiende una persona",
+    "me atiende alguien",
+    "me atienda alguien",
+    "me puede atender alguien",
+    "quiero una persona",
+    "necesito una persona",
+    "ayuda de una persona",
+    "quiero un humano",
 )
 # A message that is only one of these (greetings and "please" aside) asks too, as callers say "operador" to
 # a phone menu: "un humano por favor", "agente". Within a longer message they are mere mentions. Not
@@ -110,6 +126,8 @@ _COURTESY = frozenset(
     hi hello please pls a an the i want need
     """.split()  # noqa: SIM905 (a word list reads better as text)
 )
+# What may follow a phrase that asks only as the end of a clause ("quiero una persona real, por favor").
+_AFTER_ENDING = _COURTESY | {"real", "de", "verdad", "ya", "ahora", "now", "ahi", "alli"}
 # A negation right before a verb of wanting, right before the phrase, refuses it: "no quiero hablar con una
 # persona", "I don't want to talk to a human". "¿Por qué no puedo hablar con una persona?" or "esto no
 # funciona, quiero hablar con una persona" still ask; so does "no, quiero..." (another clause).
@@ -128,12 +146,17 @@ def spans_clauses(phrase: str) -> bool:
 
 
 class HandoffPhrases:
-    """The phrases that ask for a person, matched as whole words anywhere in a message."""
+    """The phrases that ask for a person, matched as whole words anywhere in a message (`ending`: only at
+    the end of a clause; `alone`: only as the whole message, not a question)."""
 
     def __init__(
-        self, phrases: Iterable[str] = DEFAULT_PHRASES, alone: Iterable[str] = DEFAULT_ALONE
+        self,
+        phrases: Iterable[str] = DEFAULT_PHRASES,
+        alone: Iterable[str] = DEFAULT_ALONE,
+        ending: Iterable[str] = DEFAULT_ENDING,
     ) -> None:
         self._padded = tuple(f" {normal} " for normal in map(normalize, phrases) if normal)
+        self._ending = tuple(f" {normal} " for normal in map(normalize, ending) if normal)
         self._alone = frozenset(map(normalize, alone))
 
     def asked(self, text: str) -> bool:
@@ -142,9 +165,10 @@ class HandoffPhrases:
         return any(self._asked_in(f" {normalize(clause)} ") for clause in CLAUSE_BREAKS.split(text))
 
     def _only_asks(self, text: str) -> bool:
-        """The message is one of the words asking alone ("operador", "una persona por favor")."""
+        """The message is one of the words asking alone ("operador", "un humano por favor"); "¿humano?"
+        asks what the bot is."""
         words = [word for word in normalize(text).split() if word not in _COURTESY]
-        return len(words) == 1 and words[0] in self._alone
+        return len(words) == 1 and words[0] in self._alone and "?" not in text
 
     def asked_over_lines(self, text: str) -> bool:
         """`asked`, for a message over several lines or a burst of messages: "quiero hablar" / "con una
@@ -154,12 +178,20 @@ class HandoffPhrases:
         return self.asked(" ".join(f"{line}," if normalize(line) in _NEGATIONS else line for line in lines))
 
     def _asked_in(self, padded: str) -> bool:
-        for phrase in self._padded:
-            start = padded.find(phrase)
-            while start != -1:
-                if not _refused(padded[:start].split(), phrase.split()):
-                    return True
-                start = padded.find(phrase, start + 1)
+        return any(self._found(padded, phrase, ending=False) for phrase in self._padded) or any(
+            self._found(padded, phrase, ending=True) for phrase in self._ending
+        )
+
+    @staticmethod
+    def _found(padded: str, phrase: str, *, ending: bool) -> bool:
+        start = padded.find(phrase)
+        while start != -1:
+            after = padded[start + len(phrase) :].split()
+            if (not ending or all(word in _AFTER_ENDING for word in after)) and not _refused(
+                padded[:start].split(), phrase.split()
+            ):
+                return True
+            start = padded.find(phrase, start + 1)
         return False
 
 

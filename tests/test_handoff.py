@@ -223,8 +223,19 @@ async def test_a_customer_over_the_rate_limit_can_still_ask_for_a_person(
         ("la persona que me atendió ayer fue muy amable", False),
         ("¿el operador de envíos es Correos?", False),
         ("no quiero una persona, quiero el precio", False),
-        ("humano?", True),
+        ("humano", True),
+        ("¿humano?", False),  # asks what the bot is
         ("¿eres humano?", False),
+        # Ordinary requests, not hand-offs (the review's probes)
+        ("necesito una persona más en la reserva de las 21h", False),
+        ("quiero una persona para limpieza los martes", False),
+        ("es para ayuda de una persona mayor, ¿tenéis rampa?", False),
+        ("¿me atiende alguien el sábado por la mañana?", False),
+        ("¿me atiende alguien?", True),
+        ("quiero una persona real, por favor", True),
+        ("quisiera hablar con alguien", True),
+        ("¿me puede pasar con alguien?", True),
+        ("can I speak with someone?", True),
     ],
 )
 def test_requests_for_a_person_and_mere_mentions(text: str, asks: bool) -> None:

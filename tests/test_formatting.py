@@ -29,6 +29,12 @@ from tests.fake_openai import FakeOpenAI
             "Producto · Precio\n*Tarta* · 20 €\nCafé · 1,50 €",
         ),
         ("Hola\n\n---\n\nAdiós", "Hola\n\n\nAdiós"),
+        # What the review threw at it
+        ("| Plato | Precio |\r\n|---|---|\r\n| Paella | 12 € |", "Plato · Precio\nPaella · 12 €"),
+        ("Usa el cupón **`VERANO10`** al pagar", "Usa el cupón *`VERANO10`* al pagar"),
+        ("**Negrita con *cursiva* dentro**", "*Negrita con _cursiva_ dentro*"),
+        ("| Paella |  | 12 € |", "Paella · 12 €"),
+        ("[web](https://x.es/a_b_) y **ok**", "web (https://x.es/a_b_) y *ok*"),
     ],
 )
 def test_markdown_becomes_whatsapp_formatting(markdown: str, whatsapp: str) -> None:
@@ -47,6 +53,9 @@ def test_markdown_becomes_whatsapp_formatting(markdown: str, whatsapp: str) -> N
         "a | b",
         "1. uno\n2. dos\n> una cita",
         "precio -- 20 €",
+        "Síguenos en https://instagram.com/__lacasita__ o escribe a @__lacasita__",
+        "x**2 + y**2",
+        "```\n# un comentario\n**sin cerrar",  # an answer cut inside its code block
     ],
 )
 def test_whatsapp_text_and_code_are_left_as_written(text: str) -> None:

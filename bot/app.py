@@ -83,6 +83,43 @@ _PAGE = 1000  # rows per read when counting what recovery leaves in the store
 PROMISE_KEPT_S = 24 * 3600.0  # a chat told "busy, I will answer shortly" is answered at a restart this long
 
 
+# A new outage this soon after the last one told is not told again: a service failing every few calls
+# opens and closes the circuit over and over.
+OUTAGE_NOTICE_EVERY_S = 3600.0
+
+
+class OutageNotices:
+    """Tells the owner the model stopped answering (ChatModel.on_outage), and that it is back: once each way
+    per outage, and an outage within OUTAGE_NOTICE_EVERY_S of the last one told not at all."""
+
+    def __init__(
+        self,
+        tell: Callable[[str], None],
+        language: Language,
+        *,
+        every_s: float = OUTAGE_NOTICE_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._tell = tell
+        self._language = language
+        self._every_s = every_s
+        self._clock = clock
+        self._down = False  # the owner was told it is down, and not yet that it is back
+        self._told_at: float | None = None
+
+    def __call__(self, error: AIError | None) -> None:
+        now = self._clock()
+        if error is None:
+            if self._down:
+                self._down = False
+                self._tell(outage_notice(None, self._language))
+            return
+        if self._down or (self._told_at is not None and now - self._told_at < self._every_s):
+            return
+        self._down, self._told_at = True, now
+        self._tell(outage_notice(error, self._language))
+
+
 def outage_notice(error: AIError | None, language: Language) -> str:
     """What the owner is told when the model stops answering (`error`: why), or answers again (None)."""
     if error is None:
@@ -202,7 +239,7 @@ class Bot:
             stale_after_s=settings.recovery_window_minutes * 60 or None,
         )
         if model is not None:  # the owner hears of an outage from the bot, not from the customers
-            model.on_outage = lambda error: pipeline.tell_owner(outage_notice(error, settings.bot_language))
+            model.on_outage = OutageNotices(pipeline.tell_owner, settings.bot_language)
         memory = MemoryManager(
             settings.memory_limit, warning=settings.memory_warning, critical=settings.memory_critical
         )

@@ -4,6 +4,7 @@ and the time a customer waits; through the real pipeline and the real SDK agains
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -96,6 +97,29 @@ async def test_the_owner_hears_once_when_the_model_stops_answering_and_once_when
         "responda de nuevo."
     ]
     assert told == [*told_down, "✅ La IA vuelve a responder a los clientes."]
+
+
+async def test_a_flapping_service_tells_the_owner_once_down_and_once_back() -> None:
+    """A service failing about 3 calls in 4 opened and closed the circuit over and over: 20 notices in 40
+    calls."""
+    from bot.ai import AIError, ChatModel, Completion
+    from bot.app import OutageNotices
+
+    outcomes = [False, False, False, True] * 10
+
+    async def call(messages: object) -> Completion:
+        if outcomes.pop(0):
+            return Completion("ok")
+        raise AIError("model answered HTTP 503", status=503)
+
+    model = ChatModel(None, "m", breaker=CircuitBreaker(threshold=3, cooldown_s=0))  # type: ignore[arg-type]
+    told: list[str] = []
+    model.on_outage = OutageNotices(told.append, "es")
+    model._call = call  # type: ignore[method-assign]
+    for _ in range(40):
+        with contextlib.suppress(AIError):
+            await model.complete([])
+    assert [text[:1] for text in told] == ["⚠", "✅"]
 
 
 async def test_one_chats_refused_requests_do_not_open_the_circuit_for_everyone(

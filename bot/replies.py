@@ -40,9 +40,9 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "✅ The AI is answering customers again.",
     },
     "ai_error_after_facts": {
-        "es": "Para cualquier otra cosa no he podido procesar tu mensaje ahora mismo; inténtalo de nuevo "
+        "es": "Para cualquier otra cosa, no he podido procesar tu mensaje ahora mismo; inténtalo de nuevo "
         "en unos minutos.",
-        "en": "For anything else I couldn't process your message right now; please try again in a few "
+        "en": "For anything else, I couldn't process your message right now; please try again in a few "
         "minutes.",
     },
     "ai_error": {

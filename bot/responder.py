@@ -107,6 +107,11 @@ def cache_key(model: str, messages: list[dict[str, Any]]) -> str:
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
 
+# A message of this many words at most, or with a question mark, asks for what its keywords name: when the
+# model fails, the flows' answers go out for it ("la carta, porfa"); a longer one may be a complaint.
+MAX_WORDS_ASKING = 8
+
+
 class Responder:
     def __init__(
         self,
@@ -198,9 +203,10 @@ class Responder:
         return Answer(completion.text, Source.MODEL)
 
     def _apology(self, text: str, facts: list[str]) -> Answer:
-        """A model that failed: the apology, after what the flows know of the message ("¿me pasas la carta?"
-        still gets the menu and its file)."""
-        if not facts:
+        """A model that failed: the apology, after what the flows know of a message that asks ("¿me pasas la
+        carta?" still gets the menu and its file; "la paella de la carta llegó fría..." does not)."""
+        asks = "?" in text or "¿" in text or len(text.split()) <= MAX_WORDS_ASKING
+        if not facts or not asks:
             return Answer(reply("ai_error", self.language), Source.AI_ERROR)
         said = "\n\n".join([*facts, reply("ai_error_after_facts", self.language)])
         return Answer(said, Source.AI_ERROR, self.flows.file_for(text))

@@ -187,8 +187,13 @@ async def test_a_model_that_fails_still_leaves_the_customer_what_the_flows_know(
     async with harness(**ai(fake_openai, flows_file=flows_with(tmp_path, "carta.pdf"))) as h:
         await h.say("¿me pasas la carta?")
         await h.say(inbound("¿hacéis envíos?", id="other"))  # nothing the flows know: the apology alone
+        # A complaint naming the menu is not answered with it
+        await h.say(
+            inbound("La paella de la carta llegó fría y tarde, quiero que me devolváis el dinero", id="c")
+        )
     assert [(s.text, s.file) for s in h.transport.sent] == [
         (f"{MENU}\n\n{reply('ai_error_after_facts', 'es')}", pdf),
+        (reply("ai_error", "es"), None),
         (reply("ai_error", "es"), None),
     ]
 

@@ -112,6 +112,10 @@ def cache_key(model: str, messages: list[dict[str, Any]]) -> str:
 MAX_WORDS_ASKING = 8
 
 
+def _asks(text: str) -> bool:
+    return "?" in text or "¿" in text or len(text.split()) <= MAX_WORDS_ASKING
+
+
 class Responder:
     def __init__(
         self,
@@ -168,8 +172,9 @@ class Responder:
         self, text: str, history: Sequence[StoredMessage], context: str, photos: Sequence[str]
     ) -> Answer:
         facts = self.flows.facts(text)
-        if self.model is None:  # what the flows know, and that someone will answer the rest
-            return Answer("\n\n".join([*facts, reply("ai_off", self.language)]), Source.AI_OFF)
+        if self.model is None:  # what the flows know of a message that asks, and that someone will answer
+            told = facts if _asks(text) else []  # "el precio me parece un abuso" is no question about prices
+            return Answer("\n\n".join([*told, reply("ai_off", self.language)]), Source.AI_OFF)
         asked = f"{context}\n\n{text}" if context and text else context or text  # a PDF alone: its text
         prompt = self.system_prompt
         if self.time_zone is not None:  # to the minute, so a cached answer is reused within that minute only
@@ -205,8 +210,7 @@ class Responder:
     def _apology(self, text: str, facts: list[str]) -> Answer:
         """A model that failed: the apology, after what the flows know of a message that asks ("¿me pasas la
         carta?" still gets the menu and its file; "la paella de la carta llegó fría..." does not)."""
-        asks = "?" in text or "¿" in text or len(text.split()) <= MAX_WORDS_ASKING
-        if not facts or not asks:
+        if not facts or not _asks(text):
             return Answer(reply("ai_error", self.language), Source.AI_ERROR)
         said = "\n\n".join([*facts, reply("ai_error_after_facts", self.language)])
         return Answer(said, Source.AI_ERROR, self.flows.file_for(text))

@@ -299,6 +299,15 @@ async def test_without_a_key_a_long_message_gets_the_flows_answers_and_the_polit
     assert answer == f"{HOURS}\n\n{reply('ai_off', 'es')}"
 
 
+async def test_without_a_key_a_complaint_naming_a_keyword_gets_the_polite_reply_alone(
+    harness, tmp_path: Path
+) -> None:
+    """ "el horario de ayer fue un desastre, nadie me atendió y me fui" got the opening hours."""
+    async with harness(flows_file=write(tmp_path, TWO_FLOWS)) as h:
+        [answer] = await h.say("el horario de ayer fue un desastre, nadie me atendió y me fui")
+    assert answer == reply("ai_off", "es")
+
+
 # -- the shipped flows.yaml -------------------------------------------------------------------------------
 
 SHIPPED = Path(__file__).resolve().parent.parent / "flows.yaml"

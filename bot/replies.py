@@ -80,13 +80,14 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "The bot answers that chat again.",
     },
     "owner_status_answering": {
-        "es": "Estado del bot: respondiendo; chats en pausa: {paused}.",
-        "en": "Bot status: answering; chats paused: {paused}.",
+        "es": "Estado del bot: respondiendo; chats en pausa: {paused}{which}.",
+        "en": "Bot status: answering; chats paused: {paused}{which}.",
     },
     "owner_status_paused": {
         "es": "Estado del bot: en pausa en todos los chats. Al reanudar, seguirán en pausa por su cuenta: "
-        "{paused}.",
-        "en": "Bot status: paused in every chat. Once resumed, chats still paused on their own: {paused}.",
+        "{paused}{which}.",
+        "en": "Bot status: paused in every chat. Once resumed, chats still paused on their own: "
+        "{paused}{which}.",
     },
     "owner_usage": {
         "es": "Uso: !bot pausa [30 | 2h | 1 día] [todos] | !bot reanuda [todos] | !bot estado (!bot off y "

@@ -79,6 +79,31 @@ def parse_command(text: str) -> OwnerCommand | None:
     return OwnerCommand(action, everywhere, minutes)  # type: ignore[arg-type]
 
 
+# `!bot estado` names this many paused chats at most, the soonest to end first.
+MAX_LISTED_CHATS = 10
+
+
+def _which(paused: list[tuple[float, str]], now: float) -> str:
+    """ " (+34600111222 25 min, +5491122334455 ∞)": the paused chats and what is left of their pause."""
+    if not paused:
+        return ""
+    listed = [f"{_shown(chat)} {_left(until - now)}" for until, chat in paused[:MAX_LISTED_CHATS]]
+    more = ", …" if len(paused) > MAX_LISTED_CHATS else ""
+    return f" ({', '.join(listed)}{more})"
+
+
+def _shown(chat: str) -> str:
+    user, _, server = chat.partition("@")
+    return f"+{user}" if server == "s.whatsapp.net" and user.isdigit() else chat
+
+
+def _left(seconds: float) -> str:
+    if math.isinf(seconds):
+        return "∞"
+    minutes = math.ceil(seconds / 60)
+    return f"{minutes} min" if minutes < 120 else f"{minutes // 60} h"
+
+
 class Takeover:
     """Which chats the bot must leave to a human, bounded in size."""
 
@@ -222,9 +247,9 @@ class Takeover:
                 return f"owner_paused_{scope}_for", {"minutes": command.minutes}
             return f"owner_paused_{scope}", {}
         now = self._clock()
-        paused = sum(1 for until in self._paused.values() if until > now)
+        paused = sorted((until, chat) for chat, until in self._paused.items() if until > now)
         state = "paused" if now < self.global_until else "answering"
-        return f"owner_status_{state}", {"paused": paused}
+        return f"owner_status_{state}", {"paused": len(paused), "which": _which(paused, now)}
 
     def stats(self) -> dict[str, object]:
         now = self._clock()

@@ -95,6 +95,18 @@ async def test_command_answers_go_to_the_owners_chat_never_to_the_customer(
         assert usage.startswith("Uso: !bot pausa [30 | 2h | 1 día]")
 
 
+async def test_status_names_the_paused_chats_and_what_is_left(harness, fake_openai: FakeOpenAI) -> None:
+    """ "chats en pausa: 2" left the owner guessing which."""
+    async with harness(**ai(fake_openai)) as h:
+        h.transport.owner_chat = ChatId(ME)
+        await h.say(from_owner("!bot pausa 30", chat=CHAT))
+        await h.say(from_owner("!bot pausa", chat=OTHER))
+        await h.say(from_owner("!bot estado"))
+        status = h.transport.texts_to(ME)[-1]
+    number, other = CHAT.split("@")[0], OTHER.split("@")[0]
+    assert status == f"Estado del bot: respondiendo; chats en pausa: 2 (+{number} 30 min, +{other} ∞)."
+
+
 async def test_command_answers_follow_the_language_setting(harness) -> None:
     async with harness(bot_language="en") as h:
         await h.say(from_owner("!bot pause all 30"))

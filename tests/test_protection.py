@@ -135,7 +135,7 @@ async def test_owner_commands_pause_resume_and_status(harness, fake_openai: Fake
         assert h.transport.texts_to(me) == [reply("owner_paused_all", "es")]
         assert await h.say("hola", inbound("hola", chat=OTHER)) == []
         await h.say(inbound("!bot status", chat=me, from_me=True, is_self_chat=True))
-        assert h.transport.texts_to(me)[-1] == reply("owner_status_paused", "es", paused=0)
+        assert h.transport.texts_to(me)[-1] == reply("owner_status_paused", "es", paused=0, which="")
         await h.say(inbound("!bot resume all", chat=me, from_me=True, is_self_chat=True))
         assert await h.say("otra vez") == ["echo: otra vez"]
         await h.say(inbound("!bot pause", from_me=True))  # typed inside the customer's chat

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 COMMAND_PREFIX = "!bot"
+# A Spanish keyboard offers "¡" next to "!": "¡bot pausa" is the same command.
+_PREFIXES = frozenset({COMMAND_PREFIX, "¡bot"})
 _ACTIONS = {
     "pause": "pause",
     "pausa": "pause",
@@ -55,7 +57,7 @@ def parse_command(text: str) -> OwnerCommand | None:
     text is None.
     """
     words = text.strip().casefold().split()
-    if not words or words[0] != COMMAND_PREFIX:
+    if not words or words[0] not in _PREFIXES:
         return None
     action = _ACTIONS.get(words[1]) if len(words) > 1 else None
     if action is None:

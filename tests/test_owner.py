@@ -126,6 +126,7 @@ async def test_command_answers_follow_the_language_setting(harness) -> None:
         ("!bot pausa 2dias todos", 2 * 24 * 60, True),
         ("!bot off", None, False),
         ("!bot off todos", None, True),
+        ("¡bot pausa 30", 30, False),  # the "¡" a Spanish keyboard offers
     ],
 )
 def test_durations_are_read_as_an_owner_writes_them(

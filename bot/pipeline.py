@@ -79,6 +79,10 @@ MAX_WAITING_OWNER_NOTICES = 50
 # writing is still answered.
 MAX_BURST_MESSAGES = 20
 MAX_GATHER_ROUNDS = 4
+# A photo, video or PDF without words is most often followed by its question, typed after it: the quiet
+# waited for after one is this many times WA_GATHER_S (within MAX_GATHER_ROUNDS times it in all).
+WORDLESS_MEDIA_ROUNDS = 3
+_SHOWN_KINDS = {MessageKind.IMAGE, MessageKind.VIDEO, MessageKind.DOCUMENT}
 # Photos shown to the model in one turn (an album of ten is two turns): a photo costs gpt-4o-mini 25,000 to
 # 37,000 input tokens at high detail (gpt-4o ~800 to 1,200), $0.004 to $0.006 either way.
 MAX_BURST_PHOTOS = 5
@@ -883,14 +887,16 @@ class Pipeline:
         return readable and not group and message.id not in self._notice_only
 
     async def _wait_for_quiet(self, queue: deque[Queued]) -> None:
-        """Wait until the chat's last message is `gather_s` old, and at most MAX_GATHER_ROUNDS times
-        that: "hola", then "quería saber", then "¿precio del plan pro?" get one answer, not three.
+        """Wait until the chat's last message is `gather_s` old (a photo without words: WORDLESS_MEDIA_ROUNDS
+        times that), and at most MAX_GATHER_ROUNDS times `gather_s` in all: "hola", then "quería saber",
+        then "¿precio del plan pro?" get one answer, not three.
         A message recovered after a restart is old already: no wait. Stopping ends the wait."""
         deadline = time.monotonic() + self.gather_s * MAX_GATHER_ROUNDS
         while self._accepting:
             last = queue[-1][0]
             arrived = last.received_at or last.timestamp or 0.0
-            left = min(arrived + self.gather_s - self.clock(), deadline - time.monotonic())
+            rounds = WORDLESS_MEDIA_ROUNDS if last.kind in _SHOWN_KINDS and not last.text.strip() else 1
+            left = min(arrived + self.gather_s * rounds - self.clock(), deadline - time.monotonic())
             if left <= 0:
                 return
             with contextlib.suppress(TimeoutError):

@@ -126,6 +126,18 @@ async def test_a_photo_and_the_words_after_it_are_one_turn(harness, fake: FakeOp
         assert h.bot.pipeline.counters.merged == 1
 
 
+async def test_the_question_typed_after_a_photo_is_waited_for(harness, fake: FakeOpenAI) -> None:
+    """Typing "¿lo tenéis en azul?" after sending the photo takes longer than the quiet after a text: the
+    photo was answered alone (a guess), and the question without the photo."""
+    async with harness(**ai(fake)) as h:
+        h.bot.pipeline.gather_s = 0.3  # as WA_GATHER_S sets it on WhatsApp
+        h.bot.pipeline.submit(photo(jpeg(), id="P1"))
+        await asyncio.sleep(0.5)  # typing: more than the 0.3 s quiet after a text
+        h.bot.pipeline.submit(inbound("¿lo tenéis en azul?", id="T1"))
+        assert await h.bot.pipeline.drain(10)
+    assert h.transport.texts_to(CHAT) == ["1 foto(s): ¿lo tenéis en azul?"]
+
+
 async def test_an_album_is_one_turn_of_at_most_five_photos(harness, fake: FakeOpenAI) -> None:
     async with harness(**ai(fake)) as h:
         h.bot.pipeline.gather_s = 0.3

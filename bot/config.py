@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     max_reply_chars: int = Field(1500, ge=200, le=60000)
     max_inbound_chars: int = Field(4000, ge=100, le=100000)
     recovery_window_minutes: float = Field(10.0, ge=0, le=43_200)
+    outbox_max_age_minutes: float = Field(60.0, ge=1, le=1440)
     reply_to_groups: Literal["never", "mentioned", "always"] = "never"
     cache_ttl_s: float = Field(3600.0, ge=0, le=2_592_000)
     cache_max_entries: int = Field(1000, ge=0, le=1_000_000)

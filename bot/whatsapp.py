@@ -150,6 +150,7 @@ async def run_whatsapp(settings: Settings) -> int:
         presence_ping=settings.wa_presence_ping,
         on_state=on_state,
         outbox_path=settings.outbox_path,
+        outbox_max_age_s=settings.outbox_max_age_minutes * 60,
         on_undecryptable=ask_to_resend,
         on_call=tell_caller if settings.wa_reject_calls else None,
         print_qr=not settings.log_json,

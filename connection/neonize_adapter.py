@@ -919,6 +919,7 @@ class NeonizeTransport:
         on_state: Callable[[ConnectionState], None] | None = None,
         outbox_path: str | Path | None = None,
         outbox_max: int = 500,
+        outbox_max_age_s: float = 3600.0,
         on_undecryptable: Callable[[ChatId], Awaitable[None] | None] | None = None,
         on_call: Callable[[ChatId], Awaitable[None]] | None = None,
         resend_text: str | None = None,
@@ -948,7 +949,11 @@ class NeonizeTransport:
             presence_ping=presence_ping,
             on_state=self._state_changed,
         )
-        self._outbox = Outbox(outbox_path, max_items=outbox_max) if outbox_path is not None else None
+        self._outbox = (
+            Outbox(outbox_path, max_items=outbox_max, max_age_s=outbox_max_age_s)
+            if outbox_path is not None
+            else None
+        )
         # Set by the app: a queued reply that will never go out (see Outbox.on_drop).
         self.on_reply_dropped: Callable[[MessageId, ChatId], None] | None = None
         if self._outbox is not None:

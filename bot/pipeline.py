@@ -34,7 +34,7 @@ from bot.attachments import (
 from bot.counters import MessageCounters
 from bot.handoff import HandoffPhrases, customer_label, quote_for_owner
 from bot.limits import OncePerWindow, SlidingWindowLimiter
-from bot.replies import Language, duration, reply
+from bot.replies import Language, duration, pause_length, reply
 from bot.responder import Answer, PhotoRefused, Responder, Source, split_message
 from bot.takeover import Takeover, parse_command
 from bot.text import clean_text, joined
@@ -667,6 +667,9 @@ class Pipeline:
             # From the owner's own chat a command applies to every chat; the answer goes there, never to
             # a customer's chat the command was typed in.
             key, values = self.takeover.apply(command, None if message.is_self_chat else message.chat)
+            values["who"] = customer_label("", message.chat, self.language)  # "+34600111222"
+            if isinstance(minutes := values.pop("minutes", None), int | float):
+                values["length"] = pause_length(minutes, self.language)
             logger.warning("owner command: {}", reply(key, "en", **values))
             # The linked number's own chat when the transport knows it (the self-chat may arrive keyed by
             # its LID), else the chat the command came from if that is the owner's own.

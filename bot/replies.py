@@ -60,24 +60,24 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "Bot paused in every chat until '!bot resume all'.",
     },
     "owner_paused_all_for": {
-        "es": "Bot en pausa en todos los chats durante {minutes:g} min.",
-        "en": "Bot paused in every chat for {minutes:g} min.",
+        "es": "Bot en pausa en todos los chats durante {length}.",
+        "en": "Bot paused in every chat for {length}.",
     },
     "owner_paused_chat": {
-        "es": "Bot en pausa en ese chat hasta «!bot reanuda».",
-        "en": "Bot paused in that chat until '!bot resume'.",
+        "es": "Bot en pausa en el chat de {who} hasta «!bot reanuda».",
+        "en": "Bot paused in the chat with {who} until '!bot resume'.",
     },
     "owner_paused_chat_for": {
-        "es": "Bot en pausa en ese chat durante {minutes:g} min.",
-        "en": "Bot paused in that chat for {minutes:g} min.",
+        "es": "Bot en pausa en el chat de {who} durante {length}.",
+        "en": "Bot paused in the chat with {who} for {length}.",
     },
     "owner_resumed_all": {
         "es": "El bot vuelve a responder en todos los chats.",
         "en": "The bot answers every chat again.",
     },
     "owner_resumed_chat": {
-        "es": "El bot vuelve a responder en ese chat.",
-        "en": "The bot answers that chat again.",
+        "es": "El bot vuelve a responder en el chat de {who}.",
+        "en": "The bot answers the chat with {who} again.",
     },
     "owner_status_answering": {
         "es": "Estado del bot: respondiendo; chats en pausa: {paused}{which}.",
@@ -376,6 +376,19 @@ _UNITS = {
     "es": (("minuto", "minutos"), ("segundo", "segundos")),
     "en": (("minute", "minutes"), ("second", "seconds")),
 }
+
+
+_DAYS = {"es": ("día", "días"), "en": ("day", "days")}
+
+
+def pause_length(minutes: float, language: Language) -> str:
+    """A pause as the owner wrote it: "30 min", "2 h", "1,5 h", "1 día", not "1440 min"."""
+    if minutes >= 24 * 60 and minutes % (24 * 60) == 0:
+        days = int(minutes // (24 * 60))
+        return f"{days} {_DAYS[language][days != 1]}"
+    number, unit = (minutes / 60, "h") if minutes >= 60 and minutes % 6 == 0 else (minutes, "min")
+    text = f"{number:g} {unit}"
+    return text.replace(".", ",") if language == "es" else text
 
 
 def duration(minutes: float, language: Language) -> str:

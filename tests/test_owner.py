@@ -70,7 +70,7 @@ async def test_a_pause_sent_from_the_owners_own_chat_pauses_every_chat(
     """It paused only the owner's own chat, while the owner was told "paused this chat for 60 min"."""
     async with harness(**ai(fake_openai)) as h:
         await h.say(from_owner("!bot pause 60"))
-        assert h.transport.texts_to(ME) == ["Bot en pausa en todos los chats durante 60 min."]
+        assert h.transport.texts_to(ME) == ["Bot en pausa en todos los chats durante 1 h."]
         assert await h.say("hola", inbound("hola", chat=OTHER)) == []
 
 
@@ -93,6 +93,24 @@ async def test_command_answers_go_to_the_owners_chat_never_to_the_customer(
         status, usage = h.transport.texts_to(ME)
         assert status == "Estado del bot: respondiendo; chats en pausa: 0."
         assert usage.startswith("Uso: !bot pausa [30 | 2h | 1 día]")
+
+
+async def test_a_pause_in_a_customers_chat_names_the_customer_and_the_length_as_written(
+    harness, fake_openai: FakeOpenAI
+) -> None:
+    """ "Bot en pausa en ese chat durante 1440 min": several in a row could not be told apart."""
+    async with harness(**ai(fake_openai)) as h:
+        h.transport.owner_chat = ChatId(ME)
+        await h.say(from_owner("!bot pausa 1 día", chat=CHAT))
+        await h.say(from_owner("!bot pausa 90", chat=OTHER))
+        await h.say(from_owner("!bot reanuda", chat=OTHER))
+        told = h.transport.texts_to(ME)
+    number, other = CHAT.split("@")[0], OTHER.split("@")[0]
+    assert told == [
+        f"Bot en pausa en el chat de +{number} durante 1 día.",
+        f"Bot en pausa en el chat de +{other} durante 1,5 h.",
+        f"El bot vuelve a responder en el chat de +{other}.",
+    ]
 
 
 async def test_status_names_the_paused_chats_and_what_is_left(harness, fake_openai: FakeOpenAI) -> None:

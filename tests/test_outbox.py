@@ -271,21 +271,12 @@ async def test_a_reply_that_waited_over_an_hour_is_dropped_not_sent(
     fake_client: type[FakeNewAClient], tmp_path: Path
 ) -> None:
     """ "¡Sí, estamos abiertos ahora mismo!" went out 5 h 50 min late: replies waited up to 6 h."""
-    fake_client.script.extend(["ok"])
-    t = transport(tmp_path)
-    await t.start()
-    try:
-        await wait_state(t, ConnectionState.CONNECTED)
-        client = fake_client.instances[0]
-        await client.drop()
-        await t.send_text(CHAT, "¡Sí, estamos abiertos ahora mismo!")
+    async with queued_while_down(fake_client, tmp_path, "¡Sí, estamos abiertos ahora mismo!") as (t, client):
         with sqlite3.connect(tmp_path / "outbox.db") as db:  # as if WhatsApp had been away for 61 minutes
             db.execute("UPDATE outbox SET created_at = created_at - 61 * 60")
         await client.back()
         await sent_or_withheld(t)
         assert client.sent == [] and t.stats()["outbox_dropped"] == 1
-    finally:
-        await t.stop()
 
 
 async def test_a_send_that_dies_with_the_socket_is_kept(

@@ -416,6 +416,9 @@ class Pipeline:
         if message.from_me:
             self._from_owner(message)
             return False
+        if message.kind in (MessageKind.EDIT, MessageKind.REVOKE):
+            self._change(message)
+            return False
         reason = self._filter(message)
         if reason is not None:
             self._skip(message, reason)
@@ -706,7 +709,7 @@ class Pipeline:
             self.group_policy == "always" or (self.group_policy == "mentioned" and message.mentions_me)
         ):
             return "group message"
-        if message.kind in (MessageKind.REACTION, MessageKind.OTHER):
+        if message.kind in (MessageKind.REACTION, MessageKind.OTHER, MessageKind.EDIT, MessageKind.REVOKE):
             return f"{message.kind.value} message"
         if self.refuses_number(message.sender):
             return "number not allowed"
@@ -715,6 +718,36 @@ class Pipeline:
         if message.kind is MessageKind.STICKER and not self.media.shows_photo(message):
             return _UNSEEN_STICKER  # kept, unanswered: never queued, spilled or promised an answer
         return None
+
+    def _change(self, change: Inbound) -> None:
+        """A customer edited an earlier message, or deleted it for everyone. One still waiting in its chat's
+        queue is answered as edited ("quiero 3 menús" corrected to 2 within the wait), or not at all (a card
+        number deleted a second later), and its stored row follows: the new text, or none. One already
+        answered, or waiting in the store, is left as it is."""
+        queue = self._queues.get(change.chat, deque())
+        index = next((i for i, (queued, _) in enumerate(queue) if queued.id == change.target), None)
+        if index is None or change.target is None:
+            logger.debug(
+                "{} of message {} in {}: not waiting, left as it is", change.kind, change.target, change.chat
+            )
+            return
+        queued, persisted = queue[index]
+        if change.kind is MessageKind.REVOKE:
+            queue[index] = (replace(queued, kind=MessageKind.REVOKE, text="", media=None), persisted)
+            self._spawn(self._rewrite(change.target, MessageStatus.SKIPPED, ""))
+            logger.info(
+                "message {} in {} deleted by the customer before its answer", change.target, change.chat
+            )
+        elif change.text:
+            queue[index] = (replace(queued, text=change.text), persisted)
+            self._spawn(self._rewrite(change.target, MessageStatus.RECEIVED, db_text(change.text)))
+            logger.debug("message {} in {} edited before its answer", change.target, change.chat)
+
+    async def _rewrite(self, message_id: MessageId, status: MessageStatus, body: str) -> None:
+        try:
+            await self.store.set_status(message_id, status, body=body)
+        except StoreUnavailable as error:  # kept for a retry by the store
+            logger.debug("message {} not rewritten yet: {}", message_id, error)
 
     def _keep_unanswered(self, message: Inbound, *, in_history: bool = True) -> None:
         row = replace(self._inbound_row(message), status=MessageStatus.SKIPPED)
@@ -971,6 +1004,10 @@ class Pipeline:
         if message.id in self._notice_only:
             self._notice_only.discard(message.id)
             await self._send_notice(message.chat, reply("rate_limited", self.language))
+            return
+        if message.kind is MessageKind.REVOKE:  # deleted by the customer while it waited: never answered
+            await self._saved(message, persisted or _done())
+            self._skip(message, "deleted by the customer")
             return
         started = time.perf_counter()
         burst = [m for m, _ in earlier]  # the burst's messages before this one

@@ -595,8 +595,11 @@ def translate_message(
         return None
 
     own = frozenset(_bare_user(x) for x in me or ())
+    target = None
     try:
         kind, text, media, mentions_me = _body(_unwrap(ev.Message), own)
+        if (change := _change(_unwrap(ev.Message), own)) is not None:
+            kind, text, target = change
         if _is_a_copy(ev.Message):
             logger.debug("message {} is another copy of one received (HD, motion photo): kind=other", msg_id)
             kind, text, media, mentions_me = MessageKind.OTHER, "", None, False
@@ -627,7 +630,23 @@ def translate_message(
         quoted_from=quoted_from,
         quoted_kind=quoted_kind,
         quoted_media=quoted_media,
+        target=MessageId(target) if target else None,
     )
+
+
+def _change(msg: WAMessage, me: frozenset[str]) -> tuple[MessageKind, str, str] | None:
+    """An edit (its new text) or a deletion for everyone of an earlier message, with that message's id;
+    None for anything else. whatsmeow delivers both as a protocolMessage naming the message in its key."""
+    if not msg.HasField("protocolMessage"):
+        return None
+    protocol = msg.protocolMessage
+    name = _reason_name(type(protocol).Type, protocol.type)
+    if not protocol.key.ID or name not in ("message_edit", "revoke"):
+        return None
+    if name == "revoke":
+        return MessageKind.REVOKE, "", protocol.key.ID
+    _, text, _, _ = _body(_unwrap(protocol.editedMessage), me)
+    return MessageKind.EDIT, text, protocol.key.ID
 
 
 def _reason_name(enum_type: Any, value: int) -> str:

@@ -30,6 +30,8 @@ class MessageKind(enum.StrEnum):
     STICKER = "sticker"
     DOCUMENT = "document"
     REACTION = "reaction"
+    EDIT = "edit"  # the sender changed an earlier message (`target`): `text` is its new text
+    REVOKE = "revoke"  # the sender deleted an earlier message (`target`) for everyone
     UNSUPPORTED = "unsupported"  # content a customer expects an answer to: a location, a contact, a poll
     OTHER = "other"  # protocol traffic (edits, deletes, keys): never answered
 
@@ -104,6 +106,7 @@ class Inbound:
     # When the bot took it (set by the pipeline; WhatsApp's `timestamp` is the sender's, in whole seconds):
     # what orders a chat's history, next to replies dated by this host's clock.
     received_at: float = 0.0
+    target: MessageId | None = None  # an edit's or a revoke's: the message it changes
 
 
 # A photo or document the bot sends (a flow's file) is read into memory whole: at most this many bytes.

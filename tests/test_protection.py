@@ -521,9 +521,8 @@ def random_inbound(rng: random.Random, index: int) -> tuple[Inbound, bool]:
         timestamp=time.time() - rng.random() * 60,
         from_me=rng.random() < 0.05,
     )
-    answerable = (
-        not malformed and not message.from_me and kind not in (MessageKind.REACTION, MessageKind.OTHER)
-    )
+    not_messages = (MessageKind.REACTION, MessageKind.OTHER, MessageKind.EDIT, MessageKind.REVOKE)
+    answerable = not malformed and not message.from_me and kind not in not_messages
     return message, answerable
 
 

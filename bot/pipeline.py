@@ -670,7 +670,10 @@ class Pipeline:
             # From the owner's own chat a command applies to every chat; the answer goes there, never to
             # a customer's chat the command was typed in.
             key, values = self.takeover.apply(command, None if message.is_self_chat else message.chat)
-            values["who"] = customer_label("", message.chat, self.language)  # "+34600111222"
+            # "el chat de +34600111222"; one known by no number (a LID, a group) is "ese chat"
+            number = customer_label("", message.chat, "en") if "@s.whatsapp.net" in message.chat else ""
+            where = reply("chat_with", self.language, number=number) if number else ""
+            values["where"] = where or reply("that_chat", self.language)
             if isinstance(minutes := values.pop("minutes", None), int | float):
                 values["length"] = pause_length(minutes, self.language)
             logger.warning("owner command: {}", reply(key, "en", **values))
@@ -931,13 +934,22 @@ class Pipeline:
         while self._accepting:
             last = queue[-1][0]
             arrived = last.received_at or last.timestamp or 0.0
-            rounds = WORDLESS_MEDIA_ROUNDS if last.kind in _SHOWN_KINDS and not last.text.strip() else 1
+            rounds = WORDLESS_MEDIA_ROUNDS if self._shown_without_words(last) else 1
             left = min(arrived + self.gather_s * rounds - self.clock(), deadline - time.monotonic())
             if left <= 0:
                 return
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):
                     await self._stopping.wait()
+
+    def _shown_without_words(self, message: Inbound) -> bool:
+        """A photo, video or PDF the model will be shown, sent without words: its question is being typed."""
+        shown = (
+            self.media.shows_photo(message)
+            or self.media.shows_video(message)
+            or self.media.reads_pdf(message)
+        )
+        return shown and message.kind in _SHOWN_KINDS and not message.text.strip()
 
     def _take_burst(self, queue: deque[Queued]) -> list[Queued]:
         """The next message, with the texts right behind it when gathering: bounded by MAX_BURST_MESSAGES

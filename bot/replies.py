@@ -13,6 +13,8 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "Thanks for your message. Automatic AI answers are turned off right now; "
         "we will get back to you as soon as we can.",
     },
+    "chat_with": {"es": "el chat de {number}", "en": "the chat with {number}"},
+    "that_chat": {"es": "ese chat", "en": "that chat"},
     "ai_down": {
         "es": "⚠️ La IA no responde: {why}{code}. Los clientes reciben una disculpa hasta que vuelva; te "
         "aviso cuando responda de nuevo.",
@@ -64,20 +66,20 @@ _REPLIES: dict[str, dict[Language, str]] = {
         "en": "Bot paused in every chat for {length}.",
     },
     "owner_paused_chat": {
-        "es": "Bot en pausa en el chat de {who} hasta «!bot reanuda».",
-        "en": "Bot paused in the chat with {who} until '!bot resume'.",
+        "es": "Bot en pausa en {where} hasta «!bot reanuda».",
+        "en": "Bot paused in {where} until '!bot resume'.",
     },
     "owner_paused_chat_for": {
-        "es": "Bot en pausa en el chat de {who} durante {length}.",
-        "en": "Bot paused in the chat with {who} for {length}.",
+        "es": "Bot en pausa en {where} durante {length}.",
+        "en": "Bot paused in {where} for {length}.",
     },
     "owner_resumed_all": {
         "es": "El bot vuelve a responder en todos los chats.",
         "en": "The bot answers every chat again.",
     },
     "owner_resumed_chat": {
-        "es": "El bot vuelve a responder en el chat de {who}.",
-        "en": "The bot answers the chat with {who} again.",
+        "es": "El bot vuelve a responder en {where}.",
+        "en": "The bot answers {where} again.",
     },
     "owner_status_answering": {
         "es": "Estado del bot: respondiendo; chats en pausa: {paused}{which}.",

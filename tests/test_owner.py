@@ -113,6 +113,14 @@ async def test_a_pause_in_a_customers_chat_names_the_customer_and_the_length_as_
     ]
 
 
+async def test_a_pause_in_a_chat_known_by_no_number_reads_that_chat(harness, fake_openai: FakeOpenAI) -> None:
+    """A LID-keyed chat read "el chat de Un cliente"."""
+    async with harness(**ai(fake_openai)) as h:
+        h.transport.owner_chat = ChatId(ME)
+        await h.say(from_owner("!bot pausa 30", chat="123456789012345@lid"))
+    assert h.transport.texts_to(ME) == ["Bot en pausa en ese chat durante 30 min."]
+
+
 async def test_status_names_the_paused_chats_and_what_is_left(harness, fake_openai: FakeOpenAI) -> None:
     """ "chats en pausa: 2" left the owner guessing which."""
     async with harness(**ai(fake_openai)) as h:

@@ -138,6 +138,30 @@ async def test_the_question_typed_after_a_photo_is_waited_for(harness, fake: Fak
     assert h.transport.texts_to(CHAT) == ["1 foto(s): ¿lo tenéis en azul?"]
 
 
+@pytest.mark.parametrize("after", ["a Word file", "a photo with vision off"])
+async def test_a_text_is_not_kept_waiting_by_media_the_model_is_never_shown(
+    harness, fake: FakeOpenAI, after: str
+) -> None:
+    """ "hola" then a .docx (never read) waited three times the quiet for a question that cannot join."""
+    docx = MediaRef(
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document", 10, handle=b"x"
+    )
+    async with harness(**ai(fake, openai_vision=after != "a photo with vision off")) as h:
+        h.bot.pipeline.gather_s = 0.4
+        started = asyncio.get_running_loop().time()
+        h.bot.pipeline.submit(inbound("hola", id="T1"))
+        await asyncio.sleep(0.05)
+        last = (
+            inbound("", kind=MessageKind.DOCUMENT, media=docx, id="D1")
+            if after == "a Word file"
+            else photo(jpeg())
+        )
+        h.bot.pipeline.submit(last)
+        assert await h.bot.pipeline.drain(10)
+        took = asyncio.get_running_loop().time() - started
+    assert took < 1.1, f"waited {took:.2f} s"
+
+
 async def test_an_album_is_one_turn_of_at_most_five_photos(harness, fake: FakeOpenAI) -> None:
     async with harness(**ai(fake)) as h:
         h.bot.pipeline.gather_s = 0.3

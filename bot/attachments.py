@@ -180,6 +180,10 @@ class MediaReader:
             and message.media.handle is not None
         )
 
+    def gives(self, message: Inbound) -> bool:
+        """A photo (or sticker), PDF or video the model is given: downloaded and read with its words."""
+        return self.shows_photo(message) or self.reads_pdf(message) or self.shows_video(message)
+
     def shows_photo(self, message: Inbound) -> bool:
         """A photo the model can be shown: photos are on, and it can still be downloaded (not after a
         restart)."""

@@ -919,9 +919,7 @@ class Pipeline:
         readable = (
             message.kind is MessageKind.TEXT
             or (message.kind is MessageKind.AUDIO and self.media.hears_voice_notes and has_media)
-            or self.media.shows_photo(message)
-            or self.media.reads_pdf(message)
-            or self.media.shows_video(message)
+            or self.media.gives(message)
         )
         return readable and not group and message.id not in self._notice_only
 
@@ -943,13 +941,9 @@ class Pipeline:
                     await self._stopping.wait()
 
     def _shown_without_words(self, message: Inbound) -> bool:
-        """A photo, video or PDF the model will be shown, sent without words: its question is being typed."""
-        shown = (
-            self.media.shows_photo(message)
-            or self.media.shows_video(message)
-            or self.media.reads_pdf(message)
-        )
-        return shown and message.kind in _SHOWN_KINDS and not message.text.strip()
+        """A photo, video or PDF the model will be shown (not a sticker), sent without words: its question is
+        being typed."""
+        return self.media.gives(message) and message.kind in _SHOWN_KINDS and not message.text.strip()
 
     def _take_burst(self, queue: deque[Queued]) -> list[Queued]:
         """The next message, with the texts right behind it when gathering: bounded by MAX_BURST_MESSAGES
@@ -1264,11 +1258,7 @@ class Pipeline:
             await self._past_gate(message.chat)  # downloading, converting and transcribing take memory
             return await self.media.transcribe(message)
         text, trimmed = clean_text(message.text, self.max_inbound_chars)
-        if (
-            self.media.shows_photo(message)
-            or self.media.reads_pdf(message)
-            or self.media.shows_video(message)
-        ):
+        if self.media.gives(message):
             return text, None  # downloaded with its words: MediaReader.look, read_attachments
         if message.kind is MessageKind.STICKER:
             return "", NO_REPLY  # a "👍" needs no "I can only read text": kept, unanswered

@@ -286,6 +286,7 @@ class Pipeline:
         self.rate_limiter = rate_limiter
         self.media_notices = OncePerWindow(MEDIA_NOTICE_EVERY_S)  # bounded: see limits.py
         self.flow_files = OncePerWindow(FLOW_FILE_EVERY_S)  # chat and file, when a flow's file went out
+        self.late_replies = OncePerWindow(3600.0)  # chats whose reply waited too long: the owner told once
         self.takeover = takeover or Takeover(pause_s=1800)
         self.handoff = handoff  # None: a customer asking for a person is answered like any message
         self.takeover.handoff_replies = frozenset(
@@ -1475,7 +1476,7 @@ class Pipeline:
             "model" if via_model else "canned",
         )
 
-    def reply_dropped(self, part_id: MessageId, chat: ChatId) -> None:
+    def reply_dropped(self, part_id: MessageId, chat: ChatId, late: bool = False) -> None:
         """A queued part of a reply will never go out (dropped from the outbox: the owner took the chat
         over meanwhile, or it waited too long). The reply leaves the history and is marked failed in the
         store, all of it even if parts before this one went out: the model is never told of an answer the
@@ -1492,6 +1493,14 @@ class Pipeline:
             reply_id = part_id
         self.history.forget(chat, reply_id)
         self._spawn(self._mark([reply_id], MessageStatus.FAILED))
+        if late and not self.late_replies.told_recently(chat):  # one notice a chat, whatever its parts
+            # The customer's question stays answered in the store (recovery would answer it later still): the
+            # owner is the one who can write now.
+            self.late_replies.note(chat)
+            number = customer_label("", chat, "en") if chat.endswith("@s.whatsapp.net") else ""
+            self.tell_owner(
+                reply("reply_too_late", self.language, who=number or reply("a_customer_lower", self.language))
+            )
 
     def _reply_written(self, write: asyncio.Future[None], answered: list[str]) -> None:
         self._reply_writes.discard(write)

@@ -15,6 +15,13 @@ _REPLIES: dict[str, dict[Language, str]] = {
     },
     "chat_with": {"es": "el chat de {number}", "en": "the chat with {number}"},
     "that_chat": {"es": "ese chat", "en": "that chat"},
+    "a_customer_lower": {"es": "un cliente", "en": "a customer"},
+    "reply_too_late": {
+        "es": "⚠️ Una respuesta para {who} no llegó a salir: WhatsApp estuvo desconectado tanto tiempo que ya "
+        "llegaba tarde (OUTBOX_MAX_AGE_MINUTES). Quizá quieras escribirle tú.",
+        "en": "⚠️ A reply to {who} never went out: WhatsApp was disconnected so long that it was too late "
+        "(OUTBOX_MAX_AGE_MINUTES). You may want to write to them yourself.",
+    },
     "ai_down": {
         "es": "⚠️ La IA no responde: {why}{code}. Los clientes reciben una disculpa hasta que vuelva; te "
         "aviso cuando responda de nuevo.",

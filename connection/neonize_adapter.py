@@ -974,10 +974,10 @@ class NeonizeTransport:
             else None
         )
         # Set by the app: a queued reply that will never go out (see Outbox.on_drop).
-        self.on_reply_dropped: Callable[[MessageId, ChatId], None] | None = None
+        self.on_reply_dropped: Callable[[MessageId, ChatId, bool], None] | None = None
         if self._outbox is not None:
-            self._outbox.on_drop = lambda message_id, chat: (
-                self.on_reply_dropped(message_id, chat) if self.on_reply_dropped is not None else None
+            self._outbox.on_drop = lambda message_id, chat, late: (
+                self.on_reply_dropped(message_id, chat, late) if self.on_reply_dropped is not None else None
             )
         self._resend = (
             ResendRequests(self._ask_resend, grace_s=undecryptable_grace_s)

@@ -100,7 +100,8 @@ class Outbox:
         # Told when a queued reply will never go out (the id send_text returned for it, or for its first
         # part when grouped): the bot has recorded it as sent, and must not remember, or tell its model, an
         # answer nobody got.
-        self.on_drop: Callable[[MessageId, ChatId], None] | None = None
+        # Told (reply id, chat, late) of every reply dropped; `late`: it waited past `max_age_s`.
+        self.on_drop: Callable[[MessageId, ChatId, bool], None] | None = None
         self.sent = 0
         self.dropped = 0
 
@@ -148,7 +149,7 @@ class Outbox:
         async with self._lock:
             for item in self.pending():
                 if self._clock() - item.created_at > self.max_age_s:
-                    self._drop(item, "too old")
+                    self._drop(item, "too old", late=True)
                     continue
                 try:
                     await send(item.chat, item.text, item.file)
@@ -194,13 +195,13 @@ class Outbox:
             self._room.set()  # the next in line checks for a slot (or takes over a cancelled turn)
         return self.put(chat, text, file)
 
-    def _drop(self, item: Queued, why: str) -> None:
+    def _drop(self, item: Queued, why: str, *, late: bool = False) -> None:
         self._delete(item)
         self.dropped += 1
         logger.warning("outbox: dropped a queued reply for {} ({})", scrub(item.chat), why)
         if self.on_drop is not None:
             try:
-                self.on_drop(item.reply or item.id, item.chat)
+                self.on_drop(item.reply or item.id, item.chat, late)
             except Exception:
                 logger.opt(exception=True).error("outbox: on_drop failed")
 

@@ -129,7 +129,7 @@ async def test_a_later_part_dropped_after_a_restart_is_reported_as_its_reply(tmp
     box.close()
     box = Outbox(tmp_path / "outbox.sqlite3")  # the next process
     dropped: list[tuple[str, str]] = []
-    box.on_drop = lambda reply, chat: dropped.append((reply, chat))
+    box.on_drop = lambda reply, chat, late: dropped.append((reply, chat))
 
     async def send(chat: ChatId, text: str, file: str | None = None) -> None:
         if text == "segunda parte":
@@ -635,6 +635,34 @@ async def sent_or_withheld(t: NeonizeTransport) -> None:
     async with asyncio.timeout(5):
         while t.stats()["outbox_pending"]:
             await asyncio.sleep(0.01)
+
+
+async def test_the_owner_hears_of_a_reply_that_waited_too_long_to_go_out(
+    fake_client: type[FakeNewAClient], tmp_path: Path, fake_openai: Any
+) -> None:
+    """Dropped as too old, the reply left its question answered in the store: the customer got nothing, and
+    nobody knew."""
+    from types import SimpleNamespace
+
+    from bot.replies import reply
+    from tests.conftest import inbound
+
+    fake_client.script.extend(["ok"])
+    async with bot_behind_the_outbox(tmp_path, fake_openai) as (bot, t, governed):
+        client = fake_client.instances[0]
+        client.me = SimpleNamespace(JID=SimpleNamespace(User=ME), LID=SimpleNamespace(User=""))
+        await client.drop()
+        for n in range(2):  # two replies to one chat: one notice
+            question = inbound(f"¿abrís hoy? {n}", chat=CHAT, id=f"Q{n}")
+            governed.note_inbound(question)
+            bot.pipeline.submit(question)
+            assert await bot.pipeline.drain(5)
+        with sqlite3.connect(tmp_path / "outbox.db") as db:  # as if WhatsApp had been away for 61 minutes
+            db.execute("UPDATE outbox SET created_at = created_at - 61 * 60")
+        await client.back()
+        await sent_or_withheld(t)
+        await asyncio.sleep(0.1)  # the notice goes out in the background
+    assert client.sent == [(f"{ME}@s.whatsapp.net", reply("reply_too_late", "es", who=f"+{PHONE}"))]
 
 
 async def test_a_reply_queued_before_a_restart_and_dropped_after_it_is_not_remembered_as_sent(
